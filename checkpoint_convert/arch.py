@@ -1,0 +1,50 @@
+"""The architecture description shared by every conversion: what both formats must agree on."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelArch:
+    """A decoder-only transformer, in Megatron's vocabulary.
+
+    ``vocab_size`` is the true (unpadded) vocab. ``activation`` is one of ``gelu`` (exact),
+    ``gelu_new`` (tanh approximation, Megatron's ``openai_gelu``), ``gelu_fast`` (Megatron's fused
+    bias-gelu) or ``swiglu``. ``extra`` carries family-specific Hugging Face config values (e.g. a
+    sliding window) that have no Megatron field but must survive a round trip.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+    normalization: str = "LayerNorm"
+    activation: str = "gelu"
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: float = 10000.0
+    rope_scaling: dict | None = None
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = True
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    params_dtype: torch.dtype = torch.float32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def replace(self, **changes: Any) -> "ModelArch":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,136 @@
+"""Command-line plumbing shared by the scripts: flags in both spellings and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .converter import Options, convert
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--some_flag`` and its ``--some-flag`` spelling as one option."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer counts")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every conversion CLI understands."""
+    add_flag(parser, "target_tensor_model_parallel_size", type=int, default=None,
+             help="target TP size (default: the source's for Megatron sources, else 1)")
+    add_flag(parser, "target_pipeline_model_parallel_size", type=int, default=None,
+             help="target PP size (default: the source's for Megatron sources, else 1)")
+    add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
+             help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers)")
+    add_flag(parser, "target_data_parallel_size", type=int, default=1,
+             help="DP size for the dummy distributed-optimizer files")
+    add_flag(parser, "use_distributed_optimizer", action="store_true",
+             help="write model_rng.pt plus dummy mp_rank_*_DDD/optim.pt files")
+    add_flag(parser, "target_params_dtype", choices=["fp32", "fp16", "bf16"], default=None,
+             help="output dtype (default: keep the source dtype)")
+    add_flag(parser, "make_vocab_size_divisible_by", type=int, default=128,
+             help="Megatron vocab padding multiple (default 128, times TP)")
+    add_flag(parser, "max_shard_size", default="10GB", help="largest HF shard (default 10GB)")
+    parser.add_argument("--safe_serialization", "--safe-serialization", dest="safe_serialization",
+                        action=argparse.BooleanOptionalAction, default=True,
+                        help="write safetensors (default) or, with --no-safe_serialization, pytorch .bin")
+    add_flag(parser, "tokenizer_name", default=None, help="local directory whose tokenizer files are copied")
+    add_flag(parser, "trust_checkpoint", action="store_true",
+             help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
+    add_flag(parser, "debug", action="store_true", help="show tracebacks")
+    add_flag(parser, "quiet", action="store_true", help="no progress bars")
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+    warnings.showwarning = show
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``main``: bad input -> one line and exit 2; a bug -> one line and exit 1; --debug re-raises."""
+    _one_line_warnings()
+    try:
+        return main(args)
+    except BadInputError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except Exception as error:  # an internal error: short message, traceback only on request
+        if args.debug:
+            raise
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        print(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+              f"(at {Path(where.filename).name}:{where.lineno}; rerun with --debug)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def options_from_args(args: argparse.Namespace, **overrides) -> Options:
+    fields = dict(
+        load_path=Path(args.load_path), save_path=Path(args.save_path), to=getattr(args, "to", None),
+        model=getattr(args, "model", None),
+        tensor_parallel=args.target_tensor_model_parallel_size,
+        pipeline_parallel=args.target_pipeline_model_parallel_size,
+        pipeline_layers=args.target_pipeline_layers, data_parallel=args.target_data_parallel_size,
+        use_distributed_optimizer=args.use_distributed_optimizer, params_dtype=args.target_params_dtype,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        megatron_format=getattr(args, "megatron_format", None),
+        transformer_impl=getattr(args, "transformer_impl", None), max_shard_size=args.max_shard_size,
+        safe_serialization=args.safe_serialization, tokenizer_name=args.tokenizer_name,
+        iteration=getattr(args, "iteration", None), vocab_size=getattr(args, "vocab_size", None),
+        trust_checkpoint=args.trust_checkpoint, overwrite=getattr(args, "overwrite", False), quiet=args.quiet,
+    )
+    fields.update(overrides)
+    return Options(**fields)
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    summary = convert(options)
+    if not options.quiet:
+        print(summary.line(options.save_path))
+    return 0
+
+
+def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Convert or reshape checkpoints between Megatron-LM and Hugging Face transformers.")
+    add_flag(parser, "load_path", required=True, help="source: Megatron tree / iteration dir, or HF model dir")
+    add_flag(parser, "save_path", required=True, help="output directory (written atomically)")
+    parser.add_argument("--to", required=True, choices=["hf", "megatron"], help="output format")
+    parser.add_argument("--model", choices=list(families), default=None,
+                        help="model family (default: detected from config.json or the Megatron args)")
+    add_common_flags(parser)
+    add_flag(parser, "megatron_format", choices=["mcore", "legacy"], default=None,
+             help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
+    add_flag(parser, "transformer_impl", choices=["transformer_engine", "local"], default=None,
+             help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
+    add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
+    add_flag(parser, "vocab_size", type=int, default=None,
+             help="true vocab size when the Megatron args do not record it")
+    add_flag(parser, "overwrite", action="store_true", help="replace a non-empty save path")
+    return parser
+
+
+def run_convert_cli(argv: Sequence[str] | None, families: Sequence[str]) -> int:
+    args = build_convert_parser(families).parse_args(argv)
+    return guarded(convert_main, args)

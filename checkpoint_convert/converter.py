@@ -1,0 +1,238 @@
+"""Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import megatron_schema as schema
+from .arch import ModelArch
+from .engine import HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, plan, run, walk
+from .errors import BadInputError
+from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint
+from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
+from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, model_file_name
+from .output import check_paths, staged_directory
+from .parallel import layers_per_stage, padded_vocab_size
+
+
+@dataclass
+class Options:
+    """Everything a conversion needs; the CLIs fill it from their flags."""
+
+    load_path: Path
+    save_path: Path
+    to: str  # "hf" or "megatron"
+    model: str | None = None
+    tensor_parallel: int | None = None
+    pipeline_parallel: int | None = None
+    pipeline_layers: list[int] | None = None
+    data_parallel: int = 1
+    use_distributed_optimizer: bool = False
+    params_dtype: str | None = None
+    make_vocab_size_divisible_by: int = 128
+    megatron_format: str | None = None  # "mcore" or "legacy"; None keeps a Megatron source's
+    transformer_impl: str | None = None  # "transformer_engine" or "local"
+    max_shard_size: str = "10GB"
+    safe_serialization: bool = True
+    tokenizer_name: str | None = None
+    iteration: str | None = None
+    vocab_size: int | None = None
+    trust_checkpoint: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Source:
+    kind: str  # "megatron" or "hf"
+    family: FamilySpec
+    arch: ModelArch
+    reader: Any  # MegatronTree or HFCheckpoint
+    tensors: Any = None  # MegatronSource or HFSource
+
+
+@dataclass
+class Summary:
+    tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    def line(self, save_path: Path) -> str:
+        return (f"wrote {self.tensors} tensors, {self.bytes_written / 1e9:.3f} GB in {self.seconds:.1f} s "
+                f"(peak RSS {self.peak_rss_mb:.0f} MB) to {save_path}")
+
+
+def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None) -> FamilySpec:
+    recorded = getattr(tree.args, "hf_family", None)
+    if requested:
+        spec = family_named(requested)
+        if not spec.matches_megatron(arch):
+            detected = family_for_megatron(arch, str(tree.iter_dir)).name
+            raise BadInputError(f"--model {requested} does not match this checkpoint, which looks like {detected}",
+                                tree.iter_dir)
+        return spec
+    if recorded in registered() and registered()[recorded].matches_megatron(arch):
+        return registered()[recorded]
+    return family_for_megatron(arch, str(tree.iter_dir))
+
+
+def open_source(options: Options) -> Source:
+    """Detect the source format and family, and describe the architecture."""
+    path = options.load_path
+    if not path.is_dir():
+        raise BadInputError("load path is not a directory", path)
+    if is_megatron_checkpoint(path):
+        tree = MegatronTree(path, options.iteration, options.trust_checkpoint)
+        arch = arch_from_args(tree.args, str(tree.files.get(next(iter(tree.files)))), options.vocab_size)
+        family = _megatron_family(tree, arch, options.model)
+        arch.family = family.name
+        return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch))
+    if is_hf_checkpoint(path):
+        checkpoint = HFCheckpoint(path, options.trust_checkpoint)
+        family = family_for_hf_model_type(checkpoint.config.get("model_type"), str(path / "config.json"))
+        if options.model and options.model != family.name:
+            raise BadInputError(f"--model {options.model} does not match config.json's model_type "
+                                f"'{checkpoint.config.get('model_type')}'", path / "config.json")
+        arch = family.arch_from_hf_config(checkpoint.config)
+        return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch))
+    raise BadInputError("neither a Megatron checkpoint (tracker file or mp_rank_* dirs) nor a Hugging Face "
+                        "model directory (config.json)", path)
+
+
+def _target_schema(options: Options, source: Source) -> str:
+    if options.megatron_format is None and options.transformer_impl is None and source.kind == "megatron":
+        return source.reader.schema
+    if (options.megatron_format or "mcore") == "legacy":
+        return schema.LEGACY
+    return schema.MCORE_LOCAL if options.transformer_impl == "local" else schema.MCORE_TE
+
+
+def target_layout(options: Options, source: Source) -> ParallelLayout:
+    """The requested layout; unspecified sizes default to the source's (Megatron) or 1 (HF)."""
+    from_megatron = source.kind == "megatron"
+    tp = options.tensor_parallel or (source.reader.tp if from_megatron else 1)
+    pp = options.pipeline_parallel or (len(options.pipeline_layers) if options.pipeline_layers else None)
+    pp = pp or (source.reader.pp if from_megatron else 1)
+    stages = layers_per_stage(source.arch.num_layers, pp, options.pipeline_layers)
+    return ParallelLayout(tp=tp, pp=pp, ep=1, dp=options.data_parallel, stages=tuple(stages))
+
+
+def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
+    """Tensor parallelism must divide every split dimension."""
+    checks = (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
+              ("ffn hidden size", arch.ffn_hidden_size))
+    for what, size in checks:
+        if layout.tp < 1 or size % layout.tp:
+            raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {size} {what}")
+    if layout.dp < 1:
+        raise BadInputError("data parallel size must be at least 1")
+
+
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
+    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
+        expected = {name: shape for name, shape in expected.items() if name not in tied}
+    produced = {name: shape for name, shape, _ in planned}
+    missing = sorted(set(expected) - set(produced))
+    unexpected = sorted(set(produced) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(produced) if expected[n] != produced[n])
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{wrong[0]} is {produced[wrong[0]]}, {type(config).__name__} expects {expected[wrong[0]]}")
+        raise BadInputError(f"converted weights do not fit the model the config describes: {detail}")
+
+
+def _output_dtype(planned: list, requested: torch.dtype | None) -> torch.dtype:
+    return requested or next((dtype for _, _, dtype in planned if dtype.is_floating_point), torch.float32)
+
+
+def _nbytes(planned: list) -> int:
+    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in planned)
+
+
+def convert(options: Options) -> Summary:
+    """Run one conversion end to end; raises BadInputError before writing anything on bad input."""
+    start = time.time()
+    check_paths(options.load_path, options.save_path, options.overwrite)
+    source = open_source(options)
+    dtype = dtype_from_name(options.params_dtype)
+    if options.to == "hf":
+        return _to_hf(options, source, dtype, start)
+    if options.to == "megatron":
+        return _to_megatron(options, source, dtype, start)
+    raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
+
+
+def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
+    summary.tensors = len(planned)
+    summary.bytes_written = _nbytes(planned)
+    summary.seconds = time.time() - start
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return summary
+
+
+def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    family, arch = source.family, source.arch
+    items = walk(family, arch)
+    target = HFTarget(family, arch)
+    planned = plan(items, source.tensors, target, dtype)
+    out_dtype = _output_dtype(planned, dtype)
+    config = family.hf_config_from_arch(arch.replace(params_dtype=out_dtype))
+    _validate_hf_plan(planned, family, config)
+    with staged_directory(options.save_path, _nbytes(planned)) as staging:
+        writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
+        for name, tensor in run(items, source.tensors, target, False, dtype, progress=not options.quiet):
+            writer.write(name, tensor)
+        writer.finish()
+        _write_hf_metadata(staging, config, family, options)
+    return _finish_summary(Summary(), planned, start)
+
+
+def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, options: Options) -> None:
+    from transformers import GenerationConfig
+
+    config.save_pretrained(staging)
+    generation = GenerationConfig.from_model_config(config)
+    for key, value in family.generation_defaults.items():
+        setattr(generation, key, value)
+    generation.save_pretrained(staging)
+    copy_tokenizer(options.tokenizer_name, staging)
+
+
+def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    family, arch = source.family, source.arch
+    layout = target_layout(options, source)
+    validate_layout(arch, layout)
+    padded = padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by, layout.tp)
+    target_schema = _target_schema(options, source)
+    target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema))
+    items = walk(family, arch)
+    planned = plan(items, source.tensors, target, dtype)
+    base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
+    impl = "local" if target_schema == schema.MCORE_LOCAL else "transformer_engine"
+    args = args_from_arch(arch, layout, padded, _output_dtype(planned, dtype),
+                          options.make_vocab_size_divisible_by, impl, base)
+    args.use_legacy_models = target_schema == schema.LEGACY
+    args.use_mcore_models = not args.use_legacy_models
+    args.use_distributed_optimizer = options.use_distributed_optimizer
+    with staged_directory(options.save_path, _nbytes(planned)) as staging:
+        writer = MegatronWriter(staging, planned, args, target_schema, layout.pp, layout.ep,
+                                model_file_name(options.use_distributed_optimizer))
+        for key, tensor in run(items, source.tensors, target, False, dtype, progress=not options.quiet):
+            writer.write(key, tensor)
+        writer.finish(layout.dp, options.use_distributed_optimizer, layout.tp)
+    return _finish_summary(Summary(), planned, start)

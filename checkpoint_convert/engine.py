@@ -1,0 +1,191 @@
+"""The conversion engine: sources produce full Megatron-layout tensors, targets consume them.
+
+A conversion walks the family table in file order (embeddings, each layer, final norm / output
+layer). For each entry the source builds the full (un-parallel, unpadded) tensor in Megatron's
+layout and the target turns it into output tensors keyed by where they go. Running the same walk on
+``meta`` tensors first yields the complete plan (every output's shape and dtype, grouped by file)
+and validates shapes before anything is read or written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from . import megatron_schema as schema
+from .arch import ModelArch
+from .errors import BadInputError
+from .family import FamilySpec, Param
+from .hf_io import HFCheckpoint
+from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
+from .parallel import Style, cast, merge_from_tp, pad_vocab, split_for_tp, stage_offsets, trim_vocab
+
+FIRST, LAYER, LAST = "first", "layer", "last"
+QKV = "self_attention.linear_qkv."
+
+
+@dataclass(frozen=True)
+class Item:
+    """One family-table entry at one place in the model (layer is None outside the layers)."""
+
+    group: str
+    param: Param
+    layer: int | None
+
+
+def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
+    items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
+    for layer in range(arch.num_layers):
+        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch)]
+    return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
+
+
+def _locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
+    """(pipeline stage, stage-local layer) of an item."""
+    if group == FIRST:
+        return 0, None
+    if group == LAST:
+        return len(stages) - 1, None
+    for stage, start in enumerate(stage_offsets(stages)):
+        if layer < start + stages[stage]:
+            return stage, layer - start
+    raise BadInputError(f"layer {layer} is beyond the pipeline's {sum(stages)} layers")
+
+
+def _as_meta(tensor: torch.Tensor, meta: bool) -> torch.Tensor:
+    return torch.empty_like(tensor, device="meta") if meta else tensor
+
+
+class MegatronSource:
+    """Full tensors merged from a Megatron tree's tensor-parallel shards."""
+
+    def __init__(self, tree: MegatronTree, family: FamilySpec, arch: ModelArch) -> None:
+        self.tree, self.family, self.arch = tree, family, arch
+        self.stages = tree.stage_layer_counts()
+        if sum(self.stages) != arch.num_layers:
+            raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
+                                tree.iter_dir)
+        self.consumed: set[tuple[RankKey, int | None, str]] = set()
+
+    def full(self, item: Item, meta: bool) -> torch.Tensor:
+        stage, local = _locate(self.stages, item.group, item.layer)
+        name = item.param.megatron
+        shards = []
+        for tp in range(self.tree.tp):
+            rank = RankKey(tp, stage, 0)
+            shard = _as_meta(self.tree.tensor(rank, name, local), meta)
+            if name.startswith(QKV):
+                shard = reorder_legacy_qkv(shard, self.tree.version, self.arch.num_attention_heads // self.tree.tp,
+                                           self.arch.kv_channels)
+            shards.append(shard)
+            self.consumed.add((rank, local, name))
+        self._check_shapes(shards, name, item, stage)
+        full = merge_from_tp(shards, item.param.style)
+        return trim_vocab(full, self.arch.vocab_size) if item.param.style is Style.VOCAB else full
+
+    def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
+        if len({tuple(s.shape) for s in shards}) > 1:
+            where = f"layer {item.layer} " if item.layer is not None else ""
+            raise BadInputError(f"{where}'{name}' has different shapes across TP ranks: "
+                                f"{[tuple(s.shape) for s in shards]}", self.tree.files[RankKey(0, stage, 0)])
+
+    def unconsumed(self) -> list[str]:
+        """Weights in the source that no table entry read (tied-embedding copies excepted)."""
+        left = []
+        for rank in self.tree.files:
+            for layer, name in self.tree.all_weight_names(rank):
+                if (rank, layer, name) in self.consumed:
+                    continue
+                if name == schema.OUTPUT_LAYER and self.arch.tie_embeddings:
+                    continue
+                left.append(f"{self.tree.files[rank].parent.name}:{'' if layer is None else f'layer {layer} '}{name}")
+        return left
+
+
+class HFSource:
+    """Full Megatron-layout tensors built from a Hugging Face checkpoint's tensors."""
+
+    def __init__(self, checkpoint: HFCheckpoint, family: FamilySpec, arch: ModelArch) -> None:
+        self.checkpoint, self.family, self.arch = checkpoint, family, arch
+        self.consumed: set[str] = set()
+
+    def full(self, item: Item, meta: bool) -> torch.Tensor:
+        names = self.family.hf_names(item.param, item.layer)
+        tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
+        self.consumed.update(names)
+        return item.param.to_megatron(tensors, self.arch)
+
+    def unconsumed(self) -> list[str]:
+        ignored = self.family.hf_ignored_suffixes
+        return [n for n in self.checkpoint.names() if n not in self.consumed and not n.endswith(ignored)]
+
+
+class HFTarget:
+    """Hugging Face tensors keyed by their names."""
+
+    def __init__(self, family: FamilySpec, arch: ModelArch) -> None:
+        self.family, self.arch = family, arch
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        names = self.family.hf_names(item.param, item.layer)
+        return list(zip(names, item.param.to_hf(full, self.arch)))
+
+
+@dataclass(frozen=True)
+class MegatronLayoutSpec:
+    tp: int
+    stages: tuple[int, ...]
+    padded_vocab: int
+    schema: str
+
+
+class MegatronTarget:
+    """Tensor-parallel shards keyed by (rank, path inside the rank file's ``model`` dict)."""
+
+    def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
+        self.family, self.arch, self.layout = family, arch, layout
+        self.dense_fc1 = any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        stages = list(self.layout.stages)
+        stage, local = _locate(stages, item.group, item.layer)
+        name = item.param.megatron
+        if item.param.style is Style.VOCAB:
+            full = pad_vocab(full, self.layout.padded_vocab)
+        shards = split_for_tp(full, item.param.style, self.layout.tp)
+        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=self.dense_fc1)
+        out: list[tuple[Hashable, torch.Tensor]] = [((RankKey(t, stage, 0), path), s) for t, s in enumerate(shards)]
+        if name == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
+            copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
+            out += [((RankKey(t, len(stages) - 1, 0), copy_path), s) for t, s in enumerate(shards)]
+        return out
+
+
+def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
+        progress: bool = False) -> Iterator[tuple[Hashable, torch.Tensor]]:
+    """Produce every output tensor in order; on ``meta`` tensors when planning."""
+    bar = tqdm(items, desc="converting", unit="tensor", disable=not progress, leave=False)
+    for item in bar:
+        if item.layer is not None:
+            bar.set_postfix_str(f"layer {item.layer}", refresh=False)
+        try:
+            full = source.full(item, meta)
+            outputs = target.emit(item, full)
+        except RuntimeError as error:
+            where = f"layer {item.layer} " if item.layer is not None else ""
+            raise BadInputError(f"{where}'{item.param.megatron}' does not fit the architecture "
+                                f"({str(error).splitlines()[0][:160]})")
+        for key, tensor in outputs:
+            yield key, cast(tensor, dtype)
+
+
+def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:
+    """Every output's key, shape and dtype, in production order, computed on ``meta`` tensors."""
+    planned = [(key, tuple(t.shape), t.dtype) for key, t in run(items, source, target, True, dtype)]
+    left = source.unconsumed()
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        raise BadInputError(f"source tensors no conversion rule reads: {', '.join(left[:5])}{more}")
+    return planned

@@ -1,0 +1,136 @@
+"""Declarative family tables and the registry the CLIs look families up in.
+
+A family is a :class:`FamilySpec`: for each Megatron tensor (named in the mcore local-spec schema,
+relative to its layer), the Hugging Face tensor(s) it corresponds to, its tensor-parallel style and
+a pair of pure transforms between the two layouts. The core handles everything else: schemas,
+parallel splits, pipeline stages, vocab padding, files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .arch import ModelArch
+from .errors import BadInputError
+from .parallel import Style
+
+Tensors = Sequence[torch.Tensor]
+
+
+def single_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    """Default transform: the Megatron tensor is the Hugging Face tensor."""
+    return [tensor]
+
+
+def single_to_megatron(tensors: Tensors, arch: ModelArch) -> torch.Tensor:
+    """Default transform: the Hugging Face tensor is the Megatron tensor."""
+    return tensors[0]
+
+
+def always(arch: ModelArch) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Megatron tensor and the Hugging Face tensor(s) it is made of.
+
+    ``megatron``: mcore local-spec key, relative to ``decoder.layers.N.`` for layer params.
+    ``hf``: Hugging Face names, relative to the family's layer prefix for layer params.
+    ``to_hf`` / ``to_megatron``: pure transforms between the full (un-parallel) Megatron tensor and
+    the Hugging Face tensors. ``when``: whether the architecture has this tensor at all.
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    style: Style
+    to_hf: Callable[[torch.Tensor, ModelArch], list[torch.Tensor]] = single_to_hf
+    to_megatron: Callable[[Tensors, ModelArch], torch.Tensor] = single_to_megatron
+    when: Callable[[ModelArch], bool] = always
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the core needs to know about one model family."""
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    hf_layer_prefix: str  # format string with {layer}
+    first_stage: tuple[Param, ...]  # embeddings: global names
+    layer: tuple[Param, ...]
+    last_stage: tuple[Param, ...]  # final norm, output layer: global names
+    arch_from_hf_config: Callable[[dict[str, Any]], ModelArch]
+    hf_config_from_arch: Callable[[ModelArch], Any]
+    matches_megatron: Callable[[ModelArch], bool]
+    hf_ignored_suffixes: tuple[str, ...] = field(default=())  # HF buffers that are not weights
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def params_for(self, group: str, arch: ModelArch) -> list[Param]:
+        table = {"first": self.first_stage, "layer": self.layer, "last": self.last_stage}[group]
+        return [param for param in table if param.when(arch)]
+
+    def hf_names(self, param: Param, layer: int | None) -> list[str]:
+        prefix = self.hf_layer_prefix.format(layer=layer) if layer is not None else ""
+        return [prefix + name for name in param.hf]
+
+
+_REGISTRY: dict[str, FamilySpec] = {}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, FamilySpec]:
+    return dict(_REGISTRY)
+
+
+def family_named(name: str) -> FamilySpec:
+    if name not in _REGISTRY:
+        raise BadInputError(f"unknown model family '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def family_for_hf_model_type(model_type: str | None, source: str) -> FamilySpec:
+    for spec in _REGISTRY.values():
+        if model_type in spec.hf_model_types:
+            return spec
+    raise BadInputError(f"config.json has model_type '{model_type}', which no family handles", source)
+
+
+def family_for_megatron(arch: ModelArch, source: str) -> FamilySpec:
+    """The most specific registered family whose predicate accepts the Megatron architecture."""
+    for spec in _REGISTRY.values():
+        if spec.matches_megatron(arch):
+            return spec
+    raise BadInputError(
+        f"no family matches these args (normalization={arch.normalization}, activation={arch.activation}, "
+        f"position embedding={arch.position_embedding_type}, experts={arch.num_experts}); pass --model", source)
+
+
+# ---- transforms several families share ---------------------------------------------------------
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """Megatron's fused QKV rows: for each query group, its query heads, then its key, then its value.
+
+    With one group per head (multi-head attention) this is legacy GPT's (heads, 3, head_dim) order.
+    Works for weights ([rows, hidden]) and biases ([rows]).
+    """
+    groups, dim = arch.num_query_groups, arch.kv_channels
+    tail = q.shape[1:]
+    q = q.reshape(groups, arch.heads_per_group * dim, *tail)
+    k = k.reshape(groups, dim, *tail)
+    v = v.reshape(groups, dim, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def unpack_qkv(qkv: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_qkv`: full q, k and v projections."""
+    groups, dim = arch.num_query_groups, arch.kv_channels
+    tail = qkv.shape[1:]
+    per_group = qkv.reshape(groups, (arch.heads_per_group + 2) * dim, *tail)
+    q, k, v = torch.split(per_group, [arch.heads_per_group * dim, dim, dim], dim=1)
+    return [part.reshape(-1, *tail) for part in (q, k, v)]

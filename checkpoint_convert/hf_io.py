@@ -1,0 +1,236 @@
+"""Reading and writing Hugging Face checkpoint directories (config.json + safetensors or .bin shards).
+
+Reading is lazy (``safetensors.safe_open`` / memory-mapped ``torch.load``). Writing streams: each
+safetensors shard's header is written first from the planned shapes and dtypes, then tensors are
+appended one by one as the conversion produces them, so no shard is ever assembled in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from huggingface_hub import constants, split_torch_state_dict_into_shards
+from safetensors import safe_open
+
+from .errors import BadInputError
+from .safe_load import safe_torch_load
+
+CONFIG = "config.json"
+PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt")
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"unreadable config ({error})", file)
+    if not isinstance(config, dict):
+        raise BadInputError("config is not a JSON object", file)
+    return config
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, from an index or a single weights file."""
+    for index_name, single in ((constants.SAFETENSORS_INDEX_FILE, constants.SAFETENSORS_SINGLE_FILE),
+                               (PYTORCH_INDEX_FILE, constants.PYTORCH_WEIGHTS_NAME)):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise BadInputError(f"unreadable index ({error})", index)
+            missing = sorted({name for name in weight_map.values() if not (path / name).is_file()})
+            if missing:
+                raise BadInputError(f"shard {missing[0]} is listed in the index but missing", index)
+            return {tensor: path / name for tensor, name in weight_map.items()}
+        if (path / single).is_file():
+            return {name: path / single for name in _names_in(path / single)}
+    raise BadInputError("no model.safetensors, pytorch_model.bin or index next to config.json", path)
+
+
+def _names_in(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        return list(_open_safetensors(file).keys())
+    return list(safe_torch_load(file).keys())
+
+
+def _open_safetensors(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise BadInputError(f"unreadable safetensors file ({error})", file)
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory, read one tensor at a time."""
+
+    def __init__(self, path: Path, trust: bool = False) -> None:
+        self.path = path
+        self.trust = trust
+        self.config = read_config(path)
+        self.weight_map = _weight_map(path)
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            if file.suffix == ".safetensors":
+                self._handles[file] = _open_safetensors(file)
+            else:
+                self._handles[file] = safe_torch_load(file, trust=self.trust)
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _file_for(self, name: str) -> Path:
+        if name not in self.weight_map:
+            raise BadInputError(f"tensor '{name}' is missing", self.path)
+        return self.weight_map[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A ``meta`` tensor with the stored shape and dtype; reads no data."""
+        file = self._file_for(name)
+        handle = self._handle(file)
+        if file.suffix == ".safetensors":
+            piece = handle.get_slice(name)
+            return torch.empty(piece.get_shape(), dtype=_TORCH_DTYPES[piece.get_dtype()], device="meta")
+        return torch.empty_like(handle[name], device="meta")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self._file_for(name)
+        handle = self._handle(file)
+        return handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file whose header is known up front, filled tensor by tensor.
+
+    The layout is the one ``safetensors`` itself writes: an 8-byte little-endian header length,
+    the JSON header padded with spaces to 8 bytes, then the tensors' bytes in header order.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._order = []
+        for name, shape, dtype in entries:
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self._order.append((name, size))
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._file = open(path, "wb")
+        self._file.write(len(text).to_bytes(8, "little") + text)
+        self._next = 0
+        self.path = path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, size = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"{self.path}: got {name} while expecting {expected}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != size:
+            raise RuntimeError(f"{self.path}: {name} has {data.nbytes} bytes, planned {size}")
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+class HFWriter:
+    """Writes planned tensors into shards named and indexed as ``save_pretrained`` does."""
+
+    def __init__(self, root: Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_size: str | int, safe_serialization: bool = True) -> None:
+        self.root = root
+        self.safe = safe_serialization
+        pattern = (constants.SAFETENSORS_WEIGHTS_FILE_PATTERN if safe_serialization
+                   else constants.PYTORCH_WEIGHTS_FILE_PATTERN)
+        metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in planned}
+        self.split = split_torch_state_dict_into_shards(metas, filename_pattern=pattern, max_shard_size=max_shard_size)
+        self.file_of = self.split.tensor_to_filename
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._writers: dict[str, SafetensorsStreamWriter] = {}
+        for file_name in self.split.filename_to_tensors:
+            entries = [(name, shape, dtype) for name, shape, dtype in planned if self.file_of[name] == file_name]
+            if safe_serialization:
+                self._writers[file_name] = SafetensorsStreamWriter(root / file_name, entries)
+            else:
+                self._pending[file_name] = {}
+        self.bytes_planned = sum(_nbytes(shape, dtype) for _, shape, dtype in planned)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file_name = self.file_of[name]
+        if self.safe:
+            self._writers[file_name].write(name, tensor)
+            return
+        shard = self._pending[file_name]
+        shard[name] = tensor.clone()
+        if len(shard) == len(self.split.filename_to_tensors[file_name]):
+            torch.save(shard, self.root / file_name)
+            shard.clear()
+
+    def finish(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+            if not writer.complete:
+                raise RuntimeError(f"{writer.path}: not every planned tensor was written")
+        if self.split.is_sharded:
+            index_name = constants.SAFETENSORS_INDEX_FILE if self.safe else PYTORCH_INDEX_FILE
+            index = {"metadata": dict(self.split.metadata), "weight_map": dict(sorted(self.file_of.items()))}
+            (self.root / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:
+    """Copy tokenizer files from a local directory (no hub access); returns the names copied."""
+    if not source_dir:
+        return []
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise BadInputError("--tokenizer_name must be a local directory", source)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            (target / name).write_bytes((source / name).read_bytes())
+            copied.append(name)
+    if not copied:
+        raise BadInputError("no tokenizer files found", source)
+    return copied
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)

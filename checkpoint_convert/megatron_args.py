@@ -1,0 +1,183 @@
+"""Megatron-LM ``args`` Namespace <-> :class:`ModelArch`.
+
+Megatron args are family-agnostic, so this lives in the core. Reading prefers what the tensors
+prove: callers cross-check shapes against these values (see ``megatron_io``).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .arch import ModelArch
+from .errors import BadInputError
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """``fp32``/``fp16``/``bf16`` -> torch dtype; None stays None (keep the source dtype)."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise BadInputError(f"unknown dtype '{name}' (choose from {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def _get(args: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _activation(args: Any) -> str:
+    if _get(args, "swiglu", default=False):
+        return "swiglu"
+    if _get(args, "bias_gelu_fusion", default=False):
+        return "gelu_fast"
+    if _get(args, "openai_gelu", default=False):
+        return "gelu_new"
+    return "gelu"
+
+
+def _position_embedding_type(args: Any) -> str:
+    kind = _get(args, "position_embedding_type")
+    if kind is None:
+        kind = "rope" if _get(args, "use_rotary_position_embeddings", default=False) else "learned_absolute"
+    return kind
+
+
+def true_vocab_size(args: Any, override: int | None = None) -> int | None:
+    """The unpadded vocab: a user override, else what the args recorded, else None."""
+    return override or _get(args, "orig_vocab_size", "true_vocab_size", "vocab_size")
+
+
+def arch_from_args(args: Any, source: str, vocab_override: int | None = None) -> ModelArch:
+    """Build the architecture from a checkpoint's args (family left empty for detection)."""
+    required = ("num_layers", "hidden_size", "num_attention_heads")
+    missing = [name for name in required if _get(args, name) is None]
+    if missing:
+        raise BadInputError(f"args lack {', '.join(missing)}", source)
+    heads = int(args.num_attention_heads)
+    hidden = int(args.hidden_size)
+    groups = heads
+    if _get(args, "group_query_attention", default=False):
+        groups = int(_get(args, "num_query_groups", default=heads))
+    num_experts = _get(args, "num_experts")
+    ffn = int(_get(args, "ffn_hidden_size", default=4 * hidden))
+    return ModelArch(
+        family="",
+        num_layers=int(args.num_layers),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=int(_get(args, "kv_channels", default=hidden // heads)),
+        ffn_hidden_size=ffn,
+        vocab_size=int(true_vocab_size(args, vocab_override) or _get(args, "padded_vocab_size", default=0)),
+        max_position_embeddings=int(_get(args, "max_position_embeddings", "seq_length", default=2048)),
+        norm_epsilon=float(_get(args, "layernorm_epsilon", "norm_epsilon", default=1e-5)),
+        tie_embeddings=not _get(args, "untie_embeddings_and_output_weights", default=False),
+        normalization=_get(args, "normalization", default="LayerNorm"),
+        activation=_activation(args),
+        position_embedding_type=_position_embedding_type(args),
+        rotary_base=float(_get(args, "rotary_base", default=10000)),
+        rope_scaling=_get(args, "hf_rope_scaling"),
+        add_bias_linear=bool(_get(args, "add_bias_linear", default=True)),
+        add_qkv_bias=bool(_get(args, "add_qkv_bias", default=False) or _get(args, "add_bias_linear", default=True)),
+        num_experts=int(num_experts) if num_experts else None,
+        moe_router_topk=int(_get(args, "moe_router_topk", default=2)),
+        moe_ffn_hidden_size=_get(args, "moe_ffn_hidden_size"),
+        params_dtype=_args_dtype(args),
+        extra=dict(_get(args, "hf_extra_config", default={})),
+    )
+
+
+def _args_dtype(args: Any) -> torch.dtype:
+    dtype = _get(args, "params_dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if _get(args, "bf16", default=False):
+        return torch.bfloat16
+    if _get(args, "fp16", default=False):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """A target layout: tensor, pipeline (with per-stage layer counts), expert and data parallel."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    stages: tuple[int, ...] = ()
+
+
+def _pipeline_fields(stages: Sequence[int]) -> dict[str, Any]:
+    """Megatron's record of an uneven pipeline: first/last stage counts, or a full layout string."""
+    if len(set(stages)) <= 1:
+        return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
+                "pipeline_model_parallel_layout": None}
+    first, *middle, last = stages
+    if len(set(middle)) <= 1:
+        return {"decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last,
+                "pipeline_model_parallel_layout": None}
+    parts = ["t" * count for count in stages]
+    parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
+    return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
+            "pipeline_model_parallel_layout": "|".join(parts)}
+
+
+def args_from_arch(arch: ModelArch, layout: ParallelLayout, padded_vocab: int, dtype: torch.dtype,
+                   divisible_by: int, impl: str, base: dict | None = None) -> argparse.Namespace:
+    """Every architecture and parallel field Megatron-LM reads when loading a checkpoint.
+
+    ``base`` holds plain-valued fields of a source checkpoint's args (training settings) to carry.
+    """
+    fields = dict(base or {})
+    fields.update(
+        num_layers=arch.num_layers, encoder_num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size, num_attention_heads=arch.num_attention_heads,
+        kv_channels=arch.kv_channels, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, max_position_embeddings=arch.max_position_embeddings,
+        seq_length=fields.get("seq_length") or arch.max_position_embeddings,
+        position_embedding_type=arch.position_embedding_type,
+        add_position_embedding=arch.position_embedding_type == "learned_absolute",
+        use_rotary_position_embeddings=arch.position_embedding_type == "rope",
+        rotary_base=arch.rotary_base, rotary_percent=1.0, hf_rope_scaling=arch.rope_scaling,
+        normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
+        swiglu=arch.activation == "swiglu", openai_gelu=arch.activation == "gelu_new",
+        bias_gelu_fusion=arch.activation == "gelu_fast", add_bias_linear=arch.add_bias_linear,
+        add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,
+        num_experts=arch.num_experts, moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size, hf_extra_config=dict(arch.extra),
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        transformer_pipeline_model_parallel_size=layout.pp, expert_model_parallel_size=layout.ep,
+        data_parallel_size=layout.dp, world_size=layout.tp * layout.pp * layout.dp, rank=0,
+        vocab_size=arch.vocab_size, orig_vocab_size=arch.vocab_size, padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=divisible_by, params_dtype=dtype,
+        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        transformer_impl=impl, ckpt_format="torch", consumed_train_samples=0, consumed_valid_samples=0,
+        iteration=0, hf_family=arch.family,
+        **_pipeline_fields(layout.stages),
+    )
+    return argparse.Namespace(**fields)
+
+
+PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def plain_fields(args: Any) -> dict[str, Any]:
+    """The fields of a source Namespace whose values are plain data (no foreign objects)."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(plain(item) for item in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return isinstance(value, PLAIN_TYPES) or isinstance(value, torch.dtype)
+    return {name: value for name, value in vars(args).items() if plain(value)}

@@ -1,0 +1,304 @@
+"""Reading and writing Megatron-LM ``mp_rank_*`` checkpoint trees.
+
+Reading is lazy: rank files are memory-mapped (``torch.load(mmap=True)``), so a tensor's bytes are
+read only when a conversion step asks for it, and ``meta`` views let a whole conversion be planned
+from shapes alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from . import megatron_schema as schema
+from .errors import BadInputError
+from .safe_load import safe_torch_load
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
+
+
+def iteration_dir_name(iteration: str | int) -> str:
+    return "release" if str(iteration) == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
+    """``mp_rank_TT``, ``_PPP`` appended when PP > 1, ``_EEE`` appended when EP > 1."""
+    name = f"mp_rank_{tp:02d}"
+    if pp_size > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+def _has_rank_dirs(path: Path) -> bool:
+    return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    return (path / TRACKER).is_file() or _has_rank_dirs(path)
+
+
+def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
+    """The directory holding the ``mp_rank_*`` dirs: given directly, named by ``--iteration``, or by the tracker."""
+    if iteration is None and _has_rank_dirs(path):
+        return path
+    tracker = path / TRACKER
+    if iteration is None:
+        if not tracker.is_file():
+            raise BadInputError(f"no {TRACKER} and no mp_rank_* directories here", path)
+        iteration = tracker.read_text().strip()
+        if iteration != "release" and not iteration.isdigit():
+            raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)
+    target = path / iteration_dir_name(iteration)
+    if not _has_rank_dirs(target):
+        raise BadInputError(f"iteration {iteration} has no mp_rank_* directories at {target.name}/", path)
+    return target
+
+
+@dataclass(frozen=True)
+class RankKey:
+    tp: int
+    pp: int
+    ep: int
+
+
+def _model_file(rank_dir: Path) -> Path | None:
+    for name in MODEL_FILES:
+        if (rank_dir / name).is_file():
+            return rank_dir / name
+    return None
+
+
+def _rank_for(name: str, pp_size: int, ep_size: int, where: Path) -> RankKey:
+    match = _RANK_DIR.match(name)
+    tp = int(match.group(1))
+    extra = [int(part) for part in match.group(2).split("_") if part]
+    if len(extra) == 2 and pp_size > 1 and ep_size > 1:
+        return RankKey(tp, extra[0], extra[1])
+    if len(extra) == 1 and pp_size > 1 and ep_size == 1:
+        return RankKey(tp, extra[0], 0)
+    if len(extra) == 1 and ep_size > 1 and pp_size == 1:
+        return RankKey(tp, 0, extra[0])
+    if not extra and pp_size == 1 and ep_size == 1:
+        return RankKey(tp, 0, 0)
+    raise BadInputError(
+        f"rank directory {name} does not fit the args' layout (PP={pp_size}, EP={ep_size})", where)
+
+
+def _first_model_file(iter_dir: Path, rank_dirs: list[Path]) -> Path:
+    for rank_dir in rank_dirs:
+        if rank_dir.name in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
+            found = _model_file(rank_dir)
+            if found:
+                return found
+    raise BadInputError("no model_optim_rng.pt in mp_rank_00 or mp_rank_00_000", iter_dir)
+
+
+class MegatronTree:
+    """The rank files of one iteration directory, opened lazily, with their ``args``.
+
+    ``tensor(rank, canonical, layer)`` gives a shard by canonical name (mcore local schema,
+    layer index local to the rank's pipeline stage).
+    """
+
+    def __init__(self, path: Path, iteration: str | None = None, trust: bool = False) -> None:
+        self.iter_dir = find_iteration_dir(path, iteration)
+        self.trust = trust
+        rank_dirs = sorted(p for p in self.iter_dir.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
+        first = _first_model_file(self.iter_dir, rank_dirs)
+        header = self._load(first)
+        if "args" not in header or header["args"] is None:
+            raise BadInputError("checkpoint has no 'args'; it cannot be converted without them", first)
+        self.args = header["args"]
+        self.version = float(header.get("checkpoint_version", 0) or 0)
+        self.iteration = header.get("iteration", 0)
+        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
+        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
+        self.ep = int(getattr(self.args, "expert_model_parallel_size", 1) or 1)
+        self.files = self._index_rank_files(rank_dirs)
+        self._states: dict[RankKey, dict[str, Any]] = {}
+        self._names: dict[RankKey, dict[tuple[int | None, str], str]] = {}
+        self.schema = schema.detect_schema(list(self._flat(RankKey(0, 0, 0))))
+
+    def _load(self, file: Path) -> dict:
+        state = safe_torch_load(file, trust=self.trust)
+        if not isinstance(state, dict):
+            raise BadInputError("not a Megatron checkpoint (top level is not a dict)", file)
+        if "model" not in state and "model0" in state:
+            raise BadInputError("virtual-pipeline checkpoints (model0, model1, ...) are not supported", file)
+        return state
+
+    def _index_rank_files(self, rank_dirs: list[Path]) -> dict[RankKey, Path]:
+        files: dict[RankKey, Path] = {}
+        for rank_dir in rank_dirs:
+            file = _model_file(rank_dir)
+            if file is None:
+                continue  # e.g. a distributed-optimizer dir holding only optim.pt
+            files[_rank_for(rank_dir.name, self.pp, self.ep, self.iter_dir)] = file
+        expected = {RankKey(t, p, e) for t in range(self.tp) for p in range(self.pp) for e in range(self.ep)}
+        missing, extra = expected - set(files), set(files) - expected
+        if missing:
+            names = sorted(rank_dir_name(r.tp, r.pp, r.ep, self.pp, self.ep) for r in missing)
+            raise BadInputError(
+                f"missing rank files for {', '.join(names)} (args say TP={self.tp} PP={self.pp} EP={self.ep})",
+                self.iter_dir)
+        if extra:
+            names = sorted(files[r].parent.name for r in extra)
+            raise BadInputError(f"unexpected rank directories {', '.join(names)} for TP={self.tp} PP={self.pp} "
+                                f"EP={self.ep}", self.iter_dir)
+        return files
+
+    def _flat(self, rank: RankKey) -> dict[str, Any]:
+        if rank not in self._states:
+            state = self._load(self.files[rank])
+            model = state.get("model")
+            if not isinstance(model, dict):
+                raise BadInputError("checkpoint has no 'model' state dict", self.files[rank])
+            self._states[rank] = dict(schema.flatten(model))
+        return self._states[rank]
+
+    def names(self, rank: RankKey) -> dict[tuple[int | None, str], str]:
+        """Canonical (local layer, key) -> stored flat key, for every weight of a rank file."""
+        if rank not in self._names:
+            table = {}
+            for stored, value in self._flat(rank).items():
+                if schema.is_ignored(stored) or not isinstance(value, torch.Tensor):
+                    continue
+                table[schema.canonical_name(stored, self.schema)] = stored
+            self._names[rank] = table
+        return self._names[rank]
+
+    def stage_layer_counts(self) -> list[int]:
+        """Layers actually present in each pipeline stage's files."""
+        counts = []
+        for stage in range(self.pp):
+            layers = {layer for layer, _ in self.names(RankKey(0, stage, 0)) if layer is not None}
+            if layers and layers != set(range(len(layers))):
+                raise BadInputError(f"layer indices {sorted(layers)} are not 0..N-1", self.files[RankKey(0, stage, 0)])
+            counts.append(len(layers))
+        return counts
+
+    def has(self, rank: RankKey, canonical: str, layer: int | None) -> bool:
+        return (layer, canonical) in self.names(rank)
+
+    def tensor(self, rank: RankKey, canonical: str, layer: int | None) -> torch.Tensor:
+        stored = self.names(rank).get((layer, canonical))
+        if stored is None:
+            where = f"layer {layer} " if layer is not None else ""
+            raise BadInputError(f"{where}tensor '{canonical}' is missing", self.files[rank])
+        return self._flat(rank)[stored]
+
+    def all_weight_names(self, rank: RankKey) -> Iterable[tuple[int | None, str]]:
+        return self.names(rank).keys()
+
+
+def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:
+    """Bring one rank's fused QKV rows from an old checkpoint version to the (heads, 3, head_dim) order.
+
+    Version 0 stored (3, heads, head_dim) and version 1.0 (heads, head_dim, 3); 2.0 and later
+    already use (heads, 3, head_dim).
+    """
+    if version >= 2.0:
+        return shard
+    tail = shard.shape[1:]
+    if version < 1.0:
+        return shard.reshape(3, local_heads, head_dim, *tail).transpose(0, 1).reshape(-1, *tail)
+    return shard.reshape(local_heads, head_dim, 3, *tail).transpose(1, 2).reshape(-1, *tail)
+
+
+def nest(entries: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """Build the nested ``model`` dict of a rank file from (path, value) pairs."""
+    root: dict[str, Any] = {}
+    for path, value in entries:
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return root
+
+
+def write_rank_file(path: Path, args: Any, model: dict[str, Any], iteration: int) -> None:
+    """Write one ``model_optim_rng.pt`` the way Megatron-LM does (no optimizer or RNG state)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model}, path)
+
+
+DUMMY_OPTIMIZER = {"optimizer": {"step": 0, "param_groups": [{
+    "lr": 0.0, "beta1": 0.0, "beta2": 0.0, "eps": 0.0, "weight_decay": 0.0, "correct_bias": False, "params": [],
+}]}}
+
+
+def write_dummy_optimizer_files(release_dir: Path, tp: int, pp: int, dp: int) -> None:
+    """Per data-parallel rank ``mp_rank_TT[_PPP]_DDD/optim.pt`` files for a distributed optimizer."""
+    for t in range(tp):
+        for p in range(pp):
+            for d in range(dp):
+                name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + f"_{d:03d}"
+                (release_dir / name).mkdir(parents=True, exist_ok=True)
+                torch.save(DUMMY_OPTIMIZER, release_dir / name / "optim.pt")
+
+
+def write_tracker(root: Path, iteration: str | int) -> None:
+    """The tracker goes last: a tree without it does not look like a finished checkpoint."""
+    (root / TRACKER).write_text(f"{iteration}\n" if str(iteration) != "release" else "release")
+
+
+def model_file_name(use_distributed_optimizer: bool) -> str:
+    return "model_rng.pt" if use_distributed_optimizer else "model_optim_rng.pt"
+
+
+def rank_file_path(root: Path, iteration: str | int, rank: RankKey, pp_size: int, ep_size: int,
+                   file_name: str) -> Path:
+    return root / iteration_dir_name(iteration) / rank_dir_name(rank.tp, rank.pp, rank.ep, pp_size, ep_size) / file_name
+
+
+def stored_size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+class MegatronWriter:
+    """Collects each rank file's planned tensors and writes the file once it is complete.
+
+    A rank file is released from memory as soon as it is written, so memory is bounded by the
+    rank files still being filled (one pipeline stage at a time in production order).
+    """
+
+    def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
+                 args: Any, schema_name: str, pp_size: int, ep_size: int, file_name: str,
+                 iteration: str | int = "release") -> None:
+        self.root, self.args, self.schema = root, args, schema_name
+        self.pp_size, self.ep_size, self.file_name, self.iteration = pp_size, ep_size, file_name, iteration
+        self._expected: dict[RankKey, int] = {}
+        for (rank, _), _, _ in planned:
+            self._expected[rank] = self._expected.get(rank, 0) + 1
+        self._entries: dict[RankKey, list[tuple[tuple[str, ...], Any]]] = {rank: [] for rank in self._expected}
+        self.files_written: list[Path] = []
+
+    def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
+        rank, path = key
+        self._entries[rank].append((path, tensor.clone() if tensor.is_floating_point() else tensor))
+        if len(self._entries[rank]) == self._expected[rank]:
+            self._flush(rank)
+
+    def _flush(self, rank: RankKey) -> None:
+        entries = self._entries.pop(rank)
+        weight_keys = [".".join(path) for path, _ in entries]
+        last_stage = rank.pp == self.pp_size - 1
+        entries += [((key,), None) for key in schema.extra_state_keys(weight_keys, self.schema, last_stage)]
+        path = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
+        write_rank_file(path, self.args, nest(entries), 0)
+        self.files_written.append(path)
+
+    def finish(self, dp: int = 1, distributed_optimizer: bool = False, tp: int = 1) -> None:
+        if self._entries:
+            raise RuntimeError(f"rank files left incomplete: {sorted(map(str, self._entries))}")
+        if distributed_optimizer:
+            write_dummy_optimizer_files(self.root / iteration_dir_name(self.iteration), tp, self.pp_size, dp)
+        write_tracker(self.root, self.iteration)

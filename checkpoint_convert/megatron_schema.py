@@ -1,0 +1,171 @@
+"""Megatron key schemas: legacy (``language_model.*``), mcore local spec and mcore Transformer Engine.
+
+Internally every tensor is named in the mcore local-spec schema (``decoder.layers.N.input_layernorm.weight``,
+``decoder.layers.N.self_attention.linear_qkv.weight`` ...). This module renames to and from the
+other schemas and recognises the older spellings legacy checkpoints used.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+LEGACY = "legacy"
+MCORE_LOCAL = "local"
+MCORE_TE = "transformer_engine"
+SCHEMAS = (LEGACY, MCORE_LOCAL, MCORE_TE)
+
+EMBEDDING = "embedding.word_embeddings.weight"
+POSITION_EMBEDDING = "embedding.position_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+LAYER_PREFIX = "decoder.layers."
+
+# mcore local-spec layer key prefix -> legacy spelling (written), in order of specificity.
+_LEGACY_LAYER = (
+    ("self_attention.linear_qkv.", "self_attention.query_key_value."),
+    ("self_attention.linear_proj.", "self_attention.dense."),
+    ("pre_mlp_layernorm.", "post_attention_layernorm."),
+    ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
+    ("mlp.linear_fc2.", "mlp.dense_4h_to_h."),
+)
+# Older legacy spellings accepted on read -> the spelling above.
+_LEGACY_ALIASES = (
+    ("attention.", "self_attention."),
+    ("input_norm.", "input_layernorm."),
+    ("post_attention_norm.", "post_attention_layernorm."),
+    ("final_norm.", "final_layernorm."),
+)
+# Transformer Engine fuses norms into the following linear layer.
+_TE_NORMS = (
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+    ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+)
+_LEGACY_GLOBAL = {
+    EMBEDDING: "language_model.embedding.word_embeddings.weight",
+    POSITION_EMBEDDING: "language_model.embedding.position_embeddings.weight",
+    OUTPUT_LAYER: "language_model.output_layer.weight",
+    "decoder.final_layernorm.weight": "language_model.encoder.final_layernorm.weight",
+    "decoder.final_layernorm.bias": "language_model.encoder.final_layernorm.bias",
+}
+# Legacy nesting: embedding and output layer are module state dicts, the encoder is one flat dict.
+_LEGACY_GLOBAL_PATHS = {
+    EMBEDDING: ("language_model", "embedding", "word_embeddings", "weight"),
+    POSITION_EMBEDDING: ("language_model", "embedding", "position_embeddings", "weight"),
+    OUTPUT_LAYER: ("language_model", "output_layer", "weight"),
+    "decoder.final_layernorm.weight": ("language_model", "encoder", "final_layernorm.weight"),
+    "decoder.final_layernorm.bias": ("language_model", "encoder", "final_layernorm.bias"),
+}
+LEGACY_TIED_COPY = "word_embeddings_for_head.weight"
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LEGACY_LAYER_KEY = re.compile(r"^language_model\.(?:encoder|transformer)\.layers\.(\d+)\.(.+)$")
+IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq", "inv_freq", "attention.bias", "masked_bias")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Flatten nested legacy dicts into dotted keys (``language_model.encoder.layers.0...``)."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def detect_schema(flat_keys: list[str]) -> str:
+    """Which schema a rank file's model keys are written in."""
+    if any(key.startswith("language_model.") or key == LEGACY_TIED_COPY for key in flat_keys):
+        return LEGACY
+    if any(key.endswith("layer_norm_weight") for key in flat_keys):
+        return MCORE_TE
+    return MCORE_LOCAL
+
+
+def is_ignored(key: str) -> bool:
+    """Non-weight entries: TE extra state, rotary buffers, attention masks."""
+    return key.endswith(IGNORED_SUFFIXES)
+
+
+def _replace_prefix(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool = False) -> str:
+    for canonical, other in pairs:
+        source, target = (other, canonical) if reverse else (canonical, other)
+        if key.startswith(source):
+            return target + key[len(source):]
+    return key
+
+
+def _legacy_layer_to_canonical(rel: str) -> str:
+    for alias, spelling in _LEGACY_ALIASES:
+        if rel.startswith(alias):
+            rel = spelling + rel[len(alias):]
+    return _replace_prefix(rel, _LEGACY_LAYER, reverse=True)
+
+
+def _te_to_canonical(rel: str) -> str:
+    for canonical, te_name in _TE_NORMS:
+        if rel == te_name:
+            return canonical
+    return rel
+
+
+def canonical_name(stored: str, schema: str) -> tuple[int | None, str]:
+    """(stage-local layer index or None, canonical key) for a stored flat key.
+
+    For a layer tensor the canonical key is relative to its layer; otherwise it is global.
+    The legacy tied-embedding copy maps to ``output_layer.weight``.
+    """
+    if schema == LEGACY:
+        match = _LEGACY_LAYER_KEY.match(stored)
+        if match:
+            return int(match.group(1)), _legacy_layer_to_canonical(match.group(2))
+        if stored == LEGACY_TIED_COPY:
+            return None, OUTPUT_LAYER
+        stored = re.sub(r"^language_model\.transformer\.", "language_model.encoder.", stored)
+        stored = stored.replace("encoder.final_norm.", "encoder.final_layernorm.")
+        reverse = {legacy: canonical for canonical, legacy in _LEGACY_GLOBAL.items()}
+        return None, reverse.get(stored, stored)
+    match = _LAYER_KEY.match(stored)
+    if match:
+        return int(match.group(1)), _te_to_canonical(match.group(2))
+    return None, stored
+
+
+def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool = False,
+                layer_has_dense_fc1: bool = True) -> tuple[str, ...]:
+    """Where a canonical tensor goes inside a rank file's ``model`` dict (a path of dict keys)."""
+    if schema == LEGACY:
+        if tied_copy:
+            return ("word_embeddings_for_head", "weight")
+        if layer is not None:
+            rel = _replace_prefix(canonical, _LEGACY_LAYER)
+            return ("language_model", "encoder", f"layers.{layer}.{rel}")
+        return _LEGACY_GLOBAL_PATHS[canonical]
+    if layer is None:
+        return (canonical,)
+    rel = canonical
+    if schema == MCORE_TE:
+        for local_name, te_name in _TE_NORMS:
+            if rel == local_name and (layer_has_dense_fc1 or local_name.startswith("input_")):
+                rel = te_name
+    return (f"{LAYER_PREFIX}{layer}.{rel}",)
+
+
+def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
+    """``_extra_state`` entries megatron-core modules expose in their state dicts (value None).
+
+    Every mcore linear layer (``linear_*`` and the output layer) has one, whether or not its
+    weight is stored on this stage; the Transformer Engine attention also has one.
+    """
+    if schema == LEGACY:
+        return []
+    modules = []
+    for key in weight_keys:
+        module = key.rsplit(".", 1)[0]
+        last = module.rsplit(".", 1)[-1]
+        if last.startswith("linear_") and module not in modules:
+            modules.append(module)
+    if schema == MCORE_TE:
+        modules += sorted({m.replace("linear_qkv", "core_attention") for m in modules if m.endswith("linear_qkv")})
+    if last_stage:
+        modules.append("output_layer")
+    return [f"{module}._extra_state" for module in modules]

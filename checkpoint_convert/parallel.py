@@ -1,0 +1,103 @@
+"""Tensor/pipeline/expert parallel math: split and merge by parallel style, vocab padding, stages.
+
+Every function is pure and works on real or ``meta`` tensors, so a conversion can be planned
+(shapes, dtypes, output sizes, validation) on ``meta`` tensors before any byte is read or written.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import BadInputError
+
+
+class Style(enum.Enum):
+    """How a Megatron tensor is laid out across tensor-parallel ranks."""
+
+    REPLICATED = "replicated"  # norms, router, row-parallel biases: same on every rank
+    COLUMN = "column"  # split along dim 0 (qkv, fc1, column biases)
+    ROW = "row"  # split along dim 1 (proj, fc2 weights)
+    VOCAB = "vocab"  # column split of a vocab-padded tensor (embedding, output layer)
+    GLU_COLUMN = "glu_column"  # [gate; up] halves, each split along dim 0, fused per rank
+
+
+def split_for_tp(full: torch.Tensor, style: Style, tp: int) -> list[torch.Tensor]:
+    """Split a full (un-parallel) Megatron tensor into ``tp`` rank shards."""
+    if style is Style.REPLICATED or tp == 1:
+        return [full] * tp
+    if style is Style.ROW:
+        return list(torch.chunk(full, tp, dim=1)) if full.dim() > 1 else [full] * tp
+    if style is Style.GLU_COLUMN:
+        gate, up = torch.chunk(full, 2, dim=0)
+        return [torch.cat(pair, dim=0) for pair in zip(torch.chunk(gate, tp), torch.chunk(up, tp))]
+    return list(torch.chunk(full, tp, dim=0))
+
+
+def merge_from_tp(shards: Sequence[torch.Tensor], style: Style) -> torch.Tensor:
+    """Inverse of :func:`split_for_tp`."""
+    if style is Style.REPLICATED or len(shards) == 1:
+        return shards[0]
+    if style is Style.ROW:
+        return torch.cat(list(shards), dim=1) if shards[0].dim() > 1 else shards[0]
+    if style is Style.GLU_COLUMN:
+        halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(list(shards), dim=0)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padded vocab: the next multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def pad_vocab(full: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """Pad rows to ``padded_size`` by repeating the last row, as Megatron's converters do."""
+    extra = padded_size - full.shape[0]
+    if extra < 0:
+        raise BadInputError(f"vocab of {full.shape[0]} rows does not fit the padded size {padded_size}")
+    if extra == 0:
+        return full
+    return torch.cat([full, full[-1:].expand(extra, *full.shape[1:])], dim=0)
+
+
+def trim_vocab(full: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Drop Megatron's padding rows."""
+    if full.shape[0] < vocab_size:
+        raise BadInputError(f"embedding has {full.shape[0]} rows, fewer than the vocab size {vocab_size}")
+    return full[:vocab_size]
+
+
+def layers_per_stage(num_layers: int, pp: int, uneven: Sequence[int] | None = None) -> list[int]:
+    """Layer counts of each pipeline stage: the explicit uneven list, or an even split."""
+    if uneven:
+        stages = [int(n) for n in uneven]
+        if len(stages) != pp:
+            raise BadInputError(f"--target_pipeline_layers lists {len(stages)} stages but the pipeline has {pp}")
+        if sum(stages) != num_layers or min(stages) < 0:
+            raise BadInputError(
+                f"--target_pipeline_layers {','.join(map(str, stages))} must sum to num_layers={num_layers}")
+        return stages
+    if num_layers % pp:
+        raise BadInputError(
+            f"pipeline size {pp} does not divide num_layers={num_layers}; use --target_pipeline_layers")
+    return [num_layers // pp] * pp
+
+
+def stage_offsets(stages: Sequence[int]) -> list[int]:
+    """First global layer index of each stage."""
+    offsets, total = [], 0
+    for count in stages:
+        offsets.append(total)
+        total += count
+    return offsets
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating tensors to ``dtype`` (None keeps the dtype)."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)

@@ -1,0 +1,138 @@
+"""Load ``.pt`` checkpoint files without executing code from the pickle.
+
+Every load uses ``torch.load(weights_only=True)``. What Megatron checkpoints legitimately hold beyond
+tensors is allowlisted: ``argparse.Namespace`` and the stdlib/numpy types in args and RNG state.
+Objects of Megatron's own classes (enums such as ``megatron.core.transformer.enums.AttnBackend``)
+are loaded as inert :class:`ForeignObject` stand-ins registered under their original names, so no
+Megatron install is needed and nothing from the file is imported or run. Any other global is refused
+with a message naming it and the ``--trust_checkpoint`` opt-in.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import signal
+import warnings
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BadInputError
+
+# Modules whose classes appear in real Megatron args and may be replaced by inert stand-ins.
+FOREIGN_MODULE_PREFIXES = ("megatron.", "apex.", "transformer_engine.", "nemo.", "modelopt.")
+
+_MISSING_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+class ForeignObject:
+    """Inert stand-in for an object of a class that is not installed (e.g. a Megatron enum).
+
+    It records what the pickle passed to the class (constructor arguments and state) and never
+    calls into anything. ``name`` is the original qualified class name.
+    """
+
+    original_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """The enum value (first constructor argument) when the object is an enum member."""
+        return self.args[0] if self.args else self.state
+
+    def __repr__(self) -> str:
+        return f"<{self.original_name} {self.value!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ForeignObject) and other.original_name == self.original_name
+                and other.args == self.args and other.state == self.state)
+
+    def __hash__(self) -> int:
+        return hash((self.original_name, repr(self.args)))
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def stand_in_for(qualified_name: str) -> type:
+    """Return the (cached) inert stand-in class for ``qualified_name``."""
+    if qualified_name not in _STAND_INS:
+        short = qualified_name.rsplit(".", 1)[-1]
+        _STAND_INS[qualified_name] = type(short, (ForeignObject,), {"original_name": qualified_name})
+    return _STAND_INS[qualified_name]
+
+
+def _numpy_globals() -> list:
+    """Globals numpy arrays and RNG states pickle to (Megatron stores ``np.random.get_state()``)."""
+    names = []
+    for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            module = __import__(module_name, fromlist=["_reconstruct"])
+            names.append((module._reconstruct, f"{module_name}._reconstruct"))
+        except ImportError:
+            pass
+    names += [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
+              type(np.dtype(np.int64))]
+    return names
+
+
+BASE_ALLOWLIST: list = [argparse.Namespace, signal.Signals, collections.OrderedDict,
+                        *_numpy_globals()]
+
+
+def is_zip_checkpoint(path: str | os.PathLike) -> bool:
+    """True when the file is in torch's zip format (the only one that can be memory-mapped)."""
+    return zipfile.is_zipfile(path)
+
+
+def _load_with(path: str | os.PathLike, allow: list, mmap: bool) -> Any:
+    with torch.serialization.safe_globals(allow):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def safe_torch_load(path: str | os.PathLike, trust: bool = False, lazy: bool = True) -> Any:
+    """Load a checkpoint file safely; memory-map its tensors when the file allows it.
+
+    ``trust=True`` opts into a full unpickle (can run code from the file: only for trusted files).
+    Raises :class:`BadInputError` for unreadable files and disallowed globals.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise BadInputError("file is empty or missing", path)
+    mmap = lazy and is_zip_checkpoint(path)
+    if lazy and not mmap:
+        warnings.warn(f"{path}: not in torch's zip format, loading it fully into memory")
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    allow = list(BASE_ALLOWLIST)
+    for _ in range(64):
+        try:
+            return _load_with(path, allow, mmap)
+        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            missing = _MISSING_GLOBAL.search(str(error))
+            if missing is None:
+                raise BadInputError(f"not a readable torch checkpoint ({_first_line(error)})", path)
+            name = missing.group(1)
+            if not name.startswith(FOREIGN_MODULE_PREFIXES):
+                raise BadInputError(
+                    f"pickle needs the global '{name}', which is not allowlisted; "
+                    "pass --trust_checkpoint to unpickle it fully (unsafe: runs code from the file)",
+                    path)
+            allow.append((stand_in_for(name), name))
+    raise BadInputError("too many unknown globals in the pickle", path)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

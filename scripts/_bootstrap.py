@@ -1,0 +1,9 @@
+"""Make the repository importable from scripts/ and register every model family."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
+
+FAMILIES = ("gpt2",)
