@@ -85,7 +85,7 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         activation=_activation(args),
         position_embedding_type=_position_embedding_type(args),
         rotary_base=float(_get(args, "rotary_base", default=10000)),
-        rope_scaling=_get(args, "hf_rope_scaling"),
+        rope_scaling=_rope_scaling(args),
         add_bias_linear=bool(_get(args, "add_bias_linear", default=True)),
         add_qkv_bias=bool(_get(args, "add_qkv_bias", default=False) or _get(args, "add_bias_linear", default=True)),
         num_experts=int(num_experts) if num_experts else None,
@@ -94,6 +94,19 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         params_dtype=_args_dtype(args),
         extra=dict(_get(args, "hf_extra_config", default={})),
     )
+
+
+def _rope_scaling(args: Any) -> dict | None:
+    """Hugging Face rope scaling: as recorded by this tool, else Megatron's Llama 3 scaling flag.
+
+    Megatron's ``use_rope_scaling`` applies Llama 3.1 scaling with fixed low/high frequency factors
+    (1 and 4) and an original context of 8192 tokens; only the factor is an argument.
+    """
+    recorded = _get(args, "hf_rope_scaling")
+    if recorded or not _get(args, "use_rope_scaling", default=False):
+        return recorded
+    return {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0)),
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _args_dtype(args: Any) -> torch.dtype:
@@ -150,6 +163,8 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, padded_vocab: int, d
         add_position_embedding=arch.position_embedding_type == "learned_absolute",
         use_rotary_position_embeddings=arch.position_embedding_type == "rope",
         rotary_base=arch.rotary_base, rotary_percent=1.0, hf_rope_scaling=arch.rope_scaling,
+        use_rope_scaling=(arch.rope_scaling or {}).get("rope_type") == "llama3",
+        rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
         normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
         swiglu=arch.activation == "swiglu", openai_gelu=arch.activation == "gelu_new",
         bias_gelu_fusion=arch.activation == "gelu_fast", add_bias_linear=arch.add_bias_linear,

@@ -5,5 +5,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
+import llama  # noqa: E402,F401  (registers llama and mistral)
 
-FAMILIES = ("gpt2",)
+FAMILIES = ("gpt2", "llama", "mistral")

@@ -1,0 +1,127 @@
+"""Llama and Mistral in every direction, and the checkpoint written by Megatron-LM itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_logits_close, convert, logits_of, randomize
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "megatron_lm_llama"
+MEGATRON_LM_TREE = FIXTURE / "megatron_core_local_tp1pp2"
+
+
+def tiny_llama(path: Path, tied: bool = False, groups: int = 2, seed: int = 0, family: str = "llama", **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_class, model_class = (MistralConfig, MistralForCausalLM) if family == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=groups, head_dim=24, max_position_embeddings=128,
+                          rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **extra)
+    model = randomize(model_class(config), seed).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    built = {
+        "gqa_untied": tiny_llama(root / "gqa_untied", rope_parameters={"rope_theta": 500000.0, "rope_type": "llama3",
+                                 "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}),
+        "mha_tied": tiny_llama(root / "mha_tied", tied=True, groups=4, seed=1),
+        "mistral": tiny_llama(root / "mistral", family="mistral", seed=2, sliding_window=8),
+        "biased": tiny_llama(root / "biased", seed=3, attention_bias=True, mlp_bias=True),
+    }
+    return {name: (root / name, model, logits_of(model)) for name, model in built.items()}
+
+
+def test_megatron_lm_checkpoint_converts_to_its_hf_original(tmp_path):
+    """Megatron-LM's own converter wrote this tree (local spec, TP1 PP2, tracker '1', ~700 args)."""
+    before = sorted((p, p.stat().st_mtime_ns) for p in MEGATRON_LM_TREE.rglob("*"))
+    assert convert("--load_path", MEGATRON_LM_TREE, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), logits_of(FIXTURE / "hf"))
+    assert sorted((p, p.stat().st_mtime_ns) for p in MEGATRON_LM_TREE.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flags", [["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "1"],
+                                   ["--target_pipeline_layers", "1,3", "--transformer_impl", "transformer_engine"]])
+def test_megatron_lm_checkpoint_reshapes(tmp_path, flags):
+    assert convert("--load_path", MEGATRON_LM_TREE, "--save_path", tmp_path / "m", "--to", "megatron", *flags) == 0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), logits_of(FIXTURE / "hf"))
+
+
+LAYOUTS = [
+    ["--target_tensor_model_parallel_size", "1"],
+    ["--target_tensor_model_parallel_size", "2"],
+    ["--target_pipeline_model_parallel_size", "2"],
+    ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2"],
+    ["--target_tensor_model_parallel_size", "2", "--target_pipeline_layers", "3,1"],
+    ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2", "--transformer_impl", "local"],
+    ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2", "--megatron_format", "legacy"],
+]
+
+
+@pytest.mark.parametrize("flags", LAYOUTS, ids=lambda f: " ".join(f))
+@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied", "mistral", "biased"])
+def test_hf_to_megatron_to_hf(models, tmp_path, flags, name):
+    path, _, expected = models[name]
+    assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron", *flags) == 0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
+    original = json.loads((path / "config.json").read_text())
+    converted = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("model_type", "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "head_dim"):
+        assert converted.get(key) == original.get(key), key
+
+
+def test_reshape_tp2pp2_to_tp1_uneven(models, tmp_path):
+    path, _, expected = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "a", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
+    assert convert("--load_path", tmp_path / "a", "--save_path", tmp_path / "b", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "1", "--target_pipeline_layers", "1,3") == 0
+    args = torch.load(tmp_path / "b/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)["args"]
+    assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (1, 3)
+    assert convert("--load_path", tmp_path / "b", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
+
+
+def test_bf16_round_trip_is_bit_exact(models, tmp_path):
+    path, _, _ = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "bf16", "--to", "hf", "--target_params_dtype", "bf16") == 0
+    assert convert("--load_path", tmp_path / "bf16", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    from safetensors.torch import load_file
+    original, back = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert original.keys() == back.keys()
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(original[k], back[k]) for k in original)
+
+
+def test_tp_not_dividing_query_groups_is_rejected(models, tmp_path, capsys):
+    path, _, _ = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "4") == 2
+    assert "tensor parallel size 4 does not divide the 2 query groups" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_family_mismatch_is_rejected(models, tmp_path, capsys):
+    path, _, _ = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "x", "--to", "megatron", "--model", "gpt2") == 2
+    assert "does not match" in capsys.readouterr().err
+    assert convert("--load_path", MEGATRON_LM_TREE, "--save_path", tmp_path / "y", "--to", "hf", "--model", "gpt2") == 2
+    assert "looks like llama" in capsys.readouterr().err
+
+
+def test_mistral_is_detected_back_from_megatron(models, tmp_path):
+    path, _, _ = models["mistral"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
