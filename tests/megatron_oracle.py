@@ -1,0 +1,157 @@
+"""The real consumer: megatron-core's GPTModel on CPU, in its own process.
+
+``python tests/megatron_oracle.py logits CKPT TOKENS OUT`` loads our ``mp_rank_00`` (TP1 PP1) rank
+file into a GPTModel built from the checkpoint's args with ``load_state_dict(strict=True)`` and
+saves its logits. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
+from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
+Megatron would store, and saves its logits.
+
+It runs in a separate process because the CPU workarounds below patch torch process-wide.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _init_cpu_megatron() -> None:
+    """World size 1 with gloo, and the CPU workarounds megatron-core needs without CUDA.
+
+    - rotary embeddings, attention buffers and the MoE router call ``torch.cuda.current_device()``
+      during forward: answer "cpu" so the tensors they create land on the CPU;
+    - the local attention's dropout runs under the model-parallel RNG tracker, which must exist
+      (``model_parallel_cuda_manual_seed`` is CUDA-only): the inference tracker needs no CUDA RNG;
+    - 0.16.1's MoE router references ``te_general_gemm``, undefined without Transformer Engine.
+    """
+    torch.cuda.current_device = lambda: "cpu"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    parallel_state.initialize_model_parallel(1, 1)
+    mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    try:
+        from megatron.core.transformer.moe import router
+        if not hasattr(router, "te_general_gemm"):
+            router.te_general_gemm = None
+    except ImportError:
+        pass
+
+
+def _activation(args):
+    if getattr(args, "swiglu", False):
+        return F.silu
+    if getattr(args, "openai_gelu", False) or getattr(args, "bias_gelu_fusion", False):
+        return lambda x: F.gelu(x, approximate="tanh")  # HF gelu_new / gelu_fast
+    return F.gelu
+
+
+def build_model(args):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    experts = getattr(args, "num_experts", None)
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
+        kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, normalization=args.normalization,
+        layernorm_epsilon=args.layernorm_epsilon, gated_linear_unit=bool(getattr(args, "swiglu", False)),
+        activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)), hidden_dropout=0.0, attention_dropout=0.0,
+        num_moe_experts=experts, moe_router_topk=getattr(args, "moe_router_topk", 2),
+        moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or (args.ffn_hidden_size if experts else None),
+        use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
+        bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        params_dtype=torch.float32,
+    )
+    rope = args.position_embedding_type == "rope"
+    return GPTModel(
+        config, get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False),
+        vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        rotary_base=int(args.rotary_base) if rope else 10000,
+        rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+        rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
+    ).eval()
+
+
+def forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits for ``tokens``; always pass a causal mask (True = masked) and position ids."""
+    batch, length = tokens.shape
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
+    positions = torch.arange(length).expand(batch, length)
+    with torch.no_grad():
+        logits = model(tokens, positions, mask)
+    return logits[..., :vocab].float()
+
+
+def _te_to_local(state: dict) -> dict:
+    """Rename Transformer Engine norm keys to the local spec (the documented renames)."""
+    renames = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+               "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+               "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+    out = {}
+    for key, value in state.items():
+        for te, local in renames.items():
+            if key.endswith(te):
+                key = key[: -len(te)] + local
+        if not key.endswith("core_attention._extra_state"):
+            out[key] = value
+    return out
+
+
+def logits_command(ckpt: Path, tokens: Path, out: Path) -> None:
+    state = torch.load(ckpt / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    args = state["args"]
+    model = build_model(args)
+    model.load_state_dict(_te_to_local(state["model"]), strict=True)
+    torch.save(forward(model, torch.load(tokens), args.vocab_size), out)
+
+
+def _randomize(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]) * 1.5)
+
+
+def make_command(spec: Path, out: Path, tokens: Path) -> None:
+    fields = json.loads(spec.read_text())
+    args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=1,
+                              pipeline_model_parallel_size=1, checkpoint_version=3.0)
+    model = build_model(args)
+    _randomize(model, fields.get("seed", 0))
+    rank_dir = out / "release" / "mp_rank_00"
+    rank_dir.mkdir(parents=True)
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": model.state_dict()},
+               rank_dir / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
+
+
+if __name__ == "__main__":
+    _init_cpu_megatron()
+    command, *rest = sys.argv[1:]
+    if command == "logits":
+        logits_command(*map(Path, rest))
+    else:
+        make_command(*map(Path, rest))
