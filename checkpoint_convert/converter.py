@@ -63,7 +63,7 @@ class Summary:
     bytes_written: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
-    files: list[str] = field(default_factory=list)
+    planned: list = field(default_factory=list)  # (key, shape, dtype) of every output tensor
 
     def line(self, save_path: Path) -> str:
         return (f"wrote {self.tensors} tensors, {self.bytes_written / 1e9:.3f} GB in {self.seconds:.1f} s "
@@ -178,6 +178,7 @@ def convert(options: Options) -> Summary:
 
 
 def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
+    summary.planned = planned
     summary.tensors = len(planned)
     summary.bytes_written = _nbytes(planned)
     summary.seconds = time.time() - start

@@ -182,3 +182,25 @@ def test_tokenizer_files_are_copied(gpt2, tmp_path):
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf",
                    "--tokenizer_name", tokenizer) == 0
     assert (tmp_path / "hf" / "tokenizer.json").read_text() == "{}"
+
+
+def _drop_in(*argv):
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    script = REPO / "megatron_gpt2" / "checkpoint_reshaping_and_interoperability.py"
+    return subprocess.run([sys.executable, str(script), *map(str, argv), "--quiet"], capture_output=True, text=True)
+
+
+def test_drop_in_script_both_directions(gpt2, tmp_path):
+    hf, _, expected = gpt2
+    result = _drop_in("--load_path", hf, "--save_path", tmp_path / "m", "--target_tensor_model_parallel_size", "2",
+                      "--target_pipeline_model_parallel_size", "2", "--print-checkpoint-structure")
+    assert result.returncode == 0, result.stderr
+    assert "language_model.encoder.layers.0.self_attention.query_key_value.weight : [96, 64]" in result.stdout
+    rank = _load(tmp_path / "m/release/mp_rank_01_001/model_optim_rng.pt")
+    assert "language_model" in rank["model"] and rank["args"].tensor_model_parallel_size == 2
+    result = _drop_in("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf",
+                      "--convert_checkpoint_from_megatron_to_transformers")
+    assert result.returncode == 0, result.stderr
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
