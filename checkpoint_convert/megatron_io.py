@@ -41,8 +41,13 @@ def _has_rank_dirs(path: Path) -> bool:
     return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
 
 
+def _iteration_dirs(path: Path) -> list[str]:
+    return sorted(child.name for child in path.iterdir()
+                  if re.match(r"^(release|iter_\d{7})$", child.name) and _has_rank_dirs(child))
+
+
 def is_megatron_checkpoint(path: Path) -> bool:
-    return (path / TRACKER).is_file() or _has_rank_dirs(path)
+    return (path / TRACKER).is_file() or _has_rank_dirs(path) or bool(_iteration_dirs(path))
 
 
 def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
@@ -52,7 +57,9 @@ def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
     tracker = path / TRACKER
     if iteration is None:
         if not tracker.is_file():
-            raise BadInputError(f"no {TRACKER} and no mp_rank_* directories here", path)
+            found = ", ".join(_iteration_dirs(path)) or "none"
+            raise BadInputError(f"no {TRACKER}; pass --iteration or the iteration directory itself "
+                                f"(iteration directories here: {found})", path)
         iteration = tracker.read_text().strip()
         if iteration != "release" and not iteration.isdigit():
             raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)

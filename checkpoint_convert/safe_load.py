@@ -110,9 +110,19 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, lazy: bool = T
     path = os.fspath(path)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise BadInputError("file is empty or missing", path)
-    mmap = lazy and is_zip_checkpoint(path)
+    with open(path, "rb") as handle:
+        zip_magic = handle.read(4) == b"PK\x03\x04"
+    if zip_magic and not is_zip_checkpoint(path):
+        raise BadInputError("truncated or corrupt checkpoint (its zip directory is missing)", path)
+    mmap = lazy and zip_magic
+    state = _load_allowlisted(path, mmap, trust, zip_magic)
     if lazy and not mmap:
-        warnings.warn(f"{path}: not in torch's zip format, loading it fully into memory")
+        warnings.warn(f"{path}: not in torch's zip format, so it was loaded fully into memory")
+    return state
+
+
+def _load_allowlisted(path: str, mmap: bool, trust: bool, zip_format: bool) -> Any:
+    """Load, adding an inert stand-in for each Megatron global torch reports, until it succeeds."""
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     allow = list(BASE_ALLOWLIST)
@@ -122,7 +132,8 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, lazy: bool = T
         except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
             missing = _MISSING_GLOBAL.search(str(error))
             if missing is None:
-                raise BadInputError(f"not a readable torch checkpoint ({_first_line(error)})", path)
+                detail = f" ({_first_line(error)})" if zip_format else ": neither torch's zip format nor a pickle"
+                raise BadInputError(f"not a readable torch checkpoint{detail}", path)
             name = missing.group(1)
             if not name.startswith(FOREIGN_MODULE_PREFIXES):
                 raise BadInputError(

@@ -1,0 +1,172 @@
+"""Bad input: one line on stderr naming the problem, exit code 2, the source untouched, no output."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+from tests.helpers import convert, reference_megatron_gpt2, tiny_gpt2
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    model = tiny_gpt2(root / "hf")
+    reference_megatron_gpt2(model, root / "megatron", tp=2, pp=2, schema="local")
+    return root
+
+
+def _rank_file(root, name="mp_rank_00_000"):
+    return root / "megatron" / "release" / name / "model_optim_rng.pt"
+
+
+def _truncate(root):
+    path = _rank_file(root)
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _empty(root):
+    _rank_file(root).write_bytes(b"")
+
+
+def _not_a_pickle(root):
+    _rank_file(root).write_text("hello")
+
+
+def _remove_rank(root):
+    shutil.rmtree(_rank_file(root, "mp_rank_01_001").parent)
+
+
+def _extra_rank(root):
+    shutil.copytree(_rank_file(root, "mp_rank_01_001").parent, root / "megatron" / "release" / "mp_rank_02_001")
+
+
+def _no_tracker_no_rank_dirs(root):
+    (root / "megatron" / "latest_checkpointed_iteration.txt").unlink()
+
+
+def _tracker_names_missing_iteration(root):
+    (root / "megatron" / "latest_checkpointed_iteration.txt").write_text("7")
+
+
+def _rewrite(root, name, change):
+    path = _rank_file(root, name)
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
+def _missing_args(root):
+    _rewrite(root, "mp_rank_00_000", lambda s: s.pop("args"))
+
+
+def _args_disagree(root):
+    for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        _rewrite(root, name, lambda s: setattr(s["args"], "hidden_size", 96))
+
+
+def _tp_shape_mismatch(root):
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    _rewrite(root, "mp_rank_01_000", lambda s: s["model"].__setitem__(key, s["model"][key][:-8]))
+
+
+def _foreign_global(root):
+    module = types.ModuleType("evil_payload")
+
+    class Payload:
+        pass
+    Payload.__module__, Payload.__qualname__ = "evil_payload", "Payload"
+    module.Payload = Payload
+    sys.modules["evil_payload"] = module
+    try:
+        _rewrite(root, "mp_rank_00_000", lambda s: setattr(s["args"], "payload", Payload()))
+    finally:
+        del sys.modules["evil_payload"]
+
+
+def _wrong_model_type(root):
+    config = root / "hf" / "config.json"
+    config.write_text(config.read_text().replace('"gpt2"', '"bert"'))
+
+
+def _bad_config(root):
+    (root / "hf" / "config.json").write_text("{not json")
+
+
+CASES = [
+    ("megatron", _truncate, "truncated or corrupt checkpoint"),
+    ("megatron", _empty, "file is empty"),
+    ("megatron", _not_a_pickle, "not a readable torch checkpoint"),
+    ("megatron", _remove_rank, "missing rank files for mp_rank_01_001"),
+    ("megatron", _extra_rank, "unexpected rank directories mp_rank_02_001"),
+    ("megatron", _no_tracker_no_rank_dirs, "no latest_checkpointed_iteration.txt"),
+    ("megatron", _tracker_names_missing_iteration, "iteration 7 has no mp_rank_* directories"),
+    ("megatron", _missing_args, "has no 'args'"),
+    ("megatron", _args_disagree, "does not fit"),
+    ("megatron", _tp_shape_mismatch, "different shapes across TP ranks"),
+    ("megatron", _foreign_global, "needs the global 'evil_payload.Payload'"),
+    ("hf", _wrong_model_type, "model_type 'bert'"),
+    ("hf", _bad_config, "unreadable config"),
+]
+
+
+@pytest.mark.parametrize("kind,damage,message", CASES, ids=[c[1].__name__.strip("_") for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_source_untouched(pristine, tmp_path, capsys, kind, damage, message):
+    shutil.copytree(pristine, tmp_path / "src")
+    damage(tmp_path / "src")
+    before = snapshot(tmp_path / "src")
+    assert convert("--load_path", tmp_path / "src" / kind, "--save_path", tmp_path / "out",
+                   "--to", "hf" if kind == "megatron" else "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error: ") and "\n" not in err, err
+    assert snapshot(tmp_path / "src") == before
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_save_path_inside_load_path_and_non_empty_save_path(pristine, tmp_path, capsys):
+    shutil.copytree(pristine, tmp_path / "src")
+    assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "src/hf/out", "--to", "megatron") == 2
+    assert "must not equal, contain or lie inside the load path" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron") == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron",
+                   "--overwrite") == 0
+    assert not (tmp_path / "full" / "keep.txt").exists()
+    assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").is_file()
+
+
+def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
+    """Args holding an object of a Megatron class from a module that is not installed."""
+    shutil.copytree(pristine, tmp_path / "src")
+    module = types.ModuleType("megatron.not_installed_here")
+
+    class AttnBackendLike:
+        def __init__(self, value):
+            self.value = value
+
+        def __reduce__(self):
+            return (AttnBackendLike, (self.value,))
+    AttnBackendLike.__module__, AttnBackendLike.__qualname__ = "megatron.not_installed_here", "AttnBackendLike"
+    module.AttnBackendLike = AttnBackendLike
+    sys.modules["megatron.not_installed_here"] = module
+    try:
+        for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+            _rewrite(tmp_path / "src", name, lambda s: setattr(s["args"], "attention_backend", AttnBackendLike(5)))
+    finally:
+        del sys.modules["megatron.not_installed_here"]
+    from checkpoint_convert.safe_load import ForeignObject, safe_torch_load
+    args = safe_torch_load(_rank_file(tmp_path / "src"))["args"]
+    assert isinstance(args, argparse.Namespace) and isinstance(args.attention_backend, ForeignObject)
+    assert args.attention_backend.value == 5 and "megatron.not_installed_here" in repr(args.attention_backend)
+    assert convert("--load_path", tmp_path / "src" / "megatron", "--save_path", tmp_path / "out", "--to", "hf") == 0
