@@ -1,8 +1,8 @@
 """The real consumer: megatron-core's GPTModel on CPU, in its own process.
 
-``python tests/megatron_oracle.py logits CKPT TOKENS OUT`` loads our ``mp_rank_00`` (TP1 PP1) rank
-file into a GPTModel built from the checkpoint's args with ``load_state_dict(strict=True)`` and
-saves its logits. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
+``python tests/megatron_oracle.py logits CKPT TOKENS OUT [TP]`` runs TP gloo processes; each loads
+its own ``mp_rank_TT`` rank file (PP1) into a GPTModel built from the checkpoint's args with
+``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
 Megatron would store, and saves its logits.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import sys
@@ -21,8 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_gpt2.reference_writer import randomize  # noqa: E402
 
-def _init_cpu_megatron() -> None:
+
+def _free_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+
+
+def _init_cpu_megatron(rank: int = 0, tp: int = 1) -> None:
     """World size 1 with gloo, and the CPU workarounds megatron-core needs without CUDA.
 
     - rotary embeddings, attention buffers and the MoE router call ``torch.cuda.current_device()``
@@ -32,15 +40,11 @@ def _init_cpu_megatron() -> None:
     - 0.16.1's MoE router references ``te_general_gemm``, undefined without Transformer Engine.
     """
     torch.cuda.current_device = lambda: "cpu"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
-    parallel_state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(tp, 1)
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     try:
         from megatron.core.transformer.moe import router
@@ -86,6 +90,7 @@ def build_model(args):
         rotary_base=int(args.rotary_base) if rope else 10000,
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
+        parallel_output=False,  # gather the vocab-parallel logits on every rank
     ).eval()
 
 
@@ -115,23 +120,16 @@ def _te_to_local(state: dict) -> dict:
     return out
 
 
-def logits_command(ckpt: Path, tokens: Path, out: Path) -> None:
-    state = torch.load(ckpt / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+def logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
+    """Each tensor-parallel rank loads its own rank file; rank 0 saves the gathered logits."""
+    _init_cpu_megatron(rank, tp)
+    state = torch.load(ckpt / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", weights_only=False)
     args = state["args"]
     model = build_model(args)
     model.load_state_dict(_te_to_local(state["model"]), strict=True)
-    torch.save(forward(model, torch.load(tokens), args.vocab_size), out)
-
-
-def _randomize(model, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]) * 1.5)
+    logits = forward(model, torch.load(tokens), args.vocab_size)
+    if rank == 0:
+        torch.save(logits, out)
 
 
 def make_command(spec: Path, out: Path, tokens: Path) -> None:
@@ -139,7 +137,7 @@ def make_command(spec: Path, out: Path, tokens: Path) -> None:
     args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=1,
                               pipeline_model_parallel_size=1, checkpoint_version=3.0)
     model = build_model(args)
-    _randomize(model, fields.get("seed", 0))
+    randomize(model, fields.get("seed", 0))
     rank_dir = out / "release" / "mp_rank_00"
     rank_dir.mkdir(parents=True)
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": model.state_dict()},
@@ -149,9 +147,11 @@ def make_command(spec: Path, out: Path, tokens: Path) -> None:
 
 
 if __name__ == "__main__":
-    _init_cpu_megatron()
+    _free_port()
     command, *rest = sys.argv[1:]
     if command == "logits":
-        logits_command(*map(Path, rest))
+        ckpt, tokens, out, tp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]) if len(rest) > 3 else 1
+        torch.multiprocessing.spawn(logits_command, args=(tp, ckpt, tokens, out), nprocs=tp)
     else:
+        _init_cpu_megatron()
         make_command(*map(Path, rest))

@@ -23,9 +23,9 @@ def run_oracle(*argv) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def megatron_core_logits(checkpoint: Path, tmp_path: Path) -> torch.Tensor:
+def megatron_core_logits(checkpoint: Path, tmp_path: Path, tp: int = 1) -> torch.Tensor:
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    run_oracle("logits", checkpoint, tmp_path / "tokens.pt", tmp_path / "logits.pt")
+    run_oracle("logits", checkpoint, tmp_path / "tokens.pt", tmp_path / "logits.pt", tp)
     return torch.load(tmp_path / "logits.pt")
 
 
@@ -49,6 +49,15 @@ def test_hf_to_megatron_runs_in_megatron_core(tmp_path, name, impl):
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
                    "--transformer_impl", impl) == 0
     assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["gpt2_untied_gelu", "llama_gqa_untied", "llama_mha_tied"])
+def test_tensor_parallel_2_runs_in_megatron_core(tmp_path, name):
+    """Two gloo processes, each loading its own rank file: proves our tensor-parallel splits."""
+    model = MODELS[name](tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--transformer_impl", "local") == 0
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, tp=2), logits_of(model), atol=ATOL)
 
 
 def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
