@@ -8,6 +8,7 @@ and validates shapes before anything is read or written.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterator
 
@@ -177,8 +178,17 @@ def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dt
             where = f"layer {item.layer} " if item.layer is not None else ""
             raise BadInputError(f"{where}'{item.param.megatron}' does not fit the architecture "
                                 f"({str(error).splitlines()[0][:160]})")
+        if not meta:
+            warn_if_not_finite(full, item)
         for key, tensor in outputs:
             yield key, cast(tensor, dtype)
+
+
+def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
+    """NaN/Inf weights are converted as they are, but the user should know."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        where = f"layer {item.layer} " if item.layer is not None else ""
+        warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")
 
 
 def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:

@@ -170,3 +170,41 @@ def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
     assert isinstance(args, argparse.Namespace) and isinstance(args.attention_backend, ForeignObject)
     assert args.attention_backend.value == 5 and "megatron.not_installed_here" in repr(args.attention_backend)
     assert convert("--load_path", tmp_path / "src" / "megatron", "--save_path", tmp_path / "out", "--to", "hf") == 0
+
+
+def test_nan_weights_warn_but_convert(pristine, tmp_path, capsys):
+    shutil.copytree(pristine, tmp_path / "src")
+    key = "decoder.layers.0.mlp.linear_fc2.weight"
+
+    def poison(state):
+        state["model"][key][0, 0] = float("nan")
+    _rewrite(tmp_path / "src", "mp_rank_00_000", poison)
+    assert convert("--load_path", tmp_path / "src/megatron", "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert "layer 0 'mlp.linear_fc2.weight' contains NaN or Inf values" in capsys.readouterr().err
+
+
+def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path):
+    """SIGKILL at several points: the save path is absent or complete, and a rerun succeeds."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import REPO
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=8, n_embd=256, n_head=4, vocab_size=20000, n_positions=64)).save_pretrained(
+        tmp_path / "hf")
+    command = [sys.executable, str(REPO / "scripts" / "convert.py"), "--load_path", str(tmp_path / "hf"),
+               "--save_path", str(tmp_path / "out"), "--to", "megatron", "--target_tensor_model_parallel_size", "2",
+               "--target_pipeline_model_parallel_size", "2", "--quiet"]
+    for delay in (0.5, 2.0, 3.0, 3.5, 4.0, 5.0):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        process = subprocess.Popen(command)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        out = tmp_path / "out"
+        assert not out.exists() or (out / "latest_checkpointed_iteration.txt").is_file()
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert subprocess.run(command).returncode == 0
+    assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").is_file()
+    assert not list(tmp_path.glob(".out.partial-*")), "a rerun removes stale partial directories"
