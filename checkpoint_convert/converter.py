@@ -14,7 +14,7 @@ from .arch import ModelArch
 from .engine import HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, plan, run, walk
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
-from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint
+from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, model_file_name
 from .output import check_paths, staged_directory
@@ -161,7 +161,7 @@ def _output_dtype(planned: list, requested: torch.dtype | None) -> torch.dtype:
 
 
 def _nbytes(planned: list) -> int:
-    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in planned)
+    return sum(tensor_nbytes(shape, dtype) for _, shape, dtype in planned)
 
 
 def convert(options: Options) -> Summary:

@@ -7,7 +7,6 @@ appended one by one as the conversion produces them, so no shard is ever assembl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -130,7 +129,7 @@ class SafetensorsStreamWriter:
         offset = 0
         self._order = []
         for name, shape, dtype in entries:
-            size = _nbytes(shape, dtype)
+            size = tensor_nbytes(shape, dtype)
             header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             self._order.append((name, size))
@@ -160,7 +159,8 @@ class SafetensorsStreamWriter:
         self._file.close()
 
 
-def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    """Bytes a tensor of this shape and dtype occupies."""
     count = 1
     for dim in shape:
         count *= int(dim)
@@ -187,7 +187,6 @@ class HFWriter:
                 self._writers[file_name] = SafetensorsStreamWriter(root / file_name, entries)
             else:
                 self._pending[file_name] = {}
-        self.bytes_planned = sum(_nbytes(shape, dtype) for _, shape, dtype in planned)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         file_name = self.file_of[name]
@@ -227,10 +226,3 @@ def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:
         raise BadInputError("no tokenizer files found", source)
     return copied
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def file_size(path: Path) -> int:
-    return os.path.getsize(path)

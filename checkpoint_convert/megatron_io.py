@@ -6,7 +6,6 @@ from shapes alone.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +191,6 @@ class MegatronTree:
             counts.append(len(layers))
         return counts
 
-    def has(self, rank: RankKey, canonical: str, layer: int | None) -> bool:
-        return (layer, canonical) in self.names(rank)
-
     def tensor(self, rank: RankKey, canonical: str, layer: int | None) -> torch.Tensor:
         stored = self.names(rank).get((layer, canonical))
         if stored is None:
@@ -265,9 +261,6 @@ def rank_file_path(root: Path, iteration: str | int, rank: RankKey, pp_size: int
                    file_name: str) -> Path:
     return root / iteration_dir_name(iteration) / rank_dir_name(rank.tp, rank.pp, rank.ep, pp_size, ep_size) / file_name
 
-
-def stored_size(path: Path) -> int:
-    return os.path.getsize(path)
 
 
 class MegatronWriter:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, reference_megatron_gpt2, tiny_gpt2
+from tests.helpers import assert_logits_close, convert, logits_of, reference_megatron_gpt2, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
