@@ -71,6 +71,9 @@ class MegatronSource:
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
+        if item.param.zero_in_megatron:
+            shape = item.param.zero_in_megatron(self.arch)
+            return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
         stage, local = _locate(self.stages, item.group, item.layer)
         name = item.param.megatron
         shards = []
@@ -150,6 +153,9 @@ class MegatronTarget:
         self.dense_fc1 = any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        if item.param.zero_in_megatron:
+            _require_zero(full, item)
+            return []
         stages = list(self.layout.stages)
         stage, local = _locate(stages, item.group, item.layer)
         name = item.param.megatron
@@ -162,6 +168,12 @@ class MegatronTarget:
             copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
             out += [((RankKey(t, len(stages) - 1, 0), copy_path), s) for t, s in enumerate(shards)]
         return out
+
+
+def _require_zero(tensor: torch.Tensor, item: Item) -> None:
+    if tensor.device.type != "meta" and bool(tensor.any()):
+        where = f"layer {item.layer} " if item.layer is not None else ""
+        raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")
 
 
 def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,

@@ -49,6 +49,11 @@ class Param:
     to_hf: Callable[[torch.Tensor, ModelArch], list[torch.Tensor]] = single_to_hf
     to_megatron: Callable[[Tensors, ModelArch], torch.Tensor] = single_to_megatron
     when: Callable[[ModelArch], bool] = always
+    zero_in_megatron: Callable[[ModelArch], tuple[int, ...]] | None = None
+
+    # ``zero_in_megatron``: the Hugging Face tensor has no Megatron counterpart because Megatron's
+    # architecture fixes it at zero (e.g. an output-projection bias when only qkv is biased). It gives
+    # the tensor's shape: Megatron sources produce zeros, Megatron targets check it is zero and store nothing.
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,19 @@ def _biased(arch: ModelArch) -> bool:
     return arch.add_bias_linear
 
 
+def _qkv_biased(arch: ModelArch) -> bool:
+    return arch.add_qkv_bias
+
+
+def _only_qkv_biased(arch: ModelArch) -> bool:
+    """Megatron's add_qkv_bias alone: Hugging Face's attention_bias also biases o_proj, kept at zero."""
+    return arch.add_qkv_bias and not arch.add_bias_linear
+
+
+def _hidden(arch: ModelArch) -> tuple[int, ...]:
+    return (arch.hidden_size,)
+
+
 def _untied(arch: ModelArch) -> bool:
     return not arch.tie_embeddings
 
@@ -53,9 +66,11 @@ ATTENTION = (
     Param("self_attention.linear_qkv.weight", tuple(f"{n}.weight" for n in QKV_NAMES), COLUMN,
           qkv_to_hf, qkv_to_megatron),
     Param("self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in QKV_NAMES), COLUMN,
-          qkv_to_hf, qkv_to_megatron, when=_biased),
+          qkv_to_hf, qkv_to_megatron, when=_qkv_biased),
     Param("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ROW),
     Param("self_attention.linear_proj.bias", ("self_attn.o_proj.bias",), REPLICATED, when=_biased),
+    Param("self_attention.linear_proj.bias", ("self_attn.o_proj.bias",), REPLICATED, when=_only_qkv_biased,
+          zero_in_megatron=_hidden),
     Param("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
 )
 DENSE_MLP = (
@@ -81,11 +96,12 @@ def _rope_from_config(cfg: PretrainedConfig) -> tuple[float, dict | None]:
     return base, scaling
 
 
-def _biases(cfg: PretrainedConfig) -> bool:
+def _biases(cfg: PretrainedConfig) -> tuple[bool, bool]:
+    """(qkv biased, every linear biased). attention_bias alone maps to Megatron's add_qkv_bias."""
     attention, mlp = bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False))
-    if attention != mlp:
-        raise BadInputError("attention_bias and mlp_bias differ; Megatron can only bias all linear layers or none")
-    return attention
+    if mlp and not attention:
+        raise BadInputError("mlp_bias without attention_bias has no Megatron equivalent")
+    return attention, mlp
 
 
 def arch_from_llama_config(cfg: PretrainedConfig, family: str, extra_keys: tuple[str, ...]) -> ModelArch:
@@ -93,7 +109,7 @@ def arch_from_llama_config(cfg: PretrainedConfig, family: str, extra_keys: tuple
         raise BadInputError(f"hidden_act '{cfg.hidden_act}' is not SwiGLU's silu")
     base, scaling = _rope_from_config(cfg)
     heads = cfg.num_attention_heads
-    biased = _biases(cfg)
+    qkv_biased, biased = _biases(cfg)
     return ModelArch(
         family=family, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=heads,
         num_query_groups=cfg.num_key_value_heads or heads,
@@ -102,7 +118,7 @@ def arch_from_llama_config(cfg: PretrainedConfig, family: str, extra_keys: tuple
         max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.rms_norm_eps,
         tie_embeddings=bool(cfg.tie_word_embeddings), normalization="RMSNorm", activation="swiglu",
         position_embedding_type="rope", rotary_base=base, rope_scaling=scaling, add_bias_linear=biased,
-        add_qkv_bias=biased,
+        add_qkv_bias=qkv_biased,
         extra={key: getattr(cfg, key, None) for key in ("bos_token_id", "eos_token_id", *extra_keys)},
     )
 
@@ -144,7 +160,7 @@ def llama_like_family(name: str, config_class: type, architecture: str, extra_ke
 
 
 def _llama_biases(arch: ModelArch) -> dict:
-    return {"attention_bias": arch.add_bias_linear, "mlp_bias": arch.add_bias_linear}
+    return {"attention_bias": arch.add_qkv_bias, "mlp_bias": arch.add_bias_linear}
 
 
 LLAMA = register(llama_like_family("llama", LlamaConfig, "LlamaForCausalLM", bias_kwargs=_llama_biases))

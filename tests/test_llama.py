@@ -21,6 +21,10 @@ def tiny_llama(path: Path, tied: bool = False, groups: int = 2, seed: int = 0, f
                           num_attention_heads=4, num_key_value_heads=groups, head_dim=24, max_position_embeddings=128,
                           rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **extra)
     model = randomize(model_class(config), seed).eval()
+    if extra.get("attention_bias") and not extra.get("mlp_bias"):
+        with torch.no_grad():  # qkv-only bias (Megatron's add_qkv_bias): o_proj's bias stays zero
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.bias.zero_()
     model.save_pretrained(path)
     return model
 
@@ -35,6 +39,7 @@ def models(tmp_path_factory):
         "mha_tied": tiny_llama(root / "mha_tied", tied=True, groups=4, seed=1),
         "mistral": tiny_llama(root / "mistral", family="mistral", seed=2, sliding_window=8),
         "biased": tiny_llama(root / "biased", seed=3, attention_bias=True, mlp_bias=True),
+        "qkv_biased": tiny_llama(root / "qkv_biased", seed=4, attention_bias=True),
     }
     return {name: (root / name, model, logits_of(model)) for name, model in built.items()}
 
@@ -67,7 +72,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("flags", LAYOUTS, ids=lambda f: " ".join(f))
-@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied", "mistral", "biased"])
+@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied", "mistral", "biased", "qkv_biased"])
 def test_hf_to_megatron_to_hf(models, tmp_path, flags, name):
     path, _, expected = models[name]
     assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron", *flags) == 0
@@ -125,3 +130,22 @@ def test_mistral_is_detected_back_from_megatron(models, tmp_path):
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
+
+
+def test_qkv_only_bias_is_megatron_add_qkv_bias(models, tmp_path, capsys):
+    path, model, _ = models["qkv_biased"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    state = torch.load(tmp_path / "m/release/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    assert state["args"].add_qkv_bias and not state["args"].add_bias_linear
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in state["model"]
+    assert "decoder.layers.0.self_attention.linear_proj.bias" not in state["model"]
+    # an o_proj bias that is not zero cannot be represented: refused, nothing written
+    from safetensors.torch import load_file, save_file
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.2.self_attn.o_proj.bias"][0] = 0.5
+    (tmp_path / "nonzero").mkdir()
+    save_file(weights, tmp_path / "nonzero" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "nonzero" / "config.json").write_text((path / "config.json").read_text())
+    assert convert("--load_path", tmp_path / "nonzero", "--save_path", tmp_path / "x", "--to", "megatron") == 2
+    assert "layer 2 'self_attn.o_proj.bias' is not zero" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -39,6 +39,7 @@ MODELS = {
     "llama_gqa_untied": lambda p: tiny_llama(p, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
     "llama_mha_tied": lambda p: tiny_llama(p, tied=True, groups=4, seed=1),
     "llama_biased": lambda p: tiny_llama(p, seed=3, attention_bias=True, mlp_bias=True),
+    "llama_qkv_biased": lambda p: tiny_llama(p, seed=4, attention_bias=True),
 }
 
 
