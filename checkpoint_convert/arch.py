@@ -39,6 +39,7 @@ class ModelArch:
     num_experts: int | None = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
+    moe_aux_loss_coeff: float = 0.0
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
 

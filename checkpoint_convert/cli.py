@@ -36,6 +36,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
              help="target PP size (default: the source's for Megatron sources, else 1)")
     add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
              help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers)")
+    add_flag(parser, "target_expert_model_parallel_size", type=int, default=None,
+             help="target EP size for mixture-of-experts models (default: the source's, else 1)")
     add_flag(parser, "target_data_parallel_size", type=int, default=1,
              help="DP size for the dummy distributed-optimizer files")
     add_flag(parser, "use_distributed_optimizer", action="store_true",
@@ -91,6 +93,8 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         tensor_parallel=args.target_tensor_model_parallel_size,
         pipeline_parallel=args.target_pipeline_model_parallel_size,
         pipeline_layers=args.target_pipeline_layers, data_parallel=args.target_data_parallel_size,
+        expert_parallel=getattr(args, "target_expert_model_parallel_size", None),
+        moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
         use_distributed_optimizer=args.use_distributed_optimizer, params_dtype=args.target_params_dtype,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         megatron_format=getattr(args, "megatron_format", None),
@@ -124,6 +128,8 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
              help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
     add_flag(parser, "transformer_impl", choices=["transformer_engine", "local"], default=None,
              help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
+    add_flag(parser, "moe_grouped_gemm", action="store_true",
+             help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
     add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
     add_flag(parser, "vocab_size", type=int, default=None,
              help="true vocab size when the Megatron args do not record it")

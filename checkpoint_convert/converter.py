@@ -32,6 +32,8 @@ class Options:
     tensor_parallel: int | None = None
     pipeline_parallel: int | None = None
     pipeline_layers: list[int] | None = None
+    expert_parallel: int | None = None
+    moe_grouped_gemm: bool = False
     data_parallel: int = 1
     use_distributed_optimizer: bool = False
     params_dtype: str | None = None
@@ -101,6 +103,8 @@ def open_source(options: Options) -> Source:
         if options.model and options.model != family.name:
             raise BadInputError(f"--model {options.model} does not match config.json's model_type "
                                 f"'{checkpoint.config.get('model_type')}'", path / "config.json")
+        if family.hf_aliases:
+            checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
         arch = family.arch_from_hf_config(checkpoint.config)
         return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch))
     raise BadInputError("neither a Megatron checkpoint (tracker file or mp_rank_* dirs) nor a Hugging Face "
@@ -122,7 +126,8 @@ def target_layout(options: Options, source: Source) -> ParallelLayout:
     pp = options.pipeline_parallel or (len(options.pipeline_layers) if options.pipeline_layers else None)
     pp = pp or (source.reader.pp if from_megatron else 1)
     stages = layers_per_stage(source.arch.num_layers, pp, options.pipeline_layers)
-    return ParallelLayout(tp=tp, pp=pp, ep=1, dp=options.data_parallel, stages=tuple(stages))
+    ep = options.expert_parallel or (source.reader.ep if from_megatron else 1)
+    return ParallelLayout(tp=tp, pp=pp, ep=ep, dp=options.data_parallel, stages=tuple(stages))
 
 
 def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
@@ -134,6 +139,13 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
             raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {size} {what}")
     if layout.dp < 1:
         raise BadInputError("data parallel size must be at least 1")
+    if layout.ep > 1 and not arch.num_experts:
+        raise BadInputError(f"expert parallel size {layout.ep} needs a mixture-of-experts model")
+    if arch.num_experts and (layout.ep < 1 or arch.num_experts % layout.ep):
+        raise BadInputError(f"expert parallel size {layout.ep} does not divide the {arch.num_experts} experts")
+    moe_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
+    if arch.num_experts and moe_ffn % layout.tp:
+        raise BadInputError(f"tensor parallel size {layout.tp} does not divide the expert ffn size {moe_ffn}")
 
 
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
@@ -220,7 +232,9 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     validate_layout(arch, layout)
     padded = padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by, layout.tp)
     target_schema = _target_schema(options, source)
-    target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema))
+    grouped = options.moe_grouped_gemm
+    target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
+                                                             layout.ep, grouped))
     items = walk(family, arch)
     planned = plan(items, source.tensors, target, dtype)
     base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
@@ -230,6 +244,7 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     args.use_legacy_models = target_schema == schema.LEGACY
     args.use_mcore_models = not args.use_legacy_models
     args.use_distributed_optimizer = options.use_distributed_optimizer
+    args.moe_grouped_gemm = grouped
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         writer = MegatronWriter(staging, planned, args, target_schema, layout.pp, layout.ep,
                                 model_file_name(options.use_distributed_optimizer))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -21,7 +21,8 @@ from .errors import BadInputError
 from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
-from .parallel import Style, cast, merge_from_tp, pad_vocab, split_for_tp, stage_offsets, trim_vocab
+from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stage_offsets,
+                       trim_vocab)
 
 FIRST, LAYER, LAST = "first", "layer", "last"
 QKV = "self_attention.linear_qkv."
@@ -75,10 +76,22 @@ class MegatronSource:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
         stage, local = _locate(self.stages, item.group, item.layer)
-        name = item.param.megatron
+        if item.param.experts:
+            return torch.stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
+                                             meta) for e in range(self.arch.num_experts)])
+        full = self._merged(item, stage, local, 0, None, meta)
+        for ep in range(1, self.tree.ep):  # non-expert tensors are replicated on every expert-parallel rank
+            for tp in range(self.tree.tp):
+                self.consumed.add((RankKey(tp, stage, ep), local, item.param.megatron))
+        return trim_vocab(full, self.arch.vocab_size) if item.param.style is Style.VOCAB else full
+
+    def _merged(self, item: Item, stage: int, local: int | None, ep: int, expert: int | None,
+                meta: bool) -> torch.Tensor:
+        """One tensor merged over the tensor-parallel ranks of (stage, expert-parallel rank)."""
+        name = item.param.megatron.format(expert=expert)
         shards = []
         for tp in range(self.tree.tp):
-            rank = RankKey(tp, stage, 0)
+            rank = RankKey(tp, stage, ep)
             shard = _as_meta(self.tree.tensor(rank, name, local), meta)
             if name.startswith(QKV):
                 shard = reorder_legacy_qkv(shard, self.tree.version, self.arch.num_attention_heads // self.tree.tp,
@@ -86,8 +99,7 @@ class MegatronSource:
             shards.append(shard)
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
-        full = merge_from_tp(shards, item.param.style)
-        return trim_vocab(full, self.arch.vocab_size) if item.param.style is Style.VOCAB else full
+        return merge_from_tp(shards, item.param.style)
 
     def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
         if len({tuple(s.shape) for s in shards}) > 1:
@@ -118,7 +130,8 @@ class HFSource:
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
         tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
-        self.consumed.update(names)
+        for name in names:
+            self.consumed.update(self.checkpoint.stored_names(name))
         return item.param.to_megatron(tensors, self.arch)
 
     def unconsumed(self) -> list[str]:
@@ -143,6 +156,8 @@ class MegatronLayoutSpec:
     stages: tuple[int, ...]
     padded_vocab: int
     schema: str
+    ep: int = 1
+    grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
 class MegatronTarget:
@@ -158,16 +173,29 @@ class MegatronTarget:
             return []
         stages = list(self.layout.stages)
         stage, local = _locate(stages, item.group, item.layer)
-        name = item.param.megatron
+        if item.param.experts:
+            out = []
+            for expert, tensor in enumerate(full):
+                ep, local_expert = expert_placement(expert, self.arch.num_experts, self.layout.ep)
+                out += self._shards(item, tensor, stage, local, [ep], local_expert)
+            return out
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.layout.padded_vocab)
-        shards = split_for_tp(full, item.param.style, self.layout.tp)
-        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=self.dense_fc1)
-        out: list[tuple[Hashable, torch.Tensor]] = [((RankKey(t, stage, 0), path), s) for t, s in enumerate(shards)]
-        if name == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
+        out = self._shards(item, full, stage, local, range(self.layout.ep), None)
+        if item.param.megatron == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
             copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
-            out += [((RankKey(t, len(stages) - 1, 0), copy_path), s) for t, s in enumerate(shards)]
+            out += [((RankKey(t, len(stages) - 1, ep), copy_path), s)
+                    for ep in range(self.layout.ep) for t, s in enumerate(split_for_tp(full, Style.VOCAB, self.layout.tp))]
         return out
+
+    def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
+                expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
+        """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
+        name = item.param.megatron.format(expert=expert)
+        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=self.dense_fc1,
+                                  grouped_experts=self.layout.grouped_gemm)
+        shards = split_for_tp(full, item.param.style, self.layout.tp)
+        return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 
 def _require_zero(tensor: torch.Tensor, item: Item) -> None:

@@ -50,6 +50,11 @@ class Param:
     to_megatron: Callable[[Tensors, ModelArch], torch.Tensor] = single_to_megatron
     when: Callable[[ModelArch], bool] = always
     zero_in_megatron: Callable[[ModelArch], tuple[int, ...]] | None = None
+    experts: bool = False
+
+    # ``experts``: one tensor per MoE expert in Megatron (``{expert}`` in ``megatron`` is the index
+    # local to the expert-parallel rank), stacked on a leading expert axis on the Hugging Face side
+    # and in the full tensor the engine passes around; ``style`` applies to each expert's tensor.
 
     # ``zero_in_megatron``: the Hugging Face tensor has no Megatron counterpart because Megatron's
     # architecture fixes it at zero (e.g. an output-projection bias when only qkv is biased). It gives
@@ -70,6 +75,8 @@ class FamilySpec:
     hf_config_from_arch: Callable[[ModelArch], Any]
     matches_megatron: Callable[[ModelArch], bool]
     hf_ignored_suffixes: tuple[str, ...] = field(default=())  # HF buffers that are not weights
+    # Older Hugging Face layouts: given the stored names, {current name: (stored names, combine)}.
+    hf_aliases: Callable[[list[str]], dict[str, tuple[list[str], Callable]]] | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     def params_for(self, group: str, arch: ModelArch) -> list[Param]:

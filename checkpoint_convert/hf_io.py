@@ -85,6 +85,14 @@ class HFCheckpoint:
         self.config = read_config(path)
         self.weight_map = _weight_map(path)
         self._handles: dict[Path, Any] = {}
+        self.aliases: dict[str, tuple[list[str], Any]] = {}
+
+    def add_aliases(self, aliases: dict[str, tuple[list[str], Any]]) -> None:
+        """Expose tensors of an older layout under current names: {name: (stored names, combine)}."""
+        self.aliases.update(aliases)
+
+    def stored_names(self, name: str) -> list[str]:
+        return self.aliases[name][0] if name in self.aliases else [name]
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
@@ -104,6 +112,9 @@ class HFCheckpoint:
 
     def meta(self, name: str) -> torch.Tensor:
         """A ``meta`` tensor with the stored shape and dtype; reads no data."""
+        if name in self.aliases:
+            sources, combine = self.aliases[name]
+            return combine([self.meta(source) for source in sources])
         file = self._file_for(name)
         handle = self._handle(file)
         if file.suffix == ".safetensors":
@@ -112,6 +123,9 @@ class HFCheckpoint:
         return torch.empty_like(handle[name], device="meta")
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.aliases:
+            sources, combine = self.aliases[name]
+            return combine([self.tensor(source) for source in sources])
         file = self._file_for(name)
         handle = self._handle(file)
         return handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]

@@ -18,6 +18,7 @@ from .errors import BadInputError
 from .safe_load import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
+GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "linear_fc2"}
 MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 
@@ -174,12 +175,40 @@ class MegatronTree:
         """Canonical (local layer, key) -> stored flat key, for every weight of a rank file."""
         if rank not in self._names:
             table = {}
-            for stored, value in self._flat(rank).items():
+            flat = self._flat(rank)
+            for stored, value in list(flat.items()):
                 if schema.is_ignored(stored) or not isinstance(value, torch.Tensor):
                     continue
-                table[schema.canonical_name(stored, self.schema)] = stored
+                layer, canonical = schema.canonical_name(stored, self.schema)
+                if canonical in GROUPED_MLP:
+                    table.update(self._split_grouped_mlp(flat, stored, layer, canonical))
+                else:
+                    table[(layer, canonical)] = stored
             self._names[rank] = table
         return self._names[rank]
+
+    def _split_grouped_mlp(self, flat: dict[str, Any], stored: str, layer: int | None,
+                           canonical: str) -> dict[tuple[int | None, str], str]:
+        """GroupedMLP keeps all local experts in one tensor: expose each expert as its own entry.
+
+        ``weight1`` [hidden, experts*fc1] is used as a view [experts, hidden, fc1] and ``weight2``
+        [experts*fc2, hidden] as [experts, fc2, hidden] (megatron-core's GroupedMLP.forward): each
+        expert's slice is the transpose of its linear layer's weight.
+        """
+        local_experts = int(getattr(self.args, "num_experts", 0) or 0) // self.ep
+        if local_experts < 1:
+            raise BadInputError(f"'{stored}' is a GroupedMLP tensor but args have no num_experts", self.iter_dir)
+        hidden = int(self.args.hidden_size)
+        grouped = flat[stored]
+        by_expert = (grouped.reshape(local_experts, hidden, -1) if canonical == "mlp.experts.weight1"
+                     else grouped.reshape(local_experts, -1, hidden))
+        linear = GROUPED_MLP[canonical]
+        entries = {}
+        for expert in range(local_experts):
+            virtual = f"{stored}#expert{expert}"
+            flat[virtual] = by_expert[expert].t()
+            entries[(layer, f"mlp.experts.local_experts.{expert}.{linear}.weight")] = virtual
+        return entries
 
     def stage_layer_counts(self) -> list[int]:
         """Layers actually present in each pipeline stage's files."""

@@ -101,10 +101,17 @@ def _legacy_layer_to_canonical(rel: str) -> str:
     return _replace_prefix(rel, _LEGACY_LAYER, reverse=True)
 
 
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
+_SEQUENTIAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+
+
 def _te_to_canonical(rel: str) -> str:
     for canonical, te_name in _TE_NORMS:
         if rel == te_name:
             return canonical
+    grouped = _TE_GROUPED_EXPERT.match(rel)
+    if grouped:  # TEGroupedMLP: mlp.experts.linear_fc1.weight7 -> SequentialMLP naming
+        return f"mlp.experts.local_experts.{grouped.group(3)}.{grouped.group(1)}.{grouped.group(2)}"
     return rel
 
 
@@ -131,7 +138,7 @@ def canonical_name(stored: str, schema: str) -> tuple[int | None, str]:
 
 
 def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool = False,
-                layer_has_dense_fc1: bool = True) -> tuple[str, ...]:
+                layer_has_dense_fc1: bool = True, grouped_experts: bool = False) -> tuple[str, ...]:
     """Where a canonical tensor goes inside a rank file's ``model`` dict (a path of dict keys)."""
     if schema == LEGACY:
         if tied_copy:
@@ -143,6 +150,9 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     if layer is None:
         return (canonical,)
     rel = canonical
+    expert = _SEQUENTIAL_EXPERT.match(rel)
+    if expert and grouped_experts:
+        rel = f"mlp.experts.{expert.group(2)}.{expert.group(3)}{expert.group(1)}"
     if schema == MCORE_TE:
         for local_name, te_name in _TE_NORMS:
             if rel == local_name and (layer_has_dense_fc1 or local_name.startswith("input_")):

@@ -96,6 +96,13 @@ def stage_offsets(stages: Sequence[int]) -> list[int]:
     return offsets
 
 
+def expert_placement(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
+    """(expert-parallel rank, index local to that rank) of a global expert."""
+    if num_experts % ep:
+        raise BadInputError(f"expert parallel size {ep} does not divide the {num_experts} experts")
+    return divmod(expert, num_experts // ep)
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Cast floating tensors to ``dtype`` (None keeps the dtype)."""
     if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:

@@ -6,5 +6,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
 import llama  # noqa: E402,F401  (registers llama and mistral)
+import mixtral  # noqa: E402,F401  (registers mixtral)
 
-FAMILIES = ("gpt2", "llama", "mistral")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral")

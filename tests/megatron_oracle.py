@@ -1,7 +1,7 @@
 """The real consumer: megatron-core's GPTModel on CPU, in its own process.
 
-``python tests/megatron_oracle.py logits CKPT TOKENS OUT [TP]`` runs TP gloo processes; each loads
-its own ``mp_rank_TT`` rank file (PP1) into a GPTModel built from the checkpoint's args with
+``python tests/megatron_oracle.py logits CKPT TOKENS OUT [TP EP]`` runs TP x EP gloo processes; each
+loads its own ``mp_rank_TT[_EEE]`` rank file (PP1) into a GPTModel built from the checkpoint's args with
 ``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
 Megatron would store, and saves its logits.
@@ -30,28 +30,26 @@ def _free_port() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
 
 
-def _init_cpu_megatron(rank: int = 0, tp: int = 1) -> None:
+def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1) -> None:
     """World size 1 with gloo, and the CPU workarounds megatron-core needs without CUDA.
 
     - rotary embeddings, attention buffers and the MoE router call ``torch.cuda.current_device()``
       during forward: answer "cpu" so the tensors they create land on the CPU;
     - the local attention's dropout runs under the model-parallel RNG tracker, which must exist
       (``model_parallel_cuda_manual_seed`` is CUDA-only): the inference tracker needs no CUDA RNG;
-    - 0.16.1's MoE router references ``te_general_gemm``, undefined without Transformer Engine.
+    - 0.16.1's MoE router gating (``moe_utils``) references ``te_general_gemm``, undefined without
+      Transformer Engine.
     """
     torch.cuda.current_device = lambda: "cpu"
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp * ep)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
-    parallel_state.initialize_model_parallel(tp, 1)
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    try:
-        from megatron.core.transformer.moe import router
-        if not hasattr(router, "te_general_gemm"):
-            router.te_general_gemm = None
-    except ImportError:
-        pass
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # the router's gating linear checks it before using torch
 
 
 def _activation(args):
@@ -120,10 +118,12 @@ def _te_to_local(state: dict) -> dict:
     return out
 
 
-def logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
-    """Each tensor-parallel rank loads its own rank file; rank 0 saves the gathered logits."""
-    _init_cpu_megatron(rank, tp)
-    state = torch.load(ckpt / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", weights_only=False)
+def logits_command(rank: int, tp: int, ep: int, ckpt: Path, tokens: Path, out: Path) -> None:
+    """Each rank loads its own rank file (TP fastest, then EP); rank 0 saves the gathered logits."""
+    _init_cpu_megatron(rank, tp, ep)
+    tp_rank, ep_rank = rank % tp, rank // tp
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{ep_rank:03d}" if ep > 1 else "")
+    state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
     args = state["args"]
     model = build_model(args)
     model.load_state_dict(_te_to_local(state["model"]), strict=True)
@@ -150,8 +150,9 @@ if __name__ == "__main__":
     _free_port()
     command, *rest = sys.argv[1:]
     if command == "logits":
-        ckpt, tokens, out, tp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]) if len(rest) > 3 else 1
-        torch.multiprocessing.spawn(logits_command, args=(tp, ckpt, tokens, out), nprocs=tp)
+        ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
+        tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
+        torch.multiprocessing.spawn(logits_command, args=(tp, ep, ckpt, tokens, out), nprocs=tp * ep)
     else:
         _init_cpu_megatron()
         make_command(*map(Path, rest))

@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, tiny_gpt2
 from tests.test_llama import tiny_llama
+from tests.test_mixtral import tiny_mixtral
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
 
@@ -23,9 +24,9 @@ def run_oracle(*argv) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def megatron_core_logits(checkpoint: Path, tmp_path: Path, tp: int = 1) -> torch.Tensor:
+def megatron_core_logits(checkpoint: Path, tmp_path: Path, tp: int = 1, ep: int = 1) -> torch.Tensor:
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    run_oracle("logits", checkpoint, tmp_path / "tokens.pt", tmp_path / "logits.pt", tp)
+    run_oracle("logits", checkpoint, tmp_path / "tokens.pt", tmp_path / "logits.pt", tp, ep)
     return torch.load(tmp_path / "logits.pt")
 
 
@@ -40,6 +41,7 @@ MODELS = {
     "llama_mha_tied": lambda p: tiny_llama(p, tied=True, groups=4, seed=1),
     "llama_biased": lambda p: tiny_llama(p, seed=3, attention_bias=True, mlp_bias=True),
     "llama_qkv_biased": lambda p: tiny_llama(p, seed=4, attention_bias=True),
+    "mixtral": lambda p: tiny_mixtral(p),
 }
 
 
@@ -52,13 +54,21 @@ def test_hf_to_megatron_runs_in_megatron_core(tmp_path, name, impl):
     assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["gpt2_untied_gelu", "llama_gqa_untied", "llama_mha_tied"])
+@pytest.mark.parametrize("name", ["gpt2_untied_gelu", "llama_gqa_untied", "llama_mha_tied", "mixtral"])
 def test_tensor_parallel_2_runs_in_megatron_core(tmp_path, name):
     """Two gloo processes, each loading its own rank file: proves our tensor-parallel splits."""
     model = MODELS[name](tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
                    "--target_tensor_model_parallel_size", "2", "--transformer_impl", "local") == 0
     assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, tp=2), logits_of(model), atol=ATOL)
+
+
+def test_expert_parallel_2_runs_in_megatron_core(tmp_path):
+    """Two gloo processes as EP ranks 0 and 1, each loading mp_rank_00_00E: proves expert placement."""
+    model = tiny_mixtral(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_expert_model_parallel_size", "2", "--transformer_impl", "local") == 0
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, ep=2), logits_of(model), atol=ATOL)
 
 
 def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
@@ -83,6 +93,12 @@ SPECS = {
                   layernorm_epsilon=1e-5, add_bias_linear=False, swiglu=True, position_embedding_type="rope",
                   rotary_base=500000, max_position_embeddings=128, untie_embeddings_and_output_weights=True,
                   padded_vocab_size=1024, vocab_size=1000, seed=2),
+    "mixtral": dict(num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+                    num_query_groups=2, kv_channels=16, ffn_hidden_size=96, normalization="RMSNorm",
+                    layernorm_epsilon=1e-5, add_bias_linear=False, swiglu=True, position_embedding_type="rope",
+                    rotary_base=1000000, max_position_embeddings=128, untie_embeddings_and_output_weights=True,
+                    padded_vocab_size=1024, vocab_size=1000, num_experts=4, moe_router_topk=2,
+                    moe_ffn_hidden_size=96, seed=3),
 }
 
 

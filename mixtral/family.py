@@ -1,0 +1,97 @@
+"""The Mixtral family table: Llama's attention, embeddings and norms, plus a router and experts.
+
+Megatron stores each expert as its own SwiGLU MLP (``mlp.experts.local_experts.J.linear_fc1`` with
+[gate; up] rows, ``linear_fc2``), J local to the expert-parallel rank. transformers 5 stores a layer's
+experts as fused 3-D tensors: ``mlp.experts.gate_up_proj`` [experts, 2*ffn, hidden] (gate rows, then
+up rows: exactly Megatron's fc1 per expert) and ``mlp.experts.down_proj`` [experts, hidden, ffn]. So
+every expert tensor maps one to one; the core stacks and places experts. Older checkpoints
+(``block_sparse_moe.experts.E.w1/w2/w3``, ``block_sparse_moe.gate``) are read through aliases.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+from transformers import MixtralConfig
+
+from checkpoint_convert.arch import ModelArch
+from checkpoint_convert.errors import BadInputError
+from checkpoint_convert.family import FamilySpec, Param, register
+from checkpoint_convert.parallel import Style
+from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs
+
+MOE = (
+    Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED),
+    Param("mlp.experts.local_experts.{expert}.linear_fc1.weight", ("mlp.experts.gate_up_proj",),
+          Style.GLU_COLUMN, experts=True),
+    Param("mlp.experts.local_experts.{expert}.linear_fc2.weight", ("mlp.experts.down_proj",),
+          Style.ROW, experts=True),
+)
+EXTRA_KEYS = ("sliding_window", "router_jitter_noise")
+
+
+def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
+    cfg = MixtralConfig(**config)
+    arch = arch_from_llama_config(cfg, "mixtral", EXTRA_KEYS)
+    return arch.replace(num_experts=cfg.num_local_experts, moe_router_topk=cfg.num_experts_per_tok,
+                        moe_ffn_hidden_size=cfg.intermediate_size, moe_aux_loss_coeff=cfg.router_aux_loss_coef)
+
+
+def hf_config_from_arch(arch: ModelArch) -> MixtralConfig:
+    if arch.add_bias_linear or arch.add_qkv_bias:
+        raise BadInputError("Mixtral has no biases, but the source's linear layers are biased")
+    kwargs = config_kwargs(arch)
+    kwargs["intermediate_size"] = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
+    return MixtralConfig(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
+                         num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
+                         **kwargs)
+
+
+def matches_megatron(arch: ModelArch) -> bool:
+    return (arch.normalization == "RMSNorm" and arch.activation == "swiglu"
+            and arch.position_embedding_type == "rope" and bool(arch.num_experts))
+
+
+_OLD_GATE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.gate\.weight$")
+
+
+def _stack_gate_up(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[w1_0, w3_0, w1_1, w3_1, ...] -> [experts, 2*ffn, hidden] with gate (w1) rows then up (w3) rows."""
+    pairs = zip(tensors[0::2], tensors[1::2])
+    return torch.stack([torch.cat(pair, dim=0) for pair in pairs])
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors)
+
+
+def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
+def old_layout_aliases(names: list[str]) -> dict[str, tuple[list[str], Callable]]:
+    """Current names for the per-expert layout older transformers versions wrote."""
+    aliases: dict[str, tuple[list[str], Callable]] = {}
+    present = set(names)
+    for name in names:
+        match = _OLD_GATE.match(name)
+        if not match:
+            continue
+        prefix = match.group(1)
+        experts = prefix + "block_sparse_moe.experts."
+        count = len({n.split(".")[5] for n in present if n.startswith(experts)})
+        gate_up = [f"{experts}{e}.{w}.weight" for e in range(count) for w in ("w1", "w3")]
+        aliases[prefix + "mlp.gate.weight"] = ([name], _first)
+        aliases[prefix + "mlp.experts.gate_up_proj"] = (gate_up, _stack_gate_up)
+        aliases[prefix + "mlp.experts.down_proj"] = ([f"{experts}{e}.w2.weight" for e in range(count)], _stack)
+    return aliases
+
+
+MIXTRAL = register(FamilySpec(
+    name="mixtral", hf_model_types=("mixtral",), hf_layer_prefix="model.layers.{layer}.",
+    first_stage=FIRST, layer=ATTENTION + MOE, last_stage=LAST,
+    arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
+    matches_megatron=matches_megatron, hf_ignored_suffixes=("rotary_emb.inv_freq",),
+    hf_aliases=old_layout_aliases,
+))
