@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
@@ -189,6 +190,17 @@ def convert(options: Options) -> Summary:
     raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
 
 
+def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, planned: list,
+            quiet: bool) -> None:
+    """Produce each output tensor and hand it to the writer at once, with a progress bar in bytes."""
+    with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
+              desc="converting", dynamic_ncols=True) as bar:
+        for item, key, tensor in run(items, source.tensors, target, False, dtype):
+            writer.write(key, tensor)
+            bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
+            bar.update(tensor.nbytes)
+
+
 def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
     summary.planned = planned
     summary.tensors = len(planned)
@@ -208,8 +220,7 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     _validate_hf_plan(planned, family, config)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
-        for name, tensor in run(items, source.tensors, target, False, dtype, progress=not options.quiet):
-            writer.write(name, tensor)
+        _stream(items, source, target, dtype, writer, planned, options.quiet)
         writer.finish()
         _write_hf_metadata(staging, config, family, options)
     return _finish_summary(Summary(), planned, start)
@@ -248,7 +259,6 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         writer = MegatronWriter(staging, planned, args, target_schema, layout.pp, layout.ep,
                                 model_file_name(options.use_distributed_optimizer))
-        for key, tensor in run(items, source.tensors, target, False, dtype, progress=not options.quiet):
-            writer.write(key, tensor)
+        _stream(items, source, target, dtype, writer, planned, options.quiet)
         writer.finish(layout.dp, options.use_distributed_optimizer, layout.tp)
     return _finish_summary(Summary(), planned, start)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Iterator
 
 import torch
-from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
@@ -204,13 +203,10 @@ def _require_zero(tensor: torch.Tensor, item: Item) -> None:
         raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")
 
 
-def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
-        progress: bool = False) -> Iterator[tuple[Hashable, torch.Tensor]]:
-    """Produce every output tensor in order; on ``meta`` tensors when planning."""
-    bar = tqdm(items, desc="converting", unit="tensor", disable=not progress, leave=False)
-    for item in bar:
-        if item.layer is not None:
-            bar.set_postfix_str(f"layer {item.layer}", refresh=False)
+def run(items: list[Item], source: Any, target: Any, meta: bool,
+        dtype: torch.dtype | None) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
+    """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning."""
+    for item in items:
         try:
             full = source.full(item, meta)
             outputs = target.emit(item, full)
@@ -221,7 +217,7 @@ def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dt
         if not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
-            yield key, cast(tensor, dtype)
+            yield item, key, cast(tensor, dtype)
 
 
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
@@ -233,7 +229,7 @@ def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
 
 def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:
     """Every output's key, shape and dtype, in production order, computed on ``meta`` tensors."""
-    planned = [(key, tuple(t.shape), t.dtype) for key, t in run(items, source, target, True, dtype)]
+    planned = [(key, tuple(t.shape), t.dtype) for _, key, t in run(items, source, target, True, dtype)]
     left = source.unconsumed()
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""

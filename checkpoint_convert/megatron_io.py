@@ -16,6 +16,7 @@ import torch
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .safe_load import safe_torch_load
+from .torch_zip_writer import StreamingTorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
 GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "linear_fc2"}
@@ -256,12 +257,6 @@ def nest(entries: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
     return root
 
 
-def write_rank_file(path: Path, args: Any, model: dict[str, Any], iteration: int) -> None:
-    """Write one ``model_optim_rng.pt`` the way Megatron-LM does (no optimizer or RNG state)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model}, path)
-
-
 DUMMY_OPTIMIZER = {"optimizer": {"step": 0, "param_groups": [{
     "lr": 0.0, "beta1": 0.0, "beta2": 0.0, "eps": 0.0, "weight_decay": 0.0, "correct_bias": False, "params": [],
 }]}}
@@ -293,11 +288,8 @@ def rank_file_path(root: Path, iteration: str | int, rank: RankKey, pp_size: int
 
 
 class MegatronWriter:
-    """Collects each rank file's planned tensors and writes the file once it is complete.
-
-    A rank file is released from memory as soon as it is written, so memory is bounded by the
-    rank files still being filled (one pipeline stage at a time in production order).
-    """
+    """Streams every planned tensor straight into its rank file; each file's pickle is written once
+    the file has all its tensors. Memory holds one tensor at a time, whatever the layout."""
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
                  args: Any, schema_name: str, pp_size: int, ep_size: int, file_name: str,
@@ -308,11 +300,15 @@ class MegatronWriter:
         for (rank, _), _, _ in planned:
             self._expected[rank] = self._expected.get(rank, 0) + 1
         self._entries: dict[RankKey, list[tuple[tuple[str, ...], Any]]] = {rank: [] for rank in self._expected}
+        self._files: dict[RankKey, StreamingTorchFile] = {}
         self.files_written: list[Path] = []
 
     def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
         rank, path = key
-        self._entries[rank].append((path, tensor.clone() if tensor.is_floating_point() else tensor))
+        if rank not in self._files:
+            file = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
+            self._files[rank] = StreamingTorchFile(file)
+        self._entries[rank].append((path, self._files[rank].add(tensor)))
         if len(self._entries[rank]) == self._expected[rank]:
             self._flush(rank)
 
@@ -321,9 +317,9 @@ class MegatronWriter:
         weight_keys = [".".join(path) for path, _ in entries]
         last_stage = rank.pp == self.pp_size - 1
         entries += [((key,), None) for key in schema.extra_state_keys(weight_keys, self.schema, last_stage)]
-        path = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
-        write_rank_file(path, self.args, nest(entries), 0)
-        self.files_written.append(path)
+        file = self._files.pop(rank)
+        file.close({"args": self.args, "checkpoint_version": 3.0, "iteration": 0, "model": nest(entries)})
+        self.files_written.append(file.path)
 
     def finish(self, dp: int = 1, distributed_optimizer: bool = False, tp: int = 1) -> None:
         if self._entries:

@@ -1,0 +1,65 @@
+"""The streaming writers produce files the standard readers accept, with the same contents."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from checkpoint_convert.hf_io import SafetensorsStreamWriter
+from checkpoint_convert.torch_zip_writer import StreamingTorchFile
+
+TENSORS = {
+    "f32": torch.randn(7, 5),
+    "bf16": torch.randn(3, 4).to(torch.bfloat16),
+    "f16_view": torch.randn(20, 4).half()[5:9],  # a view into a larger storage
+    "transposed": torch.randn(6, 3).t(),  # not contiguous
+    "int64": torch.arange(12),
+    "scalar": torch.tensor(3.5),
+}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [dict(weights_only=False), dict(weights_only=True),
+                                     dict(weights_only=True, mmap=True)], ids=["plain", "weights_only", "mmap"])
+def test_streamed_torch_file_loads_like_torch_save(tmp_path, options):
+    obj = {"args": argparse.Namespace(hidden=4, dtype=torch.bfloat16), "version": 3.0, "model": {}}
+    reference = dict(obj, model={"nested": dict(TENSORS), "none": None})
+    torch.save(reference, tmp_path / "reference.pt")
+    streamed = StreamingTorchFile(tmp_path / "streamed.pt")
+    obj["model"] = {"nested": {name: streamed.add(t) for name, t in TENSORS.items()}, "none": None}
+    streamed.close(obj)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ours = torch.load(tmp_path / "streamed.pt", **options)
+        theirs = torch.load(tmp_path / "reference.pt", **options)
+    assert ours["args"] == theirs["args"] and ours["version"] == theirs["version"] and ours["model"]["none"] is None
+    for name in TENSORS:
+        assert _equal(ours["model"]["nested"][name], theirs["model"]["nested"][name]), name
+    # only each tensor's own bytes are stored, not the storage a view points into
+    assert streamed.bytes_written == sum(t.nbytes for t in TENSORS.values())
+
+
+def test_streamed_safetensors_file_reads_with_safetensors(tmp_path):
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in TENSORS.items()]
+    writer = SafetensorsStreamWriter(tmp_path / "model.safetensors", entries)
+    for name, tensor in TENSORS.items():
+        writer.write(name, tensor)
+    writer.close()
+    assert writer.complete
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(_equal(loaded[name], tensor.contiguous()) for name, tensor in TENSORS.items())
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+        assert handle.get_slice("f32").get_shape() == [7, 5]
+
+
+def test_streamed_safetensors_refuses_unplanned_order(tmp_path):
+    writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", (2,), torch.float32), ("b", (2,), torch.float32)])
+    with pytest.raises(RuntimeError, match="expecting a"):
+        writer.write("b", torch.zeros(2))
+    writer.close()
