@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from .converter import Options, convert
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+from .memory import return_large_allocations_to_the_system
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -67,6 +68,7 @@ def _one_line_warnings() -> None:
 def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``main``: bad input -> one line and exit 2; a bug -> one line and exit 1; --debug re-raises."""
     _one_line_warnings()
+    return_large_allocations_to_the_system()
     try:
         return main(args)
     except BadInputError as error:

@@ -199,6 +199,7 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
             writer.write(key, tensor)
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
+        source.tensors.release()
 
 
 def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:

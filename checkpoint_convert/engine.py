@@ -20,6 +20,7 @@ from .errors import BadInputError
 from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
+from .memory import release_pages
 from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stage_offsets,
                        trim_vocab)
 
@@ -69,8 +70,11 @@ class MegatronSource:
             raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
                                 tree.iter_dir)
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
+        self._read: list[torch.Tensor] = []
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
+        if not meta:
+            self.release()  # run() resumes here only after the previous item's outputs were written
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
@@ -91,14 +95,26 @@ class MegatronSource:
         shards = []
         for tp in range(self.tree.tp):
             rank = RankKey(tp, stage, ep)
-            shard = _as_meta(self.tree.tensor(rank, name, local), meta)
+            stored = self.tree.tensor(rank, name, local)
+            if not meta:
+                self._read.append(stored)
+            shard = _as_meta(stored, meta)
             if name.startswith(QKV):
                 shard = reorder_legacy_qkv(shard, self.tree.version, self.arch.num_attention_heads // self.tree.tp,
                                            self.arch.kv_channels)
             shards.append(shard)
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
-        return merge_from_tp(shards, item.param.style)
+        merged = merge_from_tp(shards, item.param.style)
+        if not meta and all(merged.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for s in shards):
+            self.release()  # the merge copied the shards: their mapped pages are not needed any more
+        return merged
+
+    def release(self) -> None:
+        """Return the memory-mapped pages of the tensors read since the last call."""
+        for tensor in self._read:
+            release_pages(tensor)
+        self._read.clear()
 
     def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
         if len({tuple(s.shape) for s in shards}) > 1:
@@ -125,13 +141,20 @@ class HFSource:
     def __init__(self, checkpoint: HFCheckpoint, family: FamilySpec, arch: ModelArch) -> None:
         self.checkpoint, self.family, self.arch = checkpoint, family, arch
         self.consumed: set[str] = set()
+        self._read: list[torch.Tensor] = []
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
+        if not meta:
+            self.release()  # run() resumes here only after the previous item's outputs were written
         tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
+        if not meta:
+            self._read += tensors
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
         return item.param.to_megatron(tensors, self.arch)
+
+    release = MegatronSource.release
 
     def unconsumed(self) -> list[str]:
         ignored = self.family.hf_ignored_suffixes
@@ -220,11 +243,28 @@ def run(items: list[Item], source: Any, target: Any, meta: bool,
             yield item, key, cast(tensor, dtype)
 
 
+FINITE_CHECK_ELEMENTS = 1 << 22
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, checked in blocks so no full-size temporary is allocated.
+
+    A finite float32 sum of a block proves the block finite; only a non-finite sum (NaN/Inf, or
+    an overflow of huge values) falls back to the elementwise check.
+    """
+    flat = tensor.reshape(-1)
+    for block in flat.split(FINITE_CHECK_ELEMENTS):
+        if not bool(torch.isfinite(block.sum(dtype=torch.float32))) and not bool(torch.isfinite(block).all()):
+            return False
+    return True
+
+
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
     """NaN/Inf weights are converted as they are, but the user should know."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        where = f"layer {item.layer} " if item.layer is not None else ""
-        warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")
+    if not tensor.is_floating_point() or all_finite(tensor):
+        return
+    where = f"layer {item.layer} " if item.layer is not None else ""
+    warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")
 
 
 def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:

@@ -1,6 +1,7 @@
 """Reading and writing Hugging Face checkpoint directories (config.json + safetensors or .bin shards).
 
-Reading is lazy (``safetensors.safe_open`` / memory-mapped ``torch.load``). Writing streams: each
+Reading is lazy: safetensors tensors are read with ``pread`` into fresh buffers (see
+:class:`SafetensorsReader`), ``.bin`` files are memory-mapped with ``torch.load``. Writing streams: each
 safetensors shard's header is written first from the planned shapes and dtypes, then tensors are
 appended one by one as the conversion produces them, so no shard is ever assembled in memory.
 """
@@ -12,7 +13,6 @@ from typing import Any, Iterable
 
 import torch
 from huggingface_hub import constants, split_torch_state_dict_into_shards
-from safetensors import safe_open
 
 from .errors import BadInputError
 from .safe_load import safe_torch_load
@@ -69,11 +69,56 @@ def _names_in(file: Path) -> list[str]:
     return list(safe_torch_load(file).keys())
 
 
-def _open_safetensors(file: Path) -> Any:
-    try:
-        return safe_open(str(file), framework="pt")
-    except Exception as error:  # safetensors raises its own SafetensorError
-        raise BadInputError(f"unreadable safetensors file ({error})", file)
+def _open_safetensors(file: Path) -> "SafetensorsReader":
+    return SafetensorsReader(file)
+
+
+class SafetensorsReader:
+    """Reads one safetensors file tensor by tensor with ``os.pread``.
+
+    ``safetensors.safe_open`` memory-maps the file, and every page read through a mapping stays
+    in the process's resident memory while the file is open: converting a whole model would make
+    the process as large as the model. Reading each tensor into its own buffer keeps memory at the
+    tensor being converted. The format is the documented one: an 8-byte little-endian header
+    length, a JSON header of dtype/shape/data_offsets, then the data.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if length <= 0 or length > constants.SAFETENSORS_MAX_HEADER_LENGTH:
+                    raise ValueError(f"header length {length} is invalid")
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError) as error:
+            raise BadInputError(f"unreadable safetensors file ({error})", file)
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_start = 8 + length
+        size = file.stat().st_size
+        if any(entry["data_offsets"][1] + self.data_start > size for entry in header.values()):
+            raise BadInputError("safetensors file is truncated", file)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def meta(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        return torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]], device="meta")
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(self.file, "rb") as handle:
+            handle.seek(self.data_start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise BadInputError(f"tensor '{name}' is truncated", self.file)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class HFCheckpoint:
@@ -118,8 +163,7 @@ class HFCheckpoint:
         file = self._file_for(name)
         handle = self._handle(file)
         if file.suffix == ".safetensors":
-            piece = handle.get_slice(name)
-            return torch.empty(piece.get_shape(), dtype=_TORCH_DTYPES[piece.get_dtype()], device="meta")
+            return handle.meta(name)
         return torch.empty_like(handle[name], device="meta")
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -62,13 +62,14 @@ class StreamingTorchFile:
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        storage = tensor.untyped_storage()
-        if not tensor.is_contiguous() or tensor.storage_offset() != 0 or storage.nbytes() != tensor.nbytes:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view: write only its own bytes
-            storage = tensor.untyped_storage()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         key = str(self._records)
         self._records += 1
-        self._writer.write_record(f"data/{key}", storage, tensor.nbytes)
+        # the tensor's own bytes: a view into a larger storage writes only its slice, without a copy
+        start = tensor.storage_offset() * tensor.element_size()
+        own_bytes = tensor.untyped_storage()[start:start + tensor.nbytes]
+        self._writer.write_record(f"data/{key}", own_bytes, tensor.nbytes)
         self.bytes_written += tensor.nbytes
         return StoredTensor(_StoredStorage(key, tensor.dtype, tensor.numel()), tuple(tensor.shape), tensor.stride())
 
