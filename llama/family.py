@@ -10,10 +10,10 @@ permutation. Mistral is the same table with MistralConfig (sliding window carrie
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import torch
-from transformers import LlamaConfig, MistralConfig, PretrainedConfig
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
@@ -88,7 +88,7 @@ LAST = (
 )
 
 
-def _rope_from_config(cfg: PretrainedConfig) -> tuple[float, dict | None]:
+def _rope_from_config(cfg: Any) -> tuple[float, dict | None]:
     """(rope base, scaling parameters or None) from a transformers 5 ``rope_parameters`` dict."""
     params = dict(getattr(cfg, "rope_parameters", None) or {})
     base = float(params.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0) or 10000.0))
@@ -96,7 +96,7 @@ def _rope_from_config(cfg: PretrainedConfig) -> tuple[float, dict | None]:
     return base, scaling
 
 
-def _biases(cfg: PretrainedConfig) -> tuple[bool, bool]:
+def _biases(cfg: Any) -> tuple[bool, bool]:
     """(qkv biased, every linear biased). attention_bias alone maps to Megatron's add_qkv_bias."""
     attention, mlp = bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False))
     if mlp and not attention:
@@ -104,7 +104,7 @@ def _biases(cfg: PretrainedConfig) -> tuple[bool, bool]:
     return attention, mlp
 
 
-def arch_from_llama_config(cfg: PretrainedConfig, family: str, extra_keys: tuple[str, ...]) -> ModelArch:
+def arch_from_llama_config(cfg: Any, family: str, extra_keys: tuple[str, ...]) -> ModelArch:
     if cfg.hidden_act != "silu":
         raise BadInputError(f"hidden_act '{cfg.hidden_act}' is not SwiGLU's silu")
     base, scaling = _rope_from_config(cfg)
@@ -142,14 +142,20 @@ def is_llama_like(arch: ModelArch) -> bool:
             and arch.position_embedding_type == "rope" and not arch.num_experts)
 
 
-def llama_like_family(name: str, config_class: type, architecture: str, extra_keys: tuple[str, ...] = (),
+def transformers_class(name: str) -> type:
+    """A transformers class, imported when first needed: Megatron-only runs skip the import."""
+    return getattr(importlib.import_module("transformers"), name)
+
+
+def llama_like_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...] = (),
                       bias_kwargs: Callable[[ModelArch], dict] = lambda arch: {}) -> FamilySpec:
     """A dense Llama-shaped family; only its transformers config class and extra config keys differ."""
     def from_config(config: dict[str, Any]) -> ModelArch:
-        return arch_from_llama_config(config_class(**config), name, extra_keys)
+        return arch_from_llama_config(transformers_class(config_class)(**config), name, extra_keys)
 
-    def to_config(arch: ModelArch) -> PretrainedConfig:
-        return config_class(architectures=[architecture], **config_kwargs(arch), **bias_kwargs(arch))
+    def to_config(arch: ModelArch) -> Any:
+        cls = transformers_class(config_class)
+        return cls(architectures=[architecture], **config_kwargs(arch), **bias_kwargs(arch))
 
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.",
@@ -163,5 +169,5 @@ def _llama_biases(arch: ModelArch) -> dict:
     return {"attention_bias": arch.add_qkv_bias, "mlp_bias": arch.add_bias_linear}
 
 
-LLAMA = register(llama_like_family("llama", LlamaConfig, "LlamaForCausalLM", bias_kwargs=_llama_biases))
-MISTRAL = register(llama_like_family("mistral", MistralConfig, "MistralForCausalLM", extra_keys=("sliding_window",)))
+LLAMA = register(llama_like_family("llama", "LlamaConfig", "LlamaForCausalLM", bias_kwargs=_llama_biases))
+MISTRAL = register(llama_like_family("mistral", "MistralConfig", "MistralForCausalLM", extra_keys=("sliding_window",)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import GPT2Config
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
@@ -72,6 +71,8 @@ LAST = (
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
+    from transformers import GPT2Config  # imported when needed: Megatron-only runs start faster
+
     cfg = GPT2Config(**config)
     activation = _ACTIVATIONS.get(cfg.activation_function)
     if activation is None:
@@ -89,7 +90,9 @@ def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
     )
 
 
-def hf_config_from_arch(arch: ModelArch) -> GPT2Config:
+def hf_config_from_arch(arch: ModelArch) -> Any:
+    from transformers import GPT2Config
+
     last_token = arch.vocab_size - 1
     bos = arch.extra.get("bos_token_id", min(50256, last_token))
     eos = arch.extra.get("eos_token_id", min(50256, last_token))

@@ -13,13 +13,12 @@ import re
 from typing import Any, Callable
 
 import torch
-from transformers import MixtralConfig
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, register
 from checkpoint_convert.parallel import Style
-from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs
+from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, transformers_class
 
 MOE = (
     Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED),
@@ -32,18 +31,18 @@ EXTRA_KEYS = ("sliding_window", "router_jitter_noise")
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
-    cfg = MixtralConfig(**config)
+    cfg = transformers_class("MixtralConfig")(**config)
     arch = arch_from_llama_config(cfg, "mixtral", EXTRA_KEYS)
     return arch.replace(num_experts=cfg.num_local_experts, moe_router_topk=cfg.num_experts_per_tok,
                         moe_ffn_hidden_size=cfg.intermediate_size, moe_aux_loss_coeff=cfg.router_aux_loss_coef)
 
 
-def hf_config_from_arch(arch: ModelArch) -> MixtralConfig:
+def hf_config_from_arch(arch: ModelArch) -> Any:
     if arch.add_bias_linear or arch.add_qkv_bias:
         raise BadInputError("Mixtral has no biases, but the source's linear layers are biased")
     kwargs = config_kwargs(arch)
     kwargs["intermediate_size"] = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
-    return MixtralConfig(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
+    return transformers_class("MixtralConfig")(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
                          num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
                          **kwargs)
 

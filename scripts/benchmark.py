@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark: conversion time and peak memory, measured side by side with `cp -r` in one run.
+
+Builds synthetic bf16 checkpoints (Llama-shaped, and Mixtral-shaped for expert parallel) of the
+requested sizes; the largest tensor (the embedding) stays the same as the size grows, only the layer
+count changes. Every measurement runs in its own child process; peak RSS comes from that child's
+``wait4`` resource usage. Rows:
+  cp -r                     copying the source tree (the disk's own speed)
+  python -c 'import torch'  interpreter start-up, part of every conversion
+  import only               a process importing what the tool imports (start-up RSS)
+  hf->megatron tp2pp2, megatron tp2pp2->hf, tp2pp2->tp1pp1, mixtral ep2->hf   the tool
+  naive tp2pp2->hf          the same conversion with every source file loaded fully and the
+                            output assembled in memory before saving (what most converters do)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+import torch
+from transformers import LlamaConfig, MixtralConfig
+
+from checkpoint_convert.hf_io import SafetensorsStreamWriter
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, FFN, HEADS, GROUPS, VOCAB = 2048, 5632, 16, 4, 32000
+
+
+def _layer_shapes(experts: int) -> dict[str, tuple[int, ...]]:
+    kv = HIDDEN // HEADS * GROUPS
+    shapes = {"input_layernorm.weight": (HIDDEN,), "post_attention_layernorm.weight": (HIDDEN,),
+              "self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (kv, HIDDEN),
+              "self_attn.v_proj.weight": (kv, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN)}
+    if experts:
+        ffn = FFN // experts
+        shapes.update({"mlp.gate.weight": (experts, HIDDEN), "mlp.experts.gate_up_proj": (experts, 2 * ffn, HIDDEN),
+                       "mlp.experts.down_proj": (experts, HIDDEN, ffn)})
+    else:
+        shapes.update({"mlp.gate_proj.weight": (FFN, HIDDEN), "mlp.up_proj.weight": (FFN, HIDDEN),
+                       "mlp.down_proj.weight": (HIDDEN, FFN)})
+    return shapes
+
+
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def build_synthetic(path: Path, gigabytes: float, experts: int = 0) -> int:
+    """A bf16 HF checkpoint of about ``gigabytes``; returns the layer count. Tensors are generated one at a time."""
+    layer_bytes = sum(_numel(s) for s in _layer_shapes(experts).values()) * 2
+    fixed_bytes = (2 * VOCAB * HIDDEN + HIDDEN) * 2
+    layers = max(2, 2 * round((gigabytes * 1e9 - fixed_bytes) / layer_bytes / 2))  # even, for PP=2
+    entries = [("model.embed_tokens.weight", (VOCAB, HIDDEN)), ("model.norm.weight", (HIDDEN,)),
+               ("lm_head.weight", (VOCAB, HIDDEN))]
+    entries += [(f"model.layers.{i}.{name}", shape) for i in range(layers) for name, shape in _layer_shapes(experts).items()]
+    path.mkdir(parents=True)
+    writer = SafetensorsStreamWriter(path / "model.safetensors", [(n, s, torch.bfloat16) for n, s in entries])
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in entries:
+        writer.write(name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
+    writer.close()
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                  num_key_value_heads=GROUPS, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = (MixtralConfig(intermediate_size=FFN // experts, num_local_experts=experts, num_experts_per_tok=2, **common)
+              if experts else LlamaConfig(intermediate_size=FFN, **common))
+    config.save_pretrained(path)
+    return layers
+
+
+# Runs one command and prints its wall time and peak RSS. It is started as a small process of its own
+# because on Linux a child's ru_maxrss starts from the RSS of the process that forked it, and this
+# benchmark's own process holds torch and the synthetic tensors.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)]))
+"""
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
+    seconds, rss, code = json.loads(result.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"benchmark step failed: {' '.join(command)}")
+    return seconds, rss
+
+
+def _convert(source: Path, target: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "convert.py"), "--load_path", str(source), "--save_path",
+            str(target), "--quiet", *flags]
+
+
+NAIVE = """
+import sys; sys.path[:0] = [{repo!r}, {scripts!r}]
+import _bootstrap, functools, torch
+from safetensors.torch import save_file
+from checkpoint_convert import converter, megatron_io, safe_load, hf_io
+full_load = functools.partial(safe_load.safe_torch_load, lazy=False)
+megatron_io.safe_torch_load = full_load
+class InMemory:
+    def __init__(self, root, planned, *args): self.root, self.tensors = root, {{}}
+    def write(self, name, tensor): self.tensors[name] = tensor.clone()
+    def finish(self): save_file(self.tensors, str(self.root / "model.safetensors"), metadata={{"format": "pt"}})
+converter.HFWriter = InMemory
+tree_init = megatron_io.MegatronTree.__init__
+def eager_init(self, *a, **k):
+    tree_init(self, *a, **k)
+    for rank in self.files: self._flat(rank)
+megatron_io.MegatronTree.__init__ = eager_init
+converter.convert(converter.Options(load_path=__import__("pathlib").Path({source!r}),
+                  save_path=__import__("pathlib").Path({target!r}), to="hf", quiet=True))
+"""
+
+
+def run_size(work: Path, gigabytes: float) -> list[tuple[str, float, float, float]]:
+    """Rows (name, seconds, peak RSS MB, source GB) for one model size."""
+    hf, mixtral = work / "hf", work / "mixtral_hf"
+    build_synthetic(hf, gigabytes)
+    build_synthetic(mixtral, gigabytes, experts=4)
+    source_gb = sum(f.stat().st_size for f in hf.rglob("*")) / 1e9
+    rows = []
+
+    def row(name, command):
+        seconds, rss = measure(command)
+        rows.append((name, seconds, rss, source_gb))
+
+    row("cp -r (source)", ["cp", "-r", str(hf), str(work / "copy")])
+    row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
+    row("import only", [sys.executable, "-c", f"import sys; sys.path[:0]=[{str(REPO)!r},{str(REPO / 'scripts')!r}];"
+                                               "import _bootstrap, checkpoint_convert.converter, transformers"])
+    row("hf -> megatron tp2pp2", _convert(hf, work / "tp2pp2", "--to", "megatron", "--target_tensor_model_parallel_size",
+                                          "2", "--target_pipeline_model_parallel_size", "2"))
+    row("megatron tp2pp2 -> hf", _convert(work / "tp2pp2", work / "back", "--to", "hf"))
+    row("megatron tp2pp2 -> tp1pp1", _convert(work / "tp2pp2", work / "tp1", "--to", "megatron",
+                                              "--target_tensor_model_parallel_size", "1",
+                                              "--target_pipeline_model_parallel_size", "1"))
+    subprocess.run(_convert(mixtral, work / "ep2", "--to", "megatron", "--target_expert_model_parallel_size", "2"),
+                   check=True)
+    row("mixtral megatron ep2 -> hf", _convert(work / "ep2", work / "mixtral_back", "--to", "hf"))
+    naive = NAIVE.format(repo=str(REPO), scripts=str(REPO / "scripts"), source=str(work / "tp2pp2"),
+                         target=str(work / "naive"))
+    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive])
+    return rows
+
+
+def report(size: float, rows: list[tuple[str, float, float, float]]) -> None:
+    times = {name: seconds for name, seconds, _, _ in rows}
+    rss = {name: mb for name, _, mb, _ in rows}
+    budget = times["cp -r (source)"] + times["python -c 'import torch'"]
+    largest_mb = VOCAB * HIDDEN * 2 / 2**20
+    memory_budget = rss["import only"] + 2 * largest_mb + 100
+    print(f"\n## {size} GB requested, source {rows[0][3]:.2f} GB, largest tensor {largest_mb:.0f} MB")
+    print(f"time budget (cp + torch start-up) {budget:.1f} s; memory budget (import RSS + 2 x largest + 100 MB) "
+          f"{memory_budget:.0f} MB")
+    print(f"| step | seconds | time / (cp + start-up) | peak RSS MB | RSS / budget |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, seconds, mb, _ in rows:
+        print(f"| {name} | {seconds:.1f} | {seconds / budget:.2f} | {mb:.0f} | {mb / memory_budget:.2f} |")
+    naive, ours = rss["naive megatron tp2pp2 -> hf"], rss["megatron tp2pp2 -> hf"]
+    print(f"naive / ours peak RSS for tp2pp2 -> hf: {naive / ours:.1f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2", help="comma-separated model sizes in GB (default 2)")
+    parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}")
+    peaks = {}
+    for size in [float(s) for s in args.sizes.split(",")]:
+        work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.workdir))
+        try:
+            rows = run_size(work, size)
+            report(size, rows)
+            peaks[size] = {name: mb for name, _, mb, _ in rows}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if len(peaks) > 1:
+        low, high = min(peaks), max(peaks)
+        print(f"\npeak RSS growth from {low} GB to {high} GB (same largest tensor):")
+        for name in peaks[low]:
+            print(f"  {name}: {peaks[high][name] - peaks[low][name]:+.0f} MB")
+    print(json.dumps({"sizes": list(peaks)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
