@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import sys
 import types
@@ -102,33 +103,68 @@ def _bad_config(root):
     (root / "hf" / "config.json").write_text("{not json")
 
 
-CASES = [
-    ("megatron", _truncate, "truncated or corrupt checkpoint"),
-    ("megatron", _empty, "file is empty"),
-    ("megatron", _not_a_pickle, "not a readable torch checkpoint"),
-    ("megatron", _remove_rank, "missing rank files for mp_rank_01_001"),
-    ("megatron", _extra_rank, "unexpected rank directories mp_rank_02_001"),
-    ("megatron", _no_tracker_no_rank_dirs, "no latest_checkpointed_iteration.txt"),
-    ("megatron", _tracker_names_missing_iteration, "iteration 7 has no mp_rank_* directories"),
-    ("megatron", _missing_args, "has no 'args'"),
-    ("megatron", _args_disagree, "does not fit"),
-    ("megatron", _tp_shape_mismatch, "different shapes across TP ranks"),
-    ("megatron", _foreign_global, "needs the global 'evil_payload.Payload'"),
-    ("hf", _wrong_model_type, "model_type 'bert'"),
-    ("hf", _bad_config, "unreadable config"),
+def _shard_listed_but_missing(root):
+    hf = root / "hf"
+    (hf / "model.safetensors").rename(hf / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _nothing(root):
+    pass
+
+
+MEGATRON_TO_HF = ("--to", "hf")
+HF_TO_MEGATRON = ("--to", "megatron")
+CASES = [  # (id, source, damage, flags, expected message)
+    ("truncated-rank-file", "megatron", _truncate, MEGATRON_TO_HF, "truncated or corrupt checkpoint"),
+    ("empty-file", "megatron", _empty, MEGATRON_TO_HF, "file is empty"),
+    ("not-a-zip-or-pickle", "megatron", _not_a_pickle, MEGATRON_TO_HF, "not a readable torch checkpoint"),
+    ("missing-rank-dir", "megatron", _remove_rank, MEGATRON_TO_HF, "missing rank files for mp_rank_01_001"),
+    ("extra-rank-dir", "megatron", _extra_rank, MEGATRON_TO_HF, "unexpected rank directories mp_rank_02_001"),
+    ("no-tracker-no-iteration", "megatron", _no_tracker_no_rank_dirs, MEGATRON_TO_HF,
+     "no latest_checkpointed_iteration.txt"),
+    ("tracker-names-missing-iteration", "megatron", _tracker_names_missing_iteration, MEGATRON_TO_HF,
+     "iteration 7 has no mp_rank_* directories"),
+    ("missing-args", "megatron", _missing_args, MEGATRON_TO_HF, "has no 'args'"),
+    ("args-disagree-with-shapes", "megatron", _args_disagree, MEGATRON_TO_HF, "does not fit"),
+    ("shape-mismatch-between-tp-ranks", "megatron", _tp_shape_mismatch, MEGATRON_TO_HF,
+     "different shapes across TP ranks"),
+    ("pickle-with-foreign-global", "megatron", _foreign_global, MEGATRON_TO_HF,
+     "needs the global 'evil_payload.Payload'"),
+    ("tp-not-dividing-heads", "megatron", _nothing, ("--to", "megatron", "--target_tensor_model_parallel_size", "3"),
+     "tensor parallel size 3 does not divide the 4 attention heads"),
+    ("uneven-layers-not-summing", "hf", _nothing, (*HF_TO_MEGATRON, "--target_pipeline_layers", "2,1"),
+     "must sum to num_layers=4"),
+    ("expert-parallel-without-experts", "hf", _nothing, (*HF_TO_MEGATRON, "--target_expert_model_parallel_size", "2"),
+     "needs a mixture-of-experts model"),
+    ("family-mismatch", "hf", _nothing, (*HF_TO_MEGATRON, "--model", "llama"), "does not match config.json"),
+    ("config-wrong-model-type", "hf", _wrong_model_type, HF_TO_MEGATRON, "model_type 'bert'"),
+    ("config-unreadable", "hf", _bad_config, HF_TO_MEGATRON, "unreadable config"),
+    ("shard-listed-but-missing", "hf", _shard_listed_but_missing, HF_TO_MEGATRON,
+     "shard model-00001-of-00002.safetensors is listed in the index but missing"),
 ]
 
 
-@pytest.mark.parametrize("kind,damage,message", CASES, ids=[c[1].__name__.strip("_") for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_source_untouched(pristine, tmp_path, capsys, kind, damage, message):
+@pytest.mark.parametrize("source,damage,flags,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_source_untouched(pristine, tmp_path, capsys, source, damage, flags, message):
     shutil.copytree(pristine, tmp_path / "src")
     damage(tmp_path / "src")
     before = snapshot(tmp_path / "src")
-    assert convert("--load_path", tmp_path / "src" / kind, "--save_path", tmp_path / "out",
-                   "--to", "hf" if kind == "megatron" else "megatron") == 2
+    assert convert("--load_path", tmp_path / "src" / source, "--save_path", tmp_path / "out", *flags) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("error: ") and "\n" not in err, err
     assert snapshot(tmp_path / "src") == before
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_not_enough_disk_space_fails_before_writing(pristine, tmp_path, capsys, monkeypatch):
+    import collections
+    from checkpoint_convert import output
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 2
+    assert "GiB but only 0.00 GiB are free" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
