@@ -164,7 +164,7 @@ def report(size: float, rows: list[tuple[str, float, float, float]]) -> None:
     print(f"\n## {size} GB requested, source {rows[0][3]:.2f} GB, largest tensor {largest_mb:.0f} MB")
     print(f"time budget (cp + torch start-up) {budget:.1f} s; memory budget (import RSS + 2 x largest + 100 MB) "
           f"{memory_budget:.0f} MB")
-    print(f"| step | seconds | time / (cp + start-up) | peak RSS MB | RSS / budget |")
+    print("| step | seconds | time / (cp + start-up) | peak RSS MB | RSS / budget |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, seconds, mb, _ in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / budget:.2f} | {mb:.0f} | {mb / memory_budget:.2f} |")
