@@ -60,17 +60,30 @@ def _as_meta(tensor: torch.Tensor, meta: bool) -> torch.Tensor:
     return torch.empty_like(tensor, device="meta") if meta else tensor
 
 
-class MegatronSource:
+class _ReleasesReadPages:
+    """Remembers the source tensors read for the current item and hands their mapped pages back."""
+
+    def __init__(self) -> None:
+        self._read: list[torch.Tensor] = []
+
+    def release(self) -> None:
+        """Return the memory-mapped pages of the tensors read since the last call."""
+        for tensor in self._read:
+            release_pages(tensor)
+        self._read.clear()
+
+
+class MegatronSource(_ReleasesReadPages):
     """Full tensors merged from a Megatron tree's tensor-parallel shards."""
 
     def __init__(self, tree: MegatronTree, family: FamilySpec, arch: ModelArch) -> None:
+        super().__init__()
         self.tree, self.family, self.arch = tree, family, arch
         self.stages = tree.stage_layer_counts()
         if sum(self.stages) != arch.num_layers:
             raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
                                 tree.iter_dir)
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
-        self._read: list[torch.Tensor] = []
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         if not meta:
@@ -110,12 +123,6 @@ class MegatronSource:
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
 
-    def release(self) -> None:
-        """Return the memory-mapped pages of the tensors read since the last call."""
-        for tensor in self._read:
-            release_pages(tensor)
-        self._read.clear()
-
     def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
         if len({tuple(s.shape) for s in shards}) > 1:
             where = f"layer {item.layer} " if item.layer is not None else ""
@@ -135,13 +142,13 @@ class MegatronSource:
         return left
 
 
-class HFSource:
+class HFSource(_ReleasesReadPages):
     """Full Megatron-layout tensors built from a Hugging Face checkpoint's tensors."""
 
     def __init__(self, checkpoint: HFCheckpoint, family: FamilySpec, arch: ModelArch) -> None:
+        super().__init__()
         self.checkpoint, self.family, self.arch = checkpoint, family, arch
         self.consumed: set[str] = set()
-        self._read: list[torch.Tensor] = []
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
@@ -153,8 +160,6 @@ class HFSource:
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
         return item.param.to_megatron(tensors, self.arch)
-
-    release = MegatronSource.release
 
     def unconsumed(self) -> list[str]:
         ignored = self.family.hf_ignored_suffixes
@@ -205,9 +210,9 @@ class MegatronTarget:
             full = pad_vocab(full, self.layout.padded_vocab)
         out = self._shards(item, full, stage, local, range(self.layout.ep), None)
         if item.param.megatron == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
+            # the last stage holds a copy of each embedding shard for the tied output layer
             copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
-            out += [((RankKey(t, len(stages) - 1, ep), copy_path), s)
-                    for ep in range(self.layout.ep) for t, s in enumerate(split_for_tp(full, Style.VOCAB, self.layout.tp))]
+            out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), copy_path), shard) for (rank, _), shard in out]
         return out
 
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],

@@ -1,6 +1,6 @@
 """Reading and writing Hugging Face checkpoint directories (config.json + safetensors or .bin shards).
 
-Reading is lazy: safetensors tensors are read with ``pread`` into fresh buffers (see
+Reading is lazy: safetensors tensors are read into fresh buffers with ordinary file reads (see
 :class:`SafetensorsReader`), ``.bin`` files are memory-mapped with ``torch.load``. Writing streams: each
 safetensors shard's header is written first from the planned shapes and dtypes, then tensors are
 appended one by one as the conversion produces them, so no shard is ever assembled in memory.
@@ -65,16 +65,12 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 def _names_in(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
-        return list(_open_safetensors(file).keys())
+        return list(SafetensorsReader(file).keys())
     return list(safe_torch_load(file).keys())
 
 
-def _open_safetensors(file: Path) -> "SafetensorsReader":
-    return SafetensorsReader(file)
-
-
 class SafetensorsReader:
-    """Reads one safetensors file tensor by tensor with ``os.pread``.
+    """Reads one safetensors file tensor by tensor with ordinary file reads (no memory map).
 
     ``safetensors.safe_open`` memory-maps the file, and every page read through a mapping stays
     in the process's resident memory while the file is open: converting a whole model would make
@@ -142,7 +138,7 @@ class HFCheckpoint:
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
             if file.suffix == ".safetensors":
-                self._handles[file] = _open_safetensors(file)
+                self._handles[file] = SafetensorsReader(file)
             else:
                 self._handles[file] = safe_torch_load(file, trust=self.trust)
         return self._handles[file]
