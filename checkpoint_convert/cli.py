@@ -100,6 +100,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         use_distributed_optimizer=args.use_distributed_optimizer, params_dtype=args.target_params_dtype,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         megatron_format=getattr(args, "megatron_format", None),
+        megatron_ckpt_format=getattr(args, "megatron_ckpt_format", None),
         transformer_impl=getattr(args, "transformer_impl", None), max_shard_size=args.max_shard_size,
         safe_serialization=args.safe_serialization, tokenizer_name=args.tokenizer_name,
         iteration=getattr(args, "iteration", None), vocab_size=getattr(args, "vocab_size", None),
@@ -128,6 +129,9 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     add_common_flags(parser)
     add_flag(parser, "megatron_format", choices=["mcore", "legacy"], default=None,
              help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
+    add_flag(parser, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
+             help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
+                  "sources, else torch)")
     add_flag(parser, "transformer_impl", choices=["transformer_engine", "local"], default=None,
              help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
     add_flag(parser, "moe_grouped_gemm", action="store_true",

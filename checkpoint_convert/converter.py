@@ -12,12 +12,14 @@ from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
-from .engine import HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, plan, run, walk
+from .engine import (HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget, plan, run,
+                     walk)
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
-from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, model_file_name
+from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
+from .torch_dist import TorchDistWriter
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
 
@@ -40,6 +42,7 @@ class Options:
     params_dtype: str | None = None
     make_vocab_size_divisible_by: int = 128
     megatron_format: str | None = None  # "mcore" or "legacy"; None keeps a Megatron source's
+    megatron_ckpt_format: str | None = None  # "torch" or "torch_dist"; None keeps a Megatron source's
     transformer_impl: str | None = None  # "transformer_engine" or "local"
     max_shard_size: str = "10GB"
     safe_serialization: bool = True
@@ -56,7 +59,7 @@ class Source:
     kind: str  # "megatron" or "hf"
     family: FamilySpec
     arch: ModelArch
-    reader: Any  # MegatronTree or HFCheckpoint
+    reader: Any  # MegatronTree, TorchDistTree or HFCheckpoint
     tensors: Any = None  # MegatronSource or HFSource
 
 
@@ -87,47 +90,57 @@ def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None)
     return family_for_megatron(arch, str(tree.iter_dir))
 
 
-def open_source(options: Options) -> Source:
-    """Detect the source format and family, and describe the architecture."""
-    path = options.load_path
+def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = False, model: str | None = None,
+                    vocab_size: int | None = None) -> Source:
+    """Detect a checkpoint's format and family, and describe its architecture; reads no tensor data."""
     if not path.is_dir():
         raise BadInputError("load path is not a directory", path)
     if is_megatron_checkpoint(path):
-        tree = MegatronTree(path, options.iteration, options.trust_checkpoint)
-        arch = arch_from_args(tree.args, str(tree.files.get(next(iter(tree.files)))), options.vocab_size)
-        family = _megatron_family(tree, arch, options.model)
+        tree = open_megatron_tree(path, iteration, trust)
+        arch = arch_from_args(tree.args, str(tree.files.get(next(iter(tree.files)))), vocab_size)
+        family = _megatron_family(tree, arch, model)
         arch.family = family.name
         return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch))
     if is_hf_checkpoint(path):
-        checkpoint = HFCheckpoint(path, options.trust_checkpoint)
+        checkpoint = HFCheckpoint(path, trust)
         family = family_for_hf_model_type(checkpoint.config.get("model_type"), str(path / "config.json"))
-        if options.model and options.model != family.name:
-            raise BadInputError(f"--model {options.model} does not match config.json's model_type "
+        if model and model != family.name:
+            raise BadInputError(f"--model {model} does not match config.json's model_type "
                                 f"'{checkpoint.config.get('model_type')}'", path / "config.json")
         if family.hf_aliases:
             checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
         arch = family.arch_from_hf_config(checkpoint.config)
         return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch))
-    raise BadInputError("neither a Megatron checkpoint (tracker file or mp_rank_* dirs) nor a Hugging Face "
-                        "model directory (config.json)", path)
+    raise BadInputError("neither a Megatron checkpoint (tracker file, mp_rank_* dirs or torch_dist files) nor a "
+                        "Hugging Face model directory (config.json)", path)
 
 
-def _target_schema(options: Options, source: Source) -> str:
-    if options.megatron_format is None and options.transformer_impl is None and source.kind == "megatron":
+def open_source(options: Options) -> Source:
+    return open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
+                           options.vocab_size)
+
+
+def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
+    """The requested key schema; unspecified, the source's (a legacy source becomes mcore for torch_dist)."""
+    keep = options.megatron_format is None and options.transformer_impl is None and source.kind == "megatron"
+    if keep and not (ckpt_format == "torch_dist" and source.reader.schema == schema.LEGACY):
         return source.reader.schema
-    if (options.megatron_format or "mcore") == "legacy":
+    if options.megatron_format == "legacy":
+        if ckpt_format == "torch_dist":
+            raise BadInputError("torch_dist checkpoints hold megatron-core models; --megatron_format legacy needs "
+                                "--megatron_ckpt_format torch")
         return schema.LEGACY
     return schema.MCORE_LOCAL if options.transformer_impl == "local" else schema.MCORE_TE
 
 
 def target_layout(options: Options, source: Source) -> ParallelLayout:
     """The requested layout; unspecified sizes default to the source's (Megatron) or 1 (HF)."""
-    from_megatron = source.kind == "megatron"
-    tp = options.tensor_parallel or (source.reader.tp if from_megatron else 1)
+    source_tp, source_pp, source_ep = source.reader.args_layout if source.kind == "megatron" else (1, 1, 1)
+    tp = options.tensor_parallel or source_tp
     pp = options.pipeline_parallel or (len(options.pipeline_layers) if options.pipeline_layers else None)
-    pp = pp or (source.reader.pp if from_megatron else 1)
+    pp = pp or source_pp
     stages = layers_per_stage(source.arch.num_layers, pp, options.pipeline_layers)
-    ep = options.expert_parallel or (source.reader.ep if from_megatron else 1)
+    ep = options.expert_parallel or source_ep
     return ParallelLayout(tp=tp, pp=pp, ep=ep, dp=options.data_parallel, stages=tuple(stages))
 
 
@@ -238,28 +251,48 @@ def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, options: 
     copy_tokenizer(options.tokenizer_name, staging)
 
 
+def _ckpt_format(options: Options, source: Source) -> str:
+    if options.megatron_ckpt_format:
+        return options.megatron_ckpt_format
+    return source.reader.ckpt_format if source.kind == "megatron" else "torch"
+
+
+def _megatron_args(options: Options, source: Source, layout: ParallelLayout, padded: int, target_schema: str,
+                   planned: list, dtype: torch.dtype | None, ckpt_format: str) -> Any:
+    """The args Megatron-LM reads back: the architecture, this layout, and the source's training settings."""
+    base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
+    impl = "local" if target_schema == schema.MCORE_LOCAL else "transformer_engine"
+    args = args_from_arch(source.arch, layout, padded, _output_dtype(planned, dtype),
+                          options.make_vocab_size_divisible_by, impl, base)
+    args.use_legacy_models = target_schema == schema.LEGACY
+    args.use_mcore_models = not args.use_legacy_models
+    args.use_distributed_optimizer = options.use_distributed_optimizer
+    args.moe_grouped_gemm = options.moe_grouped_gemm
+    args.ckpt_format = ckpt_format
+    return args
+
+
 def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
     validate_layout(arch, layout)
     padded = padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by, layout.tp)
-    target_schema = _target_schema(options, source)
-    grouped = options.moe_grouped_gemm
-    target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
-                                                             layout.ep, grouped))
+    ckpt_format = _ckpt_format(options, source)
+    target_schema = _target_schema(options, source, ckpt_format)
+    if ckpt_format == "torch_dist":
+        target = TorchDistTarget(family, arch, padded, target_schema == schema.MCORE_TE)
+    else:
+        target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
+                                                                 layout.ep, options.moe_grouped_gemm))
     items = walk(family, arch)
     planned = plan(items, source.tensors, target, dtype)
-    base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
-    impl = "local" if target_schema == schema.MCORE_LOCAL else "transformer_engine"
-    args = args_from_arch(arch, layout, padded, _output_dtype(planned, dtype),
-                          options.make_vocab_size_divisible_by, impl, base)
-    args.use_legacy_models = target_schema == schema.LEGACY
-    args.use_mcore_models = not args.use_legacy_models
-    args.use_distributed_optimizer = options.use_distributed_optimizer
-    args.moe_grouped_gemm = grouped
+    args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
-        writer = MegatronWriter(staging, planned, args, target_schema, layout.pp, layout.ep,
-                                model_file_name(options.use_distributed_optimizer))
+        if ckpt_format == "torch_dist":
+            common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
+            writer = TorchDistWriter(staging, common, target_schema == schema.MCORE_TE)
+        else:
+            writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer)
         _stream(items, source, target, dtype, writer, planned, options.quiet)
-        writer.finish(layout.dp, options.use_distributed_optimizer, layout.tp)
+        writer.finish()
     return _finish_summary(Summary(), planned, start)

@@ -21,6 +21,7 @@ from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import release_pages
+from .torch_dist import DistKey, dist_key_name
 from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stage_offsets,
                        trim_vocab)
 
@@ -44,7 +45,7 @@ def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
     return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
 
 
-def _locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
+def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
     """(pipeline stage, stage-local layer) of an item."""
     if group == FIRST:
         return 0, None
@@ -54,10 +55,6 @@ def _locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int 
         if layer < start + stages[stage]:
             return stage, layer - start
     raise BadInputError(f"layer {layer} is beyond the pipeline's {sum(stages)} layers")
-
-
-def _as_meta(tensor: torch.Tensor, meta: bool) -> torch.Tensor:
-    return torch.empty_like(tensor, device="meta") if meta else tensor
 
 
 class _ReleasesReadPages:
@@ -91,7 +88,7 @@ class MegatronSource(_ReleasesReadPages):
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
-        stage, local = _locate(self.stages, item.group, item.layer)
+        stage, local = locate(self.stages, item.group, item.layer)
         if item.param.experts:
             return torch.stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
                                              meta) for e in range(self.arch.num_experts)])
@@ -108,10 +105,9 @@ class MegatronSource(_ReleasesReadPages):
         shards = []
         for tp in range(self.tree.tp):
             rank = RankKey(tp, stage, ep)
-            stored = self.tree.tensor(rank, name, local)
+            shard = self.tree.tensor(rank, name, local, meta)
             if not meta:
-                self._read.append(stored)
-            shard = _as_meta(stored, meta)
+                self._read.append(shard)
             if name.startswith(QKV):
                 shard = reorder_legacy_qkv(shard, self.tree.version, self.arch.num_attention_heads // self.tree.tp,
                                            self.arch.kv_channels)
@@ -199,7 +195,7 @@ class MegatronTarget:
             _require_zero(full, item)
             return []
         stages = list(self.layout.stages)
-        stage, local = _locate(stages, item.group, item.layer)
+        stage, local = locate(stages, item.group, item.layer)
         if item.param.experts:
             out = []
             for expert, tensor in enumerate(full):
@@ -223,6 +219,31 @@ class MegatronTarget:
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, item.param.style, self.layout.tp)
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
+
+
+class TorchDistTarget:
+    """Global tensors as torch_dist chunks: one chunk per layer, one per tensor outside the layers.
+
+    The engine's full tensors are already what torch_dist stores (un-split, fc1 as [all gate; all
+    up], experts stacked); only the vocab is padded, for the tensor-parallel size training will use.
+    """
+
+    def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
+        self.arch, self.padded_vocab = arch, padded_vocab
+        dense_fc1 = any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+        self.fused_pre_mlp_norm = dense_fc1 or not transformer_engine
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        if item.param.zero_in_megatron:
+            _require_zero(full, item)
+            return []
+        if item.param.style is Style.VOCAB:
+            full = pad_vocab(full, self.padded_vocab)
+        fqn = dist_key_name(item.param.megatron.format(expert=0), item.layer, self.fused_pre_mlp_norm)
+        if item.layer is None:
+            return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
+        key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
+        return [(key, full.unsqueeze(0))]
 
 
 def _require_zero(tensor: torch.Tensor, item: Item) -> None:

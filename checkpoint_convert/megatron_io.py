@@ -16,6 +16,7 @@ import torch
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .safe_load import safe_torch_load
+from .torch_dist import TorchDistTree, is_torch_dist_dir
 from .torch_zip_writer import StreamingTorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -42,18 +43,23 @@ def _has_rank_dirs(path: Path) -> bool:
     return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
 
 
+def _holds_weights(path: Path) -> bool:
+    """An iteration directory: ``mp_rank_*`` dirs (torch format) or a torch_dist checkpoint."""
+    return _has_rank_dirs(path) or is_torch_dist_dir(path)
+
+
 def _iteration_dirs(path: Path) -> list[str]:
     return sorted(child.name for child in path.iterdir()
-                  if re.match(r"^(release|iter_\d{7})$", child.name) and _has_rank_dirs(child))
+                  if re.match(r"^(release|iter_\d{7})$", child.name) and _holds_weights(child))
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
-    return (path / TRACKER).is_file() or _has_rank_dirs(path) or bool(_iteration_dirs(path))
+    return (path / TRACKER).is_file() or _holds_weights(path) or bool(_iteration_dirs(path))
 
 
 def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
-    """The directory holding the ``mp_rank_*`` dirs: given directly, named by ``--iteration``, or by the tracker."""
-    if iteration is None and _has_rank_dirs(path):
+    """The directory holding the weights: given directly, named by ``--iteration``, or by the tracker."""
+    if iteration is None and _holds_weights(path):
         return path
     tracker = path / TRACKER
     if iteration is None:
@@ -65,9 +71,18 @@ def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
         if iteration != "release" and not iteration.isdigit():
             raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)
     target = path / iteration_dir_name(iteration)
-    if not _has_rank_dirs(target):
-        raise BadInputError(f"iteration {iteration} has no mp_rank_* directories at {target.name}/", path)
+    if not _holds_weights(target):
+        raise BadInputError(f"iteration {iteration} has no mp_rank_* directories or torch_dist files at "
+                            f"{target.name}/", path)
     return target
+
+
+def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = False) -> "MegatronTree | TorchDistTree":
+    """The checkpoint at ``path`` in whichever format it was saved (``torch`` rank files or ``torch_dist``)."""
+    iter_dir = find_iteration_dir(path, iteration)
+    if is_torch_dist_dir(iter_dir):
+        return TorchDistTree(iter_dir, trust)
+    return MegatronTree(iter_dir, trust=trust)
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,8 @@ class MegatronTree:
     layer index local to the rank's pipeline stage).
     """
 
+    ckpt_format = "torch"
+
     def __init__(self, path: Path, iteration: str | None = None, trust: bool = False) -> None:
         self.iter_dir = find_iteration_dir(path, iteration)
         self.trust = trust
@@ -130,6 +147,7 @@ class MegatronTree:
         self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
         self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
         self.ep = int(getattr(self.args, "expert_model_parallel_size", 1) or 1)
+        self.args_layout = (self.tp, self.pp, self.ep)
         self.files = self._index_rank_files(rank_dirs)
         self._states: dict[RankKey, dict[str, Any]] = {}
         self._names: dict[RankKey, dict[tuple[int | None, str], str]] = {}
@@ -221,15 +239,21 @@ class MegatronTree:
             counts.append(len(layers))
         return counts
 
-    def tensor(self, rank: RankKey, canonical: str, layer: int | None) -> torch.Tensor:
+    def tensor(self, rank: RankKey, canonical: str, layer: int | None, meta: bool = False) -> torch.Tensor:
+        """A shard (memory-mapped), or a ``meta`` tensor of its shape and dtype."""
         stored = self.names(rank).get((layer, canonical))
         if stored is None:
             where = f"layer {layer} " if layer is not None else ""
             raise BadInputError(f"{where}tensor '{canonical}' is missing", self.files[rank])
-        return self._flat(rank)[stored]
+        tensor = self._flat(rank)[stored]
+        return torch.empty_like(tensor, device="meta") if meta else tensor
 
     def all_weight_names(self, rank: RankKey) -> Iterable[tuple[int | None, str]]:
         return self.names(rank).keys()
+
+    def holders(self, rank: RankKey, canonical: str, layer: int | None) -> list[str]:
+        """The rank directory holding a shard."""
+        return [self.files[rank].parent.name]
 
 
 def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:
@@ -292,10 +316,12 @@ class MegatronWriter:
     the file has all its tensors. Memory holds one tensor at a time, whatever the layout."""
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
-                 args: Any, schema_name: str, pp_size: int, ep_size: int, file_name: str,
+                 args: Any, schema_name: str, layout: Any, distributed_optimizer: bool = False,
                  iteration: str | int = "release") -> None:
-        self.root, self.args, self.schema = root, args, schema_name
-        self.pp_size, self.ep_size, self.file_name, self.iteration = pp_size, ep_size, file_name, iteration
+        self.root, self.args, self.schema, self.layout = root, args, schema_name, layout
+        self.pp_size, self.ep_size, self.iteration = layout.pp, layout.ep, iteration
+        self.distributed_optimizer = distributed_optimizer
+        self.file_name = model_file_name(distributed_optimizer)
         self._expected: dict[RankKey, int] = {}
         for (rank, _), _, _ in planned:
             self._expected[rank] = self._expected.get(rank, 0) + 1
@@ -321,9 +347,10 @@ class MegatronWriter:
         file.close({"args": self.args, "checkpoint_version": 3.0, "iteration": 0, "model": nest(entries)})
         self.files_written.append(file.path)
 
-    def finish(self, dp: int = 1, distributed_optimizer: bool = False, tp: int = 1) -> None:
+    def finish(self) -> None:
         if self._entries:
             raise RuntimeError(f"rank files left incomplete: {sorted(map(str, self._entries))}")
-        if distributed_optimizer:
-            write_dummy_optimizer_files(self.root / iteration_dir_name(self.iteration), tp, self.pp_size, dp)
+        if self.distributed_optimizer:
+            write_dummy_optimizer_files(self.root / iteration_dir_name(self.iteration), self.layout.tp,
+                                        self.pp_size, self.layout.dp)
         write_tracker(self.root, self.iteration)

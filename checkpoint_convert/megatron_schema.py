@@ -102,7 +102,7 @@ def _legacy_layer_to_canonical(rel: str) -> str:
 
 
 _TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
-_SEQUENTIAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+SEQUENTIAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
 
 
 def _te_to_canonical(rel: str) -> str:
@@ -150,7 +150,7 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     if layer is None:
         return (canonical,)
     rel = canonical
-    expert = _SEQUENTIAL_EXPERT.match(rel)
+    expert = SEQUENTIAL_EXPERT.match(rel)
     if expert and grouped_experts:
         rel = f"mlp.experts.{expert.group(2)}.{expert.group(3)}{expert.group(1)}"
     if schema == MCORE_TE:

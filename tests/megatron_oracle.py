@@ -4,7 +4,9 @@
 loads its own ``mp_rank_TT[_EEE]`` rank file (PP1) into a GPTModel built from the checkpoint's args with
 ``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
-Megatron would store, and saves its logits.
+Megatron would store, and saves its logits; ``dist-make`` does the same through megatron-core's
+``dist_checkpointing.save`` (a torch_dist checkpoint), and ``dist-logits CKPT TOKENS OUT`` loads a
+torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel and saves its logits.
 
 It runs in a separate process because the CPU workarounds below patch torch process-wide.
 """
@@ -41,6 +43,7 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1) -> None:
       Transformer Engine.
     """
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing.save waits for CUDA copies
     torch.distributed.init_process_group("gloo", rank=rank, world_size=tp * ep)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
@@ -132,18 +135,52 @@ def logits_command(rank: int, tp: int, ep: int, ckpt: Path, tokens: Path, out: P
         torch.save(logits, out)
 
 
-def make_command(spec: Path, out: Path, tokens: Path) -> None:
+def _random_model(spec: Path):
+    """A GPTModel with random weights from a JSON spec of Megatron args, and the args Megatron would store."""
     fields = json.loads(spec.read_text())
     args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=1,
-                              pipeline_model_parallel_size=1, checkpoint_version=3.0)
+                              pipeline_model_parallel_size=1, checkpoint_version=3.0, transformer_impl="local")
     model = build_model(args)
     randomize(model, fields.get("seed", 0))
+    return args, model
+
+
+def make_command(spec: Path, out: Path, tokens: Path) -> None:
+    """An mp_rank tree (``--ckpt-format torch``) holding the model's own ``state_dict()``."""
+    args, model = _random_model(spec)
     rank_dir = out / "release" / "mp_rank_00"
     rank_dir.mkdir(parents=True)
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": model.state_dict()},
                rank_dir / "model_optim_rng.pt")
     (out / "latest_checkpointed_iteration.txt").write_text("release")
     torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
+
+
+def dist_make_command(spec: Path, out: Path, tokens: Path) -> None:
+    """A torch_dist checkpoint saved by ``dist_checkpointing.save`` as Megatron-LM's save_checkpoint does
+    (args, version and iteration beside the model's sharded state dict), in ``iter_0000001``."""
+    from megatron.core import dist_checkpointing
+
+    args, model = _random_model(spec)
+    args.ckpt_format = "torch_dist"
+    iter_dir = out / "iter_0000001"
+    iter_dir.mkdir(parents=True)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict()}
+    dist_checkpointing.save(state, str(iter_dir))
+    (out / "latest_checkpointed_iteration.txt").write_text("1")
+    torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
+
+
+def dist_logits_command(ckpt: Path, tokens: Path, out: Path) -> None:
+    """Load a torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel (strict) and save its logits."""
+    from megatron.core import dist_checkpointing
+
+    iter_dir = ckpt / (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+    args = torch.load(iter_dir / "common.pt", weights_only=False)["args"]
+    model = build_model(args)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
+    model.load_state_dict(state["model"], strict=True)
+    torch.save(forward(model, torch.load(tokens), args.vocab_size), out)
 
 
 if __name__ == "__main__":
@@ -155,4 +192,5 @@ if __name__ == "__main__":
         torch.multiprocessing.spawn(logits_command, args=(tp, ep, ckpt, tokens, out), nprocs=tp * ep)
     else:
         _init_cpu_megatron()
-        make_command(*map(Path, rest))
+        commands = {"make": make_command, "dist-make": dist_make_command, "dist-logits": dist_logits_command}
+        commands[command](*map(Path, rest))

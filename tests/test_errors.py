@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import pickle
 import shutil
 import sys
 import types
@@ -23,6 +25,8 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     model = tiny_gpt2(root / "hf")
     reference_megatron_gpt2(model, root / "megatron", tp=2, pp=2, schema="local")
+    assert convert("--load_path", root / "hf", "--save_path", root / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist") == 0
     return root
 
 
@@ -110,6 +114,24 @@ def _shard_listed_but_missing(root):
     (hf / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _hostile_dist_metadata(root):
+    """A .metadata pickle that would run a shell command (writing into the source) when unpickled."""
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {root / 'dist' / 'pwned'}",))
+    (root / "dist" / "release" / ".metadata").write_bytes(pickle.dumps(Payload()))
+
+
+def _unsupported_dist_backend(root):
+    backend = root / "dist" / "release" / "metadata.json"
+    backend.write_text(backend.read_text().replace('"torch_dist"', '"zarr"', 1))
+
+
+def _truncated_distcp(root):
+    data = root / "dist" / "release" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:5000])
+
+
 def _nothing(root):
     pass
 
@@ -132,6 +154,14 @@ CASES = [  # (id, source, damage, flags, expected message)
      "different shapes across TP ranks"),
     ("pickle-with-foreign-global", "megatron", _foreign_global, MEGATRON_TO_HF,
      "needs the global 'evil_payload.Payload'"),
+    ("torch-dist-hostile-metadata-pickle", "dist", _hostile_dist_metadata, MEGATRON_TO_HF,
+     "global 'posix.system' is not checkpoint metadata"),
+    ("torch-dist-unsupported-backend", "dist", _unsupported_dist_backend, MEGATRON_TO_HF,
+     "sharded backend 'zarr' is not supported"),
+    ("torch-dist-truncated-data-file", "dist", _truncated_distcp, MEGATRON_TO_HF,
+     "__0_0.distcp: cannot read 'embedding.word_embeddings.weight', the file is truncated or corrupt"),
+    ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
+     "--megatron_format legacy needs --megatron_ckpt_format torch"),
     ("tp-not-dividing-heads", "megatron", _nothing, ("--to", "megatron", "--target_tensor_model_parallel_size", "3"),
      "tensor parallel size 3 does not divide the 4 attention heads"),
     ("uneven-layers-not-summing", "hf", _nothing, (*HF_TO_MEGATRON, "--target_pipeline_layers", "2,1"),

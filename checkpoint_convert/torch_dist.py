@@ -1,0 +1,351 @@
+"""Megatron's ``torch_dist`` checkpoints (``--ckpt-format torch_dist``), read and written in one CPU process.
+
+An iteration directory holds ``metadata.json`` (the backend), ``common.pt`` (args, versions: no
+weights), ``.metadata`` (a pickled ``torch.distributed.checkpoint`` Metadata) and ``__R_k.distcp``
+data files. Tensors are global (un-split); the layers of the decoder share one key with the layer as
+the leading axis (``decoder.layers.self_attention.linear_qkv.weight`` [L, rows, hidden]), MoE experts
+add an expert axis ([L, E, ...]), and SwiGLU fc1 is stored as [all gate rows; all up rows]: exactly the
+full tensors the engine works with. Norms always use Transformer Engine names, and ``_extra_state``
+entries are pickled byte objects.
+
+Reading presents the checkpoint as a one-rank tree of global tensors, so the engine's merge code
+applies unchanged; each layer slice is read through ``torch.distributed.checkpoint``'s own
+``FileSystemReader`` (only the chunks that overlap it, tensors loaded with ``weights_only=True``).
+``FileSystemReader.read_metadata`` unpickles ``.metadata`` without restriction, so it is read here
+with an unpickler that accepts only the checkpoint metadata classes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Iterable
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed._shard._utils import narrow_tensor_by_index
+
+from . import megatron_schema as schema
+from .errors import BadInputError
+from .safe_load import safe_torch_load
+
+TRACKER = "latest_checkpointed_iteration.txt"
+BACKEND_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+METADATA_FILE = ".metadata"
+DATA_FILE = "__0_0.distcp"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+           "common_backend": "torch", "common_backend_version": 1}
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def _torch_saved(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# megatron-core stores a sharded object as the ``torch.save`` bytes of the list of its values; the
+# extra state of a linear layer without FP8 is None.
+EMPTY_EXTRA_STATE = _torch_saved([None])
+_STACKED_EXPERT = re.compile(r"^mlp\.experts\.(?:experts\.)?(linear_fc[12])\.(weight|bias)$")
+
+# The classes a ``.metadata`` pickle written by torch.distributed.checkpoint refers to.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *{("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")},
+    *{("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")},
+    ("collections", "OrderedDict"),
+}
+
+
+def is_torch_dist_dir(path: Path) -> bool:
+    """An iteration directory written with ``--ckpt-format torch_dist`` (or another distributed backend)."""
+    return (path / BACKEND_FILE).is_file() and (path / COMMON_FILE).is_file()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only checkpoint metadata: dataclasses of torch.distributed.checkpoint and dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not checkpoint metadata")
+
+
+def read_metadata(iter_dir: Path) -> dcp_metadata.Metadata:
+    file = iter_dir / METADATA_FILE
+    try:
+        with open(file, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except FileNotFoundError:
+        raise BadInputError("torch_dist checkpoint has no .metadata file", iter_dir)
+    except Exception as error:  # pickle raises many types for damaged or hostile files
+        raise BadInputError(f"unreadable torch_dist metadata ({str(error).splitlines()[0][:160]})", file)
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
+        raise BadInputError("not a torch.distributed.checkpoint metadata file", file)
+    return metadata
+
+
+def _read_backend(iter_dir: Path) -> None:
+    file = iter_dir / BACKEND_FILE
+    try:
+        backend = json.loads(file.read_text()).get("sharded_backend")
+    except (OSError, ValueError, AttributeError) as error:
+        raise BadInputError(f"unreadable backend description ({error})", file)
+    if backend != "torch_dist":
+        raise BadInputError(f"sharded backend '{backend}' is not supported (only torch_dist)", file)
+
+
+class _RegionPlanner(LoadPlanner):
+    """Copies what ``FileSystemReader.read_data`` reads into one destination tensor (a region of a key)."""
+
+    def __init__(self, destination: torch.Tensor) -> None:
+        self.destination = destination
+
+    def set_up_planner(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def create_local_plan(self) -> LoadPlan:
+        return LoadPlan([])
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        pass
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        return narrow_tensor_by_index(self.destination, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a canonical tensor lives: a key and the index of its slice on the leading axes."""
+
+    fqn: str
+    index: tuple[int, ...]
+
+
+class TorchDistTree:
+    """A torch_dist iteration directory, seen as a one-rank tree of global tensors.
+
+    It offers what the engine asks of :class:`~checkpoint_convert.megatron_io.MegatronTree`
+    (``tensor``, ``all_weight_names``, ``stage_layer_counts``, ``tp``/``pp``/``ep`` of the stored
+    shards, all 1); ``args_layout`` is the layout the run was trained with.
+    """
+
+    ckpt_format = "torch_dist"
+
+    def __init__(self, iter_dir: Path, trust: bool = False) -> None:
+        from .megatron_io import RankKey
+
+        self.iter_dir = iter_dir
+        _read_backend(iter_dir)
+        common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
+        if not isinstance(common, dict) or common.get("args") is None:
+            raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
+                                iter_dir / COMMON_FILE)
+        self.args = common["args"]
+        self.version = float(common.get("checkpoint_version", 3.0) or 3.0)
+        self.iteration = common.get("iteration", 0)
+        self.metadata = read_metadata(iter_dir)
+        self.tp = self.pp = self.ep = 1
+        self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (
+            "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+        impl = getattr(self.args, "transformer_impl", "transformer_engine")
+        self.schema = schema.MCORE_LOCAL if impl == "local" else schema.MCORE_TE
+        self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}
+        self.skipped = sorted(k for k in self.metadata.state_dict_metadata if not k.startswith(MODEL_PREFIXES))
+        self._names = self._index()
+        self._reader = FileSystemReader(str(iter_dir))
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+
+    def _tensor_keys(self) -> Iterable[tuple[str, dcp_metadata.TensorStorageMetadata]]:
+        for fqn, entry in self.metadata.state_dict_metadata.items():
+            if fqn.startswith(MODEL_PREFIXES) and isinstance(entry, dcp_metadata.TensorStorageMetadata):
+                yield fqn, entry
+
+    def _index(self) -> dict[tuple[int | None, str], _Stored]:
+        """Canonical (layer, name) -> stored key and slice, for every model tensor."""
+        table: dict[tuple[int | None, str], _Stored] = {}
+        for fqn, entry in self._tensor_keys():
+            if not fqn.startswith(schema.LAYER_PREFIX):
+                table[(None, fqn)] = _Stored(fqn, ())
+                continue
+            rel = fqn[len(schema.LAYER_PREFIX):]
+            expert = _STACKED_EXPERT.match(rel)
+            for layer in range(entry.size[0]):
+                if expert:
+                    for e in range(entry.size[1]):
+                        name = f"mlp.experts.local_experts.{e}.{expert.group(1)}.{expert.group(2)}"
+                        table[(layer, name)] = _Stored(fqn, (layer, e))
+                else:
+                    table[(layer, schema.canonical_name(f"{schema.LAYER_PREFIX}0.{rel}", self.schema)[1])] = \
+                        _Stored(fqn, (layer,))
+        return table
+
+    def stage_layer_counts(self) -> list[int]:
+        counts = {entry.size[0] for fqn, entry in self._tensor_keys() if fqn.startswith(schema.LAYER_PREFIX)}
+        if len(counts) > 1:
+            raise BadInputError(f"layer-stacked tensors disagree on the number of layers: {sorted(counts)}",
+                                self.iter_dir / METADATA_FILE)
+        return [counts.pop() if counts else 0]
+
+    def all_weight_names(self, rank: Any) -> Iterable[tuple[int | None, str]]:
+        return self._names.keys()
+
+    def _stored(self, canonical: str, layer: int | None) -> _Stored:
+        stored = self._names.get((layer, canonical))
+        if stored is None:
+            where = f"layer {layer} " if layer is not None else ""
+            raise BadInputError(f"{where}tensor '{canonical}' is missing", self.iter_dir / METADATA_FILE)
+        return stored
+
+    def holders(self, rank: Any, canonical: str, layer: int | None) -> list[str]:
+        """The data files holding chunks of a tensor's slice."""
+        stored = self._stored(canonical, layer)
+        entry = self.metadata.state_dict_metadata[stored.fqn]
+        def overlaps(chunk: ChunkStorageMetadata) -> bool:
+            return all(start <= i < start + size for i, start, size in zip(stored.index, chunk.offsets, chunk.sizes))
+        return sorted({self.metadata.storage_data[dcp_metadata.MetadataIndex(stored.fqn, chunk.offsets)].relative_path
+                       for chunk in entry.chunks if overlaps(chunk)})
+
+    def tensor(self, rank: Any, canonical: str, layer: int | None, meta: bool = False) -> torch.Tensor:
+        stored = self._stored(canonical, layer)
+        entry = self.metadata.state_dict_metadata[stored.fqn]
+        fixed = len(stored.index)
+        shape = tuple(entry.size[fixed:])
+        if meta:
+            return torch.empty(shape, dtype=entry.properties.dtype, device="meta")
+        return self._read_region(stored, entry, shape)
+
+    def _read_region(self, stored: _Stored, entry: dcp_metadata.TensorStorageMetadata,
+                     shape: tuple[int, ...]) -> torch.Tensor:
+        """Read one slice (a layer, or a layer's expert) of a stored key: only the chunks it overlaps."""
+        destination = torch.empty((1,) * len(stored.index) + shape, dtype=entry.properties.dtype)
+        region = ChunkStorageMetadata(offsets=torch.Size([*stored.index, *(0 for _ in shape)]),
+                                      sizes=destination.shape)
+        items = create_read_items_for_chunk_list(stored.fqn, entry, [region])
+        try:
+            self._reader.read_data(LoadPlan(items), _RegionPlanner(destination)).wait()
+        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:
+            files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
+            raise BadInputError(f"cannot read '{stored.fqn}', the file is truncated or corrupt "
+                                f"({str(error).splitlines()[0][:120]})", self.iter_dir / files[0])
+        return destination.reshape(shape)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistKey:
+    """One chunk of a global key: its offsets and the key's global shape."""
+
+    fqn: str
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+
+def dist_key_name(canonical: str, layer: int | None, fused_pre_mlp_norm: bool) -> str:
+    """The torch_dist key of a canonical tensor: TE norm names, experts on a stacked ``experts.experts`` key.
+
+    A MoE layer's pre-MLP norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and
+    ``pre_mlp_layernorm.weight`` for Transformer Engine (measured on megatron-core 0.16.1).
+    """
+    if layer is None:
+        return canonical
+    expert = schema.SEQUENTIAL_EXPERT.match(canonical)
+    if expert:
+        return f"{schema.LAYER_PREFIX}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+    path = schema.stored_path(canonical, 0, schema.MCORE_TE, layer_has_dense_fc1=fused_pre_mlp_norm)
+    return path[0].replace(f"{schema.LAYER_PREFIX}0.", schema.LAYER_PREFIX, 1)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whose storage is exactly its bytes: ``torch.save`` of a view writes the whole storage."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
+    return tensor
+
+
+def _extra_state_objects(keys: Iterable[DistKey], transformer_engine: bool) -> list[str]:
+    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert)."""
+    modules: dict[str, tuple[int, ...]] = {}
+    for key in keys:
+        module, param = key.fqn.rsplit(".", 1)
+        # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
+        if key.fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
+            modules[module] = key.global_shape[:2] if ".experts.experts." in key.fqn else key.global_shape[:1]
+            if transformer_engine and module.endswith("self_attention.linear_qkv"):
+                modules[module.replace("linear_qkv", "core_attention")] = key.global_shape[:1]
+    names = []
+    for module, shape in modules.items():
+        for index in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist():
+            offsets, sizes = ".".join(map(str, index)), ".".join(map(str, shape))
+            names.append(f"{module}._extra_state/shard_{offsets}_{sizes}")
+    return names
+
+
+class TorchDistWriter:
+    """Streams chunks into one ``.distcp`` file of ``ROOT/release/``; ``.metadata``, ``common.pt``,
+    ``metadata.json`` and then the tracker come last, so an unfinished directory never looks complete."""
+
+    def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool) -> None:
+        self.root = root
+        self.iter_dir = root / "release"
+        self.iter_dir.mkdir(parents=True, exist_ok=True)
+        self.common, self.transformer_engine = common, transformer_engine
+        self._file = open(self.iter_dir / DATA_FILE, "wb")
+        self._tensors: dict[str, dcp_metadata.TensorStorageMetadata] = {}
+        self._storage: dict[dcp_metadata.MetadataIndex, _StorageInfo] = {}
+
+    def write(self, key: DistKey, tensor: torch.Tensor) -> None:
+        entry = self._tensors.setdefault(key.fqn, dcp_metadata.TensorStorageMetadata(
+            properties=dcp_metadata.TensorProperties(dtype=tensor.dtype), size=torch.Size(key.global_shape), chunks=[]))
+        entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(key.offsets), sizes=tensor.shape))
+        self._store(dcp_metadata.MetadataIndex(key.fqn, key.offsets), _compact(tensor))
+
+    def _store(self, index: dcp_metadata.MetadataIndex, obj: torch.Tensor | bytes) -> None:
+        """Append a tensor (as ``torch.save`` bytes, what DCP's reader loads) or raw object bytes."""
+        offset = self._file.tell()
+        if isinstance(obj, bytes):
+            self._file.write(obj)
+        else:
+            torch.save(obj, self._file)
+        self._storage[index] = _StorageInfo(DATA_FILE, offset, self._file.tell() - offset)
+
+    def finish(self) -> None:
+        keys = [DistKey(fqn, (), tuple(entry.size)) for fqn, entry in self._tensors.items()]
+        entries: dict[str, Any] = dict(self._tensors)
+        for name in _extra_state_objects(keys, self.transformer_engine):
+            self._store(dcp_metadata.MetadataIndex(name), EMPTY_EXTRA_STATE)
+            entries[name] = dcp_metadata.BytesStorageMetadata()
+        self._file.close()
+        metadata = dcp_metadata.Metadata(state_dict_metadata=entries, storage_data=self._storage, version="1.0.0")
+        with open(self.iter_dir / METADATA_FILE, "wb") as handle:
+            pickle.dump(metadata, handle)
+        torch.save(self.common, self.iter_dir / COMMON_FILE)
+        (self.iter_dir / BACKEND_FILE).write_text(json.dumps(BACKEND))
+        (self.root / TRACKER).write_text("release")

@@ -1,0 +1,89 @@
+"""torch_dist checkpoints: written by megatron-core itself, read by megatron-core, and every direction between.
+
+megatron-core writes the sources with ``dist_checkpointing.save`` (as Megatron-LM's save_checkpoint
+does) and loads our output with ``dist_checkpointing.load`` into a GPTModel (every key it asks for
+must be present, strict ``load_state_dict``): the logits prove both directions.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, tiny_gpt2
+from tests.test_errors import snapshot
+from tests.test_llama import tiny_llama
+from tests.test_megatron_core import ATOL, MODELS, SPECS, megatron_core_logits, run_oracle
+from tests.test_mixtral import tiny_mixtral
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
+
+
+def megatron_written_torch_dist(tmp_path, family):
+    (tmp_path / "spec.json").write_text(json.dumps(SPECS[family]))
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    run_oracle("dist-make", tmp_path / "spec.json", tmp_path / "dist", tmp_path / "tokens.pt")
+    return tmp_path / "dist", torch.load(tmp_path / "megatron_logits.pt")
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, family):
+    source, expected = megatron_written_torch_dist(tmp_path, family)
+    before = snapshot(source)
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
+    assert snapshot(source) == before
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied", "llama_biased", "mixtral"])
+def test_hf_to_torch_dist_loads_in_megatron_core(tmp_path, name):
+    model = MODELS[name](tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist", "--transformer_impl", "local") == 0
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    run_oracle("dist-logits", tmp_path / "dist", tmp_path / "tokens.pt", tmp_path / "logits.pt")
+    assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
+
+
+def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path):
+    """megatron-core's torch_dist -> mp_rank tree at TP2 -> megatron-core with two processes."""
+    source, expected = megatron_written_torch_dist(tmp_path, "llama")
+    assert convert("--load_path", source, "--save_path", tmp_path / "tp2", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch", "--target_tensor_model_parallel_size", "2") == 0
+    assert sorted(p.name for p in (tmp_path / "tp2" / "release").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    assert_logits_close(megatron_core_logits(tmp_path / "tp2", tmp_path, tp=2), expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("maker", [tiny_gpt2, tiny_llama, tiny_mixtral], ids=["gpt2", "llama", "mixtral"])
+def test_rank_files_to_torch_dist_and_back_to_hf(tmp_path, maker):
+    """HF -> TP2 PP2 rank files -> torch_dist (the default for a torch_dist target) -> HF."""
+    model = maker(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "ranks", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
+    assert convert("--load_path", tmp_path / "ranks", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist") == 0
+    common = torch.load(tmp_path / "dist" / "release" / "common.pt", weights_only=False)
+    assert common["args"].ckpt_format == "torch_dist" and common["args"].tensor_model_parallel_size == 2
+    assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
+def test_torch_dist_reads_one_layer_at_a_time(tmp_path):
+    """A layer slice is read from the chunks of that layer only (torch_dist data is never loaded whole)."""
+    from checkpoint_convert.megatron_io import open_megatron_tree
+
+    source, _ = megatron_written_torch_dist(tmp_path, "llama")
+    tree = open_megatron_tree(source)
+    reads = []
+    original = tree._reader.read_data
+
+    def counting(plan, planner):
+        reads.append([item.storage_index.offset for item in plan.items])
+        return original(plan, planner)
+    tree._reader.read_data = counting
+    qkv = tree.tensor(None, "self_attention.linear_qkv.weight", 1)
+    assert qkv.shape == (128, 64) and reads == [[torch.Size([1, 0, 0])]]
+    fc1 = tree.tensor(None, "mlp.linear_fc1.weight", 2)
+    assert fc1.shape == (192, 64) and len(reads[-1]) == 2  # the gate and up chunks of layer 2
