@@ -17,3 +17,4 @@ class BadInputError(Exception):
     def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
         self.path = os.fspath(path) if path is not None else None
         super().__init__(f"{self.path}: {message}" if self.path else message)
+EXIT_MISMATCH = 3  # verify: the checkpoints differ; inspect --check: integrity problems found

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
 from checkpoint_convert.cli import add_flag, guarded, options_from_args  # noqa: E402
-from checkpoint_convert.converter import convert  # noqa: E402
+from checkpoint_convert.converter import convert, open_checkpoint  # noqa: E402
+from checkpoint_convert.inspection import as_text, describe  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,20 +50,13 @@ def main(args: argparse.Namespace) -> int:
     to_hf = args.convert_checkpoint_from_megatron_to_transformers
     options = options_from_args(args, to="hf" if to_hf else "megatron", model="gpt2",
                                 megatron_format=None if to_hf else "legacy")
+    if args.print_checkpoint_structure:  # the source's structure, as scripts/inspect_checkpoint.py prints it
+        source = open_checkpoint(options.load_path, trust=options.trust_checkpoint, model="gpt2")
+        print(as_text(describe(source, args.load_path)))
     summary = convert(options)
-    if args.print_checkpoint_structure:
-        for name, shape, dtype in summary.planned:
-            print(f"{_display(name)} : {list(shape)} {str(dtype).replace('torch.', '')}")
     if not options.quiet:
         print(summary.line(options.save_path))
     return 0
-
-
-def _display(key) -> str:
-    if isinstance(key, str):
-        return key
-    rank, path = key
-    return f"tp{rank.tp} pp{rank.pp}: {'.'.join(path)}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""inspect describes every format truthfully and --check finds damage; verify proves sameness and catches
+the bugs a converter makes (a perturbed weight, two swapped query heads)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO, convert, reference_megatron_gpt2, tiny_gpt2
+from tests.test_llama import tiny_llama
+from tests.test_mixtral import tiny_mixtral
+from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+
+
+def inspect_json(path, capsys, *flags):
+    code = run_inspect_cli([str(path), "--json", *flags])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _rank_file(root, name):
+    return root / "release" / name / "model_optim_rng.pt"
+
+
+def _rewrite(file, change):
+    state = torch.load(file, weights_only=False)
+    change(state["model"])
+    torch.save(state, file)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2")
+    model = tiny_gpt2(root / "hf")
+    for schema in ("legacy", "local", "transformer_engine"):
+        reference_megatron_gpt2(model, root / schema, tp=2, pp=2, schema=schema)
+    assert convert("--load_path", root / "hf", "--save_path", root / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist", "--target_tensor_model_parallel_size", "2") == 0
+    return root, model
+
+
+@pytest.mark.parametrize("kind,fmt,schema", [
+    ("legacy", "megatron torch", "legacy"), ("local", "megatron torch", "local"),
+    ("transformer_engine", "megatron torch", "transformer_engine"),
+    ("dist", "megatron torch_dist", "transformer_engine"), ("hf", "huggingface safetensors", None)])
+def test_inspect_describes_every_format(gpt2, capsys, kind, fmt, schema):
+    root, model = gpt2
+    code, report = inspect_json(root / kind, capsys)
+    assert code == 0
+    assert (report["format"], report["schema"], report["family"]) == (fmt, schema, "gpt2")
+    assert report["parameters"] == model.num_parameters()  # the tied output layer counted once
+    assert report["vocab"] == {"true": 1000, "padded": 1000 if kind == "hf" else 1024}
+    assert report["architecture"]["num_layers"] == 4 and report["architecture"]["hidden_size"] == 64
+    rows = {row["name"]: row for row in report["tensors"]}
+    if kind == "hf":
+        assert rows["transformer.h.3.attn.c_attn.weight"]["shape"] == [64, 192]
+        return
+    qkv = rows["decoder.layers.3.self_attention.linear_qkv.weight"]
+    assert qkv["shape"] == [192, 64] and qkv["dtype"] == "float32"
+    if kind == "dist":
+        assert report["layout"]["tp"] == 2 and qkv["held_by"] == ["__0_0.distcp"]
+    else:
+        assert report["layout"] == {"tp": 2, "pp": 2, "ep": 1, "layers_per_stage": [2, 2]}
+        assert qkv["held_by"] == ["mp_rank_00_001", "mp_rank_01_001"]  # layer 3 lives on the second stage
+        assert rows["embedding.word_embeddings.weight"]["held_by"] == ["mp_rank_00_000", "mp_rank_01_000"]
+
+
+def test_inspect_text_and_expert_layout(tmp_path, capsys):
+    tiny_mixtral(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_expert_model_parallel_size", "2") == 0
+    assert run_inspect_cli([str(tmp_path / "m")]) == 0
+    text = capsys.readouterr().out
+    assert "family: mixtral" in text and "layout: TP 1  PP 1  EP 2" in text
+    row = next(line for line in text.splitlines() if "decoder.layers.0.mlp.experts.local_experts.*.linear_fc1" in line)
+    assert "4x192x64" in row and "mp_rank_00_000,mp_rank_00_001" in row
+
+
+def test_check_passes_a_sound_checkpoint_and_finds_a_corrupted_replica(gpt2, tmp_path, capsys):
+    root, _ = gpt2
+    assert inspect_json(root / "local", capsys, "--check") == (0, inspect_json(root / "local", capsys)[1] | {"problems": []})
+    import shutil
+    shutil.copytree(root / "local", tmp_path / "bad")
+
+    def corrupt(model):
+        model["decoder.layers.1.input_layernorm.weight"][5] += 1.0
+    _rewrite(_rank_file(tmp_path / "bad", "mp_rank_01_000"), corrupt)
+    code, report = inspect_json(tmp_path / "bad", capsys, "--check")
+    assert code == 3
+    assert report["problems"] == ["decoder.layers.1.input_layernorm.weight: replicated tensor differs between "
+                                  "TP ranks 0 and 1 (max |diff| 1)"]
+
+
+def test_check_finds_nan_and_a_missing_rank(gpt2, tmp_path, capsys):
+    import shutil
+    root, _ = gpt2
+    shutil.copytree(root / "local", tmp_path / "nan")
+
+    def poison(model):
+        model["decoder.layers.0.mlp.linear_fc2.weight"][0, 0] = float("nan")
+    _rewrite(_rank_file(tmp_path / "nan", "mp_rank_01_000"), poison)
+    assert run_inspect_cli([str(tmp_path / "nan"), "--check"]) == 3
+    assert "problem: decoder.layers.0.mlp.linear_fc2.weight: contains NaN or Inf values" in capsys.readouterr().out
+    shutil.copytree(root / "local", tmp_path / "missing")
+    shutil.rmtree(tmp_path / "missing" / "release" / "mp_rank_01_001")
+    assert run_inspect_cli([str(tmp_path / "missing"), "--check"]) == 2
+    assert "missing rank files for mp_rank_01_001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other", ["local", "dist", "legacy"])
+def test_verify_passes_on_converted_pairs(gpt2, capsys, other):
+    root, _ = gpt2
+    assert run_verify_cli([str(root / "hf"), str(root / other), "--logits"]) == 0
+    out = capsys.readouterr().out
+    assert "compared 52 tensors: max |diff| 0" in out and "logits: max |diff| 0" in out and out.endswith("EQUAL\n")
+
+
+def test_verify_fails_on_a_perturbed_weight(gpt2, tmp_path, capsys):
+    import shutil
+    root, _ = gpt2
+    shutil.copytree(root / "transformer_engine", tmp_path / "m")
+
+    def perturb(model):
+        model["decoder.layers.0.mlp.linear_fc1.weight"][3, 7] += 1e-3  # stage 1 starts at global layer 2
+    _rewrite(_rank_file(tmp_path / "m", "mp_rank_00_001"), perturb)
+    assert run_verify_cli([str(root / "hf"), str(tmp_path / "m")]) == 3
+    out = capsys.readouterr().out
+    assert "differs: transformer.h.2.mlp.c_fc.weight (max |diff| 0.001)" in out and out.endswith("DIFFERENT\n")
+    assert run_verify_cli([str(root / "hf"), str(tmp_path / "m"), "--atol", "2e-3"]) == 0
+
+
+def test_verify_fails_on_two_swapped_query_heads(tmp_path, capsys):
+    """A classic converter bug: two query heads of one group exchanged in Megatron's fused QKV."""
+    tiny_llama(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
+
+    def swap_heads(model):
+        qkv = model["decoder.layers.1.self_attention.linear_qkv.weight"]  # per group: [q0, q1, k, v] x 24 rows
+        qkv[0:24], qkv[24:48] = qkv[24:48].clone(), qkv[0:24].clone()
+    _rewrite(_rank_file(tmp_path / "m", "mp_rank_00"), swap_heads)
+    assert run_verify_cli([str(tmp_path / "hf"), str(tmp_path / "m"), "--logits", "--atol", "1e-5"]) == 3
+    out = capsys.readouterr().out
+    assert "differs: model.layers.1.self_attn.q_proj.weight" in out
+    assert "differs: model.layers.1.self_attn.k_proj.weight" not in out
+    logits = float(out.split("logits: max |diff| ")[1].split()[0])
+    assert logits > 1e-3, out
+
+
+def test_verify_reports_missing_tensors_between_families(gpt2, tmp_path, capsys):
+    tiny_llama(tmp_path / "llama")
+    root, _ = gpt2
+    assert run_verify_cli([str(root / "hf"), str(tmp_path / "llama")]) == 3
+    out = capsys.readouterr().out
+    assert "only in A: transformer.wte.weight" in out and "only in B: model.embed_tokens.weight" in out
+
+
+def test_drop_in_script_prints_the_checkpoint_structure(gpt2, tmp_path):
+    root, _ = gpt2
+    result = subprocess.run([sys.executable, str(REPO / "megatron_gpt2" / "checkpoint_reshaping_and_interoperability.py"),
+                             "--load_path", str(root / "legacy"), "--save_path", str(tmp_path / "out"),
+                             "--convert_checkpoint_from_megatron_to_transformers", "--print-checkpoint-structure",
+                             "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "format: megatron torch (schema legacy)" in result.stdout
+    assert "decoder.layers.3.self_attention.linear_qkv.weight" in result.stdout
