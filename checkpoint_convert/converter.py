@@ -19,7 +19,6 @@ from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, f
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
-from .torch_dist import TorchDistWriter
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
 
@@ -289,6 +288,7 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         if ckpt_format == "torch_dist":
+            from .torch_dist import TorchDistWriter  # torch.distributed.checkpoint is slow to import
             common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
             writer = TorchDistWriter(staging, common, target_schema == schema.MCORE_TE)
         else:

@@ -21,7 +21,6 @@ from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import release_pages
-from .torch_dist import DistKey, dist_key_name
 from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stage_offsets,
                        trim_vocab)
 
@@ -221,6 +220,15 @@ class MegatronTarget:
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 
+@dataclass(frozen=True)
+class DistKey:
+    """One torch_dist chunk of a global key: its offsets and the key's global shape."""
+
+    fqn: str
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+
 class TorchDistTarget:
     """Global tensors as torch_dist chunks: one chunk per layer, one per tensor outside the layers.
 
@@ -239,7 +247,7 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = dist_key_name(item.param.megatron.format(expert=0), item.layer, self.fused_pre_mlp_norm)
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, self.fused_pre_mlp_norm)
         if item.layer is None:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))

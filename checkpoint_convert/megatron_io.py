@@ -16,7 +16,6 @@ import torch
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .safe_load import safe_torch_load
-from .torch_dist import TorchDistTree, is_torch_dist_dir
 from .torch_zip_writer import StreamingTorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -41,6 +40,11 @@ def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
 
 def _has_rank_dirs(path: Path) -> bool:
     return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
+
+
+def is_torch_dist_dir(path: Path) -> bool:
+    """An iteration directory saved with ``--ckpt-format torch_dist`` (``common.pt`` and ``metadata.json``)."""
+    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
 
 
 def _holds_weights(path: Path) -> bool:
@@ -81,6 +85,7 @@ def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = F
     """The checkpoint at ``path`` in whichever format it was saved (``torch`` rank files or ``torch_dist``)."""
     iter_dir = find_iteration_dir(path, iteration)
     if is_torch_dist_dir(iter_dir):
+        from .torch_dist import TorchDistTree  # torch.distributed.checkpoint is slow to import: only when needed
         return TorchDistTree(iter_dir, trust)
     return MegatronTree(iter_dir, trust=trust)
 

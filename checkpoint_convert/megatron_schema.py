@@ -179,3 +179,19 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     if last_stage:
         modules.append("output_layer")
     return [f"{module}._extra_state" for module in modules]
+
+
+def torch_dist_key(canonical: str, layer: int | None, fused_pre_mlp_norm: bool) -> str:
+    """The torch_dist key of a canonical tensor: TE norm names, experts on a stacked ``experts.experts`` key.
+
+    torch_dist keys carry no layer index (layers are the leading axis of one global tensor). A MoE
+    layer's pre-MLP norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and
+    ``pre_mlp_layernorm.weight`` for Transformer Engine (measured on megatron-core 0.16.1).
+    """
+    if layer is None:
+        return canonical
+    expert = SEQUENTIAL_EXPERT.match(canonical)
+    if expert:
+        return f"{LAYER_PREFIX}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+    path = stored_path(canonical, 0, MCORE_TE, layer_has_dense_fc1=fused_pre_mlp_norm)
+    return path[0].replace(f"{LAYER_PREFIX}0.", LAYER_PREFIX, 1)

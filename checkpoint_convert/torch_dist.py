@@ -8,7 +8,8 @@ add an expert axis ([L, E, ...]), and SwiGLU fc1 is stored as [all gate rows; al
 full tensors the engine works with. Norms always use Transformer Engine names, and ``_extra_state``
 entries are pickled byte objects.
 
-Reading presents the checkpoint as a one-rank tree of global tensors, so the engine's merge code
+This module imports ``torch.distributed.checkpoint`` (about a second and 50 MB), so it is imported only
+when a torch_dist checkpoint is read or written. Reading presents the checkpoint as a one-rank tree of global tensors, so the engine's merge code
 applies unchanged; each layer slice is read through ``torch.distributed.checkpoint``'s own
 ``FileSystemReader`` (only the chunks that overlap it, tensors loaded with ``weights_only=True``).
 ``FileSystemReader.read_metadata`` unpickles ``.metadata`` without restriction, so it is read here
@@ -22,7 +23,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -69,11 +70,6 @@ _METADATA_GLOBALS = {
         "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")},
     ("collections", "OrderedDict"),
 }
-
-
-def is_torch_dist_dir(path: Path) -> bool:
-    """An iteration directory written with ``--ckpt-format torch_dist`` (or another distributed backend)."""
-    return (path / BACKEND_FILE).is_file() and (path / COMMON_FILE).is_file()
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -258,30 +254,6 @@ class TorchDistTree:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DistKey:
-    """One chunk of a global key: its offsets and the key's global shape."""
-
-    fqn: str
-    offsets: tuple[int, ...]
-    global_shape: tuple[int, ...]
-
-
-def dist_key_name(canonical: str, layer: int | None, fused_pre_mlp_norm: bool) -> str:
-    """The torch_dist key of a canonical tensor: TE norm names, experts on a stacked ``experts.experts`` key.
-
-    A MoE layer's pre-MLP norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and
-    ``pre_mlp_layernorm.weight`` for Transformer Engine (measured on megatron-core 0.16.1).
-    """
-    if layer is None:
-        return canonical
-    expert = schema.SEQUENTIAL_EXPERT.match(canonical)
-    if expert:
-        return f"{schema.LAYER_PREFIX}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
-    path = schema.stored_path(canonical, 0, schema.MCORE_TE, layer_has_dense_fc1=fused_pre_mlp_norm)
-    return path[0].replace(f"{schema.LAYER_PREFIX}0.", schema.LAYER_PREFIX, 1)
-
-
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor whose storage is exactly its bytes: ``torch.save`` of a view writes the whole storage."""
     tensor = tensor.detach().contiguous()
@@ -290,16 +262,18 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _extra_state_objects(keys: Iterable[DistKey], transformer_engine: bool) -> list[str]:
-    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert)."""
+def _extra_state_objects(keys: Iterable[tuple[str, Any]], transformer_engine: bool) -> list[str]:
+    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
+
+    ``keys``: (key, tensor metadata) of every tensor written."""
     modules: dict[str, tuple[int, ...]] = {}
-    for key in keys:
-        module, param = key.fqn.rsplit(".", 1)
+    for fqn, entry in keys:
+        module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
-        if key.fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules[module] = key.global_shape[:2] if ".experts.experts." in key.fqn else key.global_shape[:1]
+        if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
+            modules[module] = tuple(entry.size[:2] if ".experts.experts." in fqn else entry.size[:1])
             if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = key.global_shape[:1]
+                modules[module.replace("linear_qkv", "core_attention")] = tuple(entry.size[:1])
     names = []
     for module, shape in modules.items():
         for index in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist():
@@ -321,7 +295,8 @@ class TorchDistWriter:
         self._tensors: dict[str, dcp_metadata.TensorStorageMetadata] = {}
         self._storage: dict[dcp_metadata.MetadataIndex, _StorageInfo] = {}
 
-    def write(self, key: DistKey, tensor: torch.Tensor) -> None:
+    def write(self, key: Any, tensor: torch.Tensor) -> None:
+        """Store one chunk: ``key`` is the engine's DistKey (fqn, offsets, global shape)."""
         entry = self._tensors.setdefault(key.fqn, dcp_metadata.TensorStorageMetadata(
             properties=dcp_metadata.TensorProperties(dtype=tensor.dtype), size=torch.Size(key.global_shape), chunks=[]))
         entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(key.offsets), sizes=tensor.shape))
@@ -337,9 +312,8 @@ class TorchDistWriter:
         self._storage[index] = _StorageInfo(DATA_FILE, offset, self._file.tell() - offset)
 
     def finish(self) -> None:
-        keys = [DistKey(fqn, (), tuple(entry.size)) for fqn, entry in self._tensors.items()]
         entries: dict[str, Any] = dict(self._tensors)
-        for name in _extra_state_objects(keys, self.transformer_engine):
+        for name in _extra_state_objects(self._tensors.items(), self.transformer_engine):
             self._store(dcp_metadata.MetadataIndex(name), EMPTY_EXTRA_STATE)
             entries[name] = dcp_metadata.BytesStorageMetadata()
         self._file.close()

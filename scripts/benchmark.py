@@ -8,7 +8,8 @@ count changes. Every measurement runs in its own child process; peak RSS comes f
   cp -r                     copying the source tree (the disk's own speed)
   python -c 'import torch'  interpreter start-up, part of every conversion
   import only               a process importing what the tool imports (start-up RSS)
-  hf->megatron tp2pp2, megatron tp2pp2->hf, tp2pp2->tp1pp1, mixtral ep2->hf   the tool
+  hf->megatron tp2pp2, megatron tp2pp2->hf, tp2pp2->tp1pp1, hf->torch_dist, torch_dist->hf,
+  mixtral ep2->hf           the tool
   naive tp2pp2->hf          the same conversion with every source file loaded fully and the
                             output assembled in memory before saving (what most converters do)
 """
@@ -145,6 +146,9 @@ def run_size(work: Path, gigabytes: float) -> list[tuple[str, float, float, floa
     row("megatron tp2pp2 -> tp1pp1", _convert(work / "tp2pp2", work / "tp1", "--to", "megatron",
                                               "--target_tensor_model_parallel_size", "1",
                                               "--target_pipeline_model_parallel_size", "1"))
+    row("hf -> megatron torch_dist", _convert(hf, work / "dist", "--to", "megatron", "--megatron_ckpt_format",
+                                              "torch_dist"))
+    row("megatron torch_dist -> hf", _convert(work / "dist", work / "dist_back", "--to", "hf"))
     subprocess.run(_convert(mixtral, work / "ep2", "--to", "megatron", "--target_expert_model_parallel_size", "2"),
                    check=True)
     row("mixtral megatron ep2 -> hf", _convert(work / "ep2", work / "mixtral_back", "--to", "hf"))
