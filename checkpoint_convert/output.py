@@ -7,6 +7,7 @@ after the last file (for Megatron, the tracker) is written. An interrupted run l
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,12 +49,20 @@ def staged_directory(save_path: Path, needed_bytes: int) -> Iterator[Path]:
         raise BadInputError(f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free",
                             save.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{save.name}.partial-", dir=save.parent))
+    staging.chmod(_mkdir_mode())  # mkdtemp's 0700 would make the finished output private to this user
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _replace(staging, save)
+
+
+def _mkdir_mode() -> int:
+    """The mode ``mkdir`` gives a new directory under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _replace(staging: Path, save: Path) -> None:

@@ -212,6 +212,12 @@ def test_save_path_inside_load_path_and_non_empty_save_path(pristine, tmp_path, 
     assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").is_file()
 
 
+def test_output_directory_gets_the_mode_mkdir_would_give(pristine, tmp_path):
+    (tmp_path / "plain").mkdir()
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 0
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
     """Args holding an object of a Megatron class from a module that is not installed."""
     shutil.copytree(pristine, tmp_path / "src")
