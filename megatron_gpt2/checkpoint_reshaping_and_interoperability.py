@@ -50,10 +50,9 @@ def main(args: argparse.Namespace) -> int:
     to_hf = args.convert_checkpoint_from_megatron_to_transformers
     options = options_from_args(args, to="hf" if to_hf else "megatron", model="gpt2",
                                 megatron_format=None if to_hf else "legacy")
-    if args.print_checkpoint_structure:  # the source's structure, as scripts/inspect_checkpoint.py prints it
-        source = open_checkpoint(options.load_path, trust=options.trust_checkpoint, model="gpt2")
-        print(as_text(describe(source, args.load_path)))
     summary = convert(options)
+    if args.print_checkpoint_structure:  # the converted checkpoint, as scripts/inspect_checkpoint.py prints it
+        print(as_text(describe(open_checkpoint(options.save_path, model="gpt2"), str(options.save_path))))
     if not options.quiet:
         print(summary.line(options.save_path))
     return 0

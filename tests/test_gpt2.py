@@ -197,7 +197,10 @@ def test_drop_in_script_both_directions(gpt2, tmp_path):
     result = _drop_in("--load_path", hf, "--save_path", tmp_path / "m", "--target_tensor_model_parallel_size", "2",
                       "--target_pipeline_model_parallel_size", "2", "--print-checkpoint-structure")
     assert result.returncode == 0, result.stderr
-    assert "language_model.encoder.layers.0.self_attention.query_key_value.weight : [96, 64]" in result.stdout
+    assert "format: megatron torch (schema legacy)" in result.stdout  # the output, as inspect_checkpoint.py prints it
+    assert "layout: TP 2  PP 2  EP 1  layers per stage: 2,2" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if "decoder.layers.0.self_attention.linear_qkv.weight" in line)
+    assert "192x64" in row and "mp_rank_00_000,mp_rank_01_000" in row
     rank = _load(tmp_path / "m/release/mp_rank_01_001/model_optim_rng.pt")
     assert "language_model" in rank["model"] and rank["args"].tensor_model_parallel_size == 2
     result = _drop_in("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf",

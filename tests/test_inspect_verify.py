@@ -156,12 +156,12 @@ def test_verify_reports_missing_tensors_between_families(gpt2, tmp_path, capsys)
     assert "only in A: transformer.wte.weight" in out and "only in B: model.embed_tokens.weight" in out
 
 
-def test_drop_in_script_prints_the_checkpoint_structure(gpt2, tmp_path):
+def test_drop_in_script_prints_the_converted_structure(gpt2, tmp_path):
     root, _ = gpt2
     result = subprocess.run([sys.executable, str(REPO / "megatron_gpt2" / "checkpoint_reshaping_and_interoperability.py"),
                              "--load_path", str(root / "legacy"), "--save_path", str(tmp_path / "out"),
                              "--convert_checkpoint_from_megatron_to_transformers", "--print-checkpoint-structure",
                              "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "format: megatron torch (schema legacy)" in result.stdout
-    assert "decoder.layers.3.self_attention.linear_qkv.weight" in result.stdout
+    assert "format: huggingface safetensors" in result.stdout
+    assert "transformer.h.3.attn.c_attn.weight" in result.stdout
