@@ -43,6 +43,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
              help="DP size for the dummy distributed-optimizer files")
     add_flag(parser, "use_distributed_optimizer", action="store_true",
              help="write model_rng.pt plus dummy mp_rank_*_DDD/optim.pt files")
+    add_flag(parser, "zip_crc32", action="store_true",
+             help="checksum every record of Megatron rank files (slower; torch.load never checks them, zip tools do)")
     add_flag(parser, "target_params_dtype", choices=["fp32", "fp16", "bf16"], default=None,
              help="output dtype (default: keep the source dtype)")
     add_flag(parser, "make_vocab_size_divisible_by", type=int, default=128,
@@ -98,6 +100,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         expert_parallel=getattr(args, "target_expert_model_parallel_size", None),
         moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
         use_distributed_optimizer=args.use_distributed_optimizer, params_dtype=args.target_params_dtype,
+        zip_crc32=getattr(args, "zip_crc32", False),
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         megatron_format=getattr(args, "megatron_format", None),
         megatron_ckpt_format=getattr(args, "megatron_ckpt_format", None),

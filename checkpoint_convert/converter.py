@@ -38,6 +38,7 @@ class Options:
     moe_grouped_gemm: bool = False
     data_parallel: int = 1
     use_distributed_optimizer: bool = False
+    zip_crc32: bool = False  # checksum rank-file records (torch.load never checks them)
     params_dtype: str | None = None
     make_vocab_size_divisible_by: int = 128
     megatron_format: str | None = None  # "mcore" or "legacy"; None keeps a Megatron source's
@@ -163,9 +164,13 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
 
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
     """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    with torch.device("meta"):
+    # Parameters on meta, buffers on the CPU: computing buffers (rotary frequencies) or initialising
+    # weights on meta runs torch's Python reference kernels, whose first use costs ~2 s of imports.
+    with init_empty_weights(), no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
@@ -292,7 +297,8 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
             common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
             writer = TorchDistWriter(staging, common, target_schema == schema.MCORE_TE)
         else:
-            writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer)
+            writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer,
+                                    options.zip_crc32)
         _stream(items, source, target, dtype, writer, planned, options.quiet)
         writer.finish()
     return _finish_summary(Summary(), planned, start)

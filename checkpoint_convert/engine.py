@@ -21,7 +21,7 @@ from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import release_pages
-from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stage_offsets,
+from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
                        trim_vocab)
 
 FIRST, LAYER, LAST = "first", "layer", "last"
@@ -89,7 +89,7 @@ class MegatronSource(_ReleasesReadPages):
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
         stage, local = locate(self.stages, item.group, item.layer)
         if item.param.experts:
-            return torch.stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
+            return stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
                                              meta) for e in range(self.arch.num_experts)])
         full = self._merged(item, stage, local, 0, None, meta)
         for ep in range(1, self.tree.ep):  # non-expert tensors are replicated on every expert-parallel rank
@@ -150,8 +150,9 @@ class HFSource(_ReleasesReadPages):
         if not meta:
             self.release()  # run() resumes here only after the previous item's outputs were written
         tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
-        if not meta:
-            self._read += tensors
+        if not meta:  # the stored tensors, not what an older layout's alias combined them into
+            self._read += self.checkpoint.read
+            self.checkpoint.read.clear()
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
         return item.param.to_megatron(tensors, self.arch)
@@ -277,20 +278,16 @@ def run(items: list[Item], source: Any, target: Any, meta: bool,
             yield item, key, cast(tensor, dtype)
 
 
-FINITE_CHECK_ELEMENTS = 1 << 22
-
-
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite, checked in blocks so no full-size temporary is allocated.
+    """Whether every element is finite: the minimum and maximum are (NaN propagates through both).
 
-    A finite float32 sum of a block proves the block finite; only a non-finite sum (NaN/Inf, or
-    an overflow of huge values) falls back to the elementwise check.
+    ``aminmax`` reduces in place, without the full-size temporary a cast or ``isfinite`` would
+    allocate; with large allocations mapped fresh (see ``memory``), such temporaries cost page faults.
     """
-    flat = tensor.reshape(-1)
-    for block in flat.split(FINITE_CHECK_ELEMENTS):
-        if not bool(torch.isfinite(block.sum(dtype=torch.float32))) and not bool(torch.isfinite(block).all()):
-            return False
-    return True
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:

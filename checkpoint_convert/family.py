@@ -14,7 +14,7 @@ import torch
 
 from .arch import ModelArch
 from .errors import BadInputError
-from .parallel import Style
+from .parallel import Style, cat
 
 Tensors = Sequence[torch.Tensor]
 
@@ -136,7 +136,7 @@ def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch)
     q = q.reshape(groups, arch.heads_per_group * dim, *tail)
     k = k.reshape(groups, dim, *tail)
     v = v.reshape(groups, dim, *tail)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+    return cat([q, k, v], dim=1).reshape(-1, *tail)
 
 
 def unpack_qkv(qkv: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:

@@ -1,13 +1,15 @@
 """Reading and writing Hugging Face checkpoint directories (config.json + safetensors or .bin shards).
 
-Reading is lazy: safetensors tensors are read into fresh buffers with ordinary file reads (see
-:class:`SafetensorsReader`), ``.bin`` files are memory-mapped with ``torch.load``. Writing streams: each
+Reading is lazy: safetensors and ``.bin`` files are memory-mapped (privately: the source can never be
+written through the mapping), so a tensor's bytes are read only when it is converted; the engine hands
+the mapped pages back to the kernel once a tensor is converted (``memory.release_pages``). Writing streams: each
 safetensors shard's header is written first from the planned shapes and dtypes, then tensors are
 appended one by one as the conversion produces them, so no shard is ever assembled in memory.
 """
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -70,13 +72,13 @@ def _names_in(file: Path) -> list[str]:
 
 
 class SafetensorsReader:
-    """Reads one safetensors file tensor by tensor with ordinary file reads (no memory map).
+    """Reads one safetensors file tensor by tensor, through a private memory map.
 
-    ``safetensors.safe_open`` memory-maps the file, and every page read through a mapping stays
-    in the process's resident memory while the file is open: converting a whole model would make
-    the process as large as the model. Reading each tensor into its own buffer keeps memory at the
-    tensor being converted. The format is the documented one: an 8-byte little-endian header
-    length, a JSON header of dtype/shape/data_offsets, then the data.
+    Each tensor is a view of the mapping: no copy, no zero-filled buffer. Pages read through a
+    mapping stay in the process's resident memory until they are handed back, so the engine releases
+    them after each tensor (``safetensors.safe_open`` offers no such hook, and converting a whole model
+    through it makes the process as large as the model). The format is the documented one: an 8-byte
+    little-endian header length, a JSON header of dtype/shape/data_offsets, then the data.
     """
 
     def __init__(self, file: Path) -> None:
@@ -95,6 +97,7 @@ class SafetensorsReader:
         size = file.stat().st_size
         if any(entry["data_offsets"][1] + self.data_start > size for entry in header.values()):
             raise BadInputError("safetensors file is truncated", file)
+        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -103,18 +106,20 @@ class SafetensorsReader:
         entry = self.header[name]
         return torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]], device="meta")
 
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.file, "rb") as handle:  # ACCESS_COPY: writable views, never written back to the file
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
         dtype = _TORCH_DTYPES[entry["dtype"]]
         if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
-        buffer = bytearray(end - begin)
-        with open(self.file, "rb") as handle:
-            handle.seek(self.data_start + begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise BadInputError(f"tensor '{name}' is truncated", self.file)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        view = memoryview(self._mapping())[self.data_start + begin:self.data_start + end]
+        return torch.frombuffer(view, dtype=dtype).reshape(entry["shape"])
 
 
 class HFCheckpoint:
@@ -127,6 +132,7 @@ class HFCheckpoint:
         self.weight_map = _weight_map(path)
         self._handles: dict[Path, Any] = {}
         self.aliases: dict[str, tuple[list[str], Any]] = {}
+        self.read: list[torch.Tensor] = []  # stored tensors read (memory-mapped) since the caller last cleared it
 
     def add_aliases(self, aliases: dict[str, tuple[list[str], Any]]) -> None:
         """Expose tensors of an older layout under current names: {name: (stored names, combine)}."""
@@ -168,7 +174,9 @@ class HFCheckpoint:
             return combine([self.tensor(source) for source in sources])
         file = self._file_for(name)
         handle = self._handle(file)
-        return handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]
+        tensor = handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]
+        self.read.append(tensor)
+        return tensor
 
 
 class SafetensorsStreamWriter:

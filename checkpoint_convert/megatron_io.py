@@ -322,10 +322,10 @@ class MegatronWriter:
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
                  args: Any, schema_name: str, layout: Any, distributed_optimizer: bool = False,
-                 iteration: str | int = "release") -> None:
+                 zip_crc32: bool = False, iteration: str | int = "release") -> None:
         self.root, self.args, self.schema, self.layout = root, args, schema_name, layout
         self.pp_size, self.ep_size, self.iteration = layout.pp, layout.ep, iteration
-        self.distributed_optimizer = distributed_optimizer
+        self.distributed_optimizer, self.zip_crc32 = distributed_optimizer, zip_crc32
         self.file_name = model_file_name(distributed_optimizer)
         self._expected: dict[RankKey, int] = {}
         for (rank, _), _, _ in planned:
@@ -338,7 +338,7 @@ class MegatronWriter:
         rank, path = key
         if rank not in self._files:
             file = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
-            self._files[rank] = StreamingTorchFile(file)
+            self._files[rank] = StreamingTorchFile(file, self.zip_crc32)
         self._entries[rank].append((path, self._files[rank].add(tensor)))
         if len(self._entries[rank]) == self._expected[rank]:
             self._flush(rank)

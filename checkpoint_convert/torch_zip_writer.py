@@ -47,13 +47,27 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-class StreamingTorchFile:
-    """One output file: ``add`` tensors as they are produced, then ``close`` with the object."""
+def _file_writer(path: Path, compute_crc32: bool) -> Any:
+    """torch's zip writer; ``compute_crc32=False`` is what ``torch.save`` does with
+    ``torch.utils.serialization.config.save.compute_crc32 = False`` (torch >= 2.6; older torch always computes it)."""
+    try:
+        return torch._C.PyTorchFileWriter(str(path), compute_crc32)
+    except TypeError:
+        return torch._C.PyTorchFileWriter(str(path))
 
-    def __init__(self, path: Path) -> None:
+
+class StreamingTorchFile:
+    """One output file: ``add`` tensors as they are produced, then ``close`` with the object.
+
+    ``compute_crc32``: torch's zip writer checksums every record at about 0.4 GB/s, the slowest step
+    of writing a rank file, and ``torch.load`` never checks the checksums; without them the file is
+    the same to torch, but zip tools (``unzip -t``) report CRC errors.
+    """
+
+    def __init__(self, path: Path, compute_crc32: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._writer = torch._C.PyTorchFileWriter(str(path))
+        self._writer = _file_writer(path, compute_crc32)
         self._records = 0
         self.bytes_written = 0
 

@@ -18,7 +18,7 @@ import torch
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.parallel import Style, cat
 
 COLUMN, ROW, REPLICATED, VOCAB, GLU = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB, Style.GLU_COLUMN
 
@@ -32,7 +32,7 @@ def qkv_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
 
 
 def gate_up_to_megatron(tensors: Tensors, arch: ModelArch) -> torch.Tensor:
-    return torch.cat(list(tensors), dim=0)
+    return cat(tensors, dim=0)
 
 
 def gate_up_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:

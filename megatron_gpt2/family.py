@@ -13,7 +13,7 @@ import torch
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.parallel import Style, cat
 
 COLUMN, ROW, REPLICATED, VOCAB = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB
 # transformers names for the activations Megatron implements (gelu_pytorch_tanh is gelu_new's math).
@@ -35,7 +35,7 @@ def c_attn_to_megatron(tensors: Tensors, arch: ModelArch) -> torch.Tensor:
 
 
 def c_attn_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
-    rows = torch.cat(unpack_qkv(tensor, arch), dim=0)
+    rows = cat(unpack_qkv(tensor, arch), dim=0)
     return [rows.t() if rows.dim() == 2 else rows]
 
 

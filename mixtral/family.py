@@ -17,7 +17,7 @@ import torch
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, register
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.parallel import Style, cat, stack
 from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, transformers_class
 
 MOE = (
@@ -58,11 +58,11 @@ _OLD_GATE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.gate\.weight$"
 def _stack_gate_up(tensors: list[torch.Tensor]) -> torch.Tensor:
     """[w1_0, w3_0, w1_1, w3_1, ...] -> [experts, 2*ffn, hidden] with gate (w1) rows then up (w3) rows."""
     pairs = zip(tensors[0::2], tensors[1::2])
-    return torch.stack([torch.cat(pair, dim=0) for pair in pairs])
+    return stack([cat(pair, dim=0) for pair in pairs])
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors)
+    return stack(tensors)
 
 
 def _first(tensors: list[torch.Tensor]) -> torch.Tensor:

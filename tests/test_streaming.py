@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
 
 import pytest
 import torch
@@ -25,13 +26,14 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("crc", [True, False], ids=["crc32", "no-crc32"])
 @pytest.mark.parametrize("options", [dict(weights_only=False), dict(weights_only=True),
                                      dict(weights_only=True, mmap=True)], ids=["plain", "weights_only", "mmap"])
-def test_streamed_torch_file_loads_like_torch_save(tmp_path, options):
+def test_streamed_torch_file_loads_like_torch_save(tmp_path, options, crc):
     obj = {"args": argparse.Namespace(hidden=4, dtype=torch.bfloat16), "version": 3.0, "model": {}}
     reference = dict(obj, model={"nested": dict(TENSORS), "none": None})
     torch.save(reference, tmp_path / "reference.pt")
-    streamed = StreamingTorchFile(tmp_path / "streamed.pt")
+    streamed = StreamingTorchFile(tmp_path / "streamed.pt", compute_crc32=crc)
     obj["model"] = {"nested": {name: streamed.add(t) for name, t in TENSORS.items()}, "none": None}
     streamed.close(obj)
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -42,6 +44,22 @@ def test_streamed_torch_file_loads_like_torch_save(tmp_path, options):
         assert _equal(ours["model"]["nested"][name], theirs["model"]["nested"][name]), name
     # only each tensor's own bytes are stored, not the storage a view points into
     assert streamed.bytes_written == sum(t.nbytes for t in TENSORS.values())
+    # with checksums, zip tools verify every record; without, they report the first record
+    assert zipfile.ZipFile(tmp_path / "streamed.pt").testzip() == (None if crc else "streamed/data/0")
+
+
+def test_safetensors_reader_maps_privately_and_reads_what_safetensors_reads(tmp_path):
+    from safetensors.torch import save_file
+    from checkpoint_convert.hf_io import SafetensorsReader
+
+    tensors = {name: t.contiguous() for name, t in TENSORS.items()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    reader = SafetensorsReader(tmp_path / "model.safetensors")
+    for name, tensor in tensors.items():
+        assert _equal(reader.get_tensor(name), tensor), name
+    reader.get_tensor("f32").fill_(7.0)  # a private mapping: the source file never changes
+    assert (tmp_path / "model.safetensors").read_bytes() == before
 
 
 def test_streamed_safetensors_file_reads_with_safetensors(tmp_path):
