@@ -42,9 +42,13 @@ def _has_rank_dirs(path: Path) -> bool:
     return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
 
 
+TORCH_DIST_BACKEND_FILE = "metadata.json"
+TORCH_DIST_COMMON_FILE = "common.pt"
+
+
 def is_torch_dist_dir(path: Path) -> bool:
     """An iteration directory saved with ``--ckpt-format torch_dist`` (``common.pt`` and ``metadata.json``)."""
-    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
+    return (path / TORCH_DIST_BACKEND_FILE).is_file() and (path / TORCH_DIST_COMMON_FILE).is_file()
 
 
 def _holds_weights(path: Path) -> bool:

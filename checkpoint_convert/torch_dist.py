@@ -36,11 +36,11 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
 from .errors import BadInputError
+from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
+from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
+from .megatron_io import RankKey, iteration_dir_name, write_tracker
 from .safe_load import safe_torch_load
 
-TRACKER = "latest_checkpointed_iteration.txt"
-BACKEND_FILE = "metadata.json"
-COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"
 DATA_FILE = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -154,8 +154,6 @@ class TorchDistTree:
     ckpt_format = "torch_dist"
 
     def __init__(self, iter_dir: Path, trust: bool = False) -> None:
-        from .megatron_io import RankKey
-
         self.iter_dir = iter_dir
         _read_backend(iter_dir)
         common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
@@ -288,7 +286,7 @@ class TorchDistWriter:
 
     def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool) -> None:
         self.root = root
-        self.iter_dir = root / "release"
+        self.iter_dir = root / iteration_dir_name("release")
         self.iter_dir.mkdir(parents=True, exist_ok=True)
         self.common, self.transformer_engine = common, transformer_engine
         self._file = open(self.iter_dir / DATA_FILE, "wb")
@@ -322,4 +320,4 @@ class TorchDistWriter:
             pickle.dump(metadata, handle)
         torch.save(self.common, self.iter_dir / COMMON_FILE)
         (self.iter_dir / BACKEND_FILE).write_text(json.dumps(BACKEND))
-        (self.root / TRACKER).write_text("release")
+        write_tracker(self.root, "release")
