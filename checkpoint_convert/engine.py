@@ -183,12 +183,17 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
+def has_dense_fc1(family: FamilySpec, arch: ModelArch) -> bool:
+    """Whether layers have a dense MLP: Transformer Engine then fuses the pre-MLP norm into its fc1."""
+    return any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+
+
 class MegatronTarget:
     """Tensor-parallel shards keyed by (rank, path inside the rank file's ``model`` dict)."""
 
     def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
         self.family, self.arch, self.layout = family, arch, layout
-        self.dense_fc1 = any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+        self.dense_fc1 = has_dense_fc1(family, arch)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -239,8 +244,7 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        dense_fc1 = any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
-        self.fused_pre_mlp_norm = dense_fc1 or not transformer_engine
+        self.fused_pre_mlp_norm = has_dense_fc1(family, arch) or not transformer_engine
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:

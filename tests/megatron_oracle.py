@@ -165,10 +165,23 @@ def dist_make_command(spec: Path, out: Path, tokens: Path) -> None:
     args.ckpt_format = "torch_dist"
     iter_dir = out / "iter_0000001"
     iter_dir.mkdir(parents=True)
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict()}
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict(),
+             **_training_state(model)}
     dist_checkpointing.save(state, str(iter_dir))
     (out / "latest_checkpointed_iteration.txt").write_text("1")
     torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
+
+
+def _training_state(model) -> dict:
+    """What a training run stores beside the model: RNG state (a sharded object) and optimizer moments
+    (sharded tensors keyed ``optimizer.state.<moment>.<param>``); converters must skip both."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    embedding = model.embedding.word_embeddings.weight
+    moment = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.embedding.word_embeddings.weight",
+                                             torch.zeros_like(embedding))
+    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (1,), (0,))
+    return {"optimizer": {"state": {"exp_avg": moment}}, "rng_state": rng}
 
 
 def dist_logits_command(ckpt: Path, tokens: Path, out: Path) -> None:

@@ -29,6 +29,7 @@ def megatron_written_torch_dist(tmp_path, family):
 
 @pytest.mark.parametrize("family", list(SPECS))
 def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, family):
+    """Saved with RNG and optimizer state beside the model, as a training run saves it."""
     source, expected = megatron_written_torch_dist(tmp_path, family)
     before = snapshot(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
@@ -68,6 +69,19 @@ def test_rank_files_to_torch_dist_and_back_to_hf(tmp_path, maker):
     assert common["args"].ckpt_format == "torch_dist" and common["args"].tensor_model_parallel_size == 2
     assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "back", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
+def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(tmp_path, capsys):
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    source, _ = megatron_written_torch_dist(tmp_path, "mixtral")
+    assert run_inspect_cli([str(source), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "megatron torch_dist" and report["iteration"] == 1 and report["problems"] == []
+    assert "optimizer.state.exp_avg.embedding.word_embeddings.weight" in report["skipped"]
+    assert "rng_state/shard_0_1" in report["skipped"]
+    experts = next(row for row in report["tensors"] if row["name"] == "decoder.layers.1.mlp.experts.local_experts.*.linear_fc1.weight")
+    assert experts["shape"] == [4, 192, 64] and experts["held_by"]
 
 
 def test_torch_dist_reads_one_layer_at_a_time(tmp_path):
