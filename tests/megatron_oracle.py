@@ -5,8 +5,8 @@ loads its own ``mp_rank_TT[_EEE]`` rank file (PP1) into a GPTModel built from th
 ``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
 Megatron would store, and saves its logits; ``dist-make`` does the same through megatron-core's
-``dist_checkpointing.save`` (a torch_dist checkpoint), and ``dist-logits CKPT TOKENS OUT`` loads a
-torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel and saves its logits.
+``dist_checkpointing.save`` (a torch_dist checkpoint), and ``dist-logits CKPT TOKENS OUT [TP]`` loads a
+torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel at TP ranks (``[TP]``) and saves its logits.
 
 It runs in a separate process because the CPU workarounds below patch torch process-wide.
 """
@@ -184,16 +184,21 @@ def _training_state(model) -> dict:
     return {"optimizer": {"state": {"exp_avg": moment}}, "rng_state": rng}
 
 
-def dist_logits_command(ckpt: Path, tokens: Path, out: Path) -> None:
-    """Load a torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel (strict) and save its logits."""
+def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
+    """Each of ``tp`` ranks loads its shards of a torch_dist checkpoint with ``dist_checkpointing.load`` into
+    a GPTModel (every key it asks for must exist, strict ``load_state_dict``); rank 0 saves the logits."""
     from megatron.core import dist_checkpointing
 
+    _init_cpu_megatron(rank, tp)
     iter_dir = ckpt / (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
     args = torch.load(iter_dir / "common.pt", weights_only=False)["args"]
+    args.tensor_model_parallel_size = tp
     model = build_model(args)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
     model.load_state_dict(state["model"], strict=True)
-    torch.save(forward(model, torch.load(tokens), args.vocab_size), out)
+    logits = forward(model, torch.load(tokens), args.vocab_size)
+    if rank == 0:
+        torch.save(logits, out)
 
 
 if __name__ == "__main__":
@@ -203,7 +208,10 @@ if __name__ == "__main__":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
         torch.multiprocessing.spawn(logits_command, args=(tp, ep, ckpt, tokens, out), nprocs=tp * ep)
+    elif command == "dist-logits":
+        ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
+        tp = int(rest[3]) if len(rest) > 3 else 1
+        torch.multiprocessing.spawn(dist_logits_command, args=(tp, ckpt, tokens, out), nprocs=tp)
     else:
         _init_cpu_megatron()
-        commands = {"make": make_command, "dist-make": dist_make_command, "dist-logits": dist_logits_command}
-        commands[command](*map(Path, rest))
+        {"make": make_command, "dist-make": dist_make_command}[command](*map(Path, rest))

@@ -48,6 +48,18 @@ def test_hf_to_torch_dist_loads_in_megatron_core(tmp_path, name):
     assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "mixtral"])
+def test_torch_dist_loads_in_megatron_core_at_tensor_parallel_2(tmp_path, name):
+    """Two gloo processes, each loading its own shards of one torch_dist checkpoint (resharded on load)."""
+    model = MODELS[name](tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist", "--transformer_impl", "local",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    run_oracle("dist-logits", tmp_path / "dist", tmp_path / "tokens.pt", tmp_path / "logits.pt", 2)
+    assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
+
+
 def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path):
     """megatron-core's torch_dist -> mp_rank tree at TP2 -> megatron-core with two processes."""
     source, expected = megatron_written_torch_dist(tmp_path, "llama")
