@@ -45,7 +45,9 @@ METADATA_FILE = ".metadata"
 DATA_FILE = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+# What a training run stores beside the model weights; every other tensor must be read by a conversion
+# rule (an unknown one, e.g. multi-token-prediction layers, is an error rather than silently dropped).
+TRAINING_STATE_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine")
 
 
 def _torch_saved(obj: Any) -> bytes:
@@ -170,14 +172,16 @@ class TorchDistTree:
         impl = getattr(self.args, "transformer_impl", "transformer_engine")
         self.schema = schema.MCORE_LOCAL if impl == "local" else schema.MCORE_TE
         self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}
-        self.skipped = sorted(k for k in self.metadata.state_dict_metadata if not k.startswith(MODEL_PREFIXES))
+        model_keys = {fqn for fqn, _ in self._tensor_keys()}
+        self.skipped = sorted(k for k in self.metadata.state_dict_metadata if k not in model_keys)
         self._names = self._index()
         self._reader = FileSystemReader(str(iter_dir))
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
 
     def _tensor_keys(self) -> Iterable[tuple[str, dcp_metadata.TensorStorageMetadata]]:
+        """The model's tensors: not byte objects (extra state, RNG), not optimizer or other training state."""
         for fqn, entry in self.metadata.state_dict_metadata.items():
-            if fqn.startswith(MODEL_PREFIXES) and isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            if isinstance(entry, dcp_metadata.TensorStorageMetadata) and not fqn.startswith(TRAINING_STATE_PREFIXES):
                 yield fqn, entry
 
     def _index(self) -> dict[tuple[int | None, str], _Stored]:

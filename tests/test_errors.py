@@ -132,6 +132,17 @@ def _truncated_distcp(root):
     data.write_bytes(data.read_bytes()[:5000])
 
 
+def _unknown_dist_tensor(root):
+    """A model tensor no family table knows (e.g. multi-token-prediction layers): an error, not dropped."""
+    file = root / "dist" / "release" / ".metadata"
+    metadata = pickle.loads(file.read_bytes())
+    metadata.state_dict_metadata["mtp.final_layernorm.weight"] = metadata.state_dict_metadata["decoder.final_layernorm.weight"]
+    for index, info in list(metadata.storage_data.items()):
+        if index.fqn == "decoder.final_layernorm.weight":
+            metadata.storage_data[type(index)("mtp.final_layernorm.weight", index.offset)] = info
+    file.write_bytes(pickle.dumps(metadata))
+
+
 def _nothing(root):
     pass
 
@@ -160,6 +171,8 @@ CASES = [  # (id, source, damage, flags, expected message)
      "sharded backend 'zarr' is not supported"),
     ("torch-dist-truncated-data-file", "dist", _truncated_distcp, MEGATRON_TO_HF,
      "__0_0.distcp: cannot read 'embedding.word_embeddings.weight', the file is truncated or corrupt"),
+    ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
+     "source tensors no conversion rule reads: release:mtp.final_layernorm.weight"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
      "--megatron_format legacy needs --megatron_ckpt_format torch"),
     ("tp-not-dividing-heads", "megatron", _nothing, ("--to", "megatron", "--target_tensor_model_parallel_size", "3"),
