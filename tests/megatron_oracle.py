@@ -4,8 +4,8 @@
 loads its own ``mp_rank_TT[_EEE]`` rank file (PP1) into a GPTModel built from the checkpoint's args with
 ``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
-Megatron would store, and saves its logits; ``dist-make`` does the same through megatron-core's
-``dist_checkpointing.save`` (a torch_dist checkpoint), and ``dist-logits CKPT TOKENS OUT [TP]`` loads a
+Megatron would store, and saves its logits; ``dist-make SPEC OUT TOKENS [TP]`` does the same through
+megatron-core's ``dist_checkpointing.save`` (a torch_dist checkpoint) from TP ranks, and ``dist-logits CKPT TOKENS OUT [TP]`` loads a
 torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel at TP ranks (``[TP]``) and saves its logits.
 
 It runs in a separate process because the CPU workarounds below patch torch process-wide.
@@ -135,14 +135,40 @@ def logits_command(rank: int, tp: int, ep: int, ckpt: Path, tokens: Path, out: P
         torch.save(logits, out)
 
 
-def _random_model(spec: Path):
-    """A GPTModel with random weights from a JSON spec of Megatron args, and the args Megatron would store."""
+def _random_model(spec: Path, rank: int = 0, tp: int = 1):
+    """A GPTModel with random weights from a JSON spec of Megatron args, and the args Megatron would store.
+
+    With tensor parallelism every rank draws each parameter's full tensor from the same seed and keeps
+    its chunk along the parameter's ``partition_dim``: replicated parameters are equal on every rank.
+    """
     fields = json.loads(spec.read_text())
-    args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=1,
+    args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=1, checkpoint_version=3.0, transformer_impl="local")
     model = build_model(args)
-    randomize(model, fields.get("seed", 0))
+    if tp == 1:
+        randomize(model, fields.get("seed", 0))
+        return args, model
+    with torch.no_grad():
+        for index, (name, param) in enumerate(model.named_parameters()):
+            split = getattr(param, "tensor_model_parallel", False)
+            dim = getattr(param, "partition_dim", 0) if split else 0
+            shape = list(param.shape)
+            shape[dim] *= tp if split else 1
+            full = randomize(_Holder(torch.empty(shape), name), fields.get("seed", 0) * 1000 + index).value
+            param.copy_(full.chunk(tp, dim)[rank] if split else full)
     return args, model
+
+
+class _Holder(torch.nn.Module):
+    """One named tensor, so that ``randomize`` (by parameter name and shape) can fill it."""
+
+    def __init__(self, tensor: torch.Tensor, name: str) -> None:
+        super().__init__()
+        self.name = name.replace(".", "_")
+        self.value = torch.nn.Parameter(tensor)
+
+    def named_parameters(self, *args, **kwargs):
+        yield self.name, self.value
 
 
 def make_command(spec: Path, out: Path, tokens: Path) -> None:
@@ -156,20 +182,25 @@ def make_command(spec: Path, out: Path, tokens: Path) -> None:
     torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
 
 
-def dist_make_command(spec: Path, out: Path, tokens: Path) -> None:
-    """A torch_dist checkpoint saved by ``dist_checkpointing.save`` as Megatron-LM's save_checkpoint does
-    (args, version and iteration beside the model's sharded state dict), in ``iter_0000001``."""
+def dist_make_command(rank: int, tp: int, spec: Path, out: Path, tokens: Path) -> None:
+    """A torch_dist checkpoint saved by ``dist_checkpointing.save`` from ``tp`` ranks, as Megatron-LM's
+    save_checkpoint does (args, version and iteration beside the model's sharded state dict and the
+    training state), in ``iter_0000001``; rank 0 saves the model's logits."""
     from megatron.core import dist_checkpointing
 
-    args, model = _random_model(spec)
+    _init_cpu_megatron(rank, tp)
+    args, model = _random_model(spec, rank, tp)
     args.ckpt_format = "torch_dist"
     iter_dir = out / "iter_0000001"
-    iter_dir.mkdir(parents=True)
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
     state = {"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict(),
              **_training_state(model)}
     dist_checkpointing.save(state, str(iter_dir))
-    (out / "latest_checkpointed_iteration.txt").write_text("1")
-    torch.save(forward(model, torch.load(tokens), args.vocab_size), out.parent / "megatron_logits.pt")
+    logits = forward(model, torch.load(tokens), args.vocab_size)
+    if rank == 0:
+        (out / "latest_checkpointed_iteration.txt").write_text("1")
+        torch.save(logits, out.parent / "megatron_logits.pt")
 
 
 def _training_state(model) -> dict:
@@ -177,10 +208,13 @@ def _training_state(model) -> dict:
     (sharded tensors keyed ``optimizer.state.<moment>.<param>``); converters must skip both."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+    from megatron.core import parallel_state
+
+    tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     embedding = model.embedding.word_embeddings.weight
     moment = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.embedding.word_embeddings.weight",
-                                             torch.zeros_like(embedding))
-    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (1,), (0,))
+                                             torch.zeros_like(embedding), (0, tp_rank, tp))
+    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (tp,), (tp_rank,))
     return {"optimizer": {"state": {"exp_avg": moment}}, "rng_state": rng}
 
 
@@ -208,10 +242,14 @@ if __name__ == "__main__":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
         torch.multiprocessing.spawn(logits_command, args=(tp, ep, ckpt, tokens, out), nprocs=tp * ep)
+    elif command == "dist-make":
+        spec, out, tokens = Path(rest[0]), Path(rest[1]), Path(rest[2])
+        tp = int(rest[3]) if len(rest) > 3 else 1
+        torch.multiprocessing.spawn(dist_make_command, args=(tp, spec, out, tokens), nprocs=tp)
     elif command == "dist-logits":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
         torch.multiprocessing.spawn(dist_logits_command, args=(tp, ckpt, tokens, out), nprocs=tp)
     else:
         _init_cpu_megatron()
-        {"make": make_command, "dist-make": dist_make_command}[command](*map(Path, rest))
+        make_command(*map(Path, rest))

@@ -20,22 +20,45 @@ from tests.test_mixtral import tiny_mixtral
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
 
 
-def megatron_written_torch_dist(tmp_path, family):
-    (tmp_path / "spec.json").write_text(json.dumps(SPECS[family]))
-    torch.save(TOKENS, tmp_path / "tokens.pt")
-    run_oracle("dist-make", tmp_path / "spec.json", tmp_path / "dist", tmp_path / "tokens.pt")
-    return tmp_path / "dist", torch.load(tmp_path / "megatron_logits.pt")
+@pytest.fixture(scope="module")
+def megatron_dist(tmp_path_factory):
+    """``(family, tp) -> (torch_dist dir, megatron-core's logits)``, each saved once by megatron-core."""
+    saved = {}
+
+    def make(family, tp=1):
+        if (family, tp) not in saved:
+            root = tmp_path_factory.mktemp(f"{family}_tp{tp}")
+            (root / "spec.json").write_text(json.dumps(SPECS[family]))
+            torch.save(TOKENS, root / "tokens.pt")
+            run_oracle("dist-make", root / "spec.json", root / "dist", root / "tokens.pt", tp)
+            saved[(family, tp)] = root / "dist", torch.load(root / "megatron_logits.pt")
+        return saved[(family, tp)]
+    return make
 
 
 @pytest.mark.parametrize("family", list(SPECS))
-def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, family):
+def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dist, family):
     """Saved with RNG and optimizer state beside the model, as a training run saves it."""
-    source, expected = megatron_written_torch_dist(tmp_path, family)
+    source, expected = megatron_dist(family)
     before = snapshot(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
     assert snapshot(source) == before
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_torch_dist_saved_at_tensor_parallel_2_converts_to_hf(tmp_path, megatron_dist, family):
+    """Chunks split by TP rank (vocab rows, qkv rows, fc1 as four gate/up fragments, row-parallel columns)."""
+    source, expected = megatron_dist(family, tp=2)
+    from checkpoint_convert.torch_dist import read_metadata
+
+    common = torch.load(source / "iter_0000001" / "common.pt", weights_only=False)
+    assert common["args"].tensor_model_parallel_size == 2
+    qkv = read_metadata(source / "iter_0000001").state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"]
+    assert len(qkv.chunks) == 2 * qkv.size[0]  # one chunk per layer and TP rank
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
 
 
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied", "llama_biased", "mixtral"])
@@ -60,9 +83,9 @@ def test_torch_dist_loads_in_megatron_core_at_tensor_parallel_2(tmp_path, name):
     assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
 
 
-def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path):
+def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path, megatron_dist):
     """megatron-core's torch_dist -> mp_rank tree at TP2 -> megatron-core with two processes."""
-    source, expected = megatron_written_torch_dist(tmp_path, "llama")
+    source, expected = megatron_dist("llama")
     assert convert("--load_path", source, "--save_path", tmp_path / "tp2", "--to", "megatron",
                    "--megatron_ckpt_format", "torch", "--target_tensor_model_parallel_size", "2") == 0
     assert sorted(p.name for p in (tmp_path / "tp2" / "release").iterdir()) == ["mp_rank_00", "mp_rank_01"]
@@ -83,10 +106,10 @@ def test_rank_files_to_torch_dist_and_back_to_hf(tmp_path, maker):
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
 
 
-def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(tmp_path, capsys):
+def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megatron_dist, capsys):
     from checkpoint_convert.report_cli import run_inspect_cli
 
-    source, _ = megatron_written_torch_dist(tmp_path, "mixtral")
+    source, _ = megatron_dist("mixtral")
     assert run_inspect_cli([str(source), "--json", "--check"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "megatron torch_dist" and report["iteration"] == 1 and report["problems"] == []
@@ -96,11 +119,11 @@ def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(tmp_p
     assert experts["shape"] == [4, 192, 64] and experts["held_by"]
 
 
-def test_torch_dist_reads_one_layer_at_a_time(tmp_path):
+def test_torch_dist_reads_one_layer_at_a_time(megatron_dist):
     """A layer slice is read from the chunks of that layer only (torch_dist data is never loaded whole)."""
     from checkpoint_convert.megatron_io import open_megatron_tree
 
-    source, _ = megatron_written_torch_dist(tmp_path, "llama")
+    source, _ = megatron_dist("llama")
     tree = open_megatron_tree(source)
     reads = []
     original = tree._reader.read_data
