@@ -135,7 +135,9 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 def as_text(report: dict[str, Any]) -> str:
     layout = report["layout"]
     stages = ",".join(map(str, layout["layers_per_stage"])) if layout["layers_per_stage"] else "global tensors"
-    arch = " ".join(f"{key}={value}" for key, value in report["architecture"].items() if value not in (None, {}, ""))
+    dense = not report["architecture"].get("num_experts")
+    arch = " ".join(f"{key}={value}" for key, value in report["architecture"].items()
+                    if value not in (None, {}, "") and not (dense and key.startswith("moe_")))
     lines = [
         f"path: {report['path']}",
         f"format: {report['format']}" + (f" (schema {report['schema']})" if report["schema"] else ""),

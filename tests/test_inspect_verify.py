@@ -74,8 +74,16 @@ def test_inspect_text_and_expert_layout(tmp_path, capsys):
     assert run_inspect_cli([str(tmp_path / "m")]) == 0
     text = capsys.readouterr().out
     assert "family: mixtral" in text and "layout: TP 1  PP 1  EP 2" in text
+    assert "num_experts=4 moe_router_topk=2" in text
     row = next(line for line in text.splitlines() if "decoder.layers.0.mlp.experts.local_experts.*.linear_fc1" in line)
     assert "4x192x64" in row and "mp_rank_00_000,mp_rank_00_001" in row
+
+
+def test_inspect_text_of_a_dense_model_has_no_expert_fields(gpt2, capsys):
+    root, _ = gpt2
+    assert run_inspect_cli([str(root / "local")]) == 0
+    text = capsys.readouterr().out
+    assert "family: gpt2" in text and "num_layers=4 hidden_size=64" in text and "moe_" not in text
 
 
 def test_check_passes_a_sound_checkpoint_and_finds_a_corrupted_replica(gpt2, tmp_path, capsys):
