@@ -294,6 +294,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, in float32 (inf for different shapes)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
     """NaN/Inf weights are converted as they are, but the user should know."""
     if not tensor.is_floating_point() or all_finite(tensor):

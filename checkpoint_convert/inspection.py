@@ -8,13 +8,15 @@ read unless ``--check`` asks for it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 
 from . import megatron_schema as schema
 from .converter import Source
-from .engine import Item, all_finite, locate, walk
+from .engine import Item, all_finite, locate, max_abs_diff, walk
+from .hf_io import tensor_nbytes
 from .megatron_io import RankKey
 from .parallel import Style
 
@@ -47,15 +49,9 @@ def megatron_rows(source: Source) -> list[dict[str, Any]]:
 
 def hf_rows(source: Source) -> list[dict[str, Any]]:
     checkpoint = source.reader
-    return [{"name": name, "shape": list(checkpoint.meta(name).shape), "dtype": _dtype(checkpoint.meta(name).dtype),
-             "held_by": [checkpoint.weight_map[name].name]} for name in checkpoint.names()]
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    metas = {name: checkpoint.meta(name) for name in checkpoint.names()}
+    return [{"name": name, "shape": list(meta.shape), "dtype": _dtype(meta.dtype),
+             "held_by": [checkpoint.weight_map[name].name]} for name, meta in metas.items()]
 
 
 def _megatron_header(source: Source) -> dict[str, Any]:
@@ -83,12 +79,11 @@ def describe(source: Source, path: str) -> dict[str, Any]:
     """Everything about a checkpoint that its files tell, as plain data (``--json`` prints it as is)."""
     header = _megatron_header(source) if source.kind == "megatron" else _hf_header(source)
     rows = megatron_rows(source) if source.kind == "megatron" else hf_rows(source)
-    sizes = {row["dtype"]: torch.empty((), dtype=getattr(torch, row["dtype"])).element_size() for row in rows}
     architecture = {key: (_dtype(value) if isinstance(value, torch.dtype) else value)
                     for key, value in dataclasses.asdict(source.arch).items()}
     return {"path": path, "family": source.family.name, **header,
-            "dtypes": sorted(sizes), "parameters": sum(_numel(row["shape"]) for row in rows),
-            "bytes": sum(_numel(row["shape"]) * sizes[row["dtype"]] for row in rows),
+            "dtypes": sorted({row["dtype"] for row in rows}), "parameters": sum(math.prod(row["shape"]) for row in rows),
+            "bytes": sum(tensor_nbytes(row["shape"], getattr(torch, row["dtype"])) for row in rows),
             "architecture": architecture, "tensors": rows}
 
 
@@ -104,7 +99,7 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     for tp in range(1, tree.tp):
         other = tree.tensor(RankKey(tp, stage, 0), param.megatron, local)
         if not torch.equal(reference, other):
-            delta = (reference.float() - other.float()).abs().max().item()
+            delta = max_abs_diff(reference, other)
             problems.append(f"{item_name(item)}: replicated tensor differs between TP ranks 0 and {tp} "
                             f"(max |diff| {delta:.3g})")
     return problems

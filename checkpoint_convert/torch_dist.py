@@ -18,6 +18,7 @@ with an unpickler that accepts only the checkpoint metadata classes.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import pickle
 import re
@@ -278,7 +279,7 @@ def _extra_state_objects(keys: Iterable[tuple[str, Any]], transformer_engine: bo
                 modules[module.replace("linear_qkv", "core_attention")] = tuple(entry.size[:1])
     names = []
     for module, shape in modules.items():
-        for index in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist():
+        for index in itertools.product(*(range(n) for n in shape)):
             offsets, sizes = ".".join(map(str, index)), ".".join(map(str, shape))
             names.append(f"{module}._extra_state/shard_{offsets}_{sizes}")
     return names

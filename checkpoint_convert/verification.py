@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from .converter import Source
-from .engine import HFTarget, plan, run, walk
+from .engine import HFTarget, max_abs_diff, plan, run, walk
 
 
 def hf_tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
@@ -28,13 +28,6 @@ def hf_tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
 def hf_names(source: Source) -> list[str]:
     items = walk(source.family, source.arch)
     return [name for name, _, _ in plan(items, source.tensors, HFTarget(source.family, source.arch), None)]
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference, in float32 (inf for different shapes)."""
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
 @dataclass

@@ -10,8 +10,17 @@ import argparse
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
+
+
+def random_weight(name: str, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """A weight with a realistic scale: norms near 1, biases near 0, matrices scaled by their fan-in."""
+    if len(shape) == 1:
+        base = 1.0 if ("ln" in name or "norm" in name) and name.endswith("weight") else 0.0
+        return base + 0.2 * torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator) / math.sqrt(shape[-1]) * 1.5
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -19,11 +28,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1:
-                base = 1.0 if ("ln" in name or "norm" in name) and name.endswith("weight") else 0.0
-                param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]) * 1.5)
+            param.copy_(random_weight(name, param.shape, generator))
     return model
 
 

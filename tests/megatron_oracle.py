@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_gpt2.reference_writer import randomize  # noqa: E402
+from megatron_gpt2.reference_writer import random_weight, randomize  # noqa: E402
 
 
 def _free_port() -> None:
@@ -154,21 +154,10 @@ def _random_model(spec: Path, rank: int = 0, tp: int = 1):
             dim = getattr(param, "partition_dim", 0) if split else 0
             shape = list(param.shape)
             shape[dim] *= tp if split else 1
-            full = randomize(_Holder(torch.empty(shape), name), fields.get("seed", 0) * 1000 + index).value
+            generator = torch.Generator().manual_seed(fields.get("seed", 0) * 1000 + index)
+            full = random_weight(name, shape, generator)
             param.copy_(full.chunk(tp, dim)[rank] if split else full)
     return args, model
-
-
-class _Holder(torch.nn.Module):
-    """One named tensor, so that ``randomize`` (by parameter name and shape) can fill it."""
-
-    def __init__(self, tensor: torch.Tensor, name: str) -> None:
-        super().__init__()
-        self.name = name.replace(".", "_")
-        self.value = torch.nn.Parameter(tensor)
-
-    def named_parameters(self, *args, **kwargs):
-        yield self.name, self.value
 
 
 def make_command(spec: Path, out: Path, tokens: Path) -> None:
