@@ -10,7 +10,6 @@ permutation. Mistral is the same table with MistralConfig (sliding window carrie
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import torch
@@ -19,6 +18,7 @@ from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
 from checkpoint_convert.parallel import Style, cat
+from checkpoint_convert.runtime import transformers_attr
 
 COLUMN, ROW, REPLICATED, VOCAB, GLU = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB, Style.GLU_COLUMN
 
@@ -142,19 +142,14 @@ def is_llama_like(arch: ModelArch) -> bool:
             and arch.position_embedding_type == "rope" and not arch.num_experts)
 
 
-def transformers_class(name: str) -> type:
-    """A transformers class, imported when first needed: Megatron-only runs skip the import."""
-    return getattr(importlib.import_module("transformers"), name)
-
-
 def llama_like_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...] = (),
                       bias_kwargs: Callable[[ModelArch], dict] = lambda arch: {}) -> FamilySpec:
     """A dense Llama-shaped family; only its transformers config class and extra config keys differ."""
     def from_config(config: dict[str, Any]) -> ModelArch:
-        return arch_from_llama_config(transformers_class(config_class)(**config), name, extra_keys)
+        return arch_from_llama_config(transformers_attr(config_class)(**config), name, extra_keys)
 
     def to_config(arch: ModelArch) -> Any:
-        cls = transformers_class(config_class)
+        cls = transformers_attr(config_class)
         return cls(architectures=[architecture], **config_kwargs(arch), **bias_kwargs(arch))
 
     return FamilySpec(

@@ -14,6 +14,7 @@ from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
 from checkpoint_convert.parallel import Style, cat
+from checkpoint_convert.runtime import transformers_attr
 
 COLUMN, ROW, REPLICATED, VOCAB = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB
 # transformers names for the activations Megatron implements (gelu_pytorch_tanh is gelu_new's math).
@@ -71,9 +72,7 @@ LAST = (
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
-    from transformers import GPT2Config  # imported when needed: Megatron-only runs start faster
-
-    cfg = GPT2Config(**config)
+    cfg = transformers_attr("GPT2Config")(**config)
     activation = _ACTIVATIONS.get(cfg.activation_function)
     if activation is None:
         raise BadInputError(f"GPT-2 activation '{cfg.activation_function}' has no Megatron equivalent")
@@ -91,12 +90,10 @@ def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
 
 
 def hf_config_from_arch(arch: ModelArch) -> Any:
-    from transformers import GPT2Config
-
     last_token = arch.vocab_size - 1
     bos = arch.extra.get("bos_token_id", min(50256, last_token))
     eos = arch.extra.get("eos_token_id", min(50256, last_token))
-    return GPT2Config(
+    return transformers_attr("GPT2Config")(
         vocab_size=arch.vocab_size, n_positions=arch.max_position_embeddings, n_embd=arch.hidden_size,
         n_layer=arch.num_layers, n_head=arch.num_attention_heads, n_inner=arch.ffn_hidden_size,
         activation_function=arch.activation, layer_norm_epsilon=arch.norm_epsilon,

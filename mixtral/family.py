@@ -18,7 +18,8 @@ from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import FamilySpec, Param, register
 from checkpoint_convert.parallel import Style, cat, stack
-from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, transformers_class
+from checkpoint_convert.runtime import transformers_attr
+from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs
 
 MOE = (
     Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED),
@@ -31,7 +32,7 @@ EXTRA_KEYS = ("sliding_window", "router_jitter_noise")
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
-    cfg = transformers_class("MixtralConfig")(**config)
+    cfg = transformers_attr("MixtralConfig")(**config)
     arch = arch_from_llama_config(cfg, "mixtral", EXTRA_KEYS)
     return arch.replace(num_experts=cfg.num_local_experts, moe_router_topk=cfg.num_experts_per_tok,
                         moe_ffn_hidden_size=cfg.intermediate_size, moe_aux_loss_coeff=cfg.router_aux_loss_coef)
@@ -42,7 +43,7 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
         raise BadInputError("Mixtral has no biases, but the source's linear layers are biased")
     kwargs = config_kwargs(arch)
     kwargs["intermediate_size"] = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
-    return transformers_class("MixtralConfig")(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
+    return transformers_attr("MixtralConfig")(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
                          num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
                          **kwargs)
 

@@ -4,8 +4,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
-import llama  # noqa: E402,F401  (registers llama and mistral)
-import mixtral  # noqa: E402,F401  (registers mixtral)
+from checkpoint_convert.runtime import collector_paused, quiet_worker_threads  # noqa: E402  (imports no torch)
+
+quiet_worker_threads()
+with collector_paused():  # the families import torch
+    import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
+    import llama  # noqa: E402,F401  (registers llama and mistral)
+    import mixtral  # noqa: E402,F401  (registers mixtral)
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral")

@@ -5,6 +5,7 @@ import sys
 from _bootstrap import FAMILIES
 
 from checkpoint_convert.cli import run_convert_cli
+from checkpoint_convert.runtime import exit_now
 
 if __name__ == "__main__":
-    sys.exit(run_convert_cli(sys.argv[1:], FAMILIES))
+    exit_now(run_convert_cli(sys.argv[1:], FAMILIES))

@@ -5,6 +5,7 @@ import sys
 import _bootstrap  # noqa: F401  (registers the families)
 
 from checkpoint_convert.report_cli import run_verify_cli
+from checkpoint_convert.runtime import exit_now
 
 if __name__ == "__main__":
-    sys.exit(run_verify_cli(sys.argv[1:]))
+    exit_now(run_verify_cli(sys.argv[1:]))

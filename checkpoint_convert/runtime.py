@@ -1,0 +1,59 @@
+"""Start-up and exit costs of a one-shot command-line process, kept off the conversion's wall time.
+
+This module imports neither torch nor transformers: the scripts use it before importing them.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Iterator, NoReturn
+
+
+def quiet_worker_threads() -> None:
+    """Let idle OpenMP worker threads sleep instead of spinning (unless the user chose otherwise).
+
+    torch's intra-op threads spin after every parallel kernel; a conversion runs thousands of short
+    kernels between file writes, so the spinning took a core's worth of time (14% of all samples) away
+    from the kernel's page-cache work. Must run before torch is imported.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a block of heavy imports.
+
+    Importing torch and transformers' config classes creates some 10^5 long-lived objects; the
+    collector, triggered by those allocations, traverses them again and again (0.2 s of torch's
+    import, 0.6 s of transformers'). Imports make little cyclic garbage, so nothing is lost.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def transformers_attr(name: str) -> Any:
+    """``transformers.<name>``, imported when first needed: Megatron-only runs never pay for it."""
+    with collector_paused():
+        return getattr(importlib.import_module("transformers"), name)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a finished command at once, skipping interpreter teardown.
+
+    Every output file is closed and renamed into place before a command returns its exit code;
+    what remains is freeing torch's and transformers' modules one object at a time, 0.6 to 1.5 s
+    on a 2-core machine, for nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
