@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,18 @@ from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
-from .engine import (HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget, plan, run,
-                     walk)
+from .engine import (HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget, plan,
+                     release_all, run, walk)
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
+from .memory import read_only_file_mappings
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
+from .runtime import collector_paused, transformers_attr
+from .write_behind import WriteBehind
 
 
 @dataclass
@@ -165,13 +169,12 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
     """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     # Parameters on meta, buffers on the CPU: computing buffers (rotary frequencies) or initialising
     # weights on meta runs torch's Python reference kernels, whose first use costs ~2 s of imports.
-    with init_empty_weights(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    with init_empty_weights(), no_init_weights(), collector_paused():  # imports the model's module
+        model = transformers_attr("AutoModelForCausalLM").from_config(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
@@ -198,25 +201,38 @@ def convert(options: Options) -> Summary:
     """Run one conversion end to end; raises BadInputError before writing anything on bad input."""
     start = time.time()
     check_paths(options.load_path, options.save_path, options.overwrite)
-    source = open_source(options)
-    dtype = dtype_from_name(options.params_dtype)
-    if options.to == "hf":
-        return _to_hf(options, source, dtype, start)
-    if options.to == "megatron":
-        return _to_megatron(options, source, dtype, start)
-    raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
+    if options.to not in ("hf", "megatron"):
+        raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
+    with read_only_file_mappings():  # the source's mappings live as long as this scope
+        source = open_source(options)
+        dtype = dtype_from_name(options.params_dtype)
+        convert_to = _to_hf if options.to == "hf" else _to_megatron
+        return convert_to(options, source, dtype, start)
 
 
 def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, planned: list,
-            quiet: bool) -> None:
-    """Produce each output tensor and hand it to the writer at once, with a progress bar in bytes."""
+            quiet: bool, beside: Future | None = None) -> None:
+    """Produce each output tensor and write it behind, with a progress bar in bytes.
+
+    The source's mapped pages of an item are handed back once all of its outputs (which may be
+    views of those pages) are written. Work running ``beside`` the stream stops it when it fails.
+    """
+    tensors = source.tensors
+    tensors.release_on_next_item = False
+    largest = max((tensor_nbytes(shape, dt) for _, shape, dt in planned), default=0)
     with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
-              desc="converting", dynamic_ncols=True) as bar:
-        for item, key, tensor in run(items, source.tensors, target, False, dtype):
-            writer.write(key, tensor)
+              desc="converting", dynamic_ncols=True) as bar, WriteBehind(writer.write, largest) as behind:
+        previous, read = None, []
+        for item, key, tensor in run(items, tensors, target, False, dtype):
+            if item is not previous:
+                behind.call(release_all, read)  # after the previous item's writes
+                previous, read = item, tensors.take_read()
+            if beside is not None and beside.done():
+                beside.result()  # raises its error
+            behind.submit(key, tensor)
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
-        source.tensors.release()
+        behind.call(release_all, read + tensors.take_read())
 
 
 def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
@@ -233,15 +249,24 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     items = walk(family, arch)
     target = HFTarget(family, arch)
     planned = plan(items, source.tensors, target, dtype)
-    out_dtype = _output_dtype(planned, dtype)
-    config = family.hf_config_from_arch(arch.replace(params_dtype=out_dtype))
-    _validate_hf_plan(planned, family, config)
-    with staged_directory(options.save_path, _nbytes(planned)) as staging:
-        writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
-        _stream(items, source, target, dtype, writer, planned, options.quiet)
-        writer.finish()
-        _write_hf_metadata(staging, config, family, options)
+    out_arch = arch.replace(params_dtype=_output_dtype(planned, dtype))
+    # Importing transformers is seconds of Python on one core; the stream spends its time in torch
+    # kernels and file writes, which release the GIL, so the config is built and checked beside it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
+        config_task = pool.submit(_checked_hf_config, planned, family, out_arch)
+        with staged_directory(options.save_path, _nbytes(planned)) as staging:
+            writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
+            _stream(items, source, target, dtype, writer, planned, options.quiet, config_task)
+            writer.finish()
+            _write_hf_metadata(staging, config_task.result(), family, options)
     return _finish_summary(Summary(), planned, start)
+
+
+def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
+    """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
+    config = family.hf_config_from_arch(arch)
+    _validate_hf_plan(planned, family, config)
+    return config
 
 
 def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, options: Options) -> None:

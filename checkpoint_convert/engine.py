@@ -57,16 +57,36 @@ def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int |
 
 
 class _ReleasesReadPages:
-    """Remembers the source tensors read for the current item and hands their mapped pages back."""
+    """Remembers the source tensors read for the current item and hands their mapped pages back.
+
+    By default the pages of an item are handed back when the next item is read: ``run()`` resumes
+    only after the previous item's outputs were consumed. A caller that writes outputs later (on
+    another thread) sets ``release_on_next_item = False`` and releases what ``take_read`` returns.
+    """
 
     def __init__(self) -> None:
         self._read: list[torch.Tensor] = []
+        self.release_on_next_item = True
 
     def release(self) -> None:
         """Return the memory-mapped pages of the tensors read since the last call."""
-        for tensor in self._read:
-            release_pages(tensor)
+        release_all(self._read)
         self._read.clear()
+
+    def take_read(self) -> list[torch.Tensor]:
+        """The tensors read since the last call, now the caller's to release."""
+        read, self._read = self._read, []
+        return read
+
+    def _next_item(self) -> None:
+        if self.release_on_next_item:
+            self.release()
+
+
+def release_all(tensors: list[torch.Tensor]) -> None:
+    """Hand back the mapped pages of every tensor (see ``memory.release_pages``)."""
+    for tensor in tensors:
+        release_pages(tensor)
 
 
 class MegatronSource(_ReleasesReadPages):
@@ -83,7 +103,7 @@ class MegatronSource(_ReleasesReadPages):
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         if not meta:
-            self.release()  # run() resumes here only after the previous item's outputs were written
+            self._next_item()
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
@@ -148,7 +168,7 @@ class HFSource(_ReleasesReadPages):
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
         if not meta:
-            self.release()  # run() resumes here only after the previous item's outputs were written
+            self._next_item()
         tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
         if not meta:  # the stored tensors, not what an older layout's alias combined them into
             self._read += self.checkpoint.read

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from huggingface_hub import constants, split_torch_state_dict_into_shards
+from huggingface_hub import constants, split_state_dict_into_shards_factory
 
 from .errors import BadInputError
+from .memory import note_file_mapping
 from .safe_load import safe_torch_load
 
 CONFIG = "config.json"
@@ -110,6 +111,7 @@ class SafetensorsReader:
         if self._map is None:
             with open(self.file, "rb") as handle:  # ACCESS_COPY: writable views, never written back to the file
                 self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            note_file_mapping(self.file)
         return self._map
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -238,8 +240,12 @@ class HFWriter:
         self.safe = safe_serialization
         pattern = (constants.SAFETENSORS_WEIGHTS_FILE_PATTERN if safe_serialization
                    else constants.PYTORCH_WEIGHTS_FILE_PATTERN)
-        metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in planned}
-        self.split = split_torch_state_dict_into_shards(metas, filename_pattern=pattern, max_shard_size=max_shard_size)
+        # The generic splitter on (shape, dtype) entries: the torch one imports torch.distributed.tensor
+        # (about 1 s) to recognise DTensors, which planned entries never are.
+        entries = {name: (shape, dtype) for name, shape, dtype in planned}
+        self.split = split_state_dict_into_shards_factory(
+            entries, get_storage_size=lambda entry: tensor_nbytes(*entry), filename_pattern=pattern,
+            max_shard_size=max_shard_size)
         self.file_of = self.split.tensor_to_filename
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._writers: dict[str, SafetensorsStreamWriter] = {}

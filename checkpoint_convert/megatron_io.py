@@ -15,6 +15,7 @@ import torch
 
 from . import megatron_schema as schema
 from .errors import BadInputError
+from .memory import note_file_mapping
 from .safe_load import safe_torch_load
 from .torch_zip_writer import StreamingTorchFile
 
@@ -164,6 +165,7 @@ class MegatronTree:
 
     def _load(self, file: Path) -> dict:
         state = safe_torch_load(file, trust=self.trust)
+        note_file_mapping(file)  # memory-mapped by torch.load, which never writes to it
         if not isinstance(state, dict):
             raise BadInputError("not a Megatron checkpoint (top level is not a dict)", file)
         if "model" not in state and "model0" in state:

@@ -1,0 +1,140 @@
+"""The write-behind thread, page release and process exit: what makes streaming fast must not change results."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import REPO, convert, tiny_gpt2
+
+from checkpoint_convert import converter, memory
+from checkpoint_convert.errors import BadInputError
+from checkpoint_convert.hf_io import SafetensorsReader
+from checkpoint_convert.write_behind import WriteBehind
+
+
+def _slow_recorder(log: list, delay: float = 0.01):
+    def write(key, tensor):
+        time.sleep(delay)
+        log.append((key, tensor.clone()))
+    return write
+
+
+def test_write_behind_writes_in_order_and_bounds_queued_bytes():
+    written: list = []
+    queued, most = [0], [0]
+    lock = threading.Lock()
+    recorder = _slow_recorder(written)
+
+    def write(key, tensor):
+        recorder(key, tensor)
+        with lock:
+            queued[0] -= tensor.nbytes
+
+    tensors = [torch.full((n,), float(i)) for i, n in enumerate([100, 10, 10, 100, 50, 50, 100, 1, 100])]
+    limit = 100 * 4
+    with WriteBehind(write, limit) as behind:
+        for i, tensor in enumerate(tensors):
+            behind.submit(i, tensor)
+            with lock:
+                queued[0] += tensor.nbytes
+                most[0] = max(most[0], queued[0])
+    assert [key for key, _ in written] == list(range(len(tensors)))
+    assert all(torch.equal(t, tensors[key]) for key, t in written)
+    assert most[0] <= limit, f"{most[0]} bytes were queued, more than the {limit}-byte limit"
+
+
+def test_write_behind_runs_calls_after_earlier_writes():
+    events: list = []
+    with WriteBehind(lambda key, tensor: (time.sleep(0.02), events.append(key)), 1 << 20) as behind:
+        behind.submit("a", torch.zeros(4))
+        behind.call(events.append, "release a")
+        behind.submit("b", torch.zeros(4))
+    assert events == ["a", "release a", "b"]
+
+
+def test_write_behind_raises_a_write_error_in_the_producer():
+    def write(key, tensor):
+        if key == 1:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with WriteBehind(write, 1 << 20) as behind:
+            for key in range(50):
+                behind.submit(key, torch.zeros(4))
+                time.sleep(0.005)
+
+
+def test_write_behind_drops_queued_writes_when_the_producer_fails():
+    written: list = []
+    with pytest.raises(ValueError):
+        with WriteBehind(_slow_recorder(written, delay=0.05), 1 << 20) as behind:
+            for key in range(20):
+                behind.submit(key, torch.zeros(4))
+            raise ValueError("bad input found while producing")
+    assert len(written) < 20
+
+
+def _advice_log(monkeypatch) -> list:
+    advice: list = []
+    real = memory._MADVISE
+    if real is None:
+        pytest.skip("no madvise on this platform")
+    monkeypatch.setattr(memory, "_MADVISE", lambda start, length, flag: (advice.append(flag), real(start, length, flag))[1])
+    return advice
+
+
+def test_pages_of_a_read_only_file_mapping_are_unmapped_and_read_back_unchanged(tmp_path, monkeypatch):
+    advice = _advice_log(monkeypatch)
+    expected = torch.randn(512, 1024)
+    save_file({"w": expected}, str(tmp_path / "w.safetensors"))
+    with memory.read_only_file_mappings():
+        tensor = SafetensorsReader(tmp_path / "w.safetensors").get_tensor("w")
+        assert torch.equal(tensor, expected)
+        memory.release_pages(tensor)
+        assert advice == [memory.MADV_DONTNEED]
+        assert torch.equal(tensor, expected), "released pages must come back from the file"
+    outside = SafetensorsReader(tmp_path / "w.safetensors").get_tensor("w")
+    memory.release_pages(outside)
+    assert advice[-1] == memory.MADV_PAGEOUT  # no scope: no registration, the safe advice
+
+
+def test_memory_that_is_not_a_registered_file_mapping_keeps_its_data(tmp_path, monkeypatch):
+    advice = _advice_log(monkeypatch)
+    save_file({"w": torch.ones(1024, 1024)}, str(tmp_path / "w.safetensors"))
+    with memory.read_only_file_mappings():
+        SafetensorsReader(tmp_path / "w.safetensors").get_tensor("w")  # registers its mapping
+        anonymous = torch.randn(1024, 1024)
+        expected = anonymous.clone()
+        memory.release_pages(anonymous)
+    assert advice == [memory.MADV_PAGEOUT]
+    assert torch.equal(anonymous, expected)
+
+
+def test_a_failed_config_check_beside_the_stream_fails_the_conversion(tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    tiny_gpt2(hf)
+
+    def refuse(planned, family, config):
+        raise BadInputError("converted weights do not fit the model the config describes: test")
+
+    monkeypatch.setattr(converter, "_validate_hf_plan", refuse)
+    assert convert("--load_path", hf, "--save_path", tmp_path / "mg", "--to", "megatron") == 0
+    with pytest.raises(BadInputError, match="do not fit"):
+        converter.convert(converter.Options(load_path=tmp_path / "mg", save_path=tmp_path / "back", to="hf",
+                                            quiet=True))
+    assert not (tmp_path / "back").exists()
+    assert not list(tmp_path.glob(".back.partial-*"))
+
+
+def test_exit_now_flushes_output_and_keeps_the_exit_code():
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from checkpoint_convert.runtime import exit_now\n"
+            "print('summary line', end='')\nsys.stderr.write('warning')\nexit_now(3)\n") % str(REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "summary line", "warning")
