@@ -102,6 +102,17 @@ def _convert(source: Path, target: Path, *flags: str) -> list[str]:
             str(target), "--quiet", *flags]
 
 
+# What a conversion imports: the core, and for Hugging Face configs and the plan check, transformers'
+# config and model classes of the family.
+IMPORT_ONLY = """
+import sys; sys.path[:0] = [{repo!r}, {scripts!r}]
+import _bootstrap, checkpoint_convert.converter, accelerate
+from checkpoint_convert.runtime import exit_now, transformers_attr
+for name in ("LlamaConfig", "LlamaForCausalLM", "MixtralConfig", "MixtralForCausalLM", "GenerationConfig"):
+    transformers_attr(name)
+exit_now(0)
+"""
+
 NAIVE = """
 import sys; sys.path[:0] = [{repo!r}, {scripts!r}]
 import _bootstrap, functools, torch
@@ -138,8 +149,7 @@ def run_size(work: Path, gigabytes: float) -> list[tuple[str, float, float, floa
 
     row("cp -r (source)", ["cp", "-r", str(hf), str(work / "copy")])
     row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
-    row("import only", [sys.executable, "-c", f"import sys; sys.path[:0]=[{str(REPO)!r},{str(REPO / 'scripts')!r}];"
-                                               "import _bootstrap, checkpoint_convert.converter, transformers"])
+    row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
     row("hf -> megatron tp2pp2", _convert(hf, work / "tp2pp2", "--to", "megatron", "--target_tensor_model_parallel_size",
                                           "2", "--target_pipeline_model_parallel_size", "2"))
     row("megatron tp2pp2 -> hf", _convert(work / "tp2pp2", work / "back", "--to", "hf"))
