@@ -6,15 +6,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
-from .engine import (HFSource, HFTarget, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget, plan,
-                     release_all, run, walk)
+from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget,
+                     plan, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
@@ -214,22 +214,35 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
             quiet: bool, beside: Future | None = None) -> None:
     """Produce each output tensor and write it behind, with a progress bar in bytes.
 
+    The producing thread reads, merges and casts; the write-behind thread writes, then checks each
+    distinct output for NaN/Inf (it waits for the producer more often than the producer waits for it).
     The source's mapped pages of an item are handed back once all of its outputs (which may be
     views of those pages) are written. Work running ``beside`` the stream stops it when it fails.
     """
     tensors = source.tensors
     tensors.release_on_next_item = False
     largest = max((tensor_nbytes(shape, dt) for _, shape, dt in planned), default=0)
+
+    def write_and_check(job: tuple[Hashable, Item | None], tensor: torch.Tensor) -> None:
+        key, check_as = job
+        writer.write(key, tensor)
+        if check_as is not None:
+            warn_if_not_finite(tensor, check_as)
+
     with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
-              desc="converting", dynamic_ncols=True) as bar, WriteBehind(writer.write, largest) as behind:
-        previous, read = None, []
-        for item, key, tensor in run(items, tensors, target, False, dtype):
+              desc="converting", dynamic_ncols=True) as bar, WriteBehind(write_and_check, largest) as behind:
+        previous, read, seen = None, [], {}
+        for item, key, tensor in run(items, tensors, target, False, dtype, check_finite=False):
             if item is not previous:
                 behind.call(release_all, read)  # after the previous item's writes
-                previous, read = item, tensors.take_read()
+                previous, read, seen = item, tensors.take_read(), {}
             if beside is not None and beside.done():
                 beside.result()  # raises its error
-            behind.submit(key, tensor)
+            # replicated outputs (TP and EP copies) are one tensor object, checked once (``seen`` holds
+            # them, so an id is not reused within the item); making it contiguous copies on this thread
+            first_time = id(tensor) not in seen
+            seen[id(tensor)] = tensor
+            behind.submit((key, item if first_time else None), tensor.contiguous())
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
         behind.call(release_all, read + tensors.take_read())

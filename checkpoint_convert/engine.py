@@ -285,9 +285,12 @@ def _require_zero(tensor: torch.Tensor, item: Item) -> None:
         raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")
 
 
-def run(items: list[Item], source: Any, target: Any, meta: bool,
-        dtype: torch.dtype | None) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
-    """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning."""
+def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
+        check_finite: bool = True) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
+    """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning.
+
+    ``check_finite=False``: the caller checks the outputs (which hold every value of the full tensor).
+    """
     for item in items:
         try:
             full = source.full(item, meta)
@@ -296,7 +299,7 @@ def run(items: list[Item], source: Any, target: Any, meta: bool,
             where = f"layer {item.layer} " if item.layer is not None else ""
             raise BadInputError(f"{where}'{item.param.megatron}' does not fit the architecture "
                                 f"({str(error).splitlines()[0][:160]})")
-        if not meta:
+        if check_finite and not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
             yield item, key, cast(tensor, dtype)

@@ -4,9 +4,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_convert.runtime import collector_paused, quiet_worker_threads  # noqa: E402  (imports no torch)
+from checkpoint_convert.runtime import collector_paused, tune_torch_for_streaming  # noqa: E402  (imports no torch)
 
-quiet_worker_threads()
+tune_torch_for_streaming()
 with collector_paused():  # the families import torch
     import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
     import llama  # noqa: E402,F401  (registers llama and mistral)
