@@ -89,7 +89,13 @@ print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitst
 
 
 def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process."""
+    """(wall seconds, peak RSS in MB) of one child process.
+
+    Every step starts with no dirty pages pending: earlier steps' gigabytes of output still being
+    flushed to disk would otherwise throttle this step's writes (``balance_dirty_pages``) by an amount
+    that depends on the order of the steps.
+    """
+    os.sync()
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
     seconds, rss, code = json.loads(result.stdout.strip().splitlines()[-1])
     if code != 0:
