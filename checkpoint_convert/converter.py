@@ -6,7 +6,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -222,6 +222,7 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
     tensors = source.tensors
     tensors.release_on_next_item = False
     largest = max((tensor_nbytes(shape, dt) for _, shape, dt in planned), default=0)
+    item_bytes = _output_bytes_per_item(items, tensors, target, dtype)
 
     def write_and_check(job: tuple[Hashable, Item | None], tensor: torch.Tensor) -> None:
         key, check_as = job
@@ -231,8 +232,13 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
 
     with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
               desc="converting", dynamic_ncols=True) as bar, WriteBehind(write_and_check, largest) as behind:
+        def with_room(items: list[Item]) -> Iterator[Item]:  # run() produces an item only once it fits
+            for item in items:
+                behind.wait_for_room(item_bytes[id(item)])
+                yield item
+
         previous, read, seen = None, [], {}
-        for item, key, tensor in run(items, tensors, target, False, dtype, check_finite=False):
+        for item, key, tensor in run(with_room(items), tensors, target, False, dtype, check_finite=False):
             if item is not previous:
                 behind.call(release_all, read)  # after the previous item's writes
                 previous, read, seen = item, tensors.take_read(), {}
@@ -246,6 +252,14 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
         behind.call(release_all, read + tensors.take_read())
+
+
+def _output_bytes_per_item(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> dict[int, int]:
+    """Bytes of every item's outputs (keyed by the item's id), from a pass on ``meta`` tensors."""
+    sizes = dict.fromkeys(map(id, items), 0)
+    for item, _, tensor in run(items, source, target, True, dtype):
+        sizes[id(item)] += tensor.nbytes
+    return sizes
 
 
 def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:

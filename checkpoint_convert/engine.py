@@ -285,7 +285,7 @@ def _require_zero(tensor: torch.Tensor, item: Item) -> None:
         raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")
 
 
-def run(items: list[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
+def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
         check_finite: bool = True) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
     """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning.
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .cli import add_flag, guarded
 from .converter import open_checkpoint
 from .errors import EXIT_MISMATCH
 from .inspection import as_text, check, describe
+from .memory import read_only_file_mappings
 from .verification import compare_logits, compare_tensors
 
 
@@ -79,9 +80,17 @@ def verify_main(args: argparse.Namespace) -> int:
     return 0 if comparison.equal(args.atol) else EXIT_MISMATCH
 
 
+def _in_mapping_scope(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``main`` with its sources' read-only file mappings registered (see ``memory``) while it runs."""
+    def scoped(args: argparse.Namespace) -> int:
+        with read_only_file_mappings():
+            return main(args)
+    return scoped
+
+
 def run_inspect_cli(argv: Sequence[str] | None = None) -> int:
-    return guarded(inspect_main, build_inspect_parser().parse_args(argv))
+    return guarded(_in_mapping_scope(inspect_main), build_inspect_parser().parse_args(argv))
 
 
 def run_verify_cli(argv: Sequence[str] | None = None) -> int:
-    return guarded(verify_main, build_verify_parser().parse_args(argv))
+    return guarded(_in_mapping_scope(verify_main), build_verify_parser().parse_args(argv))

@@ -2,9 +2,11 @@
 
 A conversion alternates between producing a tensor (page faults on the source mapping, merges,
 casts: torch kernels) and writing it (the kernel copying it into the page cache). Both release the
-GIL, so on two cores they overlap. The bytes queued for writing are bounded, so memory stays within
-the streaming budget: a tensor waits until the writer is idle if, together with what is queued, it
-would exceed ``max_queued_bytes`` (the largest single output tensor).
+GIL, so on two cores they overlap. Memory stays within the streaming budget because the producer
+asks for room before it produces the next batch of tensors (``wait_for_room``): it waits until the
+bytes still queued plus the batch's bytes fit in ``max_queued_bytes`` (the largest output tensor), or
+until the writer is idle. So what is queued and what is being produced together hold no more than
+before the writer had a thread of its own.
 """
 from __future__ import annotations
 
@@ -29,13 +31,18 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._work, name="write-behind", daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, tensor: torch.Tensor) -> None:
-        """Queue a tensor for writing; blocks while it would take the queue over its byte limit."""
-        size = tensor.nbytes
+    def wait_for_room(self, nbytes: int) -> None:
+        """Block until ``nbytes`` more fit in the queue (or nothing is queued); re-raise a write failure."""
         with self._changed:
             self._changed.wait_for(lambda: self._error is not None or self._queued_bytes == 0
-                                   or self._queued_bytes + size <= self._limit)
-            self._enqueue(self._write, (key, tensor), size)
+                                   or self._queued_bytes + nbytes <= self._limit)
+            if self._error is not None:
+                raise self._error
+
+    def submit(self, key: Hashable, tensor: torch.Tensor) -> None:
+        """Queue a tensor for writing (room for it is asked for with ``wait_for_room`` beforehand)."""
+        with self._changed:
+            self._enqueue(self._write, (key, tensor), tensor.nbytes)
 
     def call(self, function: Callable[..., Any], *args: Any) -> None:
         """Queue ``function(*args)`` to run after everything queued before it."""

@@ -25,7 +25,7 @@ def _slow_recorder(log: list, delay: float = 0.01):
     return write
 
 
-def test_write_behind_writes_in_order_and_bounds_queued_bytes():
+def test_write_behind_writes_in_order_and_bounds_queued_bytes_when_asked_for_room():
     written: list = []
     queued, most = [0], [0]
     lock = threading.Lock()
@@ -40,6 +40,7 @@ def test_write_behind_writes_in_order_and_bounds_queued_bytes():
     limit = 100 * 4
     with WriteBehind(write, limit) as behind:
         for i, tensor in enumerate(tensors):
+            behind.wait_for_room(tensor.nbytes)
             behind.submit(i, tensor)
             with lock:
                 queued[0] += tensor.nbytes
