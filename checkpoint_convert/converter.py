@@ -217,7 +217,9 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
     The producing thread reads, merges and casts; the write-behind thread writes, then checks each
     distinct output for NaN/Inf (it waits for the producer more often than the producer waits for it).
     The source's mapped pages of an item are handed back once all of its outputs (which may be
-    views of those pages) are written. Work running ``beside`` the stream stops it when it fails.
+    views of those pages) are written. Work running ``beside`` the stream stops it when it fails, and
+    must have finished before the last item: the output is never complete without it, and the peak
+    memory (its imports plus the last item, often the largest) does not depend on how they interleave.
     """
     tensors = source.tensors
     tensors.release_on_next_item = False
@@ -232,18 +234,19 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
 
     with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
               desc="converting", dynamic_ncols=True) as bar, WriteBehind(write_and_check, largest) as behind:
-        def with_room(items: list[Item]) -> Iterator[Item]:  # run() produces an item only once it fits
-            for item in items:
+        def paced(items: list[Item]) -> Iterator[Item]:
+            """Each item for run() to produce once its outputs fit; the last once ``beside`` succeeded."""
+            for position, item in enumerate(items, 1):
+                if beside is not None and (beside.done() or position == len(items)):
+                    beside.result()  # raises its error; before the last item, waits for it
                 behind.wait_for_room(item_bytes[id(item)])
                 yield item
 
         previous, read, seen = None, [], {}
-        for item, key, tensor in run(with_room(items), tensors, target, False, dtype, check_finite=False):
+        for item, key, tensor in run(paced(items), tensors, target, False, dtype, check_finite=False):
             if item is not previous:
                 behind.call(release_all, read)  # after the previous item's writes
                 previous, read, seen = item, tensors.take_read(), {}
-            if beside is not None and beside.done():
-                beside.result()  # raises its error
             # replicated outputs (TP and EP copies) are one tensor object, checked once (``seen`` holds
             # them, so an id is not reused within the item); making it contiguous copies on this thread
             first_time = id(tensor) not in seen
