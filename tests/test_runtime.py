@@ -1,6 +1,7 @@
 """The write-behind thread, page release and process exit: what makes streaming fast must not change results."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -139,3 +140,13 @@ def test_exit_now_flushes_output_and_keeps_the_exit_code():
             "print('summary line', end='')\nsys.stderr.write('warning')\nexit_now(3)\n") % str(REPO)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (result.returncode, result.stdout, result.stderr) == (3, "summary line", "warning")
+
+
+def test_streaming_settings_are_defaults_a_user_setting_overrides(monkeypatch):
+    from checkpoint_convert import runtime
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    runtime.tune_torch_for_streaming()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE") == ("1" if runtime._huge_pages_on_request() else None)
