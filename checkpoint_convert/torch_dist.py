@@ -177,6 +177,7 @@ class TorchDistTree:
         self.skipped = sorted(k for k in self.metadata.state_dict_metadata if k not in model_keys)
         self._names = self._index()
         self._reader = FileSystemReader(str(iter_dir))
+        self._last_chunk: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
 
     def _tensor_keys(self) -> Iterable[tuple[str, dcp_metadata.TensorStorageMetadata]]:
@@ -241,18 +242,102 @@ class TorchDistTree:
 
     def _read_region(self, stored: _Stored, entry: dcp_metadata.TensorStorageMetadata,
                      shape: tuple[int, ...]) -> torch.Tensor:
-        """Read one slice (a layer, or a layer's expert) of a stored key: only the chunks it overlaps."""
-        destination = torch.empty((1,) * len(stored.index) + shape, dtype=entry.properties.dtype)
-        region = ChunkStorageMetadata(offsets=torch.Size([*stored.index, *(0 for _ in shape)]),
-                                      sizes=destination.shape)
-        items = create_read_items_for_chunk_list(stored.fqn, entry, [region])
+        """Read one slice (a layer, or a layer's expert) of a stored key: only the chunks it overlaps.
+
+        A slice inside one stored chunk (a layer; one expert of a chunk holding a layer's experts) is
+        cut from that chunk, loaded once and kept until a slice of another chunk is read: DCP loads a
+        whole chunk to read any part of it, so reading every expert costs one load, not one each.
+        """
+        chunk = _enclosing_chunk(entry, stored.index)
+        if chunk is None:  # the slice spans chunks (saved tensor-parallel): DCP's reader assembles it
+            fixed = len(stored.index)
+            return self._read(stored.fqn, entry, [*stored.index, *(0 for _ in shape)],
+                              [1] * fixed + list(shape)).reshape(shape)
+        key = (stored.fqn, tuple(chunk.offsets))
+        if self._last_chunk is None or self._last_chunk[0] != key:
+            self._last_chunk = None  # let the previous chunk go before loading the next
+            self._last_chunk = (key, self._load_chunk(stored.fqn, entry, chunk))
+        within = tuple(i - start for i, start in zip(stored.index, chunk.offsets))
+        return self._last_chunk[1][within]
+
+    def _load_chunk(self, fqn: str, entry: dcp_metadata.TensorStorageMetadata,
+                    chunk: ChunkStorageMetadata) -> torch.Tensor:
+        """A whole stored chunk, loaded straight from its byte range of the data file.
+
+        DCP's reader loads the chunk the same way (``torch.load`` of that byte range) and then copies
+        it into the destination; taking the loaded tensor itself saves that copy. Chunks stored
+        through stream transforms (compression) go through DCP's reader, which undoes them.
+        """
+        info = self.metadata.storage_data[dcp_metadata.MetadataIndex(fqn, chunk.offsets)]
+        if getattr(info, "transform_descriptors", None):
+            return self._read(fqn, entry, list(chunk.offsets), list(chunk.sizes))
+        path = self.iter_dir / info.relative_path
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                window = io.BufferedReader(_FileWindow(handle, info.offset, info.length))
+                tensor = torch.load(window, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+            raise BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt "
+                                f"({str(error).splitlines()[0][:120] if str(error) else type(error).__name__})", path)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) \
+                or tensor.dtype != entry.properties.dtype:
+            raise BadInputError(f"'{fqn}' chunk at {tuple(chunk.offsets)} does not hold the tensor .metadata "
+                                f"describes ({tuple(chunk.sizes)}, {entry.properties.dtype})", path)
+        return tensor
+
+    def _read(self, fqn: str, entry: dcp_metadata.TensorStorageMetadata, offsets: list[int],
+              sizes: list[int]) -> torch.Tensor:
+        destination = torch.empty(sizes, dtype=entry.properties.dtype)
+        region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=destination.shape)
+        items = create_read_items_for_chunk_list(fqn, entry, [region])
         try:
             self._reader.read_data(LoadPlan(items), _RegionPlanner(destination)).wait()
         except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:
             files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
-            raise BadInputError(f"cannot read '{stored.fqn}', the file is truncated or corrupt "
+            raise BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt "
                                 f"({str(error).splitlines()[0][:120]})", self.iter_dir / files[0])
-        return destination.reshape(shape)
+        return destination
+
+
+class _FileWindow(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a read-only seekable file."""
+
+    def __init__(self, handle: io.RawIOBase, start: int, length: int) -> None:
+        super().__init__()
+        self._handle, self._start, self._length, self._position = handle, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = min(max(base + offset, 0), self._length)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[:max(0, self._length - self._position)]
+        self._handle.seek(self._start + self._position)
+        count = self._handle.readinto(view) or 0
+        self._position += count
+        return count
+
+
+def _enclosing_chunk(entry: dcp_metadata.TensorStorageMetadata,
+                     index: tuple[int, ...]) -> ChunkStorageMetadata | None:
+    """The one stored chunk holding the whole slice at ``index`` (all of the trailing axes), if any."""
+    for chunk in entry.chunks:
+        leading = all(start <= i < start + size for i, start, size in zip(index, chunk.offsets, chunk.sizes))
+        trailing = all(start == 0 and size == full for start, size, full in
+                       zip(chunk.offsets[len(index):], chunk.sizes[len(index):], entry.size[len(index):]))
+        if leading and trailing:
+            return chunk
+    return None
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -125,14 +125,35 @@ def test_torch_dist_reads_one_layer_at_a_time(megatron_dist):
 
     source, _ = megatron_dist("llama")
     tree = open_megatron_tree(source)
-    reads = []
-    original = tree._reader.read_data
+    reads = []  # the chunks read for each slice: loaded whole, or assembled by DCP's reader
+    original_read, original_load = tree._reader.read_data, tree._load_chunk
 
-    def counting(plan, planner):
+    def counting_read(plan, planner):
         reads.append([item.storage_index.offset for item in plan.items])
-        return original(plan, planner)
-    tree._reader.read_data = counting
+        return original_read(plan, planner)
+
+    def counting_load(fqn, entry, chunk):
+        reads.append([chunk.offsets])
+        return original_load(fqn, entry, chunk)
+    tree._reader.read_data, tree._load_chunk = counting_read, counting_load
     qkv = tree.tensor(None, "self_attention.linear_qkv.weight", 1)
     assert qkv.shape == (128, 64) and reads == [[torch.Size([1, 0, 0])]]
     fc1 = tree.tensor(None, "mlp.linear_fc1.weight", 2)
     assert fc1.shape == (192, 64) and len(reads[-1]) == 2  # the gate and up chunks of layer 2
+
+
+def test_experts_stored_in_one_chunk_per_layer_are_loaded_once(tmp_path):
+    """Our torch_dist output keeps a layer's experts in one chunk; reading each expert must not reload it."""
+    from checkpoint_convert.megatron_io import open_megatron_tree
+
+    model = tiny_mixtral(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist") == 0
+    tree = open_megatron_tree(tmp_path / "dist")
+    loads = []
+    original = tree._load_chunk
+    tree._load_chunk = lambda fqn, entry, chunk: (loads.append(tuple(chunk.offsets)), original(fqn, entry, chunk))[1]
+    experts = [tree.tensor(None, f"mlp.experts.local_experts.{e}.linear_fc2.weight", 1) for e in range(4)]
+    assert loads == [(1, 0, 0, 0)]
+    expected = model.model.layers[1].mlp.experts.down_proj  # (experts, hidden, ffn), as Megatron's fc2
+    assert all(torch.equal(tensor, expected[e].detach().to(tensor.dtype)) for e, tensor in enumerate(experts))
