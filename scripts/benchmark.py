@@ -4,7 +4,9 @@
 Builds synthetic bf16 checkpoints (Llama-shaped, and Mixtral-shaped for expert parallel) of the
 requested sizes; the largest tensor (the embedding) stays the same as the size grows, only the layer
 count changes. Every measurement runs in its own child process; peak RSS comes from that child's
-``wait4`` resource usage. Rows:
+``wait4`` resource usage. Each step runs ``--repeats`` times (output removed in between); the table
+shows the median time, so one step caught by a slow moment of the disk or page cache does not set
+its ratio. Rows:
   cp -r                     copying the source tree (the disk's own speed)
   python -c 'import torch'  interpreter start-up, part of every conversion
   import only               a process importing what the tool imports (start-up RSS)
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,36 +144,41 @@ converter.convert(converter.Options(load_path=__import__("pathlib").Path({source
 """
 
 
-def run_size(work: Path, gigabytes: float) -> list[tuple[str, float, float, float]]:
-    """Rows (name, seconds, peak RSS MB, source GB) for one model size."""
+def run_size(work: Path, gigabytes: float, repeats: int) -> list[tuple[str, float, float, float]]:
+    """Rows (name, median seconds, peak RSS MB, source GB) for one model size; each step runs ``repeats`` times."""
     hf, mixtral = work / "hf", work / "mixtral_hf"
     build_synthetic(hf, gigabytes)
     build_synthetic(mixtral, gigabytes, experts=4)
     source_gb = sum(f.stat().st_size for f in hf.rglob("*")) / 1e9
     rows = []
 
-    def row(name, command):
-        seconds, rss = measure(command)
-        rows.append((name, seconds, rss, source_gb))
+    def row(name, command, output=None):
+        runs = []
+        for _ in range(repeats):
+            if output is not None:
+                shutil.rmtree(output, ignore_errors=True)
+            runs.append(measure(command))
+        rows.append((name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs), source_gb))
 
-    row("cp -r (source)", ["cp", "-r", str(hf), str(work / "copy")])
+    def conversion(name, source, target, *flags):
+        row(name, _convert(source, target, *flags), output=target)
+
+    row("cp -r (source)", ["cp", "-r", str(hf), str(work / "copy")], output=work / "copy")
     row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
     row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
-    row("hf -> megatron tp2pp2", _convert(hf, work / "tp2pp2", "--to", "megatron", "--target_tensor_model_parallel_size",
-                                          "2", "--target_pipeline_model_parallel_size", "2"))
-    row("megatron tp2pp2 -> hf", _convert(work / "tp2pp2", work / "back", "--to", "hf"))
-    row("megatron tp2pp2 -> tp1pp1", _convert(work / "tp2pp2", work / "tp1", "--to", "megatron",
-                                              "--target_tensor_model_parallel_size", "1",
-                                              "--target_pipeline_model_parallel_size", "1"))
-    row("hf -> megatron torch_dist", _convert(hf, work / "dist", "--to", "megatron", "--megatron_ckpt_format",
-                                              "torch_dist"))
-    row("megatron torch_dist -> hf", _convert(work / "dist", work / "dist_back", "--to", "hf"))
+    conversion("hf -> megatron tp2pp2", hf, work / "tp2pp2", "--to", "megatron",
+               "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2")
+    conversion("megatron tp2pp2 -> hf", work / "tp2pp2", work / "back", "--to", "hf")
+    conversion("megatron tp2pp2 -> tp1pp1", work / "tp2pp2", work / "tp1", "--to", "megatron",
+               "--target_tensor_model_parallel_size", "1", "--target_pipeline_model_parallel_size", "1")
+    conversion("hf -> megatron torch_dist", hf, work / "dist", "--to", "megatron", "--megatron_ckpt_format", "torch_dist")
+    conversion("megatron torch_dist -> hf", work / "dist", work / "dist_back", "--to", "hf")
     subprocess.run(_convert(mixtral, work / "ep2", "--to", "megatron", "--target_expert_model_parallel_size", "2"),
                    check=True)
-    row("mixtral megatron ep2 -> hf", _convert(work / "ep2", work / "mixtral_back", "--to", "hf"))
+    conversion("mixtral megatron ep2 -> hf", work / "ep2", work / "mixtral_back", "--to", "hf")
     naive = NAIVE.format(repo=str(REPO), scripts=str(REPO / "scripts"), source=str(work / "tp2pp2"),
                          target=str(work / "naive"))
-    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive])
+    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive], output=work / "naive")
     return rows
 
 
@@ -195,13 +203,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2", help="comma-separated model sizes in GB (default 2)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}; "
+          f"median of {args.repeats} runs per step")
     peaks = {}
     for size in [float(s) for s in args.sizes.split(",")]:
         work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.workdir))
         try:
-            rows = run_size(work, size)
+            rows = run_size(work, size, args.repeats)
             report(size, rows)
             peaks[size] = {name: mb for name, _, mb, _ in rows}
         finally:
