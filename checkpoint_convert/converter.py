@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import megatron_schema as schema
 from .arch import ModelArch
 from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget,
-                     plan, release_all, run, walk, warn_if_not_finite)
+                     plan_with_items, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
@@ -210,7 +210,7 @@ def convert(options: Options) -> Summary:
         return convert_to(options, source, dtype, start)
 
 
-def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, planned: list,
+def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, by_item: list,
             quiet: bool, beside: Future | None = None) -> None:
     """Produce each output tensor and write it behind, with a progress bar in bytes.
 
@@ -223,8 +223,8 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
     """
     tensors = source.tensors
     tensors.release_on_next_item = False
-    largest = max((tensor_nbytes(shape, dt) for _, shape, dt in planned), default=0)
-    item_bytes = _output_bytes_per_item(items, tensors, target, dtype)
+    item_bytes = _output_bytes_per_item(by_item)
+    largest = max((tensor_nbytes(shape, dt) for _, _, shape, dt in by_item), default=0)
 
     def write_and_check(job: tuple[Hashable, Item | None], tensor: torch.Tensor) -> None:
         key, check_as = job
@@ -232,14 +232,14 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
         if check_as is not None:
             warn_if_not_finite(tensor, check_as)
 
-    with tqdm(total=_nbytes(planned), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
+    with tqdm(total=sum(item_bytes.values()), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
               desc="converting", dynamic_ncols=True) as bar, WriteBehind(write_and_check, largest) as behind:
         def paced(items: list[Item]) -> Iterator[Item]:
             """Each item for run() to produce once its outputs fit; the last once ``beside`` succeeded."""
             for position, item in enumerate(items, 1):
                 if beside is not None and (beside.done() or position == len(items)):
                     beside.result()  # raises its error; before the last item, waits for it
-                behind.wait_for_room(item_bytes[id(item)])
+                behind.wait_for_room(item_bytes.get(id(item), 0))
                 yield item
 
         previous, read, seen = None, [], {}
@@ -257,11 +257,11 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
         behind.call(release_all, read + tensors.take_read())
 
 
-def _output_bytes_per_item(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> dict[int, int]:
-    """Bytes of every item's outputs (keyed by the item's id), from a pass on ``meta`` tensors."""
-    sizes = dict.fromkeys(map(id, items), 0)
-    for item, _, tensor in run(items, source, target, True, dtype):
-        sizes[id(item)] += tensor.nbytes
+def _output_bytes_per_item(by_item: list[tuple[Item, Hashable, tuple, torch.dtype]]) -> dict[int, int]:
+    """Bytes of every item's planned outputs, keyed by the item's id (items with no output: absent)."""
+    sizes: dict[int, int] = {}
+    for item, _, shape, dtype in by_item:
+        sizes[id(item)] = sizes.get(id(item), 0) + tensor_nbytes(shape, dtype)
     return sizes
 
 
@@ -278,7 +278,8 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     family, arch = source.family, source.arch
     items = walk(family, arch)
     target = HFTarget(family, arch)
-    planned = plan(items, source.tensors, target, dtype)
+    by_item = plan_with_items(items, source.tensors, target, dtype)
+    planned = [entry[1:] for entry in by_item]
     out_arch = arch.replace(params_dtype=_output_dtype(planned, dtype))
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
@@ -286,7 +287,7 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
         config_task = pool.submit(_checked_hf_config, planned, family, out_arch)
         with staged_directory(options.save_path, _nbytes(planned)) as staging:
             writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
-            _stream(items, source, target, dtype, writer, planned, options.quiet, config_task)
+            _stream(items, source, target, dtype, writer, by_item, options.quiet, config_task)
             writer.finish()
             _write_hf_metadata(staging, config_task.result(), family, options)
     return _finish_summary(Summary(), planned, start)
@@ -300,10 +301,8 @@ def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> An
 
 
 def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, options: Options) -> None:
-    from transformers import GenerationConfig
-
     config.save_pretrained(staging)
-    generation = GenerationConfig.from_model_config(config)
+    generation = transformers_attr("GenerationConfig").from_model_config(config)
     for key, value in family.generation_defaults.items():
         setattr(generation, key, value)
     generation.save_pretrained(staging)
@@ -344,7 +343,8 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
         target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
                                                                  layout.ep, options.moe_grouped_gemm))
     items = walk(family, arch)
-    planned = plan(items, source.tensors, target, dtype)
+    by_item = plan_with_items(items, source.tensors, target, dtype)
+    planned = [entry[1:] for entry in by_item]
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         if ckpt_format == "torch_dist":
@@ -354,6 +354,6 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
         else:
             writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer,
                                     options.zip_crc32)
-        _stream(items, source, target, dtype, writer, planned, options.quiet)
+        _stream(items, source, target, dtype, writer, by_item, options.quiet)
         writer.finish()
     return _finish_summary(Summary(), planned, start)

@@ -334,7 +334,13 @@ def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
 
 def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:
     """Every output's key, shape and dtype, in production order, computed on ``meta`` tensors."""
-    planned = [(key, tuple(t.shape), t.dtype) for _, key, t in run(items, source, target, True, dtype)]
+    return [entry[1:] for entry in plan_with_items(items, source, target, dtype)]
+
+
+def plan_with_items(items: list[Item], source: Any, target: Any,
+                    dtype: torch.dtype | None) -> list[tuple[Item, Hashable, tuple, torch.dtype]]:
+    """:func:`plan`, each entry led by the item that produces it; refuses source tensors nothing reads."""
+    planned = [(item, key, tuple(t.shape), t.dtype) for item, key, t in run(items, source, target, True, dtype)]
     left = source.unconsumed()
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""

@@ -277,8 +277,7 @@ class TorchDistTree:
                 window = io.BufferedReader(_FileWindow(handle, info.offset, info.length))
                 tensor = torch.load(window, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-            raise BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt "
-                                f"({str(error).splitlines()[0][:120] if str(error) else type(error).__name__})", path)
+            raise _unreadable(fqn, error, path)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) \
                 or tensor.dtype != entry.properties.dtype:
             raise BadInputError(f"'{fqn}' chunk at {tuple(chunk.offsets)} does not hold the tensor .metadata "
@@ -294,9 +293,13 @@ class TorchDistTree:
             self._reader.read_data(LoadPlan(items), _RegionPlanner(destination)).wait()
         except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:
             files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
-            raise BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt "
-                                f"({str(error).splitlines()[0][:120]})", self.iter_dir / files[0])
+            raise _unreadable(fqn, error, self.iter_dir / files[0])
         return destination
+
+
+def _unreadable(fqn: str, error: Exception, path: Path) -> BadInputError:
+    detail = str(error).splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    return BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt ({detail})", path)
 
 
 class _FileWindow(io.RawIOBase):
