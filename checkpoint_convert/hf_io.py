@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import constants, split_state_dict_into_shards_factory
 
 from .errors import BadInputError
-from .memory import note_file_mapping
+from .memory import map_for_reading
 from .safe_load import safe_torch_load
 
 CONFIG = "config.json"
@@ -109,9 +109,7 @@ class SafetensorsReader:
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.file, "rb") as handle:  # ACCESS_COPY: writable views, never written back to the file
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            note_file_mapping(self.file)
+            self._map = map_for_reading(self.file)
         return self._map
 
     def get_tensor(self, name: str) -> torch.Tensor:

@@ -83,6 +83,18 @@ def note_file_mapping(path: str | os.PathLike) -> None:
             bisect.insort(_read_only_file_mappings, (start, end))
 
 
+def map_for_reading(path: str | os.PathLike) -> mmap.mmap:
+    """A private (copy-on-write) map of the whole file, registered as read-only for this scope.
+
+    Tensors made on it with ``torch.frombuffer`` are writable views that never write back to the
+    file, read only when touched, and released with ``MADV_DONTNEED`` after they are converted.
+    """
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    note_file_mapping(path)
+    return mapping
+
+
 def _in_read_only_file_mapping(start: int, end: int) -> bool:
     if not _read_only_file_mappings:
         return False

@@ -18,12 +18,14 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """``torch.cat``; on ``meta`` tensors only the result's shape is computed.
 
     torch's meta kernel for ``cat`` is registered in Python: its first use imports about 800
-    modules (1.5 s), which planning a conversion does not need.
+    modules (1.5 s), which planning a conversion does not need. Pieces that already lie one after
+    another in one storage (the experts of a torch_dist chunk) are joined as a view, without a copy.
     """
     tensors = list(tensors)
     first = tensors[0]
     if first.device.type != "meta":
-        return torch.cat(tensors, dim=dim)
+        joined = _adjacent_view(tensors) if dim % max(first.dim(), 1) == 0 else None
+        return joined if joined is not None else torch.cat(tensors, dim=dim)
     dim = dim % first.dim()
     for tensor in tensors[1:]:
         if tensor.dim() != first.dim() or any(a != b for i, (a, b) in enumerate(zip(tensor.shape, first.shape)) if i != dim):
@@ -32,6 +34,21 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     shape = list(first.shape)
     shape[dim] = sum(tensor.shape[dim] for tensor in tensors)
     return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The view joining contiguous tensors along dim 0 when each starts where the previous ends."""
+    first = tensors[0]
+    if first.dim() == 0:
+        return None
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for tensor in tensors:
+        if (tensor.data_ptr() != end or not tensor.is_contiguous() or tensor.dtype != first.dtype
+                or tensor.shape[1:] != first.shape[1:] or tensor.untyped_storage().data_ptr() != storage):
+            return None
+        end += tensor.nbytes
+    shape = (sum(tensor.shape[0] for tensor in tensors), *first.shape[1:])
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride())
 
 
 def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

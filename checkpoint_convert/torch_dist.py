@@ -9,10 +9,11 @@ full tensors the engine works with. Norms always use Transformer Engine names, a
 entries are pickled byte objects.
 
 This module imports ``torch.distributed.checkpoint`` (about a second and 50 MB), so it is imported only
-when a torch_dist checkpoint is read or written. Reading presents the checkpoint as a one-rank tree of global tensors, so the engine's merge code
-applies unchanged; each layer slice is read through ``torch.distributed.checkpoint``'s own
-``FileSystemReader`` (only the chunks that overlap it, tensors loaded with ``weights_only=True``).
-``FileSystemReader.read_metadata`` unpickles ``.metadata`` without restriction, so it is read here
+when a torch_dist checkpoint is read or written. Reading presents the checkpoint as a one-rank tree of
+global tensors, so the engine's merge code applies unchanged. A layer slice held by one stored chunk is a
+view of the memory-mapped data file (the chunk's pickle is loaded with ``weights_only=True`` onto
+``meta`` for its layout); a slice spanning chunks is assembled by ``torch.distributed.checkpoint``'s own
+``FileSystemReader``. ``FileSystemReader.read_metadata`` unpickles ``.metadata`` without restriction, so it is read here
 with an unpickler that accepts only the checkpoint metadata classes.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import mmap
 import pickle
 import re
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
 from .errors import BadInputError
+from .memory import map_for_reading
 from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
 from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
 from .megatron_io import RankKey, iteration_dir_name, write_tracker
@@ -178,6 +181,7 @@ class TorchDistTree:
         self._names = self._index()
         self._reader = FileSystemReader(str(iter_dir))
         self._last_chunk: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
+        self._maps: dict[Path, mmap.mmap] = {}  # data files, mapped once each
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
 
     def _tensor_keys(self) -> Iterable[tuple[str, dcp_metadata.TensorStorageMetadata]]:
@@ -262,20 +266,26 @@ class TorchDistTree:
 
     def _load_chunk(self, fqn: str, entry: dcp_metadata.TensorStorageMetadata,
                     chunk: ChunkStorageMetadata) -> torch.Tensor:
-        """A whole stored chunk, loaded straight from its byte range of the data file.
+        """A whole stored chunk, as a view of the memory-mapped data file: no copy, read when touched.
 
-        DCP's reader loads the chunk the same way (``torch.load`` of that byte range) and then copies
-        it into the destination; taking the loaded tensor itself saves that copy. Chunks stored
-        through stream transforms (compression) go through DCP's reader, which undoes them.
+        A chunk is the ``torch.save`` bytes of its tensor. Loading them onto ``meta`` reads only the
+        pickle and yields the tensor's layout and where its storage record starts
+        (``_checkpoint_offset``, which torch's own mmap-based DCP reader uses). Without that offset
+        (another torch), the chunk is loaded with a copy. Chunks stored through stream transforms
+        (compression) go through DCP's reader, which undoes them.
         """
         info = self.metadata.storage_data[dcp_metadata.MetadataIndex(fqn, chunk.offsets)]
         if getattr(info, "transform_descriptors", None):
             return self._read(fqn, entry, list(chunk.offsets), list(chunk.sizes))
         path = self.iter_dir / info.relative_path
         try:
-            with open(path, "rb", buffering=0) as handle:
-                window = io.BufferedReader(_FileWindow(handle, info.offset, info.length))
-                tensor = torch.load(window, map_location="cpu", weights_only=True)
+            layout = _load_window(path, info.offset, info.length, "meta")
+            record = getattr(layout.untyped_storage(), "_checkpoint_offset", None) \
+                if isinstance(layout, torch.Tensor) else None
+            if record is None:
+                tensor = _load_window(path, info.offset, info.length, "cpu")
+            else:
+                tensor = self._mapped_view(path, info.offset, info.length, record, layout)
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise _unreadable(fqn, error, path)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) \
@@ -283,6 +293,21 @@ class TorchDistTree:
             raise BadInputError(f"'{fqn}' chunk at {tuple(chunk.offsets)} does not hold the tensor .metadata "
                                 f"describes ({tuple(chunk.sizes)}, {entry.properties.dtype})", path)
         return tensor
+
+    def _mapped_view(self, path: Path, start: int, length: int, record: int, layout: torch.Tensor) -> torch.Tensor:
+        """``layout`` (a meta tensor) on the bytes of its storage record, ``record`` bytes into the chunk."""
+        nbytes = layout.untyped_storage().nbytes()
+        if record < 0 or record + nbytes > length:
+            raise ValueError(f"storage record of {nbytes} bytes at {record} runs past the chunk's {length} bytes")
+        if nbytes == 0:
+            return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype)
+        if path not in self._maps:
+            self._maps[path] = map_for_reading(path)
+        mapping = self._maps[path]
+        if start + record + nbytes > len(mapping):
+            raise ValueError("the data file is shorter than .metadata says")
+        data = torch.frombuffer(memoryview(mapping)[start + record:start + record + nbytes], dtype=torch.uint8)
+        return data.view(layout.dtype).as_strided(layout.shape, layout.stride(), layout.storage_offset())
 
     def _read(self, fqn: str, entry: dcp_metadata.TensorStorageMetadata, offsets: list[int],
               sizes: list[int]) -> torch.Tensor:
@@ -295,6 +320,13 @@ class TorchDistTree:
             files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
             raise _unreadable(fqn, error, self.iter_dir / files[0])
         return destination
+
+
+def _load_window(path: Path, start: int, length: int, map_location: str) -> Any:
+    """``torch.load`` (weights only) of bytes ``[start, start + length)`` of a file."""
+    with open(path, "rb", buffering=0) as handle:
+        return torch.load(io.BufferedReader(_FileWindow(handle, start, length)), map_location=map_location,
+                          weights_only=True)
 
 
 def _unreadable(fqn: str, error: Exception, path: Path) -> BadInputError:

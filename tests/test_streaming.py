@@ -81,3 +81,19 @@ def test_streamed_safetensors_refuses_unplanned_order(tmp_path):
     with pytest.raises(RuntimeError, match="expecting a"):
         writer.write("b", torch.zeros(2))
     writer.close()
+
+
+def test_cat_joins_adjacent_pieces_of_one_storage_without_a_copy():
+    """Experts read from one torch_dist chunk are stacked as a view; anything else is copied by torch.cat."""
+    from checkpoint_convert.parallel import cat, stack
+
+    chunk = torch.randn(4, 6, 5)
+    experts = [chunk[e] for e in range(4)]
+    stacked = stack(experts)
+    assert torch.equal(stacked, chunk) and stacked.data_ptr() == chunk.data_ptr()
+    halves = cat([chunk[:2], chunk[2:]])
+    assert torch.equal(halves, chunk) and halves.data_ptr() == chunk.data_ptr()
+    for pieces in ([chunk[1], chunk[0]], [chunk[0], chunk[2]], [chunk[:, :3], chunk[:, 3:]], [chunk[0], chunk[0]]):
+        joined = stack(pieces) if pieces[0].dim() == 2 else cat(pieces, dim=1)
+        expected = torch.stack(pieces) if pieces[0].dim() == 2 else torch.cat(pieces, dim=1)
+        assert torch.equal(joined, expected) and joined.data_ptr() != chunk.data_ptr()

@@ -138,8 +138,20 @@ def test_torch_dist_reads_one_layer_at_a_time(megatron_dist):
     tree._reader.read_data, tree._load_chunk = counting_read, counting_load
     qkv = tree.tensor(None, "self_attention.linear_qkv.weight", 1)
     assert qkv.shape == (128, 64) and reads == [[torch.Size([1, 0, 0])]]
+    assert _file_mapped_at(qkv.data_ptr()).endswith(".distcp")  # a view of the data file, not a copy
     fc1 = tree.tensor(None, "mlp.linear_fc1.weight", 2)
     assert fc1.shape == (192, 64) and len(reads[-1]) == 2  # the gate and up chunks of layer 2
+
+
+def _file_mapped_at(address: int) -> str:
+    """The file this process has mapped at ``address`` ('' for anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) == 6 else ""
+    return ""
 
 
 def test_experts_stored_in_one_chunk_per_layer_are_loaded_once(tmp_path):
