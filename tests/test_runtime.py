@@ -150,3 +150,17 @@ def test_streaming_settings_are_defaults_a_user_setting_overrides(monkeypatch):
     runtime.tune_torch_for_streaming()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") == ("1" if runtime._huge_pages_on_request() else None)
+
+
+def test_objects_made_while_the_collector_is_paused_are_never_scanned_again():
+    """What a heavy import leaves behind is frozen; the collector runs again afterwards."""
+    import gc
+
+    from checkpoint_convert.runtime import collector_paused
+
+    before = gc.get_freeze_count()
+    with collector_paused():
+        assert not gc.isenabled()
+        made = [[index] for index in range(1000)]  # lists are always tracked
+    assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
+    gc.unfreeze()  # the rest of the test session is collected as usual
