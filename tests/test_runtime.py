@@ -147,8 +147,9 @@ def test_streaming_settings_are_defaults_a_user_setting_overrides(monkeypatch):
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     runtime.tune_torch_for_streaming()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") == ("1" if runtime._huge_pages_on_request() else None)
 
 
