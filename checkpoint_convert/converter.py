@@ -6,6 +6,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Hashable, Iterator
 
 import torch
@@ -65,6 +66,13 @@ class Source:
     arch: ModelArch
     reader: Any  # MegatronTree, TorchDistTree or HFCheckpoint
     tensors: Any = None  # MegatronSource or HFSource
+    # for an ``arch`` read from config.json before transformers was imported: the check that the
+    # config class reads the same (raises MisreadArchitecture otherwise)
+    arch_check: Future | None = None
+
+
+class MisreadArchitecture(Exception):
+    """config.json's values, read as plain attributes, describe another model than its config class does."""
 
 
 @dataclass
@@ -95,8 +103,13 @@ def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None)
 
 
 def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = False, model: str | None = None,
-                    vocab_size: int | None = None) -> Source:
-    """Detect a checkpoint's format and family, and describe its architecture; reads no tensor data."""
+                    vocab_size: int | None = None, speculate: ThreadPoolExecutor | None = None) -> Source:
+    """Detect a checkpoint's format and family, and describe its architecture; reads no tensor data.
+
+    With ``speculate``, a Hugging Face architecture is read from config.json's values as they are,
+    and transformers' config class (seconds of imports) reads them again on that executor
+    (``Source.arch_check``): a conversion streams meanwhile and must not finish before the check.
+    """
     if not path.is_dir():
         raise BadInputError("load path is not a directory", path)
     if is_megatron_checkpoint(path):
@@ -113,15 +126,41 @@ def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = Fals
                                 f"'{checkpoint.config.get('model_type')}'", path / "config.json")
         if family.hf_aliases:
             checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
-        arch = family.arch_from_hf_config(checkpoint.config)
-        return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch))
+        arch = _arch_as_written(family, checkpoint.config) if speculate else None
+        check = speculate.submit(_confirm_arch, family, checkpoint.config, arch) if arch else None
+        arch = arch or _arch_from_config_class(family, checkpoint.config)
+        return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch), check)
     raise BadInputError("neither a Megatron checkpoint (tracker file, mp_rank_* dirs or torch_dist files) nor a "
                         "Hugging Face model directory (config.json)", path)
 
 
-def open_source(options: Options) -> Source:
+def _arch_from_config_class(family: FamilySpec, values: dict[str, Any]) -> ModelArch:
+    """The architecture config.json describes, read through the family's transformers config class."""
+    return family.arch_from_hf_config(transformers_attr(family.hf_config_class)(**values))
+
+
+def _arch_as_written(family: FamilySpec, values: dict[str, Any]) -> ModelArch | None:
+    """The architecture read from config.json's values as plain attributes (no class defaults).
+
+    None when that reading fails (a key left to the class's defaults, a value the class would
+    convert): the conversion then waits for the config class, as without speculation.
+    """
+    try:
+        return family.arch_from_hf_config(SimpleNamespace(**values))
+    except Exception:  # any failure only means no head start; the config class reports real errors
+        return None
+
+
+def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch) -> ModelArch:
+    arch = _arch_from_config_class(family, values)
+    if arch != guess:
+        raise MisreadArchitecture(arch)
+    return arch
+
+
+def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -> Source:
     return open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
-                           options.vocab_size)
+                           options.vocab_size, speculate)
 
 
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
@@ -198,16 +237,39 @@ def _nbytes(planned: list) -> int:
 
 
 def convert(options: Options) -> Summary:
-    """Run one conversion end to end; raises BadInputError before writing anything on bad input."""
+    """Run one conversion end to end; raises BadInputError before writing anything on bad input.
+
+    A Megatron output starts streaming before transformers is imported (see ``open_checkpoint``);
+    if the config class then reads config.json differently, the conversion starts over with its
+    reading, so the output is always the one the config class describes.
+    """
     start = time.time()
     check_paths(options.load_path, options.save_path, options.overwrite)
     if options.to not in ("hf", "megatron"):
         raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
-    with read_only_file_mappings():  # the source's mappings live as long as this scope
-        source = open_source(options)
-        dtype = dtype_from_name(options.params_dtype)
-        convert_to = _to_hf if options.to == "hf" else _to_megatron
-        return convert_to(options, source, dtype, start)
+    dtype = dtype_from_name(options.params_dtype)
+    convert_to = _to_hf if options.to == "hf" else _to_megatron
+    with read_only_file_mappings(), ThreadPoolExecutor(1, thread_name_prefix="hf-config") as pool:
+        source = open_source(options, pool if options.to == "megatron" else None)
+        try:
+            return convert_to(options, source, dtype, start)
+        except BaseException as error:
+            if not _misread(source, error):
+                raise
+        return convert_to(options, open_source(options), dtype, start)
+
+
+def _misread(source: Source, error: BaseException) -> bool:
+    """Whether ``error`` may come from a wrong early reading of config.json (then the config class decides)."""
+    if isinstance(error, MisreadArchitecture):
+        return True
+    if source.arch_check is None or isinstance(error, KeyboardInterrupt):
+        return False
+    try:
+        source.arch_check.result()
+    except Exception:  # a misreading, or the config class's own error, which a fresh start reports
+        return True
+    return False
 
 
 def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, by_item: list,
@@ -255,6 +317,8 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
         behind.call(release_all, read + tensors.take_read())
+    if beside is not None:
+        beside.result()  # a stream with no items never reached the last one
 
 
 def _output_bytes_per_item(by_item: list[tuple[Item, Hashable, tuple, torch.dtype]]) -> dict[int, int]:
@@ -354,6 +418,6 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
         else:
             writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer,
                                     options.zip_crc32)
-        _stream(items, source, target, dtype, writer, by_item, options.quiet)
+        _stream(items, source, target, dtype, writer, by_item, options.quiet, source.arch_check)
         writer.finish()
     return _finish_summary(Summary(), planned, start)

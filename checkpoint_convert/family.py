@@ -71,7 +71,10 @@ class FamilySpec:
     first_stage: tuple[Param, ...]  # embeddings: global names
     layer: tuple[Param, ...]
     last_stage: tuple[Param, ...]  # final norm, output layer: global names
-    arch_from_hf_config: Callable[[dict[str, Any]], ModelArch]
+    hf_config_class: str  # the transformers config class, e.g. "LlamaConfig"
+    # reads an instance of that class; the core may first pass config.json's values as plain
+    # attributes (see converter.open_checkpoint), so a key config.json lacks raises AttributeError
+    arch_from_hf_config: Callable[[Any], ModelArch]
     hf_config_from_arch: Callable[[ModelArch], Any]
     matches_megatron: Callable[[ModelArch], bool]
     hf_ignored_suffixes: tuple[str, ...] = field(default=())  # HF buffers that are not weights

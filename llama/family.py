@@ -145,8 +145,8 @@ def is_llama_like(arch: ModelArch) -> bool:
 def llama_like_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...] = (),
                       bias_kwargs: Callable[[ModelArch], dict] = lambda arch: {}) -> FamilySpec:
     """A dense Llama-shaped family; only its transformers config class and extra config keys differ."""
-    def from_config(config: dict[str, Any]) -> ModelArch:
-        return arch_from_llama_config(transformers_attr(config_class)(**config), name, extra_keys)
+    def from_config(cfg: Any) -> ModelArch:
+        return arch_from_llama_config(cfg, name, extra_keys)
 
     def to_config(arch: ModelArch) -> Any:
         cls = transformers_attr(config_class)
@@ -154,7 +154,7 @@ def llama_like_family(name: str, config_class: str, architecture: str, extra_key
 
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.",
-        first_stage=FIRST, layer=ATTENTION + DENSE_MLP, last_stage=LAST,
+        first_stage=FIRST, layer=ATTENTION + DENSE_MLP, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=is_llama_like,
         hf_ignored_suffixes=("rotary_emb.inv_freq",),
     )

@@ -71,8 +71,7 @@ LAST = (
 )
 
 
-def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
-    cfg = transformers_attr("GPT2Config")(**config)
+def arch_from_hf_config(cfg: Any) -> ModelArch:
     activation = _ACTIVATIONS.get(cfg.activation_function)
     if activation is None:
         raise BadInputError(f"GPT-2 activation '{cfg.activation_function}' has no Megatron equivalent")
@@ -111,7 +110,7 @@ def matches_megatron(arch: ModelArch) -> bool:
 
 GPT2 = register(FamilySpec(
     name="gpt2", hf_model_types=("gpt2",), hf_layer_prefix="transformer.h.{layer}.",
-    first_stage=FIRST, layer=LAYER, last_stage=LAST,
+    first_stage=FIRST, layer=LAYER, last_stage=LAST, hf_config_class="GPT2Config",
     arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_ignored_suffixes=("attn.bias", "attn.masked_bias"),
 ))

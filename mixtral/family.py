@@ -31,8 +31,7 @@ MOE = (
 EXTRA_KEYS = ("sliding_window", "router_jitter_noise")
 
 
-def arch_from_hf_config(config: dict[str, Any]) -> ModelArch:
-    cfg = transformers_attr("MixtralConfig")(**config)
+def arch_from_hf_config(cfg: Any) -> ModelArch:
     arch = arch_from_llama_config(cfg, "mixtral", EXTRA_KEYS)
     return arch.replace(num_experts=cfg.num_local_experts, moe_router_topk=cfg.num_experts_per_tok,
                         moe_ffn_hidden_size=cfg.intermediate_size, moe_aux_loss_coeff=cfg.router_aux_loss_coef)
@@ -90,7 +89,7 @@ def old_layout_aliases(names: list[str]) -> dict[str, tuple[list[str], Callable]
 
 MIXTRAL = register(FamilySpec(
     name="mixtral", hf_model_types=("mixtral",), hf_layer_prefix="model.layers.{layer}.",
-    first_stage=FIRST, layer=ATTENTION + MOE, last_stage=LAST,
+    first_stage=FIRST, layer=ATTENTION + MOE, last_stage=LAST, hf_config_class="MixtralConfig",
     arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_ignored_suffixes=("rotary_emb.inv_freq",),
     hf_aliases=old_layout_aliases,

@@ -149,3 +149,26 @@ def test_qkv_only_bias_is_megatron_add_qkv_bias(models, tmp_path, capsys):
     assert convert("--load_path", tmp_path / "nonzero", "--save_path", tmp_path / "x", "--to", "megatron") == 2
     assert "layer 2 'self_attn.o_proj.bias' is not zero" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_config_the_config_class_reads_differently_is_converted_as_the_class_reads_it(tmp_path, monkeypatch):
+    """A transformers 4 config (legacy ``rope_scaling``): read as written, it has no scaling; the
+    conversion, begun on that early reading, starts over with the config class's."""
+    from checkpoint_convert import converter
+
+    tiny_llama(tmp_path / "hf", seed=4)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    expected = logits_of(tmp_path / "hf")  # transformers applies the linear scaling
+    opened = []
+    original_open = converter.open_source
+    monkeypatch.setattr(converter, "open_source", lambda *a: opened.append(a) or original_open(*a))
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    assert len(opened) == 2  # the early reading, then the config class's
+    args = torch.load(tmp_path / "m/release/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"]
+    assert args.hf_rope_scaling["factor"] == 2.0 and args.rotary_base == 5000.0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), expected)

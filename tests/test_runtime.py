@@ -165,3 +165,21 @@ def test_objects_made_while_the_collector_is_paused_are_never_scanned_again():
         made = [[index] for index in range(1000)]  # lists are always tracked
     assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
     gc.unfreeze()  # the rest of the test session is collected as usual
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral"])
+def test_config_json_written_by_transformers_is_read_before_transformers_is_needed(tmp_path, family):
+    """For a config.json transformers wrote, the early reading (values as written) is the config
+    class's reading, so HF -> Megatron streams while transformers is imported beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_llama import tiny_llama
+    from tests.test_mixtral import tiny_mixtral
+
+    makers = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mixtral": tiny_mixtral,
+              "mistral": lambda path: tiny_llama(path, family="mistral", sliding_window=8)}
+    makers[family](tmp_path)
+    with ThreadPoolExecutor(1) as pool:
+        early = converter.open_checkpoint(tmp_path, speculate=pool)
+        assert early.arch_check is not None and early.arch_check.result() == early.arch
+    assert early.arch == converter.open_checkpoint(tmp_path).arch
