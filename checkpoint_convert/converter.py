@@ -1,6 +1,7 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
+import importlib
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -249,6 +250,10 @@ def convert(options: Options) -> Summary:
         raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
     dtype = dtype_from_name(options.params_dtype)
     convert_to = _to_hf if options.to == "hf" else _to_megatron
+    if options.to == "megatron" and options.megatron_ckpt_format == "torch_dist":
+        # now, not beside transformers' import: two threads importing torch.distributed at once can
+        # deadlock on Python's module locks
+        importlib.import_module(".torch_dist", __package__)
     with read_only_file_mappings(), ThreadPoolExecutor(1, thread_name_prefix="hf-config") as pool:
         source = open_source(options, pool if options.to == "megatron" else None)
         try:
