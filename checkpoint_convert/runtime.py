@@ -64,7 +64,14 @@ def collector_paused() -> Iterator[None]:
 
 
 def transformers_attr(name: str) -> Any:
-    """``transformers.<name>``, imported when first needed: Megatron-only runs never pay for it."""
+    """``transformers.<name>``, imported when first needed: Megatron-only runs never pay for it.
+
+    Only a first use imports, under :func:`collector_paused`; later uses take the attribute the lazy
+    module kept, and freeze nothing (a freeze then would keep whatever cyclic garbage is pending).
+    """
+    loaded = sys.modules.get("transformers")
+    if loaded is not None and name in vars(loaded):
+        return vars(loaded)[name]
     with collector_paused():
         return getattr(importlib.import_module("transformers"), name)
 

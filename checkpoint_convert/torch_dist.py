@@ -249,8 +249,8 @@ class TorchDistTree:
         """Read one slice (a layer, or a layer's expert) of a stored key: only the chunks it overlaps.
 
         A slice inside one stored chunk (a layer; one expert of a chunk holding a layer's experts) is
-        cut from that chunk, loaded once and kept until a slice of another chunk is read: DCP loads a
-        whole chunk to read any part of it, so reading every expert costs one load, not one each.
+        cut from that chunk, which is opened once (its pickle loaded, its bytes mapped) and kept until
+        a slice of another chunk is read, so reading every expert costs one load, not one each.
         """
         chunk = _enclosing_chunk(entry, stored.index)
         if chunk is None:  # the slice spans chunks (saved tensor-parallel): DCP's reader assembles it

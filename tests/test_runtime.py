@@ -183,3 +183,13 @@ def test_config_json_written_by_transformers_is_read_before_transformers_is_need
         early = converter.open_checkpoint(tmp_path, speculate=pool)
         assert early.arch_check is not None and early.arch_check.result() == early.arch
     assert early.arch == converter.open_checkpoint(tmp_path).arch
+
+
+def test_a_transformers_class_already_imported_is_returned_without_freezing_anything():
+    import gc
+
+    from checkpoint_convert.runtime import transformers_attr
+
+    first = transformers_attr("LlamaConfig")
+    frozen = gc.get_freeze_count()
+    assert transformers_attr("LlamaConfig") is first and gc.get_freeze_count() == frozen
