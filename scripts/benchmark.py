@@ -7,7 +7,9 @@ count changes. Every measurement runs in its own child process; peak RSS comes f
 ``wait4`` resource usage. Each step runs ``--repeats`` times (output removed in between); the table
 shows the median time, so one step caught by a slow moment of the disk or page cache does not set
 its ratio. Rows:
-  cp -r                     copying the source tree (the disk's own speed)
+  cp -r                     copying the HF source tree (the disk's own speed); every conversion
+                            is also paired with `cp -r` of its own source, run just before it in
+                            each round, and its ratio is taken against that
   python -c 'import torch'  interpreter start-up, part of every conversion
   import only               a process importing what the tool imports (start-up RSS)
   hf->megatron tp2pp2, megatron tp2pp2->hf, tp2pp2->tp1pp1, hf->torch_dist, torch_dist->hf,
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import _bootstrap  # noqa: F401
 
@@ -144,26 +147,44 @@ converter.convert(converter.Options(load_path=__import__("pathlib").Path({source
 """
 
 
-def run_size(work: Path, gigabytes: float, repeats: int) -> list[tuple[str, float, float, float]]:
-    """Rows (name, median seconds, peak RSS MB, source GB) for one model size; each step runs ``repeats`` times."""
+class Row(NamedTuple):
+    name: str
+    seconds: float  # median
+    peak_mb: float  # highest
+    copy_seconds: float | None  # median of `cp -r` of the step's source, measured before it in each round
+
+
+def run_size(work: Path, gigabytes: float, repeats: int) -> list[Row]:
+    """The rows of one model size; each step runs ``repeats`` times.
+
+    A conversion's ratio is taken against ``cp -r`` of its own source, measured right before it in
+    each round: ``cp -r`` of a cached tree takes 0.7 s or 3 s depending on what the page cache holds,
+    and a conversion run minutes after its baseline would see another cache.
+    """
     hf, mixtral = work / "hf", work / "mixtral_hf"
     build_synthetic(hf, gigabytes)
     build_synthetic(mixtral, gigabytes, experts=4)
-    source_gb = sum(f.stat().st_size for f in hf.rglob("*")) / 1e9
-    rows = []
+    rows: list[Row] = []
 
-    def row(name, command, output=None):
-        runs = []
+    def timed(command: list[str], output: Path | None) -> tuple[float, float]:
+        if output is not None:
+            shutil.rmtree(output, ignore_errors=True)
+        return measure(command)
+
+    def row(name: str, command: list[str], output: Path | None = None, source: Path | None = None) -> None:
+        runs, copies = [], []
         for _ in range(repeats):
-            if output is not None:
-                shutil.rmtree(output, ignore_errors=True)
-            runs.append(measure(command))
-        rows.append((name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs), source_gb))
+            if source is not None:
+                copies.append(timed(["cp", "-r", str(source), str(work / "copy")], work / "copy")[0])
+            runs.append(timed(command, output))
+        shutil.rmtree(work / "copy", ignore_errors=True)
+        rows.append(Row(name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs),
+                        statistics.median(copies) if copies else None))
 
-    def conversion(name, source, target, *flags):
-        row(name, _convert(source, target, *flags), output=target)
+    def conversion(name: str, source: Path, target: Path, *flags: str) -> None:
+        row(name, _convert(source, target, *flags), output=target, source=source)
 
-    row("cp -r (source)", ["cp", "-r", str(hf), str(work / "copy")], output=work / "copy")
+    row("cp -r (HF source)", ["cp", "-r", str(hf), str(work / "copy")], output=work / "copy")
     row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
     row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
     conversion("hf -> megatron tp2pp2", hf, work / "tp2pp2", "--to", "megatron",
@@ -178,23 +199,28 @@ def run_size(work: Path, gigabytes: float, repeats: int) -> list[tuple[str, floa
     conversion("mixtral megatron ep2 -> hf", work / "ep2", work / "mixtral_back", "--to", "hf")
     naive = NAIVE.format(repo=str(REPO), scripts=str(REPO / "scripts"), source=str(work / "tp2pp2"),
                          target=str(work / "naive"))
-    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive], output=work / "naive")
+    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive], output=work / "naive", source=work / "tp2pp2")
     return rows
 
 
-def report(size: float, rows: list[tuple[str, float, float, float]]) -> None:
-    times = {name: seconds for name, seconds, _, _ in rows}
-    rss = {name: mb for name, _, mb, _ in rows}
-    budget = times["cp -r (source)"] + times["python -c 'import torch'"]
+def _tree_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+
+
+def report(size: float, source_gb: float, rows: list[Row]) -> None:
+    seconds = {row.name: row.seconds for row in rows}
+    rss = {row.name: row.peak_mb for row in rows}
+    startup = seconds["python -c 'import torch'"]
     largest_mb = VOCAB * HIDDEN * 2 / 2**20
     memory_budget = rss["import only"] + 2 * largest_mb + 100
-    print(f"\n## {size} GB requested, source {rows[0][3]:.2f} GB, largest tensor {largest_mb:.0f} MB")
-    print(f"time budget (cp + torch start-up) {budget:.1f} s; memory budget (import RSS + 2 x largest + 100 MB) "
-          f"{memory_budget:.0f} MB")
-    print("| step | seconds | time / (cp + start-up) | peak RSS MB | RSS / budget |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, seconds, mb, _ in rows:
-        print(f"| {name} | {seconds:.1f} | {seconds / budget:.2f} | {mb:.0f} | {mb / memory_budget:.2f} |")
+    print(f"\n## {size} GB requested, HF source {source_gb:.2f} GB, largest tensor {largest_mb:.0f} MB")
+    print(f"time budget of a conversion: cp -r of its source (measured before it in each round) + torch start-up "
+          f"({startup:.1f} s); memory budget (import RSS + 2 x largest + 100 MB) {memory_budget:.0f} MB")
+    print("| step | seconds | cp -r of its source | time / (cp + start-up) | peak RSS MB | RSS / budget |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, time, mb, copy in rows:
+        ratio, baseline = (f"{time / (copy + startup):.2f}", f"{copy:.1f}") if copy is not None else ("", "")
+        print(f"| {name} | {time:.1f} | {baseline} | {ratio} | {mb:.0f} | {mb / memory_budget:.2f} |")
     naive, ours = rss["naive megatron tp2pp2 -> hf"], rss["megatron tp2pp2 -> hf"]
     print(f"naive / ours peak RSS for tp2pp2 -> hf: {naive / ours:.1f}x")
 
@@ -213,8 +239,8 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.workdir))
         try:
             rows = run_size(work, size, args.repeats)
-            report(size, rows)
-            peaks[size] = {name: mb for name, _, mb, _ in rows}
+            report(size, _tree_gb(work / "hf"), rows)
+            peaks[size] = {row.name: row.peak_mb for row in rows}
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if len(peaks) > 1:
