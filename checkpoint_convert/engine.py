@@ -153,7 +153,8 @@ class MegatronSource(_ReleasesReadPages):
                     continue
                 if name == schema.OUTPUT_LAYER and self.arch.tie_embeddings:
                     continue
-                left.append(f"{self.tree.files[rank].parent.name}:{'' if layer is None else f'layer {layer} '}{name}")
+                holder = self.tree.holders(rank, name, layer)[0]
+                left.append(f"{holder}:{'' if layer is None else f'layer {layer} '}{name}")
         return left
 
 

@@ -61,7 +61,7 @@ def _megatron_header(source: Source) -> dict[str, Any]:
     return {
         "format": f"megatron {tree.ckpt_format}", "schema": tree.schema, "checkpoint_version": tree.version,
         "iteration": tree.iteration,
-        "layout": {"tp": tp, "pp": pp, "ep": ep,
+        "layout": {"tp": tp, "pp": pp, "ep": ep, "vpp": tree.vpp,
                    "layers_per_stage": tree.stage_layer_counts() if tree.ckpt_format == "torch" else None},
         "vocab": {"true": source.arch.vocab_size, "padded": stored_rows},
         "skipped": list(getattr(tree, "skipped", [])),
@@ -71,7 +71,7 @@ def _megatron_header(source: Source) -> dict[str, Any]:
 def _hf_header(source: Source) -> dict[str, Any]:
     files = sorted({file.suffix.lstrip(".") for file in source.reader.weight_map.values()})
     return {"format": f"huggingface {'/'.join(files)}", "schema": None, "checkpoint_version": None,
-            "iteration": None, "layout": {"tp": 1, "pp": 1, "ep": 1, "layers_per_stage": [source.arch.num_layers]},
+            "iteration": None, "layout": {"tp": 1, "pp": 1, "ep": 1, "vpp": 1, "layers_per_stage": [source.arch.num_layers]},
             "vocab": {"true": source.arch.vocab_size, "padded": source.arch.vocab_size}, "skipped": []}
 
 
@@ -127,6 +127,10 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + ["  " + "  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
 
 
+def _virtual_stages(vpp: int) -> str:
+    return f"  VPP {vpp} (stages in Megatron's interleaved order: chunk 0 of every PP rank, then chunk 1, ...)" if vpp > 1 else ""
+
+
 def as_text(report: dict[str, Any]) -> str:
     layout = report["layout"]
     stages = ",".join(map(str, layout["layers_per_stage"])) if layout["layers_per_stage"] else "global tensors"
@@ -138,7 +142,8 @@ def as_text(report: dict[str, Any]) -> str:
         f"format: {report['format']}" + (f" (schema {report['schema']})" if report["schema"] else ""),
         f"family: {report['family']}  checkpoint_version: {report['checkpoint_version']}  "
         f"iteration: {report['iteration']}",
-        f"layout: TP {layout['tp']}  PP {layout['pp']}  EP {layout['ep']}  layers per stage: {stages}",
+        f"layout: TP {layout['tp']}  PP {layout['pp']}  EP {layout['ep']}" + _virtual_stages(layout["vpp"])
+        + f"  layers per stage: {stages}",
         f"dtypes: {', '.join(report['dtypes'])}",
         f"parameters: {report['parameters']:,} ({report['bytes'] / 1e6:,.1f} MB)",
         f"vocab: {report['vocab']['true']} (padded {report['vocab']['padded']})",

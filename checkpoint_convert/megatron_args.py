@@ -181,6 +181,9 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, padded_vocab: int, d
         vocab_size=arch.vocab_size, orig_vocab_size=arch.vocab_size, padded_vocab_size=padded_vocab,
         make_vocab_size_divisible_by=divisible_by, params_dtype=dtype,
         fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        # one model chunk per rank file: a source's virtual pipeline is not carried
+        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+        num_virtual_stages_per_pipeline_rank=None,
         transformer_impl=impl, ckpt_format="torch", consumed_train_samples=0, consumed_valid_samples=0,
         iteration=0, hf_family=arch.family,
         **_pipeline_fields(layout.stages),

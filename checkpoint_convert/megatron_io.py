@@ -23,6 +23,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "linear_fc2"}
 MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
+_CHUNK_KEY = re.compile(r"model(\d+)")
 
 
 def iteration_dir_name(iteration: str | int) -> str:
@@ -134,11 +135,32 @@ def _first_model_file(iter_dir: Path, rank_dirs: list[Path]) -> Path:
     raise BadInputError("no model_optim_rng.pt in mp_rank_00 or mp_rank_00_000", iter_dir)
 
 
+def _model_chunks(header: dict, args: Any, file: Path) -> int:
+    """How many model chunks (virtual pipeline stages) each rank file holds; a plain ``model`` is one."""
+    if "model" in header:
+        return 1
+    found = sorted(int(match.group(1)) for key in header if (match := _CHUNK_KEY.fullmatch(str(key))))
+    if not found:
+        raise BadInputError("checkpoint has no 'model' state dict", file)
+    if found != list(range(len(found))):
+        raise BadInputError(f"model chunks {', '.join(f'model{i}' for i in found)} are not model0..model{len(found) - 1}",
+                            file)
+    stated = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if stated and int(stated) != len(found):
+        raise BadInputError(f"the file holds {len(found)} model chunks but args say "
+                            f"virtual_pipeline_model_parallel_size={stated}", file)
+    return len(found)
+
+
 class MegatronTree:
     """The rank files of one iteration directory, opened lazily, with their ``args``.
 
     ``tensor(rank, canonical, layer)`` gives a shard by canonical name (mcore local schema,
     layer index local to the rank's pipeline stage).
+
+    With a virtual pipeline every rank file holds several model chunks (``model0``, ``model1``, ...),
+    each a pipeline stage of its own: chunk ``v`` of pipeline rank ``p`` is stage ``v * PP + p``
+    (Megatron's interleaved order), and ``RankKey.pp`` counts these stages.
     """
 
     ckpt_format = "torch"
@@ -158,7 +180,8 @@ class MegatronTree:
         self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
         self.ep = int(getattr(self.args, "expert_model_parallel_size", 1) or 1)
         self.args_layout = (self.tp, self.pp, self.ep)
-        self.files = self._index_rank_files(rank_dirs)
+        self.vpp = _model_chunks(header, self.args, first)
+        self.files, self._chunks = self._index_stages(self._index_rank_files(rank_dirs))
         self._states: dict[RankKey, dict[str, Any]] = {}
         self._names: dict[RankKey, dict[tuple[int | None, str], str]] = {}
         self.schema = schema.detect_schema(list(self._flat(RankKey(0, 0, 0))))
@@ -168,9 +191,18 @@ class MegatronTree:
         note_file_mapping(file)  # memory-mapped by torch.load, which never writes to it
         if not isinstance(state, dict):
             raise BadInputError("not a Megatron checkpoint (top level is not a dict)", file)
-        if "model" not in state and "model0" in state:
-            raise BadInputError("virtual-pipeline checkpoints (model0, model1, ...) are not supported", file)
         return state
+
+    def _index_stages(self, files: dict[RankKey, Path]) -> tuple[dict[RankKey, Path], dict[RankKey, str]]:
+        """Per pipeline stage (a virtual one with model chunks): its file, and the key of its model there."""
+        if self.vpp == 1:
+            return files, {rank: "model" for rank in files}
+        stages, chunks = {}, {}
+        for rank, file in files.items():
+            for chunk in range(self.vpp):
+                stage = RankKey(rank.tp, chunk * self.pp + rank.pp, rank.ep)
+                stages[stage], chunks[stage] = file, f"model{chunk}"
+        return stages, chunks
 
     def _index_rank_files(self, rank_dirs: list[Path]) -> dict[RankKey, Path]:
         files: dict[RankKey, Path] = {}
@@ -193,12 +225,15 @@ class MegatronTree:
         return files
 
     def _flat(self, rank: RankKey) -> dict[str, Any]:
+        """The flat state of a stage; a file's other model chunks are indexed with it (one load a file)."""
         if rank not in self._states:
-            state = self._load(self.files[rank])
-            model = state.get("model")
-            if not isinstance(model, dict):
-                raise BadInputError("checkpoint has no 'model' state dict", self.files[rank])
-            self._states[rank] = dict(schema.flatten(model))
+            file = self.files[rank]
+            state = self._load(file)
+            for stage in (stage for stage, path in self.files.items() if path == file):
+                model = state.get(self._chunks[stage])
+                if not isinstance(model, dict):
+                    raise BadInputError(f"checkpoint has no '{self._chunks[stage]}' state dict", file)
+                self._states[stage] = dict(schema.flatten(model))
         return self._states[rank]
 
     def names(self, rank: RankKey) -> dict[tuple[int | None, str], str]:
@@ -243,10 +278,11 @@ class MegatronTree:
     def stage_layer_counts(self) -> list[int]:
         """Layers actually present in each pipeline stage's files."""
         counts = []
-        for stage in range(self.pp):
+        for stage in range(self.pp * self.vpp):
             layers = {layer for layer, _ in self.names(RankKey(0, stage, 0)) if layer is not None}
             if layers and layers != set(range(len(layers))):
-                raise BadInputError(f"layer indices {sorted(layers)} are not 0..N-1", self.files[RankKey(0, stage, 0)])
+                raise BadInputError(f"layer indices {sorted(layers)} are not 0..N-1",
+                                    self.holders(RankKey(0, stage, 0), "", None)[0])
             counts.append(len(layers))
         return counts
 
@@ -263,8 +299,9 @@ class MegatronTree:
         return self.names(rank).keys()
 
     def holders(self, rank: RankKey, canonical: str, layer: int | None) -> list[str]:
-        """The rank directory holding a shard."""
-        return [self.files[rank].parent.name]
+        """The rank directory holding a shard (and its model chunk, with a virtual pipeline)."""
+        chunk = f"/{self._chunks[rank]}" if self.vpp > 1 else ""
+        return [self.files[rank].parent.name + chunk]
 
 
 def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:

@@ -38,3 +38,26 @@ def convert(*argv: str) -> int:
     return run_convert_cli([*map(str, argv), "--quiet"], _bootstrap.FAMILIES)
 
 
+
+
+def as_virtual_pipeline(tree: Path, out: Path, pp: int, vpp: int) -> Path:
+    """Regroup a ``release/`` tree of ``pp * vpp`` pipeline stages into ``pp`` rank files of ``vpp`` model
+    chunks each, the way Megatron-LM saves an interleaved (virtual) pipeline: chunk ``v`` of pipeline
+    rank ``p`` is stage ``v * pp + p``. Works on the files alone (plain ``torch.load``/``torch.save``)."""
+    stage_files = {}
+    for rank_dir in sorted((tree / "release").glob("mp_rank_*")):
+        tp, stage = (int(part) for part in rank_dir.name.split("_")[2:4])
+        stage_files[tp, stage] = rank_dir / "model_optim_rng.pt"
+    tps = sorted({tp for tp, _ in stage_files})
+    assert sorted(stage for _, stage in stage_files) == sorted(list(range(pp * vpp)) * len(tps))
+    for tp in tps:
+        for rank in range(pp):
+            chunks = [torch.load(stage_files[tp, v * pp + rank], weights_only=False) for v in range(vpp)]
+            state = {key: value for key, value in chunks[0].items() if key != "model"}
+            state["args"].pipeline_model_parallel_size = pp
+            state["args"].virtual_pipeline_model_parallel_size = vpp
+            state.update({f"model{v}": chunk["model"] for v, chunk in enumerate(chunks)})
+            (out / "release" / f"mp_rank_{tp:02d}_{rank:03d}").mkdir(parents=True)
+            torch.save(state, out / "release" / f"mp_rank_{tp:02d}_{rank:03d}" / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    return out

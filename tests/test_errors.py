@@ -172,7 +172,7 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("torch-dist-truncated-data-file", "dist", _truncated_distcp, MEGATRON_TO_HF,
      "__0_0.distcp: cannot read 'embedding.word_embeddings.weight', the file is truncated or corrupt"),
     ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
-     "source tensors no conversion rule reads: release:mtp.final_layernorm.weight"),
+     "source tensors no conversion rule reads: __0_0.distcp:mtp.final_layernorm.weight"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
      "--megatron_format legacy needs --megatron_ckpt_format torch"),
     ("tp-not-dividing-heads", "megatron", _nothing, ("--to", "megatron", "--target_tensor_model_parallel_size", "3"),

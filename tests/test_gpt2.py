@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import assert_logits_close, convert, logits_of, reference_megatron_gpt2, tiny_gpt2
+from tests.helpers import (as_virtual_pipeline, assert_logits_close, convert, logits_of, reference_megatron_gpt2,
+                           tiny_gpt2)
+from checkpoint_convert.report_cli import run_inspect_cli
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,39 @@ def test_untied_megatron_tp2_pp2_to_hf(gpt2_untied, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["activation_function"] == "gelu"
     assert_logits_close(logits_of(tmp_path / "out"), expected)
+
+
+def test_virtual_pipeline_tree_to_hf_and_to_plain_stages(tmp_path, capsys):
+    """PP 2 x VPP 2 (model0/model1 in every rank file) with uneven chunks: stages follow Megatron's order."""
+    model = tiny_gpt2(None, layers=6, seed=2)
+    expected = logits_of(model)
+    stages = reference_megatron_gpt2(model, tmp_path / "four", tp=2, pp=4, stages=[2, 1, 1, 2])
+    source = as_virtual_pipeline(stages, tmp_path / "vpp", pp=2, vpp=2)
+    assert run_inspect_cli([str(source), "--json"]) == 0
+    layout = json.loads(capsys.readouterr().out)["layout"]
+    assert (layout["pp"], layout["vpp"], layout["layers_per_stage"]) == (2, 2, [2, 1, 1, 2])
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
+
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    state = torch.load(tmp_path / "m/release/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    assert "model" in state and "model0" not in state
+    assert state["args"].pipeline_model_parallel_size == 2 and state["args"].virtual_pipeline_model_parallel_size is None
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf2", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf2"), expected)
+
+
+def test_virtual_pipeline_chunks_must_match_args(tmp_path, capsys):
+    model = tiny_gpt2(None, seed=3)
+    source = as_virtual_pipeline(reference_megatron_gpt2(model, tmp_path / "four", pp=4), tmp_path / "vpp", pp=2, vpp=2)
+    file = source / "release/mp_rank_00_000/model_optim_rng.pt"
+    state = torch.load(file, weights_only=False)
+    state["args"].virtual_pipeline_model_parallel_size = 3
+    torch.save(state, file)
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 2
+    err = capsys.readouterr().err
+    assert "holds 2 model chunks but args say virtual_pipeline_model_parallel_size=3" in err and "model_optim_rng.pt" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
 HF_ROUND_TRIPS = [

@@ -62,7 +62,7 @@ def test_inspect_describes_every_format(gpt2, capsys, kind, fmt, schema):
     if kind == "dist":
         assert report["layout"]["tp"] == 2 and qkv["held_by"] == ["__0_0.distcp"]
     else:
-        assert report["layout"] == {"tp": 2, "pp": 2, "ep": 1, "layers_per_stage": [2, 2]}
+        assert report["layout"] == {"tp": 2, "pp": 2, "ep": 1, "vpp": 1, "layers_per_stage": [2, 2]}
         assert qkv["held_by"] == ["mp_rank_00_001", "mp_rank_01_001"]  # layer 3 lives on the second stage
         assert rows["embedding.word_embeddings.weight"]["held_by"] == ["mp_rank_00_000", "mp_rank_01_000"]
 

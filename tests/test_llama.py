@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_logits_close, convert, logits_of, randomize
+from tests.helpers import as_virtual_pipeline, assert_logits_close, convert, logits_of, randomize
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "megatron_lm_llama"
 MEGATRON_LM_TREE = FIXTURE / "megatron_core_local_tp1pp2"
@@ -93,6 +93,17 @@ def test_reshape_tp2pp2_to_tp1_uneven(models, tmp_path):
     args = torch.load(tmp_path / "b/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)["args"]
     assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (1, 3)
     assert convert("--load_path", tmp_path / "b", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
+
+
+@pytest.mark.parametrize("name", ["mha_tied", "gqa_untied"])
+def test_virtual_pipeline_mcore_tree_to_hf(models, tmp_path, name):
+    """model0/model1 chunks of megatron-core rank files; tied: the last chunk also holds the output layer."""
+    path, _, expected = models[name]
+    assert convert("--load_path", path, "--save_path", tmp_path / "four", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "4") == 0
+    source = as_virtual_pipeline(tmp_path / "four", tmp_path / "vpp", pp=2, vpp=2)
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
 
 
