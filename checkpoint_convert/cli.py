@@ -37,6 +37,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
              help="target PP size (default: the source's for Megatron sources, else 1)")
     add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
              help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers)")
+    add_flag(parser, "target_virtual_pipeline_model_parallel_size", type=int, default=None,
+             help="model chunks per pipeline rank (interleaved schedule: rank files hold model0, model1, ...); "
+                  "default: the source's when the pipeline is kept, else 1")
     add_flag(parser, "target_expert_model_parallel_size", type=int, default=None,
              help="target EP size for mixture-of-experts models (default: the source's, else 1)")
     add_flag(parser, "target_data_parallel_size", type=int, default=1,
@@ -97,6 +100,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         tensor_parallel=args.target_tensor_model_parallel_size,
         pipeline_parallel=args.target_pipeline_model_parallel_size,
         pipeline_layers=args.target_pipeline_layers, data_parallel=args.target_data_parallel_size,
+        virtual_pipeline=getattr(args, "target_virtual_pipeline_model_parallel_size", None),
         expert_parallel=getattr(args, "target_expert_model_parallel_size", None),
         moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
         use_distributed_optimizer=args.use_distributed_optimizer, params_dtype=args.target_params_dtype,

@@ -40,6 +40,7 @@ class Options:
     tensor_parallel: int | None = None
     pipeline_parallel: int | None = None
     pipeline_layers: list[int] | None = None
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank
     expert_parallel: int | None = None
     moe_grouped_gemm: bool = False
     data_parallel: int = 1
@@ -178,14 +179,37 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def target_layout(options: Options, source: Source) -> ParallelLayout:
-    """The requested layout; unspecified sizes default to the source's (Megatron) or 1 (HF)."""
-    source_tp, source_pp, source_ep = source.reader.args_layout if source.kind == "megatron" else (1, 1, 1)
+    """The requested layout; unspecified sizes default to the source's (Megatron) or 1 (HF).
+
+    A Megatron source's virtual pipeline, and its stages' layer counts, are kept when the pipeline
+    is: no pipeline option given, or the same sizes.
+    """
+    megatron = source.kind == "megatron"
+    source_tp, source_pp, source_ep = source.reader.args_layout if megatron else (1, 1, 1)
+    source_vpp = source.reader.vpp if megatron else 1
     tp = options.tensor_parallel or source_tp
     pp = options.pipeline_parallel or (len(options.pipeline_layers) if options.pipeline_layers else None)
     pp = pp or source_pp
-    stages = layers_per_stage(source.arch.num_layers, pp, options.pipeline_layers)
+    keeps_pipeline = pp == source_pp and not options.pipeline_layers
+    vpp = options.virtual_pipeline or (source_vpp if keeps_pipeline else 1)
+    if keeps_pipeline and vpp == source_vpp and megatron and source.reader.ckpt_format == "torch":
+        stages = source.reader.stage_layer_counts()
+    else:
+        _check_virtual_pipeline(source.arch.num_layers, pp, vpp, options.pipeline_layers)
+        stages = layers_per_stage(source.arch.num_layers, pp * vpp, options.pipeline_layers)
     ep = options.expert_parallel or source_ep
-    return ParallelLayout(tp=tp, pp=pp, ep=ep, dp=options.data_parallel, stages=tuple(stages))
+    return ParallelLayout(tp=tp, pp=pp, ep=ep, dp=options.data_parallel, stages=tuple(stages), vpp=vpp)
+
+
+def _check_virtual_pipeline(num_layers: int, pp: int, vpp: int, uneven: list[int] | None) -> None:
+    """A virtual pipeline is written with even stages over at least two pipeline ranks."""
+    if vpp == 1:
+        return
+    if vpp < 1 or pp < 2 or uneven:
+        raise BadInputError(f"a virtual pipeline of {vpp} model chunks per rank needs pipeline parallel size 2 or "
+                            "more and even stages (no --target_pipeline_layers)")
+    if num_layers % (pp * vpp):
+        raise BadInputError(f"PP {pp} x VPP {vpp} = {pp * vpp} stages do not divide num_layers={num_layers}")
 
 
 def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:

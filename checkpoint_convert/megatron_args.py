@@ -123,22 +123,29 @@ def _args_dtype(args: Any) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """A target layout: tensor, pipeline (with per-stage layer counts), expert and data parallel."""
+    """A target layout: tensor, pipeline, expert and data parallel.
+
+    ``stages`` holds the layer counts of all ``pp * vpp`` pipeline stages in model order; with a
+    virtual pipeline (``vpp`` model chunks per pipeline rank), stage ``s`` is chunk ``s // pp`` of
+    pipeline rank ``s % pp``.
+    """
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     dp: int = 1
     stages: tuple[int, ...] = ()
+    vpp: int = 1
 
 
-def _pipeline_fields(stages: Sequence[int]) -> dict[str, Any]:
-    """Megatron's record of an uneven pipeline: first/last stage counts, or a full layout string."""
+def _pipeline_fields(stages: Sequence[int], vpp: int) -> dict[str, Any]:
+    """Megatron's record of an uneven pipeline: first/last stage counts, or a full layout string (always
+    the layout string with a virtual pipeline, whose stages it lists in model order)."""
     if len(set(stages)) <= 1:
         return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
                 "pipeline_model_parallel_layout": None}
     first, *middle, last = stages
-    if len(set(middle)) <= 1:
+    if len(set(middle)) <= 1 and vpp == 1:
         return {"decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last,
                 "pipeline_model_parallel_layout": None}
     parts = ["t" * count for count in stages]
@@ -181,12 +188,12 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, padded_vocab: int, d
         vocab_size=arch.vocab_size, orig_vocab_size=arch.vocab_size, padded_vocab_size=padded_vocab,
         make_vocab_size_divisible_by=divisible_by, params_dtype=dtype,
         fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
-        # one model chunk per rank file: a source's virtual pipeline is not carried
-        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
-        num_virtual_stages_per_pipeline_rank=None,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        num_virtual_stages_per_pipeline_rank=layout.vpp if layout.vpp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=None,
         transformer_impl=impl, ckpt_format="torch", consumed_train_samples=0, consumed_valid_samples=0,
         iteration=0, hf_family=arch.family,
-        **_pipeline_fields(layout.stages),
+        **_pipeline_fields(layout.stages, layout.vpp),
     )
     return argparse.Namespace(**fields)
 

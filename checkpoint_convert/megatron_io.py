@@ -279,10 +279,11 @@ class MegatronTree:
         """Layers actually present in each pipeline stage's files."""
         counts = []
         for stage in range(self.pp * self.vpp):
-            layers = {layer for layer, _ in self.names(RankKey(0, stage, 0)) if layer is not None}
+            rank = RankKey(0, stage, 0)
+            layers = {layer for layer, _ in self.names(rank) if layer is not None}
             if layers and layers != set(range(len(layers))):
-                raise BadInputError(f"layer indices {sorted(layers)} are not 0..N-1",
-                                    self.holders(RankKey(0, stage, 0), "", None)[0])
+                raise BadInputError(f"layer indices {sorted(layers)}{self._in_chunk(rank, ' of ')} are not 0..N-1",
+                                    self.files[rank])
             counts.append(len(layers))
         return counts
 
@@ -300,8 +301,11 @@ class MegatronTree:
 
     def holders(self, rank: RankKey, canonical: str, layer: int | None) -> list[str]:
         """The rank directory holding a shard (and its model chunk, with a virtual pipeline)."""
-        chunk = f"/{self._chunks[rank]}" if self.vpp > 1 else ""
-        return [self.files[rank].parent.name + chunk]
+        return [self.files[rank].parent.name + self._in_chunk(rank, "/")]
+
+    def _in_chunk(self, rank: RankKey, joiner: str) -> str:
+        """``joiner`` and the stage's model chunk (``model1``) with a virtual pipeline; nothing without one."""
+        return joiner + self._chunks[rank] if self.vpp > 1 else ""
 
 
 def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:
@@ -361,7 +365,11 @@ def rank_file_path(root: Path, iteration: str | int, rank: RankKey, pp_size: int
 
 class MegatronWriter:
     """Streams every planned tensor straight into its rank file; each file's pickle is written once
-    the file has all its tensors. Memory holds one tensor at a time, whatever the layout."""
+    the file has all its tensors. Memory holds one tensor at a time, whatever the layout.
+
+    Planned keys name pipeline stages; with a virtual pipeline (``layout.vpp`` > 1), stage ``s`` is
+    the model chunk ``model{s // PP}`` of pipeline rank ``s % PP``'s file, which stays open until
+    its last chunk is written."""
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
                  args: Any, schema_name: str, layout: Any, distributed_optimizer: bool = False,
@@ -371,28 +379,40 @@ class MegatronWriter:
         self.distributed_optimizer, self.zip_crc32 = distributed_optimizer, zip_crc32
         self.file_name = model_file_name(distributed_optimizer)
         self._expected: dict[RankKey, int] = {}
-        for (rank, _), _, _ in planned:
+        for (stage, _), _, _ in planned:
+            rank = self._placement(stage)[0]
             self._expected[rank] = self._expected.get(rank, 0) + 1
-        self._entries: dict[RankKey, list[tuple[tuple[str, ...], Any]]] = {rank: [] for rank in self._expected}
+        self._entries: dict[RankKey, list[tuple[str, tuple[str, ...], Any]]] = {rank: [] for rank in self._expected}
         self._files: dict[RankKey, StreamingTorchFile] = {}
         self.files_written: list[Path] = []
 
+    def _placement(self, stage: RankKey) -> tuple[RankKey, str]:
+        """The rank file (by pipeline rank) and the model key inside it of a pipeline stage."""
+        if self.layout.vpp == 1:
+            return stage, "model"
+        return RankKey(stage.tp, stage.pp % self.pp_size, stage.ep), f"model{stage.pp // self.pp_size}"
+
     def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
-        rank, path = key
+        (rank, chunk), path = self._placement(key[0]), key[1]
         if rank not in self._files:
             file = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
             self._files[rank] = StreamingTorchFile(file, self.zip_crc32)
-        self._entries[rank].append((path, self._files[rank].add(tensor)))
+        self._entries[rank].append((chunk, path, self._files[rank].add(tensor)))
         if len(self._entries[rank]) == self._expected[rank]:
             self._flush(rank)
 
     def _flush(self, rank: RankKey) -> None:
         entries = self._entries.pop(rank)
-        weight_keys = [".".join(path) for path, _ in entries]
-        last_stage = rank.pp == self.pp_size - 1
-        entries += [((key,), None) for key in schema.extra_state_keys(weight_keys, self.schema, last_stage)]
+        chunks = ["model"] if self.layout.vpp == 1 else [f"model{v}" for v in range(self.layout.vpp)]
+        models = {}
+        for index, chunk in enumerate(chunks):
+            placed = [(path, value) for held_by, path, value in entries if held_by == chunk]
+            weight_keys = [".".join(path) for path, _ in placed]
+            last_stage = rank.pp == self.pp_size - 1 and index == len(chunks) - 1
+            placed += [((key,), None) for key in schema.extra_state_keys(weight_keys, self.schema, last_stage)]
+            models[chunk] = nest(placed)
         file = self._files.pop(rank)
-        file.close({"args": self.args, "checkpoint_version": 3.0, "iteration": 0, "model": nest(entries)})
+        file.close({"args": self.args, "checkpoint_version": 3.0, "iteration": 0, **models})
         self.files_written.append(file.path)
 
     def finish(self) -> None:

@@ -170,9 +170,11 @@ class TorchDistTree:
         self.version = float(common.get("checkpoint_version", 3.0) or 3.0)
         self.iteration = common.get("iteration", 0)
         self.metadata = read_metadata(iter_dir)
-        self.tp = self.pp = self.ep = self.vpp = 1
+        self.tp = self.pp = self.ep = 1
         self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (
             "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+        # the training run's virtual pipeline (tensors are global whatever it was): a default for the output
+        self.vpp = int(getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1)
         impl = getattr(self.args, "transformer_impl", "transformer_engine")
         self.schema = schema.MCORE_LOCAL if impl == "local" else schema.MCORE_TE
         self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}

@@ -58,8 +58,9 @@ def test_untied_megatron_tp2_pp2_to_hf(gpt2_untied, tmp_path):
     assert_logits_close(logits_of(tmp_path / "out"), expected)
 
 
-def test_virtual_pipeline_tree_to_hf_and_to_plain_stages(tmp_path, capsys):
-    """PP 2 x VPP 2 (model0/model1 in every rank file) with uneven chunks: stages follow Megatron's order."""
+def test_virtual_pipeline_tree_to_hf_and_reshaped(tmp_path, capsys):
+    """PP 2 x VPP 2 (model0/model1 in every rank file) with uneven chunks: stages follow Megatron's order.
+    Reshaping TP keeps the virtual pipeline and its uneven stages; VPP 1 gives plain rank files."""
     model = tiny_gpt2(None, layers=6, seed=2)
     expected = logits_of(model)
     stages = reference_megatron_gpt2(model, tmp_path / "four", tp=2, pp=4, stages=[2, 1, 1, 2])
@@ -70,11 +71,19 @@ def test_virtual_pipeline_tree_to_hf_and_to_plain_stages(tmp_path, capsys):
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
 
-    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") == 0
-    state = torch.load(tmp_path / "m/release/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    assert convert("--load_path", source, "--save_path", tmp_path / "tp1", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "1") == 0
+    args = torch.load(tmp_path / "tp1/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)["args"]
+    assert (args.virtual_pipeline_model_parallel_size, args.pipeline_model_parallel_layout) == (2, "Ett|t|t|ttL")
+    assert run_inspect_cli([str(tmp_path / "tp1"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["layers_per_stage"] == [2, 1, 1, 2]
+
+    assert convert("--load_path", tmp_path / "tp1", "--save_path", tmp_path / "plain", "--to", "megatron",
+                   "--target_virtual_pipeline_model_parallel_size", "1", "--target_pipeline_layers", "3,3") == 0
+    state = torch.load(tmp_path / "plain/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)
     assert "model" in state and "model0" not in state
     assert state["args"].pipeline_model_parallel_size == 2 and state["args"].virtual_pipeline_model_parallel_size is None
-    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf2", "--to", "hf") == 0
+    assert convert("--load_path", tmp_path / "plain", "--save_path", tmp_path / "hf2", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf2"), expected)
 
 

@@ -96,15 +96,41 @@ def test_reshape_tp2pp2_to_tp1_uneven(models, tmp_path):
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
 
 
+def _rank_files(root: Path) -> dict[str, dict]:
+    return {file.parent.name: torch.load(file, weights_only=False) for file in sorted(root.rglob("model_optim_rng.pt"))}
+
+
 @pytest.mark.parametrize("name", ["mha_tied", "gqa_untied"])
-def test_virtual_pipeline_mcore_tree_to_hf(models, tmp_path, name):
-    """model0/model1 chunks of megatron-core rank files; tied: the last chunk also holds the output layer."""
+def test_virtual_pipeline_output_is_the_interleaved_regrouping_of_its_stages(models, tmp_path, name):
+    """HF -> TP2 PP2 VPP2 holds, chunk for chunk, what TP2 PP4 holds stage for stage (regrouped by a helper
+    that only moves files' dicts); reading it back gives the original logits. Tied: the output layer copy
+    is in the last chunk of the last pipeline rank."""
     path, _, expected = models[name]
-    assert convert("--load_path", path, "--save_path", tmp_path / "four", "--to", "megatron",
-                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "4") == 0
-    source = as_virtual_pipeline(tmp_path / "four", tmp_path / "vpp", pp=2, vpp=2)
-    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    layout = ["--to", "megatron", "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "four", *layout, "4") == 0
+    assert convert("--load_path", path, "--save_path", tmp_path / "vpp", *layout, "2",
+                   "--target_virtual_pipeline_model_parallel_size", "2") == 0
+    written, regrouped = _rank_files(tmp_path / "vpp"), _rank_files(as_virtual_pipeline(tmp_path / "four", tmp_path / "re", 2, 2))
+    assert written.keys() == regrouped.keys() == {"mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"}
+    for name_, state in written.items():
+        assert "model" not in state and state["args"].virtual_pipeline_model_parallel_size == 2
+        for chunk in ("model0", "model1"):
+            ours, theirs = state[chunk], regrouped[name_][chunk]
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(ours[k], theirs[k]) if torch.is_tensor(ours[k]) else ours[k] == theirs[k] for k in ours)
+    assert convert("--load_path", tmp_path / "vpp", "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
+
+
+def test_virtual_pipeline_needs_a_pipeline_that_it_divides(models, tmp_path, capsys):
+    path, _, _ = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "a", "--to", "megatron",
+                   "--target_virtual_pipeline_model_parallel_size", "2") == 2
+    assert "needs pipeline parallel size 2 or more" in capsys.readouterr().err
+    assert convert("--load_path", path, "--save_path", tmp_path / "b", "--to", "megatron",
+                   "--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "3") == 2
+    assert "PP 2 x VPP 3 = 6 stages do not divide num_layers=4" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bf16_round_trip_is_bit_exact(models, tmp_path):

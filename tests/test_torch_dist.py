@@ -106,6 +106,21 @@ def test_rank_files_to_torch_dist_and_back_to_hf(tmp_path, maker):
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
 
 
+def test_torch_dist_keeps_the_virtual_pipeline_it_was_trained_with(tmp_path):
+    """HF -> torch_dist recording PP 2 x VPP 2 -> rank files (default layout: model0/model1) -> HF."""
+    model = tiny_llama(tmp_path / "hf", seed=5)
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist", "--target_pipeline_model_parallel_size", "2",
+                   "--target_virtual_pipeline_model_parallel_size", "2") == 0
+    assert torch.load(tmp_path / "dist/release/common.pt", weights_only=False)["args"].virtual_pipeline_model_parallel_size == 2
+    assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "ranks", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch") == 0
+    state = torch.load(tmp_path / "ranks/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)
+    assert sorted(k for k in state if k.startswith("model")) == ["model0", "model1"]
+    assert convert("--load_path", tmp_path / "ranks", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
 def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megatron_dist, capsys):
     from checkpoint_convert.report_cli import run_inspect_cli
 
