@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import torch
 from huggingface_hub import constants, split_state_dict_into_shards_factory
 
+from .appender import Appender
 from .errors import BadInputError
 from .memory import map_for_reading
 from .safe_load import safe_torch_load
@@ -198,7 +199,7 @@ class SafetensorsStreamWriter:
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self._file = open(path, "wb")
+        self._file = Appender(path)
         self._file.write(len(text).to_bytes(8, "little") + text)
         self._next = 0
         self.path = path
@@ -207,10 +208,9 @@ class SafetensorsStreamWriter:
         expected, size = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"{self.path}: got {name} while expecting {expected}")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != size:
-            raise RuntimeError(f"{self.path}: {name} has {data.nbytes} bytes, planned {size}")
-        self._file.write(memoryview(data))
+        if tensor.nbytes != size:
+            raise RuntimeError(f"{self.path}: {name} has {tensor.nbytes} bytes, planned {size}")
+        self._file.write_tensor(tensor)
         self._next += 1
 
     @property

@@ -43,7 +43,8 @@ def _madvise():
 _MADVISE = _madvise()
 
 
-_read_only_file_mappings: list[tuple[int, int]] | None = None  # sorted (start, end); None outside a scope
+# sorted (start, end, path, file offset of start); None outside a scope
+_read_only_file_mappings: list[tuple[int, int, str, int]] | None = None
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ def note_file_mapping(path: str | os.PathLike) -> None:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5] == target:
             start, end = (int(address, 16) for address in fields[0].split("-"))
-            bisect.insort(_read_only_file_mappings, (start, end))
+            bisect.insort(_read_only_file_mappings, (start, end, target, int(fields[2], 16)))
 
 
 def map_for_reading(path: str | os.PathLike) -> mmap.mmap:
@@ -95,11 +96,30 @@ def map_for_reading(path: str | os.PathLike) -> mmap.mmap:
     return mapping
 
 
-def _in_read_only_file_mapping(start: int, end: int) -> bool:
+def _read_only_file_mapping(start: int, end: int) -> tuple[int, int, str, int] | None:
+    """The registered mapping holding the addresses ``start`` to ``end``, if any."""
     if not _read_only_file_mappings:
-        return False
+        return None
     index = bisect.bisect_right(_read_only_file_mappings, (start, float("inf"))) - 1
-    return index >= 0 and _read_only_file_mappings[index][1] >= end
+    found = _read_only_file_mappings[index] if index >= 0 else None
+    return found if found is not None and found[1] >= end else None
+
+
+def _in_read_only_file_mapping(start: int, end: int) -> bool:
+    return _read_only_file_mapping(start, end) is not None
+
+
+def file_region(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """(path, offset) of the file bytes a contiguous tensor is a view of, or None.
+
+    Only for registered read-only mappings (``note_file_mapping``): nothing wrote to them, so the
+    file holds exactly the tensor's bytes and a writer may copy them file to file, in the kernel.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.nbytes == 0:
+        return None
+    start = tensor.data_ptr()
+    mapping = _read_only_file_mapping(start, start + tensor.nbytes)
+    return None if mapping is None else (mapping[2], mapping[3] + start - mapping[0])
 
 
 def release_pages(tensor: torch.Tensor) -> None:

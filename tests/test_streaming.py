@@ -76,6 +76,44 @@ def test_streamed_safetensors_file_reads_with_safetensors(tmp_path):
         assert handle.get_slice("f32").get_shape() == [7, 5]
 
 
+@pytest.mark.parametrize("kernel", ["copies", "refuses"])
+def test_file_backed_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kernel):
+    """Unchanged views of a registered read-only mapping go through copy_file_range (at their own file
+    offset); other tensors, or every tensor where the kernel refuses the copy, are written."""
+    import errno
+    import os
+
+    from safetensors.torch import save_file
+    from checkpoint_convert.hf_io import SafetensorsReader
+    from checkpoint_convert.memory import read_only_file_mappings
+
+    save_file({"a": torch.randn(64, 32), "b": torch.randn(8, 1024)}, tmp_path / "source.safetensors")
+    copies = []
+
+    def copy_file_range(src, dst, count, offset_src, offset_dst=None):
+        if kernel == "refuses":
+            raise OSError(errno.EXDEV, "cross-device")
+        copies.append((count, offset_src))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    with read_only_file_mappings():
+        reader = SafetensorsReader(tmp_path / "source.safetensors")
+        a, b = reader.get_tensor("a"), reader.get_tensor("b")
+        outputs = {"rows": a[16:48], "whole": b, "fresh": a[:4] * 2, "strided": a.t()}
+        writer = SafetensorsStreamWriter(tmp_path / "out.safetensors",
+                                         [(name, tuple(t.shape), t.dtype) for name, t in outputs.items()])
+        for name, tensor in outputs.items():
+            writer.write(name, tensor)
+        writer.close()
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert all(_equal(loaded[name], tensor.contiguous()) for name, tensor in outputs.items())
+    header = 8 + int.from_bytes((tmp_path / "source.safetensors").read_bytes()[:8], "little")
+    expected = [(32 * 32 * 4, header + 16 * 32 * 4), (8 * 1024 * 4, header + 64 * 32 * 4)]
+    assert copies == (expected if kernel == "copies" else [])
+
+
 def test_streamed_safetensors_refuses_unplanned_order(tmp_path):
     writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", (2,), torch.float32), ("b", (2,), torch.float32)])
     with pytest.raises(RuntimeError, match="expecting a"):
