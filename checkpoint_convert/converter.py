@@ -285,6 +285,7 @@ def convert(options: Options) -> Summary:
         except BaseException as error:
             if not _misread(source, error):
                 raise
+        # ``source`` stays referenced: its mappings, registered read-only in this scope, stay mapped
         return convert_to(options, open_source(options), dtype, start)
 
 

@@ -184,6 +184,9 @@ class MegatronTree:
         self.files, self._chunks = self._index_stages(self._index_rank_files(rank_dirs))
         self._states: dict[RankKey, dict[str, Any]] = {}
         self._names: dict[RankKey, dict[tuple[int | None, str], str]] = {}
+        # the header's tensors are kept, not loaded again: a mapping registered as read-only must
+        # live as long as its registration (``memory.read_only_file_mappings``)
+        self._index_chunks(first, header)
         self.schema = schema.detect_schema(list(self._flat(RankKey(0, 0, 0))))
 
     def _load(self, file: Path) -> dict:
@@ -227,14 +230,16 @@ class MegatronTree:
     def _flat(self, rank: RankKey) -> dict[str, Any]:
         """The flat state of a stage; a file's other model chunks are indexed with it (one load a file)."""
         if rank not in self._states:
-            file = self.files[rank]
-            state = self._load(file)
-            for stage in (stage for stage, path in self.files.items() if path == file):
-                model = state.get(self._chunks[stage])
-                if not isinstance(model, dict):
-                    raise BadInputError(f"checkpoint has no '{self._chunks[stage]}' state dict", file)
-                self._states[stage] = dict(schema.flatten(model))
+            self._index_chunks(self.files[rank], self._load(self.files[rank]))
         return self._states[rank]
+
+    def _index_chunks(self, file: Path, state: dict) -> None:
+        """Keep the flat model of every stage a loaded rank file holds (the rest of the file is dropped)."""
+        for stage in (stage for stage, path in self.files.items() if path == file):
+            model = state.get(self._chunks[stage])
+            if not isinstance(model, dict):
+                raise BadInputError(f"checkpoint has no '{self._chunks[stage]}' state dict", file)
+            self._states[stage] = dict(schema.flatten(model))
 
     def names(self, rank: RankKey) -> dict[tuple[int | None, str], str]:
         """Canonical (local layer, key) -> stored flat key, for every weight of a rank file."""

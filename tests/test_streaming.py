@@ -114,6 +114,31 @@ def test_file_backed_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kern
     assert copies == (expected if kernel == "copies" else [])
 
 
+def test_read_only_registrations_name_live_mappings(tmp_path):
+    """A registered range that was unmapped could be reused for new tensors, which release_pages would
+    then wipe and the writers would copy from the file instead: every registration must stay mapped."""
+    import gc
+
+    from checkpoint_convert import memory
+    from checkpoint_convert.megatron_io import MegatronTree
+    from tests.helpers import reference_megatron_gpt2, tiny_gpt2
+
+    tree_path = reference_megatron_gpt2(tiny_gpt2(None), tmp_path / "m", tp=2, pp=2)
+    with memory.read_only_file_mappings():
+        tree = MegatronTree(tree_path)
+        for rank in tree.files:
+            tree.names(rank)
+        gc.collect()
+        with open("/proc/self/maps") as maps:
+            live = {(int(a, 16), int(b, 16), fields[5]) for fields in (line.split(maxsplit=5) for line in
+                                                                       maps.read().splitlines())
+                    if len(fields) == 6 for a, b in [fields[0].split("-")]}
+        registered = list(memory._read_only_file_mappings)
+    assert len({path for _, _, path, _ in registered}) == 4
+    assert all((start, end, path) in live for start, end, path, _ in registered)
+    del tree
+
+
 def test_streamed_safetensors_refuses_unplanned_order(tmp_path):
     writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", (2,), torch.float32), ("b", (2,), torch.float32)])
     with pytest.raises(RuntimeError, match="expecting a"):
