@@ -224,21 +224,32 @@ def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path)
         torch.save(logits, out)
 
 
+def _ranked(rank: int, command, *args) -> None:
+    """Run one rank's command, then leave together and tear the process groups down: gloo threads still
+    running at interpreter exit can abort the process ("terminate called without an active exception")."""
+    command(rank, *args)
+    from megatron.core import parallel_state
+
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     _free_port()
     command, *rest = sys.argv[1:]
     if command == "logits":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
-        torch.multiprocessing.spawn(logits_command, args=(tp, ep, ckpt, tokens, out), nprocs=tp * ep)
+        torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, ep, ckpt, tokens, out), nprocs=tp * ep)
     elif command == "dist-make":
         spec, out, tokens = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
-        torch.multiprocessing.spawn(dist_make_command, args=(tp, spec, out, tokens), nprocs=tp)
+        torch.multiprocessing.spawn(_ranked, args=(dist_make_command, tp, spec, out, tokens), nprocs=tp)
     elif command == "dist-logits":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
-        torch.multiprocessing.spawn(dist_logits_command, args=(tp, ckpt, tokens, out), nprocs=tp)
+        torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
     else:
         _init_cpu_megatron()
         make_command(*map(Path, rest))
