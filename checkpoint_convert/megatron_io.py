@@ -135,6 +135,23 @@ def _first_model_file(iter_dir: Path, rank_dirs: list[Path]) -> Path:
     raise BadInputError("no model_optim_rng.pt in mp_rank_00 or mp_rank_00_000", iter_dir)
 
 
+def model_key(chunk: int, vpp: int) -> str:
+    """The rank-file key of a model chunk: ``model`` without a virtual pipeline, else ``model{chunk}``."""
+    return "model" if vpp == 1 else f"model{chunk}"
+
+
+def virtual_stage(pp_rank: int, chunk: int, pp: int) -> int:
+    """Pipeline stage of chunk ``chunk`` of rank ``pp_rank``: Megatron's interleaved order (all ranks'
+    chunk 0, then all ranks' chunk 1, ...); :func:`stage_place` is its inverse."""
+    return chunk * pp + pp_rank
+
+
+def stage_place(stage: int, pp: int) -> tuple[int, int]:
+    """(pipeline rank, chunk) holding a pipeline stage."""
+    chunk, pp_rank = divmod(stage, pp)
+    return pp_rank, chunk
+
+
 def _model_chunks(header: dict, args: Any, file: Path) -> int:
     """How many model chunks (virtual pipeline stages) each rank file holds; a plain ``model`` is one."""
     if "model" in header:
@@ -198,13 +215,11 @@ class MegatronTree:
 
     def _index_stages(self, files: dict[RankKey, Path]) -> tuple[dict[RankKey, Path], dict[RankKey, str]]:
         """Per pipeline stage (a virtual one with model chunks): its file, and the key of its model there."""
-        if self.vpp == 1:
-            return files, {rank: "model" for rank in files}
         stages, chunks = {}, {}
         for rank, file in files.items():
             for chunk in range(self.vpp):
-                stage = RankKey(rank.tp, chunk * self.pp + rank.pp, rank.ep)
-                stages[stage], chunks[stage] = file, f"model{chunk}"
+                stage = RankKey(rank.tp, virtual_stage(rank.pp, chunk, self.pp), rank.ep)
+                stages[stage], chunks[stage] = file, model_key(chunk, self.vpp)
         return stages, chunks
 
     def _index_rank_files(self, rank_dirs: list[Path]) -> dict[RankKey, Path]:
@@ -393,9 +408,8 @@ class MegatronWriter:
 
     def _placement(self, stage: RankKey) -> tuple[RankKey, str]:
         """The rank file (by pipeline rank) and the model key inside it of a pipeline stage."""
-        if self.layout.vpp == 1:
-            return stage, "model"
-        return RankKey(stage.tp, stage.pp % self.pp_size, stage.ep), f"model{stage.pp // self.pp_size}"
+        pp_rank, chunk = stage_place(stage.pp, self.pp_size)
+        return RankKey(stage.tp, pp_rank, stage.ep), model_key(chunk, self.layout.vpp)
 
     def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
         (rank, chunk), path = self._placement(key[0]), key[1]
@@ -408,7 +422,7 @@ class MegatronWriter:
 
     def _flush(self, rank: RankKey) -> None:
         entries = self._entries.pop(rank)
-        chunks = ["model"] if self.layout.vpp == 1 else [f"model{v}" for v in range(self.layout.vpp)]
+        chunks = [model_key(chunk, self.layout.vpp) for chunk in range(self.layout.vpp)]
         models = {}
         for index, chunk in enumerate(chunks):
             placed = [(path, value) for held_by, path, value in entries if held_by == chunk]
