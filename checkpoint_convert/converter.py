@@ -1,7 +1,6 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
-import importlib
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -274,10 +273,6 @@ def convert(options: Options) -> Summary:
         raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
     dtype = dtype_from_name(options.params_dtype)
     convert_to = _to_hf if options.to == "hf" else _to_megatron
-    if options.to == "megatron" and options.megatron_ckpt_format == "torch_dist":
-        # now, not beside transformers' import: two threads importing torch.distributed at once can
-        # deadlock on Python's module locks
-        importlib.import_module(".torch_dist", __package__)
     with read_only_file_mappings(), ThreadPoolExecutor(1, thread_name_prefix="hf-config") as pool:
         source = open_source(options, pool if options.to == "megatron" else None)
         try:
@@ -442,7 +437,7 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         if ckpt_format == "torch_dist":
-            from .torch_dist import TorchDistWriter  # torch.distributed.checkpoint is slow to import
+            from .torch_dist_writer import TorchDistWriter
             common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
             writer = TorchDistWriter(staging, common, target_schema == schema.MCORE_TE)
         else:

@@ -46,6 +46,7 @@ def _has_rank_dirs(path: Path) -> bool:
 
 TORCH_DIST_BACKEND_FILE = "metadata.json"
 TORCH_DIST_COMMON_FILE = "common.pt"
+TORCH_DIST_METADATA_FILE = ".metadata"
 
 
 def is_torch_dist_dir(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Megatron's ``torch_dist`` checkpoints (``--ckpt-format torch_dist``), read and written in one CPU process.
+"""Reading Megatron's ``torch_dist`` checkpoints (``--ckpt-format torch_dist``) in one CPU process.
 
 An iteration directory holds ``metadata.json`` (the backend), ``common.pt`` (args, versions: no
 weights), ``.metadata`` (a pickled ``torch.distributed.checkpoint`` Metadata) and ``__R_k.distcp``
@@ -9,7 +9,7 @@ full tensors the engine works with. Norms always use Transformer Engine names, a
 entries are pickled byte objects.
 
 This module imports ``torch.distributed.checkpoint`` (about a second and 50 MB), so it is imported only
-when a torch_dist checkpoint is read or written. Reading presents the checkpoint as a one-rank tree of
+when a torch_dist checkpoint is read (``torch_dist_writer`` writes them). Reading presents the checkpoint as a one-rank tree of
 global tensors, so the engine's merge code applies unchanged. A layer slice held by one stored chunk is a
 view of the memory-mapped data file (the chunk's pickle is loaded with ``weights_only=True`` onto
 ``meta`` for its layout); a slice spanning chunks is assembled by ``torch.distributed.checkpoint``'s own
@@ -19,7 +19,6 @@ with an unpickler that accepts only the checkpoint metadata classes.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import mmap
 import pickle
@@ -31,43 +30,25 @@ from typing import Any, Iterable
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed._shard._utils import narrow_tensor_by_index
-
-try:
-    from torch.utils.serialization import config as _SERIALIZATION_CONFIG
-except ImportError:  # torch < 2.6
-    _SERIALIZATION_CONFIG = None
 
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .memory import map_for_reading
 from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
 from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
-from .megatron_io import RankKey, iteration_dir_name, write_tracker
+from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
+from .megatron_io import RankKey
 from .safe_load import safe_torch_load
 
-METADATA_FILE = ".metadata"
-DATA_FILE = "__0_0.distcp"
-BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-           "common_backend": "torch", "common_backend_version": 1}
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
 # rule (an unknown one, e.g. multi-token-prediction layers, is an error rather than silently dropped).
 TRAINING_STATE_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine")
 
 
-def _torch_saved(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-# megatron-core stores a sharded object as the ``torch.save`` bytes of the list of its values; the
-# extra state of a linear layer without FP8 is None.
-EMPTY_EXTRA_STATE = _torch_saved([None])
 _STACKED_EXPERT = re.compile(r"^mlp\.experts\.(?:experts\.)?(linear_fc[12])\.(weight|bias)$")
 
 # The classes a ``.metadata`` pickle written by torch.distributed.checkpoint refers to.
@@ -380,86 +361,3 @@ def _enclosing_chunk(entry: dcp_metadata.TensorStorageMetadata,
         if leading and trailing:
             return chunk
     return None
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor whose storage is exactly its bytes: ``torch.save`` of a view writes the whole storage."""
-    tensor = tensor.detach().contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.clone()
-    return tensor
-
-
-def _extra_state_objects(keys: Iterable[tuple[str, Any]], transformer_engine: bool) -> list[str]:
-    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
-
-    ``keys``: (key, tensor metadata) of every tensor written."""
-    modules: dict[str, tuple[int, ...]] = {}
-    for fqn, entry in keys:
-        module, param = fqn.rsplit(".", 1)
-        # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
-        if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules[module] = tuple(entry.size[:2] if ".experts.experts." in fqn else entry.size[:1])
-            if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = tuple(entry.size[:1])
-    names = []
-    for module, shape in modules.items():
-        for index in itertools.product(*(range(n) for n in shape)):
-            offsets, sizes = ".".join(map(str, index)), ".".join(map(str, shape))
-            names.append(f"{module}._extra_state/shard_{offsets}_{sizes}")
-    return names
-
-
-def _save_without_checksums(obj: Any, file: Any) -> None:
-    """``torch.save`` without the zip records' CRC-32s, which halve its speed (3.4 -> 1.7 GB/s measured)
-    and which ``torch.load``, and so DCP's reader, never checks (torch >= 2.6; older torch computes them)."""
-    if _SERIALIZATION_CONFIG is None:
-        torch.save(obj, file)
-        return
-    with _SERIALIZATION_CONFIG.patch({"save.compute_crc32": False}):
-        torch.save(obj, file)
-
-
-class TorchDistWriter:
-    """Streams chunks into one ``.distcp`` file of ``ROOT/release/``; ``.metadata``, ``common.pt``,
-    ``metadata.json`` and then the tracker come last, so an unfinished directory never looks complete."""
-
-    def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool) -> None:
-        self.root = root
-        self.iter_dir = root / iteration_dir_name("release")
-        self.iter_dir.mkdir(parents=True, exist_ok=True)
-        self.common, self.transformer_engine = common, transformer_engine
-        self._file = open(self.iter_dir / DATA_FILE, "wb")
-        self._tensors: dict[str, dcp_metadata.TensorStorageMetadata] = {}
-        self._storage: dict[dcp_metadata.MetadataIndex, _StorageInfo] = {}
-
-    def write(self, key: Any, tensor: torch.Tensor) -> None:
-        """Store one chunk: ``key`` is the engine's DistKey (fqn, offsets, global shape)."""
-        entry = self._tensors.setdefault(key.fqn, dcp_metadata.TensorStorageMetadata(
-            properties=dcp_metadata.TensorProperties(dtype=tensor.dtype), size=torch.Size(key.global_shape), chunks=[]))
-        entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(key.offsets), sizes=tensor.shape))
-        self._store(dcp_metadata.MetadataIndex(key.fqn, key.offsets), _compact(tensor))
-
-    def _store(self, index: dcp_metadata.MetadataIndex, obj: torch.Tensor | bytes) -> None:
-        """Append a tensor (as ``torch.save`` bytes, what DCP's reader loads) or raw object bytes."""
-        offset = self._file.tell()
-        if isinstance(obj, bytes):
-            self._file.write(obj)
-        else:
-            _save_without_checksums(obj, self._file)
-        self._storage[index] = _StorageInfo(DATA_FILE, offset, self._file.tell() - offset)
-
-    def finish(self) -> None:
-        entries: dict[str, Any] = dict(self._tensors)
-        for name in _extra_state_objects(self._tensors.items(), self.transformer_engine):
-            self._store(dcp_metadata.MetadataIndex(name), EMPTY_EXTRA_STATE)
-            entries[name] = dcp_metadata.BytesStorageMetadata()
-        self._file.close()
-        metadata = dcp_metadata.Metadata(state_dict_metadata=entries, storage_data=self._storage, version="1.0.0")
-        with open(self.iter_dir / METADATA_FILE, "wb") as handle:
-            pickle.dump(metadata, handle)
-        torch.save(self.common, self.iter_dir / COMMON_FILE)
-        (self.iter_dir / BACKEND_FILE).write_text(json.dumps(BACKEND))
-        write_tracker(self.root, "release")

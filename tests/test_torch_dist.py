@@ -144,6 +144,44 @@ def test_chunks_are_saved_without_zip_checksums_and_load(tmp_path):
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
 
 
+_WRITES_WITHOUT_DCP = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/scripts"]
+import _bootstrap
+from checkpoint_convert import torch_dist_writer
+from checkpoint_convert.cli import run_convert_cli
+
+imported_during_writes = []
+write = torch_dist_writer.TorchDistWriter.write
+
+def recording_write(self, key, tensor):
+    imported_during_writes.append("torch.distributed.checkpoint" in sys.modules)
+    write(self, key, tensor)
+
+torch_dist_writer.TorchDistWriter.write = recording_write
+code = run_convert_cli(sys.argv[2:], _bootstrap.FAMILIES)
+print(json.dumps([code, imported_during_writes]))
+"""
+
+
+def test_torch_dist_output_streams_before_torch_distributed_checkpoint_is_imported(tmp_path):
+    """Its import costs about a second; the writer needs DCP's classes only for ``.metadata``, at the end."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    model = tiny_llama(tmp_path / "hf", seed=8)
+    argv = ["--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
+            "--megatron_ckpt_format", "torch_dist", "--quiet"]
+    result = subprocess.run([sys.executable, "-c", _WRITES_WITHOUT_DCP, REPO, *argv], capture_output=True, text=True,
+                            check=True)
+    code, imported_during_writes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert code == 0 and imported_during_writes and not any(imported_during_writes)
+    assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
 def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megatron_dist, capsys):
     from checkpoint_convert.report_cli import run_inspect_cli
 
