@@ -1,8 +1,10 @@
 """The real consumer: megatron-core's GPTModel on CPU, in its own process.
 
-``python tests/megatron_oracle.py logits CKPT TOKENS OUT [TP EP]`` runs TP x EP gloo processes; each
-loads its own ``mp_rank_TT[_EEE]`` rank file (PP1) into a GPTModel built from the checkpoint's args with
-``load_state_dict(strict=True)``; the gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
+``python tests/megatron_oracle.py logits CKPT TOKENS OUT [TP EP]`` runs TP x PP x EP gloo processes (PP
+and virtual PP from the checkpoint's args); each loads its own ``mp_rank_TT[_PPP][_EEE]`` rank file into
+GPTModel chunks built from those args, as Megatron-LM builds them (pipeline stage placement, uneven
+stages, layout string), with ``load_state_dict(strict=True)``; hidden states pass between pipeline
+stages with gloo send/recv, and the last stage's gathered logits are saved. ``python tests/megatron_oracle.py make SPEC OUT TOKENS`` builds a random GPTModel
 from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank tree with the args
 Megatron would store, and saves its logits; ``dist-make SPEC OUT TOKENS [TP]`` does the same through
 megatron-core's ``dist_checkpointing.save`` (a torch_dist checkpoint) from TP ranks, and ``dist-logits CKPT TOKENS OUT [TP]`` loads a
@@ -32,7 +34,7 @@ def _free_port() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
 
 
-def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1) -> None:
+def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None) -> None:
     """World size 1 with gloo, and the CPU workarounds megatron-core needs without CUDA.
 
     - rotary embeddings, attention buffers and the MoE router call ``torch.cuda.current_device()``
@@ -40,15 +42,19 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1) -> None:
     - the local attention's dropout runs under the model-parallel RNG tracker, which must exist
       (``model_parallel_cuda_manual_seed`` is CUDA-only): the inference tracker needs no CUDA RNG;
     - 0.16.1's MoE router gating (``moe_utils``) references ``te_general_gemm``, undefined without
-      Transformer Engine.
+      Transformer Engine;
+    - with pipeline stages, tied output weights are all-reduced between the first and last stage
+      after ``.cuda()``: keep them on the CPU.
     """
     torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing.save waits for CUDA copies
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp * ep)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp * ep * pp)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
-    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+    parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp,
+                                             expert_model_parallel_size=ep)
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     from megatron.core.transformer.moe import moe_utils
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -63,7 +69,24 @@ def _activation(args):
     return F.gelu
 
 
-def build_model(args):
+def _pipeline_fields(args) -> dict:
+    """TransformerConfig's pipeline fields from the args Megatron-LM stores, mapped as Megatron-LM's
+    ``core_transformer_config_from_args`` does; none when this process group runs one stage."""
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return {}
+    return dict(pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+                virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+                num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+                num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
+                pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None))
+
+
+def build_model(args, vp_stage: int | None = None):
+    """The GPTModel (or, with pipeline stages, the model chunk of this rank and ``vp_stage``) of ``args``."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -80,7 +103,7 @@ def build_model(args):
         moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or (args.ffn_hidden_size if experts else None),
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        params_dtype=torch.float32,
+        params_dtype=torch.float32, **_pipeline_fields(args),
     )
     rope = args.position_embedding_type == "rope"
     return GPTModel(
@@ -92,17 +115,48 @@ def build_model(args):
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
         parallel_output=False,  # gather the vocab-parallel logits on every rank
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     ).eval()
 
 
-def forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Logits for ``tokens``; always pass a causal mask (True = masked) and position ids."""
+def _run(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's output for ``tokens`` (logits, or a middle stage's hidden states [s, b, h]); always
+    pass a causal mask (True = masked) and position ids."""
     batch, length = tokens.shape
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
     positions = torch.arange(length).expand(batch, length)
     with torch.no_grad():
-        logits = model(tokens, positions, mask)
-    return logits[..., :vocab].float()
+        return model(tokens, positions, mask)
+
+
+def forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits for ``tokens`` of a whole model."""
+    return _run(model, tokens)[..., :vocab].float()
+
+
+def pipeline_forward(chunks: list, tokens: torch.Tensor, hidden_size: int, vocab: int) -> torch.Tensor | None:
+    """Logits of a model spread over pipeline ranks: stage ``v * PP + p`` is chunk ``v`` of pipeline rank
+    ``p``; every rank walks the stages in order, receiving its input from the previous stage's rank and
+    sending its output on. The last stage's ranks return the logits, the others None."""
+    from megatron.core import parallel_state
+
+    pp, rank = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
+    for stage in range(pp * len(chunks)):
+        chunk, owner = divmod(stage, pp)
+        if owner != rank:
+            continue
+        model = chunks[chunk]
+        if not model.pre_process:
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)
+            torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        output = _run(model, tokens)
+        if model.post_process:
+            return output[..., :vocab].float()
+        torch.distributed.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+    return None
 
 
 def _te_to_local(state: dict) -> dict:
@@ -121,17 +175,30 @@ def _te_to_local(state: dict) -> dict:
     return out
 
 
-def logits_command(rank: int, tp: int, ep: int, ckpt: Path, tokens: Path, out: Path) -> None:
-    """Each rank loads its own rank file (TP fastest, then EP); rank 0 saves the gathered logits."""
-    _init_cpu_megatron(rank, tp, ep)
-    tp_rank, ep_rank = rank % tp, rank // tp
-    name = f"mp_rank_{tp_rank:02d}" + (f"_{ep_rank:03d}" if ep > 1 else "")
+def _rank_file_args(ckpt: Path):
+    """The args of a rank-file tree (any rank's: they are the same)."""
+    first = sorted((ckpt / "release").glob("mp_rank_*/model_optim_rng.pt"))[0]
+    return torch.load(first, weights_only=False)["args"]
+
+
+def logits_command(rank: int, tp: int, ep: int, pp: int, vpp: int | None, ckpt: Path, tokens: Path, out: Path) -> None:
+    """Each rank loads its own rank file (its ``model`` or ``model0``, ``model1``... chunks); the first
+    TP and EP rank of the last pipeline stage saves the gathered logits."""
+    from megatron.core import parallel_state
+
+    _init_cpu_megatron(rank, tp, ep, pp, vpp)
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
     state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
     args = state["args"]
-    model = build_model(args)
-    model.load_state_dict(_te_to_local(state["model"]), strict=True)
-    logits = forward(model, torch.load(tokens), args.vocab_size)
-    if rank == 0:
+    chunks = []
+    for chunk in range(vpp or 1):
+        model = build_model(args, vp_stage=chunk if vpp else None)
+        model.load_state_dict(_te_to_local(state[f"model{chunk}" if vpp else "model"]), strict=True)
+        chunks.append(model)
+    logits = pipeline_forward(chunks, torch.load(tokens), args.hidden_size, args.vocab_size)
+    if logits is not None and tp_rank == 0 and ep_rank == 0:
         torch.save(logits, out)
 
 
@@ -241,7 +308,11 @@ if __name__ == "__main__":
     if command == "logits":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
-        torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, ep, ckpt, tokens, out), nprocs=tp * ep)
+        args = _rank_file_args(ckpt)
+        pp, vpp = args.pipeline_model_parallel_size, getattr(args, "virtual_pipeline_model_parallel_size", None)
+        vpp = vpp if vpp and vpp > 1 else None
+        torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, ep, pp, vpp, ckpt, tokens, out),
+                                    nprocs=tp * ep * pp)
     elif command == "dist-make":
         spec, out, tokens = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1

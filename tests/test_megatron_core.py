@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, tiny_gpt2
+from tests.helpers import TOKENS, as_virtual_pipeline, assert_logits_close, convert, logits_of, tiny_gpt2
 from tests.test_llama import tiny_llama
 from tests.test_mixtral import tiny_mixtral
 
@@ -80,6 +80,39 @@ def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
                    "--target_tensor_model_parallel_size", "1", "--target_pipeline_model_parallel_size", "1",
                    "--transformer_impl", "local") == 0
     assert_logits_close(megatron_core_logits(tmp_path / "b", tmp_path), logits_of(model), atol=ATOL)
+
+
+PIPELINES = {
+    "pp2": ["--target_pipeline_model_parallel_size", "2"],
+    "pp2_uneven_1_3": ["--target_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "1,3"],
+    "pp2_vpp2": ["--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"],
+}
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied"])
+def test_pipeline_stages_run_in_megatron_core(tmp_path, name, pipeline):
+    """One gloo process per pipeline rank builds its stages from our args (first/last stage layer counts,
+    virtual chunks) and loads its rank file; hidden states pass stage to stage: proves layer placement,
+    per-stage layer numbering, and the embedding and (tied) output layer copies on the end stages."""
+    model = MODELS[name](tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--transformer_impl", "local", *PIPELINES[pipeline]) == 0
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
+
+
+def test_uneven_virtual_pipeline_layout_runs_in_megatron_core(tmp_path):
+    """PP 4 with stages [2, 1, 1, 2] regrouped as PP 2 x VPP 2, then reshaped by us: our args carry the
+    stages as a ``pipeline_model_parallel_layout`` string, which megatron-core parses to build the chunks."""
+    model = tiny_gpt2(tmp_path / "hf", layers=6, seed=2)
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "four", "--to", "megatron",
+                   "--target_pipeline_model_parallel_size", "4", "--target_pipeline_layers", "2,1,1,2") == 0
+    source = as_virtual_pipeline(tmp_path / "four", tmp_path / "vpp", pp=2, vpp=2)
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--transformer_impl", "local") == 0
+    args = torch.load(tmp_path / "m/release/mp_rank_00_000/model_optim_rng.pt", weights_only=False)["args"]
+    assert args.pipeline_model_parallel_layout == "Ett|t|t|ttL"
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
 
 
 SPECS = {
