@@ -303,8 +303,8 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
 
     The producing thread reads, merges and casts; the write-behind thread writes, then checks each
     distinct output for NaN/Inf (it waits for the producer more often than the producer waits for it).
-    The source's mapped pages of an item are handed back once all of its outputs (which may be
-    views of those pages) are written. Work running ``beside`` the stream stops it when it fails, and
+    The source's mapped pages of an item are handed back once all of its outputs are produced, or,
+    when an output is a view of those pages, once it is written. Work running ``beside`` the stream stops it when it fails, and
     must have finished before the last item: the output is never complete without it, and the peak
     memory (its imports plus the last item, often the largest) does not depend on how they interleave.
     """
@@ -329,21 +329,53 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
                 behind.wait_for_room(item_bytes.get(id(item), 0))
                 yield item
 
-        previous, read, seen = None, [], {}
+        previous, read, seen, outputs, left = None, [], {}, [], _outputs_per_item(by_item)
         for item, key, tensor in run(paced(items), tensors, target, False, dtype, check_finite=False):
             if item is not previous:
-                behind.call(release_all, read)  # after the previous item's writes
-                previous, read, seen = item, tensors.take_read(), {}
+                behind.call(release_all, read)  # an item whose outputs never reached its planned count
+                previous, read, seen, outputs = item, tensors.take_read(), {}, []
             # replicated outputs (TP and EP copies) are one tensor object, checked once (``seen`` holds
             # them, so an id is not reused within the item); making it contiguous copies on this thread
             first_time = id(tensor) not in seen
             seen[id(tensor)] = tensor
-            behind.submit((key, item if first_time else None), tensor.contiguous())
+            outputs.append(tensor.contiguous())
+            behind.submit((key, item if first_time else None), outputs[-1])
             bar.set_description(f"layer {item.layer}" if item.layer is not None else item.group, refresh=False)
             bar.update(tensor.nbytes)
+            left[id(item)] -= 1
+            if left[id(item)] == 0:
+                _hand_back_source_pages(read, outputs, behind)
+                read, outputs = [], []
         behind.call(release_all, read + tensors.take_read())
     if beside is not None:
         beside.result()  # a stream with no items never reached the last one
+
+
+def _outputs_per_item(by_item: list[tuple[Item, Hashable, tuple, torch.dtype]]) -> dict[int, int]:
+    """How many outputs every item yields, keyed by the item's id."""
+    counts: dict[int, int] = {}
+    for item, *_ in by_item:
+        counts[id(item)] = counts.get(id(item), 0) + 1
+    return counts
+
+
+def _hand_back_source_pages(read: list[torch.Tensor], outputs: list[torch.Tensor], behind: WriteBehind) -> None:
+    """Release an item's source pages as soon as nothing still to be written needs them.
+
+    Outputs that are copies (merged, split across dims, stacked, cast) no longer need the source, so
+    its pages go back now, while they are written: one item's source less in memory at any time. An
+    output that is a view of a source tensor (an unchanged or row-split tensor) is written from those
+    pages, so they go back after its write.
+    """
+    if any(_shares_storage(output, source) for output in outputs for source in read):
+        behind.call(release_all, read)
+    else:
+        release_all(read)
+
+
+def _shares_storage(output: torch.Tensor, source: torch.Tensor) -> bool:
+    storage = source.untyped_storage()
+    return storage.data_ptr() <= output.untyped_storage().data_ptr() < storage.data_ptr() + max(storage.nbytes(), 1)
 
 
 def _output_bytes_per_item(by_item: list[tuple[Item, Hashable, tuple, torch.dtype]]) -> dict[int, int]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import REPO, convert, tiny_gpt2
+from tests.helpers import REPO, assert_logits_close, convert, logits_of, tiny_gpt2
 
 from checkpoint_convert import converter, memory
 from checkpoint_convert.errors import BadInputError
@@ -193,3 +193,43 @@ def test_a_transformers_class_already_imported_is_returned_without_freezing_anyt
     first = transformers_attr("LlamaConfig")
     frozen = gc.get_freeze_count()
     assert transformers_attr("LlamaConfig") is first and gc.get_freeze_count() == frozen
+
+
+class _RecordingBehind:
+    def __init__(self):
+        self.calls = []
+
+    def call(self, function, *args):
+        self.calls.append((function, args))
+
+
+def test_source_pages_of_copied_outputs_are_released_at_once_and_of_views_after_their_write(monkeypatch):
+    released = []
+    monkeypatch.setattr(converter, "release_all", lambda tensors: released.append(tensors))
+    source, other = torch.arange(64.0), torch.arange(64.0)
+    behind = _RecordingBehind()
+    converter._hand_back_source_pages([source, other], [torch.cat([source, other]), source.to(torch.bfloat16)], behind)
+    assert released == [[source, other]] and behind.calls == []
+
+    released.clear()
+    converter._hand_back_source_pages([source, other], [torch.cat([source, other]), other[8:16]], behind)
+    assert released == [] and behind.calls == [(converter.release_all, ([source, other],))]
+
+
+def test_packed_outputs_release_their_source_before_they_are_written(tmp_path, monkeypatch):
+    """HF -> Megatron packs c_attn into per-head QKV (a new tensor): its source pages go back on the producing
+    thread; a LayerNorm weight is written as a view of its source, whose pages go back on the writing thread."""
+    release_all = converter.release_all
+    threads = []
+
+    def recording(tensors):
+        if tensors:
+            threads.append(threading.current_thread().name)
+        release_all(tensors)
+
+    model = tiny_gpt2(tmp_path / "hf")
+    monkeypatch.setattr(converter, "release_all", recording)
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    assert "MainThread" in threads and "write-behind" in threads
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
