@@ -36,7 +36,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "target_pipeline_model_parallel_size", type=int, default=None,
              help="target PP size (default: the source's for Megatron sources, else 1)")
     add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
-             help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers)")
+             help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers); with a virtual pipeline, "
+                  "all PP x VPP stages in model order")
     add_flag(parser, "target_virtual_pipeline_model_parallel_size", type=int, default=None,
              help="model chunks per pipeline rank (interleaved schedule: rank files hold model0, model1, ...); "
                   "default: the source's when the pipeline is kept, else 1")

@@ -187,8 +187,7 @@ def target_layout(options: Options, source: Source) -> ParallelLayout:
     source_tp, source_pp, source_ep = source.reader.args_layout if megatron else (1, 1, 1)
     source_vpp = source.reader.vpp if megatron else 1
     tp = options.tensor_parallel or source_tp
-    pp = options.pipeline_parallel or (len(options.pipeline_layers) if options.pipeline_layers else None)
-    pp = pp or source_pp
+    pp = options.pipeline_parallel or _ranks_of_stages(options.pipeline_layers, options.virtual_pipeline) or source_pp
     keeps_pipeline = pp == source_pp and not options.pipeline_layers
     vpp = options.virtual_pipeline or (source_vpp if keeps_pipeline else 1)
     if keeps_pipeline and vpp == source_vpp and megatron and source.reader.ckpt_format == "torch":
@@ -200,15 +199,25 @@ def target_layout(options: Options, source: Source) -> ParallelLayout:
     return ParallelLayout(tp=tp, pp=pp, ep=ep, dp=options.data_parallel, stages=tuple(stages), vpp=vpp)
 
 
+def _ranks_of_stages(stages: list[int] | None, vpp: int | None) -> int | None:
+    """The pipeline size implied by ``--target_pipeline_layers``: its stages are ``vpp`` chunks per rank."""
+    if not stages:
+        return None
+    if len(stages) % (vpp or 1):
+        raise BadInputError(f"--target_pipeline_layers lists {len(stages)} stages, not {vpp} model chunks for "
+                            "each pipeline rank")
+    return len(stages) // (vpp or 1)
+
+
 def _check_virtual_pipeline(num_layers: int, pp: int, vpp: int, uneven: list[int] | None) -> None:
-    """A virtual pipeline is written with even stages over at least two pipeline ranks."""
+    """A virtual pipeline needs two pipeline ranks or more, and its stages' layer counts (even, or listed)."""
     if vpp == 1:
         return
-    if vpp < 1 or pp < 2 or uneven:
-        raise BadInputError(f"a virtual pipeline of {vpp} model chunks per rank needs pipeline parallel size 2 or "
-                            "more and even stages (no --target_pipeline_layers)")
-    if num_layers % (pp * vpp):
-        raise BadInputError(f"PP {pp} x VPP {vpp} = {pp * vpp} stages do not divide num_layers={num_layers}")
+    if vpp < 1 or pp < 2:
+        raise BadInputError(f"a virtual pipeline of {vpp} model chunks per rank needs pipeline parallel size 2 or more")
+    if not uneven and num_layers % (pp * vpp):
+        raise BadInputError(f"PP {pp} x VPP {vpp} = {pp * vpp} stages do not divide num_layers={num_layers}; "
+                            "list them with --target_pipeline_layers")
 
 
 def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:

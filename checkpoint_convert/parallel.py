@@ -118,7 +118,8 @@ def layers_per_stage(num_layers: int, pp: int, uneven: Sequence[int] | None = No
     if uneven:
         stages = [int(n) for n in uneven]
         if len(stages) != pp:
-            raise BadInputError(f"--target_pipeline_layers lists {len(stages)} stages but the pipeline has {pp}")
+            raise BadInputError(f"--target_pipeline_layers lists {len(stages)} stages but the pipeline has {pp} "
+                                "(with a virtual pipeline: PP x VPP, in model order)")
         if sum(stages) != num_layers or min(stages) < 0:
             raise BadInputError(
                 f"--target_pipeline_layers {','.join(map(str, stages))} must sum to num_layers={num_layers}")

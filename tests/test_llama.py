@@ -122,6 +122,21 @@ def test_virtual_pipeline_output_is_the_interleaved_regrouping_of_its_stages(mod
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
 
 
+def test_uneven_virtual_pipeline_with_an_output_only_stage_reads_back(models, tmp_path, capsys):
+    """Stages 2,1,1,0 over PP 2 x VPP 2: the last chunk holds no layer, only the final norm and output layer."""
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    path, _, expected = models["gqa_untied"]
+    assert convert("--load_path", path, "--save_path", tmp_path / "vpp", "--to", "megatron", "--target_pipeline_layers",
+                   "2,1,1,0", "--target_virtual_pipeline_model_parallel_size", "2") == 0
+    last = torch.load(tmp_path / "vpp/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)["model1"]
+    assert not any(".layers." in key for key in last) and "output_layer.weight" in last
+    assert run_inspect_cli([str(tmp_path / "vpp"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["layers_per_stage"] == [2, 1, 1, 0]
+    assert convert("--load_path", tmp_path / "vpp", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected)
+
+
 def test_virtual_pipeline_needs_a_pipeline_that_it_divides(models, tmp_path, capsys):
     path, _, _ = models["gqa_untied"]
     assert convert("--load_path", path, "--save_path", tmp_path / "a", "--to", "megatron",
@@ -130,7 +145,10 @@ def test_virtual_pipeline_needs_a_pipeline_that_it_divides(models, tmp_path, cap
     assert convert("--load_path", path, "--save_path", tmp_path / "b", "--to", "megatron",
                    "--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "3") == 2
     assert "PP 2 x VPP 3 = 6 stages do not divide num_layers=4" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert convert("--load_path", path, "--save_path", tmp_path / "c", "--to", "megatron",
+                   "--target_pipeline_layers", "1,1,2", "--target_virtual_pipeline_model_parallel_size", "2") == 2
+    assert "lists 3 stages, not 2 model chunks for each pipeline rank" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_bf16_round_trip_is_bit_exact(models, tmp_path):

@@ -86,6 +86,8 @@ PIPELINES = {
     "pp2": ["--target_pipeline_model_parallel_size", "2"],
     "pp2_uneven_1_3": ["--target_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "1,3"],
     "pp2_vpp2": ["--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"],
+    # stages in model order: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3 (the output layer alone)
+    "pp2_vpp2_uneven_2_1_1_0": ["--target_virtual_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "2,1,1,0"],
 }
 
 
@@ -98,6 +100,18 @@ def test_pipeline_stages_run_in_megatron_core(tmp_path, name, pipeline):
     model = MODELS[name](tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
                    "--transformer_impl", "local", *PIPELINES[pipeline]) == 0
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
+
+
+def test_uneven_virtual_pipeline_written_from_hf_runs_in_megatron_core(tmp_path):
+    model = tiny_gpt2(tmp_path / "hf", layers=6, seed=4)
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_pipeline_layers", "1,2,2,1", "--target_virtual_pipeline_model_parallel_size", "2",
+                   "--transformer_impl", "local") == 0
+    state = torch.load(tmp_path / "m/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)
+    assert state["args"].pipeline_model_parallel_layout == "Et|tt|tt|tL"
+    layers = [{key.split(".")[2] for key in state[chunk] if key.startswith("decoder.layers.")} for chunk in ("model0", "model1")]
+    assert layers == [{"0", "1"}, {"0"}]  # stages 1 and 3, numbered from 0 in each chunk
     assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
 
 
