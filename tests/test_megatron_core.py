@@ -103,6 +103,19 @@ def test_pipeline_stages_run_in_megatron_core(tmp_path, name, pipeline):
     assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
 
 
+@pytest.mark.parametrize("name, flags, tp, ep", [
+    ("llama_gqa_untied", ["--target_tensor_model_parallel_size", "2"], 2, 1),
+    ("mixtral", ["--target_expert_model_parallel_size", "2"], 1, 2),
+], ids=["tp2_pp2", "ep2_pp2"])
+def test_pipeline_with_tensor_or_expert_parallel_runs_in_megatron_core(tmp_path, name, flags, tp, ep):
+    """Four gloo processes, each loading its mp_rank_TT_PPP[_EEE] file: rank-file naming and placement when
+    pipeline stages combine with tensor or expert parallelism."""
+    model = MODELS[name](tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_pipeline_model_parallel_size", "2", "--transformer_impl", "local", *flags) == 0
+    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, tp=tp, ep=ep), logits_of(model), atol=ATOL)
+
+
 def test_uneven_virtual_pipeline_written_from_hf_runs_in_megatron_core(tmp_path):
     model = tiny_gpt2(tmp_path / "hf", layers=6, seed=4)
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
