@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -18,6 +18,9 @@ from .errors import BadInputError
 from .memory import note_file_mapping
 from .safe_load import safe_torch_load
 from .torch_zip_writer import StreamingTorchFile
+
+if TYPE_CHECKING:  # imported for annotations only: torch.distributed.checkpoint is slow to import
+    from .torch_dist import TorchDistTree
 
 TRACKER = "latest_checkpointed_iteration.txt"
 GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "linear_fc2"}
@@ -88,7 +91,7 @@ def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
     return target
 
 
-def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = False) -> "MegatronTree | TorchDistTree":
+def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = False) -> MegatronTree | TorchDistTree:
     """The checkpoint at ``path`` in whichever format it was saved (``torch`` rank files or ``torch_dist``)."""
     iter_dir = find_iteration_dir(path, iteration)
     if is_torch_dist_dir(iter_dir):
