@@ -140,12 +140,13 @@ class ParallelLayout:
 
 def _pipeline_fields(stages: Sequence[int], vpp: int) -> dict[str, Any]:
     """Megatron's record of an uneven pipeline: first/last stage counts, or a full layout string (always
-    the layout string with a virtual pipeline, whose stages it lists in model order)."""
+    the layout string with a virtual pipeline, whose stages it lists in model order, or with a stage
+    of no layers)."""
     if len(set(stages)) <= 1:
         return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
                 "pipeline_model_parallel_layout": None}
     first, *middle, last = stages
-    if len(set(middle)) <= 1 and vpp == 1:
+    if len(set(middle)) <= 1 and vpp == 1 and min(stages) > 0:  # megatron-core wants first/last counts > 0
         return {"decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last,
                 "pipeline_model_parallel_layout": None}
     parts = ["t" * count for count in stages]

@@ -6,6 +6,7 @@ from shapes alone.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,12 +418,24 @@ class MegatronWriter:
 
     def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
         (rank, chunk), path = self._placement(key[0]), key[1]
+        self._entries[rank].append((chunk, path, self._file(rank).add(tensor)))
+        if len(self._entries[rank]) == self._expected[rank]:
+            self._flush(rank)
+
+    def _file(self, rank: RankKey) -> StreamingTorchFile:
         if rank not in self._files:
             file = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
             self._files[rank] = StreamingTorchFile(file, self.zip_crc32)
-        self._entries[rank].append((chunk, path, self._files[rank].add(tensor)))
-        if len(self._entries[rank]) == self._expected[rank]:
-            self._flush(rank)
+        return self._files[rank]
+
+    def _write_empty_ranks(self) -> None:
+        """A rank file for every pipeline rank holding no tensor (stages of no layers), as Megatron saves."""
+        for tp, pp_rank, ep in itertools.product(range(self.layout.tp), range(self.pp_size), range(self.ep_size)):
+            rank = RankKey(tp, pp_rank, ep)
+            if rank not in self._expected:
+                self._entries[rank] = []
+                self._file(rank)
+                self._flush(rank)
 
     def _flush(self, rank: RankKey) -> None:
         entries = self._entries.pop(rank)
@@ -441,6 +454,7 @@ class MegatronWriter:
     def finish(self) -> None:
         if self._entries:
             raise RuntimeError(f"rank files left incomplete: {sorted(map(str, self._entries))}")
+        self._write_empty_ranks()
         if self.distributed_optimizer:
             write_dummy_optimizer_files(self.root / iteration_dir_name(self.iteration), self.layout.tp,
                                         self.pp_size, self.layout.dp)

@@ -85,6 +85,9 @@ def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
 PIPELINES = {
     "pp2": ["--target_pipeline_model_parallel_size", "2"],
     "pp2_uneven_1_3": ["--target_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "1,3"],
+    # stages of no layers: the embedding alone first, and a middle pipeline rank holding nothing
+    "pp2_uneven_0_4": ["--target_pipeline_layers", "0,4"],
+    "pp3_uneven_2_0_2": ["--target_pipeline_layers", "2,0,2"],
     "pp2_vpp2": ["--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"],
     # stages in model order: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3 (the output layer alone)
     "pp2_vpp2_uneven_2_1_1_0": ["--target_virtual_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "2,1,1,0"],
