@@ -109,7 +109,8 @@ def test_pipeline_stages_run_in_megatron_core(tmp_path, name, pipeline):
 @pytest.mark.parametrize("name, flags, tp, ep", [
     ("llama_gqa_untied", ["--target_tensor_model_parallel_size", "2"], 2, 1),
     ("mixtral", ["--target_expert_model_parallel_size", "2"], 1, 2),
-], ids=["tp2_pp2", "ep2_pp2"])
+    ("mixtral", ["--target_expert_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"], 1, 2),
+], ids=["tp2_pp2", "ep2_pp2", "ep2_pp2_vpp2"])
 def test_pipeline_with_tensor_or_expert_parallel_runs_in_megatron_core(tmp_path, name, flags, tp, ep):
     """Four gloo processes, each loading its mp_rank_TT_PPP[_EEE] file: rank-file naming and placement when
     pipeline stages combine with tensor or expert parallelism."""
