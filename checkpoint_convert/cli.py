@@ -24,26 +24,40 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def _layer_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer counts")
+        counts = [-1]
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer counts (0 or more)")
+    return counts
+
+
+def _size(text: str) -> int:
+    """A parallel size or multiple: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every conversion CLI understands."""
-    add_flag(parser, "target_tensor_model_parallel_size", type=int, default=None,
+    add_flag(parser, "target_tensor_model_parallel_size", type=_size, default=None,
              help="target TP size (default: the source's for Megatron sources, else 1)")
-    add_flag(parser, "target_pipeline_model_parallel_size", type=int, default=None,
+    add_flag(parser, "target_pipeline_model_parallel_size", type=_size, default=None,
              help="target PP size (default: the source's for Megatron sources, else 1)")
     add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
              help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers); with a virtual pipeline, "
                   "all PP x VPP stages in model order")
-    add_flag(parser, "target_virtual_pipeline_model_parallel_size", type=int, default=None,
+    add_flag(parser, "target_virtual_pipeline_model_parallel_size", type=_size, default=None,
              help="model chunks per pipeline rank (interleaved schedule: rank files hold model0, model1, ...); "
                   "default: the source's when the pipeline is kept, else 1")
-    add_flag(parser, "target_expert_model_parallel_size", type=int, default=None,
+    add_flag(parser, "target_expert_model_parallel_size", type=_size, default=None,
              help="target EP size for mixture-of-experts models (default: the source's, else 1)")
-    add_flag(parser, "target_data_parallel_size", type=int, default=1,
+    add_flag(parser, "target_data_parallel_size", type=_size, default=1,
              help="DP size for the dummy distributed-optimizer files")
     add_flag(parser, "use_distributed_optimizer", action="store_true",
              help="write model_rng.pt plus dummy mp_rank_*_DDD/optim.pt files")
@@ -51,7 +65,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
              help="checksum every record of Megatron rank files (slower; torch.load never checks them, zip tools do)")
     add_flag(parser, "target_params_dtype", choices=["fp32", "fp16", "bf16"], default=None,
              help="output dtype (default: keep the source dtype)")
-    add_flag(parser, "make_vocab_size_divisible_by", type=int, default=128,
+    add_flag(parser, "make_vocab_size_divisible_by", type=_size, default=128,
              help="Megatron vocab padding multiple (default 128, times TP)")
     add_flag(parser, "max_shard_size", default="10GB", help="largest HF shard (default 10GB)")
     parser.add_argument("--safe_serialization", "--safe-serialization", dest="safe_serialization",
@@ -145,7 +159,7 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     add_flag(parser, "moe_grouped_gemm", action="store_true",
              help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
     add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
-    add_flag(parser, "vocab_size", type=int, default=None,
+    add_flag(parser, "vocab_size", type=_size, default=None,
              help="true vocab size when the Megatron args do not record it")
     add_flag(parser, "overwrite", action="store_true", help="replace a non-empty save path")
     return parser

@@ -148,7 +148,11 @@ def test_virtual_pipeline_needs_a_pipeline_that_it_divides(models, tmp_path, cap
     assert convert("--load_path", path, "--save_path", tmp_path / "c", "--to", "megatron",
                    "--target_pipeline_layers", "1,1,2", "--target_virtual_pipeline_model_parallel_size", "2") == 2
     assert "lists 3 stages, not 2 model chunks for each pipeline rank" in capsys.readouterr().err
-    assert not any((tmp_path / name).exists() for name in "abc")
+    for flag, value in [("--target_virtual_pipeline_model_parallel_size", "0"), ("--target_pipeline_layers", "5,-1")]:
+        with pytest.raises(SystemExit) as stop:
+            convert("--load_path", path, "--save_path", tmp_path / "d", "--to", "megatron", flag, value)
+        assert stop.value.code == 2 and f"'{value}' is not a" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_bf16_round_trip_is_bit_exact(models, tmp_path):
