@@ -26,7 +26,7 @@ def _layer_list(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        counts = [-1]
+        counts = []
     if not counts or min(counts) < 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer counts (0 or more)")
     return counts

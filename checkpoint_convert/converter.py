@@ -21,7 +21,7 @@ from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, f
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
-from .memory import read_only_file_mappings
+from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
 from .runtime import collector_paused, transformers_attr
@@ -376,15 +376,10 @@ def _hand_back_source_pages(read: list[torch.Tensor], outputs: list[torch.Tensor
     output that is a view of a source tensor (an unchanged or row-split tensor) is written from those
     pages, so they go back after its write.
     """
-    if any(_shares_storage(output, source) for output in outputs for source in read):
+    if any(shares_storage(output, source) for output in outputs for source in read):
         behind.call(release_all, read)
     else:
         release_all(read)
-
-
-def _shares_storage(output: torch.Tensor, source: torch.Tensor) -> bool:
-    storage = source.untyped_storage()
-    return storage.data_ptr() <= output.untyped_storage().data_ptr() < storage.data_ptr() + max(storage.nbytes(), 1)
 
 
 def _output_bytes_per_item(by_item: list[tuple[Item, Hashable, tuple, torch.dtype]]) -> dict[int, int]:

@@ -20,7 +20,7 @@ from .errors import BadInputError
 from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
-from .memory import release_pages
+from .memory import release_pages, shares_storage
 from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
                        trim_vocab)
 
@@ -134,7 +134,7 @@ class MegatronSource(_ReleasesReadPages):
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
         merged = merge_from_tp(shards, item.param.style)
-        if not meta and all(merged.untyped_storage().data_ptr() != s.untyped_storage().data_ptr() for s in shards):
+        if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
 

@@ -122,6 +122,14 @@ def file_region(tensor: torch.Tensor) -> tuple[str, int] | None:
     return None if mapping is None else (mapping[2], mapping[3] + start - mapping[0])
 
 
+def shares_storage(tensor: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``tensor`` lies in ``source``'s storage (a view of it): releasing the source's pages
+    then costs ``tensor`` its pages too, where a copy would have its own."""
+    storage = source.untyped_storage()
+    start = storage.data_ptr()
+    return start <= tensor.untyped_storage().data_ptr() < start + max(storage.nbytes(), 1)
+
+
 def release_pages(tensor: torch.Tensor) -> None:
     """Hand the whole pages under a CPU tensor's storage back to the kernel (no-op where unsupported)."""
     if _MADVISE is None or tensor.device.type != "cpu":

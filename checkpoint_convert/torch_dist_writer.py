@@ -101,7 +101,7 @@ class TorchDistWriter:
 
     def write(self, key: Any, tensor: torch.Tensor) -> None:
         """Store one chunk: ``key`` is the engine's DistKey (fqn, offsets, global shape)."""
-        dtype, _, chunks = self._tensors.setdefault(key.fqn, (tensor.dtype, tuple(key.global_shape), []))
+        chunks = self._tensors.setdefault(key.fqn, (tensor.dtype, tuple(key.global_shape), []))[2]
         chunks.append((tuple(key.offsets), tensor.shape))
         self._store(key.fqn, tuple(key.offsets), _compact(tensor))
 
