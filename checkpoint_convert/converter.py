@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -462,8 +463,7 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
         impl="local" if target_schema == schema.MCORE_LOCAL else "transformer_engine", ckpt_format=ckpt_format,
         legacy=target_schema == schema.LEGACY, moe_grouped_gemm=options.moe_grouped_gemm,
         distributed_optimizer=options.use_distributed_optimizer, seq_length=options.seq_length,
-        tokenizer=tokenizer_fields(*_recorded_tokenizer(options, source, base), options.tokenizer_type,
-                                   _tokenizer_model(options.tokenizer_name)))
+        tokenizer=_tokenizer(options, source, base))
     args = args_from_arch(_with_context_length(source.arch, options), layout, facts, base)
     if args.seq_length > args.max_position_embeddings:
         raise BadInputError(f"sequence length {args.seq_length} exceeds max_position_embeddings "
@@ -481,6 +481,20 @@ def _with_context_length(arch: ModelArch, options: Options) -> ModelArch:
         raise BadInputError(f"--max_position_embeddings {wanted}: this model's learned position embeddings have "
                             f"{arch.max_position_embeddings} rows")
     return arch.replace(max_position_embeddings=wanted)
+
+
+def _tokenizer(options: Options, source: Source, base: dict) -> dict[str, str | None]:
+    """The args' tokenizer fields; a warning when they cannot name the tokenizer Megatron-LM will need."""
+    recorded_type, recorded_model = _recorded_tokenizer(options, source, base)
+    model_flag = _tokenizer_model(options.tokenizer_name)
+    fields = tokenizer_fields(recorded_type, recorded_model, options.tokenizer_type, model_flag)
+    if not (recorded_type or options.tokenizer_type or model_flag):
+        warnings.warn(f"the source names no tokenizer: args record tokenizer_type {fields['tokenizer_type']}; "
+                      "name it with --tokenizer_name (and --tokenizer_type)")
+    elif fields["tokenizer_type"] == HF_TOKENIZER and not fields["tokenizer_model"]:
+        warnings.warn("args name no tokenizer_model (the source holds no tokenizer files): pass --tokenizer_name, "
+                      "or Megatron-LM's --tokenizer-model when you train")
+    return fields
 
 
 def _recorded_tokenizer(options: Options, source: Source, base: dict) -> tuple[str | None, str | None]:
