@@ -170,7 +170,8 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
              help="Megatron output: training sequence length recorded in args (default: the source's, else "
                   "max_position_embeddings)")
     add_flag(parser, "max_position_embeddings", type=_size, default=None,
-             help="context length recorded in args / config.json (default: the source's; rotary models only)")
+             help="context length recorded in args / config.json (default: the source's; learned position "
+                  "embeddings keep theirs)")
     add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
     add_flag(parser, "vocab_size", type=_size, default=None,
              help="true vocab size when the Megatron args do not record it")

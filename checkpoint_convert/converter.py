@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import resource
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSourc
                      plan_with_items, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
-from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes, tokenizer_files
-from .megatron_args import (HF_TOKENIZER, CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch,
-                            dtype_from_name, plain_fields, tokenizer_fields)
+from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
+from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch, dtype_from_name,
+                            plain_fields, tokenizer_for, with_context_length)
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
 from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
@@ -411,7 +410,7 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     target = HFTarget(family, arch)
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
-    out_arch = _with_context_length(arch, options).replace(params_dtype=_output_dtype(planned, dtype))
+    out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=_output_dtype(planned, dtype))
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
@@ -463,53 +462,9 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
         impl="local" if target_schema == schema.MCORE_LOCAL else "transformer_engine", ckpt_format=ckpt_format,
         legacy=target_schema == schema.LEGACY, moe_grouped_gemm=options.moe_grouped_gemm,
         distributed_optimizer=options.use_distributed_optimizer, seq_length=options.seq_length,
-        tokenizer=_tokenizer(options, source, base))
-    args = args_from_arch(_with_context_length(source.arch, options), layout, facts, base)
-    if args.seq_length > args.max_position_embeddings:
-        raise BadInputError(f"sequence length {args.seq_length} exceeds max_position_embeddings "
-                            f"{args.max_position_embeddings} (Megatron-LM refuses that)")
-    return args
-
-
-def _with_context_length(arch: ModelArch, options: Options) -> ModelArch:
-    """``arch`` with ``--max_position_embeddings``; learned position embeddings have that many rows, so
-    there it must be the source's."""
-    wanted = options.max_position_embeddings
-    if not wanted or wanted == arch.max_position_embeddings:
-        return arch
-    if arch.position_embedding_type == "learned_absolute":
-        raise BadInputError(f"--max_position_embeddings {wanted}: this model's learned position embeddings have "
-                            f"{arch.max_position_embeddings} rows")
-    return arch.replace(max_position_embeddings=wanted)
-
-
-def _tokenizer(options: Options, source: Source, base: dict) -> dict[str, str | None]:
-    """The args' tokenizer fields; a warning when they cannot name the tokenizer Megatron-LM will need."""
-    recorded_type, recorded_model = _recorded_tokenizer(options, source, base)
-    model_flag = _tokenizer_model(options.tokenizer_name)
-    fields = tokenizer_fields(recorded_type, recorded_model, options.tokenizer_type, model_flag)
-    if not (recorded_type or options.tokenizer_type or model_flag):
-        warnings.warn(f"the source names no tokenizer: args record tokenizer_type {fields['tokenizer_type']}; "
-                      "name it with --tokenizer_name (and --tokenizer_type)")
-    elif fields["tokenizer_type"] == HF_TOKENIZER and not fields["tokenizer_model"]:
-        warnings.warn("args name no tokenizer_model (the source holds no tokenizer files): pass --tokenizer_name, "
-                      "or Megatron-LM's --tokenizer-model when you train")
-    return fields
-
-
-def _recorded_tokenizer(options: Options, source: Source, base: dict) -> tuple[str | None, str | None]:
-    """The tokenizer the source names: a Megatron source's args, or a Hugging Face model's own directory
-    (when it holds tokenizer files; else the type alone)."""
-    if source.kind == "megatron":
-        return base.get("tokenizer_type"), base.get("tokenizer_model")
-    path = options.load_path.resolve()
-    return HF_TOKENIZER, str(path) if tokenizer_files(path) else None
-
-
-def _tokenizer_model(name: str | None) -> str | None:
-    """``--tokenizer_name`` as Megatron-LM's --tokenizer-model: a local path made absolute, else as given
-    (a hub name)."""
-    return str(Path(name).resolve()) if name and Path(name).exists() else name
+        tokenizer=tokenizer_for(options.load_path if source.kind == "hf" else None, base, options.tokenizer_type,
+                                options.tokenizer_name))
+    return args_from_arch(with_context_length(source.arch, options.max_position_embeddings), layout, facts, base)
 
 
 def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:

@@ -6,13 +6,16 @@ prove: callers cross-check shapes against these values (see ``megatron_io``).
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .arch import ModelArch
 from .errors import BadInputError
+from .hf_io import tokenizer_files
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -184,6 +187,39 @@ def tokenizer_fields(recorded_type: str | None, recorded_model: str | None, type
     return {"tokenizer_type": kind, "tokenizer_model": model}
 
 
+def tokenizer_for(hf_source: Path | None, base: dict, type_flag: str | None = None,
+                  name_flag: str | None = None) -> dict[str, str | None]:
+    """The args' tokenizer fields for a Hugging Face source directory (None: a Megatron source, whose
+    fields are in ``base``), with a warning when they cannot name the tokenizer Megatron-LM will need.
+    ``--tokenizer_name`` becomes Megatron-LM's --tokenizer-model: a local path made absolute, else as
+    given (a hub name)."""
+    model_flag = str(Path(name_flag).resolve()) if name_flag and Path(name_flag).exists() else name_flag
+    if hf_source is None:
+        recorded_type, recorded_model = base.get("tokenizer_type"), base.get("tokenizer_model")
+    else:
+        hf_source = hf_source.resolve()
+        recorded_type, recorded_model = HF_TOKENIZER, str(hf_source) if tokenizer_files(hf_source) else None
+    fields = tokenizer_fields(recorded_type, recorded_model, type_flag, model_flag)
+    if not (recorded_type or type_flag or model_flag):
+        warnings.warn(f"the source names no tokenizer: args record tokenizer_type {fields['tokenizer_type']}; "
+                      "name it with --tokenizer_name (and --tokenizer_type)")
+    elif fields["tokenizer_type"] == HF_TOKENIZER and not fields["tokenizer_model"]:
+        warnings.warn("args name no tokenizer_model (the source holds no tokenizer files): pass --tokenizer_name, "
+                      "or Megatron-LM's --tokenizer-model when you train")
+    return fields
+
+
+def with_context_length(arch: ModelArch, wanted: int | None) -> ModelArch:
+    """``arch`` with ``--max_position_embeddings``; learned position embeddings have that many rows, so
+    there it must be the source's."""
+    if not wanted or wanted == arch.max_position_embeddings:
+        return arch
+    if arch.position_embedding_type == "learned_absolute":
+        raise BadInputError(f"--max_position_embeddings {wanted}: this model's learned position embeddings have "
+                            f"{arch.max_position_embeddings} rows")
+    return arch.replace(max_position_embeddings=wanted)
+
+
 @dataclass(frozen=True)
 class CheckpointFacts:
     """What the args say about the files beside the architecture and layout, so that Megatron-LM's
@@ -229,6 +265,9 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
         no_save_optim=True, no_save_rng=True, iteration=0,
         consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
     )
+    if fields["seq_length"] > fields["max_position_embeddings"]:  # arguments.validate_args asserts it
+        raise BadInputError(f"sequence length {fields['seq_length']} exceeds max_position_embeddings "
+                            f"{fields['max_position_embeddings']} (Megatron-LM refuses that)")
     return argparse.Namespace(**fields)
 
 
