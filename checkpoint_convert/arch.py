@@ -40,6 +40,8 @@ class ModelArch:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_aux_loss_coeff: float = 0.0
+    attention_dropout: float = 0.0  # training settings Megatron-LM takes from a checkpoint's args
+    hidden_dropout: float = 0.0
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from .converter import Options, convert
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+from .megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
 from .memory import return_large_allocations_to_the_system
 
 
@@ -71,7 +72,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--safe_serialization", "--safe-serialization", dest="safe_serialization",
                         action=argparse.BooleanOptionalAction, default=True,
                         help="write safetensors (default) or, with --no-safe_serialization, pytorch .bin")
-    add_flag(parser, "tokenizer_name", default=None, help="local directory whose tokenizer files are copied")
+    add_flag(parser, "tokenizer_name", default=None,
+             help="HF output: local directory whose tokenizer files are copied; Megatron output: recorded as "
+                  "tokenizer_model (a local path, made absolute, or a hub name)")
     add_flag(parser, "trust_checkpoint", action="store_true",
              help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
     add_flag(parser, "debug", action="store_true", help="show tracebacks")
@@ -125,6 +128,8 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         megatron_ckpt_format=getattr(args, "megatron_ckpt_format", None),
         transformer_impl=getattr(args, "transformer_impl", None), max_shard_size=args.max_shard_size,
         safe_serialization=args.safe_serialization, tokenizer_name=args.tokenizer_name,
+        tokenizer_type=getattr(args, "tokenizer_type", None), seq_length=getattr(args, "seq_length", None),
+        max_position_embeddings=getattr(args, "max_position_embeddings", None),
         iteration=getattr(args, "iteration", None), vocab_size=getattr(args, "vocab_size", None),
         trust_checkpoint=args.trust_checkpoint, overwrite=getattr(args, "overwrite", False), quiet=args.quiet,
     )
@@ -158,6 +163,15 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
              help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
     add_flag(parser, "moe_grouped_gemm", action="store_true",
              help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
+    add_flag(parser, "tokenizer_type", choices=MEGATRON_TOKENIZER_TYPES, default=None,
+             help="Megatron output: Megatron-LM's tokenizer type recorded in args (default: HuggingFaceTokenizer "
+                  f"for HF sources or with --tokenizer_name, else the source's, else {DEFAULT_TOKENIZER_TYPE})")
+    add_flag(parser, "seq_length", type=_size, default=None,
+             help="Megatron output: training sequence length recorded in args (default: the source's, else "
+                  "max_position_embeddings)")
+    add_flag(parser, "max_position_embeddings", type=_size, default=None,
+             help="context length recorded in args / config.json (default: the source's; learned position "
+                  "embeddings keep theirs)")
     add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
     add_flag(parser, "vocab_size", type=_size, default=None,
              help="true vocab size when the Megatron args do not record it")

@@ -19,7 +19,8 @@ from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSourc
 from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
-from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
+from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch, dtype_from_name,
+                            plain_fields, tokenizer_for, with_context_length)
 from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
 from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
@@ -53,6 +54,9 @@ class Options:
     max_shard_size: str = "10GB"
     safe_serialization: bool = True
     tokenizer_name: str | None = None
+    tokenizer_type: str | None = None  # Megatron output: Megatron-LM's tokenizer type
+    seq_length: int | None = None  # Megatron output: training sequence length recorded in args
+    max_position_embeddings: int | None = None
     iteration: str | None = None
     vocab_size: int | None = None
     trust_checkpoint: bool = False
@@ -401,11 +405,12 @@ def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
 
 def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
     family, arch = source.family, source.arch
+    _refuse_megatron_only_options(options)
     items = walk(family, arch)
     target = HFTarget(family, arch)
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
-    out_arch = arch.replace(params_dtype=_output_dtype(planned, dtype))
+    out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=_output_dtype(planned, dtype))
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
@@ -416,6 +421,14 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
             writer.finish()
             _write_hf_metadata(staging, config_task.result(), family, options)
     return _finish_summary(Summary(), planned, start)
+
+
+def _refuse_megatron_only_options(options: Options) -> None:
+    """Flags that only Megatron args record would be lost silently in a Hugging Face output."""
+    given = [flag for flag, value in (("--seq_length", options.seq_length), ("--tokenizer_type", options.tokenizer_type))
+             if value is not None]
+    if given:
+        raise BadInputError(f"{' and '.join(given)} only apply to Megatron output (--to megatron)")
 
 
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
@@ -444,15 +457,14 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
                    planned: list, dtype: torch.dtype | None, ckpt_format: str) -> Any:
     """The args Megatron-LM reads back: the architecture, this layout, and the source's training settings."""
     base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
-    impl = "local" if target_schema == schema.MCORE_LOCAL else "transformer_engine"
-    args = args_from_arch(source.arch, layout, padded, _output_dtype(planned, dtype),
-                          options.make_vocab_size_divisible_by, impl, base)
-    args.use_legacy_models = target_schema == schema.LEGACY
-    args.use_mcore_models = not args.use_legacy_models
-    args.use_distributed_optimizer = options.use_distributed_optimizer
-    args.moe_grouped_gemm = options.moe_grouped_gemm
-    args.ckpt_format = ckpt_format
-    return args
+    facts = CheckpointFacts(
+        padded_vocab=padded, dtype=_output_dtype(planned, dtype), divisible_by=options.make_vocab_size_divisible_by,
+        impl="local" if target_schema == schema.MCORE_LOCAL else "transformer_engine", ckpt_format=ckpt_format,
+        legacy=target_schema == schema.LEGACY, moe_grouped_gemm=options.moe_grouped_gemm,
+        distributed_optimizer=options.use_distributed_optimizer, seq_length=options.seq_length,
+        tokenizer=tokenizer_for(options.load_path if source.kind == "hf" else None, base, options.tokenizer_type,
+                                options.tokenizer_name))
+    return args_from_arch(with_context_length(source.arch, options.max_position_embeddings), layout, facts, base)
 
 
 def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:

@@ -283,12 +283,15 @@ def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:
     source = Path(source_dir)
     if not source.is_dir():
         raise BadInputError("--tokenizer_name must be a local directory", source)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            (target / name).write_bytes((source / name).read_bytes())
-            copied.append(name)
+    copied = tokenizer_files(source)
     if not copied:
         raise BadInputError("no tokenizer files found", source)
+    for name in copied:
+        (target / name).write_bytes((source / name).read_bytes())
     return copied
+
+
+def tokenizer_files(directory: Path) -> list[str]:
+    """The Hugging Face tokenizer files in ``directory``."""
+    return [name for name in TOKENIZER_FILES if (directory / name).is_file()]
 

@@ -6,13 +6,16 @@ prove: callers cross-check shapes against these values (see ``megatron_io``).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .arch import ModelArch
 from .errors import BadInputError
+from .hf_io import tokenizer_files
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,6 +95,8 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         moe_router_topk=int(_get(args, "moe_router_topk", default=2)),
         moe_ffn_hidden_size=_get(args, "moe_ffn_hidden_size"),
         moe_aux_loss_coeff=float(_get(args, "moe_aux_loss_coeff", default=0.0)),
+        attention_dropout=float(_get(args, "attention_dropout", default=0.1)),  # Megatron-LM's defaults
+        hidden_dropout=float(_get(args, "hidden_dropout", default=0.1)),
         params_dtype=_args_dtype(args),
         extra=dict(_get(args, "hf_extra_config", default={})),
     )
@@ -139,64 +144,188 @@ class ParallelLayout:
 
 
 def _pipeline_fields(stages: Sequence[int], vpp: int) -> dict[str, Any]:
-    """Megatron's record of an uneven pipeline: first/last stage counts, or a full layout string (always
-    the layout string with a virtual pipeline, whose stages it lists in model order, or with a stage
-    of no layers)."""
+    """Megatron's record of a pipeline's stages: first/last stage counts for an uneven pipeline, a full
+    layout string (always with an uneven virtual pipeline, whose stages it lists in model order, or with a
+    stage of no layers), and for an even virtual pipeline the layers per virtual stage.
+
+    At most one of ``num_layers_per_virtual_pipeline_stage``, ``num_virtual_stages_per_pipeline_rank`` and
+    ``pipeline_model_parallel_layout`` may be set (Megatron-LM ``arguments.validate_args``), and only the
+    first is copied from a checkpoint by ``checkpointing.load_args_from_checkpoint``: without it
+    ``validate_args`` drops the virtual pipeline size the loader just read."""
+    even = {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
+            "pipeline_model_parallel_layout": None, "num_virtual_stages_per_pipeline_rank": None,
+            "num_layers_per_virtual_pipeline_stage": stages[0] if vpp > 1 and stages else None}
     if len(set(stages)) <= 1:
-        return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
-                "pipeline_model_parallel_layout": None}
+        return even
     first, *middle, last = stages
     if len(set(middle)) <= 1 and vpp == 1 and min(stages) > 0:  # megatron-core wants first/last counts > 0
-        return {"decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last,
-                "pipeline_model_parallel_layout": None}
+        return {**even, "decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last}
     parts = ["t" * count for count in stages]
     parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
-    return {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
-            "pipeline_model_parallel_layout": "|".join(parts)}
+    return {**even, "num_layers_per_virtual_pipeline_stage": None, "pipeline_model_parallel_layout": "|".join(parts)}
 
 
-def args_from_arch(arch: ModelArch, layout: ParallelLayout, padded_vocab: int, dtype: torch.dtype,
-                   divisible_by: int, impl: str, base: dict | None = None) -> argparse.Namespace:
-    """Every architecture and parallel field Megatron-LM reads when loading a checkpoint.
+# Megatron-LM's --tokenizer-type choices (megatron/training/arguments.py ``_add_tokenizer_args`` in
+# core_v0.17.1; ``TokenizerConfig.tokenizer_type`` in megatron/training/config/training_config.py at HEAD).
+MEGATRON_TOKENIZER_TYPES = ("BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
+                            "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer",
+                            "MultimodalTokenizer", "NullTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+HF_TOKENIZER = "HuggingFaceTokenizer"
+# When nothing names the tokenizer: Megatron-LM's tokenizer of pre-tokenized data, which needs no files
+# (it is built from --vocab-size), so loading works and nothing pretends to know the real tokenizer.
+DEFAULT_TOKENIZER_TYPE = "NullTokenizer"
+
+
+def tokenizer_fields(recorded_type: str | None, recorded_model: str | None, type_flag: str | None = None,
+                     model_flag: str | None = None) -> dict[str, str | None]:
+    """``tokenizer_type`` and ``tokenizer_model`` for the args: the flags', else what the source records
+    (a Megatron source's own fields, or ``HuggingFaceTokenizer`` and its directory for a Hugging Face
+    source), else :data:`DEFAULT_TOKENIZER_TYPE`. A model alone means a Hugging Face tokenizer; a recorded
+    model is kept only with the type it was recorded with."""
+    kind = type_flag or (HF_TOKENIZER if model_flag else recorded_type) or DEFAULT_TOKENIZER_TYPE
+    model = model_flag or (recorded_model if kind == recorded_type else None)
+    return {"tokenizer_type": kind, "tokenizer_model": model}
+
+
+def tokenizer_for(hf_source: Path | None, base: dict, type_flag: str | None = None,
+                  name_flag: str | None = None) -> dict[str, str | None]:
+    """The args' tokenizer fields for a Hugging Face source directory (None: a Megatron source, whose
+    fields are in ``base``), with a warning when they cannot name the tokenizer Megatron-LM will need.
+    ``--tokenizer_name`` becomes Megatron-LM's --tokenizer-model: a local path made absolute, else as
+    given (a hub name)."""
+    model_flag = str(Path(name_flag).resolve()) if name_flag and Path(name_flag).exists() else name_flag
+    if hf_source is None:
+        recorded_type, recorded_model = base.get("tokenizer_type"), base.get("tokenizer_model")
+    else:
+        hf_source = hf_source.resolve()
+        recorded_type, recorded_model = HF_TOKENIZER, str(hf_source) if tokenizer_files(hf_source) else None
+    fields = tokenizer_fields(recorded_type, recorded_model, type_flag, model_flag)
+    if not (recorded_type or type_flag or model_flag):
+        warnings.warn(f"the source names no tokenizer: args record tokenizer_type {fields['tokenizer_type']}; "
+                      "name it with --tokenizer_name (and --tokenizer_type)")
+    elif fields["tokenizer_type"] == HF_TOKENIZER and not fields["tokenizer_model"]:
+        warnings.warn("args name no tokenizer_model (the source holds no tokenizer files): pass --tokenizer_name, "
+                      "or Megatron-LM's --tokenizer-model when you train")
+    return fields
+
+
+def with_context_length(arch: ModelArch, wanted: int | None) -> ModelArch:
+    """``arch`` with ``--max_position_embeddings``; learned position embeddings have that many rows, so
+    there it must be the source's."""
+    if not wanted or wanted == arch.max_position_embeddings:
+        return arch
+    if arch.position_embedding_type == "learned_absolute":
+        raise BadInputError(f"--max_position_embeddings {wanted}: this model's learned position embeddings have "
+                            f"{arch.max_position_embeddings} rows")
+    return arch.replace(max_position_embeddings=wanted)
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What the args say about the files beside the architecture and layout, so that Megatron-LM's
+    loaders (which take these from the checkpoint) build the model the files hold."""
+
+    padded_vocab: int
+    dtype: torch.dtype
+    divisible_by: int
+    impl: str  # "transformer_engine" or "local"
+    ckpt_format: str = "torch"
+    legacy: bool = False
+    moe_grouped_gemm: bool = False
+    distributed_optimizer: bool = False
+    seq_length: int | None = None  # None: the source's, else max_position_embeddings
+    tokenizer: dict = field(default_factory=dict)  # tokenizer_fields(...)
+
+
+# Settings of a training run that a fresh checkpoint cannot know but Megatron-LM's loaders read from it:
+# the values a converted model means (no sequence parallelism, no query-key layer scaling, no BERT binary
+# head); a Megatron source's own values are kept.
+_RUN_DEFAULTS = {"sequence_parallel": False, "apply_query_key_layer_scaling": False, "bert_binary_head": False,
+                 "data_parallel_random_init": False, "spec": None, "mtp_num_layers": None}
+
+
+def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFacts,
+                   base: dict | None = None) -> argparse.Namespace:
+    """Every field Megatron-LM's loaders read from a checkpoint's args (see tests/test_megatron_args_contract.py
+    for the list and where each is read), describing this checkpoint.
 
     ``base`` holds plain-valued fields of a source checkpoint's args (training settings) to carry.
     """
     fields = dict(base or {})
+    fields.update({name: value for name, value in _RUN_DEFAULTS.items() if fields.get(name) is None})
+    fields.update(_architecture_fields(arch), **_moe_fields(arch, facts.moe_grouped_gemm))
+    fields.update(_layout_fields(layout), **_pipeline_fields(layout.stages, layout.vpp))
+    fields.update(facts.tokenizer, **_vocab_and_dtype_fields(arch, facts))
     fields.update(
+        seq_length=facts.seq_length or fields.get("seq_length") or arch.max_position_embeddings,
+        transformer_impl=facts.impl, use_legacy_models=facts.legacy, use_mcore_models=not facts.legacy,
+        ckpt_format=facts.ckpt_format, use_dist_ckpt=facts.ckpt_format != "torch",
+        use_distributed_optimizer=facts.distributed_optimizer,
+        # nothing but model weights is written: no optimizer or RNG state, no samples consumed
+        no_save_optim=True, no_save_rng=True, iteration=0,
+        consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
+    )
+    if fields["seq_length"] > fields["max_position_embeddings"]:  # arguments.validate_args asserts it
+        raise BadInputError(f"sequence length {fields['seq_length']} exceeds max_position_embeddings "
+                            f"{fields['max_position_embeddings']} (Megatron-LM refuses that)")
+    return argparse.Namespace(**fields)
+
+
+def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
+    """The model's shape and numerics, in Megatron-LM's argument names."""
+    rope = arch.rope_scaling or {}
+    return dict(
         num_layers=arch.num_layers, encoder_num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size, num_attention_heads=arch.num_attention_heads,
         kv_channels=arch.kv_channels, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, max_position_embeddings=arch.max_position_embeddings,
-        seq_length=fields.get("seq_length") or arch.max_position_embeddings,
         position_embedding_type=arch.position_embedding_type,
         add_position_embedding=arch.position_embedding_type == "learned_absolute",
         use_rotary_position_embeddings=arch.position_embedding_type == "rope",
-        rotary_base=arch.rotary_base, rotary_percent=1.0, hf_rope_scaling=arch.rope_scaling,
-        use_rope_scaling=(arch.rope_scaling or {}).get("rope_type") == "llama3",
-        rope_scaling_factor=(arch.rope_scaling or {}).get("factor", 8.0),
+        rotary_base=arch.rotary_base, rotary_percent=1.0, rotary_interleaved=False, hf_rope_scaling=arch.rope_scaling,
+        use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
         normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
-        swiglu=arch.activation == "swiglu", openai_gelu=arch.activation == "gelu_new",
-        bias_gelu_fusion=arch.activation == "gelu_fast", add_bias_linear=arch.add_bias_linear,
+        apply_layernorm_1p=False, swiglu=arch.activation == "swiglu", squared_relu=False,
+        openai_gelu=arch.activation == "gelu_new", bias_gelu_fusion=arch.activation == "gelu_fast",
+        add_bias_linear=arch.add_bias_linear, disable_bias_linear=not arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,
-        num_experts=arch.num_experts, moe_router_topk=arch.moe_router_topk,
-        moe_ffn_hidden_size=arch.moe_ffn_hidden_size, moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
+        attention_dropout=arch.attention_dropout, hidden_dropout=arch.hidden_dropout,
+        hf_extra_config=dict(arch.extra), hf_family=arch.family,
+    )
+
+
+def _moe_fields(arch: ModelArch, grouped_gemm: bool) -> dict[str, Any]:
+    """Mixture-of-experts fields: a softmax router over every layer's experts, top-k then softmax (what
+    Mixtral's softmax, top-k and renormalisation compute), no shared expert, no expert bias."""
+    return dict(
+        num_experts=arch.num_experts, moe_layer_freq=1, moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=(arch.moe_ffn_hidden_size or arch.ffn_hidden_size) if arch.num_experts else None,
+        moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
         moe_router_load_balancing_type="aux_loss" if arch.num_experts else "none",
-        moe_token_dispatcher_type=fields.get("moe_token_dispatcher_type") or "allgather",
-        hf_extra_config=dict(arch.extra),
+        moe_token_dispatcher_type="allgather", moe_router_pre_softmax=False, moe_router_score_function="softmax",
+        moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None,
+        moe_shared_expert_intermediate_size=None, moe_grouped_gemm=grouped_gemm,
+        moe_single_grouped_weight=False, moe_single_grouped_bias=False,
+    )
+
+
+def _layout_fields(layout: ParallelLayout) -> dict[str, Any]:
+    """Parallel sizes; expert weights are split by the tensor-parallel size (expert TP = TP)."""
+    return dict(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         transformer_pipeline_model_parallel_size=layout.pp, expert_model_parallel_size=layout.ep,
-        data_parallel_size=layout.dp, world_size=layout.tp * layout.pp * layout.dp, rank=0,
-        vocab_size=arch.vocab_size, orig_vocab_size=arch.vocab_size, padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=divisible_by, params_dtype=dtype,
-        fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        expert_tensor_parallel_size=layout.tp, data_parallel_size=layout.dp,
+        world_size=layout.tp * layout.pp * layout.dp, rank=0,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        num_virtual_stages_per_pipeline_rank=layout.vpp if layout.vpp > 1 else None,
-        num_layers_per_virtual_pipeline_stage=None,
-        transformer_impl=impl, ckpt_format="torch", consumed_train_samples=0, consumed_valid_samples=0,
-        iteration=0, hf_family=arch.family,
-        **_pipeline_fields(layout.stages, layout.vpp),
     )
-    return argparse.Namespace(**fields)
+
+
+def _vocab_and_dtype_fields(arch: ModelArch, facts: CheckpointFacts) -> dict[str, Any]:
+    return dict(
+        vocab_size=arch.vocab_size, orig_vocab_size=arch.vocab_size, padded_vocab_size=facts.padded_vocab,
+        make_vocab_size_divisible_by=facts.divisible_by, params_dtype=facts.dtype,
+        fp16=facts.dtype == torch.float16, bf16=facts.dtype == torch.bfloat16,
+    )
 
 
 PLAIN_TYPES = (str, int, float, bool, type(None))

@@ -118,7 +118,7 @@ def arch_from_llama_config(cfg: Any, family: str, extra_keys: tuple[str, ...]) -
         max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.rms_norm_eps,
         tie_embeddings=bool(cfg.tie_word_embeddings), normalization="RMSNorm", activation="swiglu",
         position_embedding_type="rope", rotary_base=base, rope_scaling=scaling, add_bias_linear=biased,
-        add_qkv_bias=qkv_biased,
+        add_qkv_bias=qkv_biased, attention_dropout=float(cfg.attention_dropout), hidden_dropout=0.0,
         extra={key: getattr(cfg, key, None) for key in ("bos_token_id", "eos_token_id", *extra_keys)},
     )
 

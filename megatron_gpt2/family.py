@@ -84,6 +84,7 @@ def arch_from_hf_config(cfg: Any) -> ModelArch:
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.n_positions, norm_epsilon=cfg.layer_norm_epsilon,
         tie_embeddings=cfg.tie_word_embeddings, normalization="LayerNorm", activation=activation,
         position_embedding_type="learned_absolute", add_bias_linear=True, add_qkv_bias=True,
+        attention_dropout=float(cfg.attn_pdrop), hidden_dropout=float(cfg.resid_pdrop),
         extra={"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id},
     )
 
