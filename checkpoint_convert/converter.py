@@ -20,7 +20,8 @@ from .errors import BadInputError
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import ParallelLayout, arch_from_args, args_from_arch, dtype_from_name, plain_fields
-from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
+from .megatron_formats import is_megatron_checkpoint, open_megatron_tree
+from .megatron_io import MegatronTree, MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size

@@ -38,11 +38,9 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .memory import map_for_reading
-from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
-from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
-from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
 from .megatron_io import RankKey
 from .safe_load import safe_torch_load
+from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE
 
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
 # rule (an unknown one, e.g. multi-token-prediction layers, is an error rather than silently dropped).
@@ -135,6 +133,16 @@ class _Stored:
     index: tuple[int, ...]
 
 
+def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
+    """A Megatron-LM torch_dist checkpoint: its args, version and iteration are in ``common.pt``."""
+    common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
+    if not isinstance(common, dict) or common.get("args") is None:
+        raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
+                            iter_dir / COMMON_FILE)
+    return TorchDistTree(iter_dir, common["args"], common.get("iteration", 0),
+                         float(common.get("checkpoint_version", 3.0) or 3.0))
+
+
 class TorchDistTree:
     """A torch_dist iteration directory, seen as a one-rank tree of global tensors.
 
@@ -145,16 +153,10 @@ class TorchDistTree:
 
     ckpt_format = "torch_dist"
 
-    def __init__(self, iter_dir: Path, trust: bool = False) -> None:
+    def __init__(self, iter_dir: Path, args: Any, iteration: Any = 0, version: float = 3.0) -> None:
         self.iter_dir = iter_dir
         _read_backend(iter_dir)
-        common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
-        if not isinstance(common, dict) or common.get("args") is None:
-            raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
-                                iter_dir / COMMON_FILE)
-        self.args = common["args"]
-        self.version = float(common.get("checkpoint_version", 3.0) or 3.0)
-        self.iteration = common.get("iteration", 0)
+        self.args, self.iteration, self.version = args, iteration, version
         self.metadata = read_metadata(iter_dir)
         self.tp = self.pp = self.ep = 1
         self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (

@@ -25,10 +25,8 @@ except ImportError:  # torch < 2.6
     _SERIALIZATION_CONFIG = None
 
 from . import megatron_schema as schema
-from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
-from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
-from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
 from .megatron_io import iteration_dir_name, write_tracker
+from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE
 
 DATA_FILE = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
