@@ -135,6 +135,11 @@ class HFCheckpoint:
         self.aliases: dict[str, tuple[list[str], Any]] = {}
         self.read: list[torch.Tensor] = []  # stored tensors read (memory-mapped) since the caller last cleared it
 
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """This directory, when it holds tokenizer files (Hugging Face models usually do)."""
+        return self.path if has_tokenizer_files(self.path) else None
+
     def add_aliases(self, aliases: dict[str, tuple[list[str], Any]]) -> None:
         """Expose tensors of an older layout under current names: {name: (stored names, combine)}."""
         self.aliases.update(aliases)
@@ -274,6 +279,10 @@ class HFWriter:
             index_name = constants.SAFETENSORS_INDEX_FILE if self.safe else PYTORCH_INDEX_FILE
             index = {"metadata": dict(self.split.metadata), "weight_map": dict(sorted(self.file_of.items()))}
             (self.root / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:

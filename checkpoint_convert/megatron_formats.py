@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from .errors import BadInputError
 from .megatron_io import TRACKER, MegatronTree, has_rank_dirs, iteration_dir_name
-from .torch_dist_layout import is_torch_dist_dir
+from .safe_load import safe_torch_load
+from .torch_dist_layout import TRAIN_STATE_TRACKER, is_bridge_dir, is_torch_dist_dir
 
 _ITERATION_DIR = re.compile(r"^(release|iter_\d{7})$")
 
@@ -23,6 +24,11 @@ _ITERATION_DIR = re.compile(r"^(release|iter_\d{7})$")
 def _open_torch_dist(iter_dir: Path, trust: bool) -> Any:
     from .torch_dist import open_torch_dist  # torch.distributed.checkpoint is slow to import: only when needed
     return open_torch_dist(iter_dir, trust)
+
+
+def _open_bridge(iter_dir: Path, trust: bool) -> Any:
+    from .torch_dist import open_bridge
+    return open_bridge(iter_dir, trust)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class MegatronFormat:
 
 
 FORMATS: tuple[MegatronFormat, ...] = (
+    MegatronFormat("megatron-bridge", is_bridge_dir, _open_bridge),  # torch_dist data: before Megatron-LM's
     MegatronFormat("torch_dist", is_torch_dist_dir, _open_torch_dist),
     MegatronFormat("torch", has_rank_dirs, MegatronTree),
 )
@@ -53,12 +60,24 @@ def _iteration_dirs(path: Path) -> list[str]:
 
 def is_megatron_checkpoint(path: Path) -> bool:
     """A Megatron tree (tracker or iteration directories) or an iteration directory itself."""
-    return (path / TRACKER).is_file() or format_of(path) is not None or bool(_iteration_dirs(path))
+    return ((path / TRACKER).is_file() or (path / TRAIN_STATE_TRACKER).is_file() or format_of(path) is not None
+            or bool(_iteration_dirs(path)))
+
+
+def _train_state_step(file: Path) -> str:
+    """The step Megatron-Bridge's own tracker (a saved ``TrainState``) names."""
+    state = safe_torch_load(file, lazy=False)
+    try:
+        return str(int(state["step"]))
+    except (TypeError, KeyError, ValueError, RuntimeError):  # not a dict, no step, not one integer
+        raise BadInputError("not a Megatron-Bridge train state (no integer 'step')", file)
 
 
 def _tracked_iteration(path: Path) -> str:
-    """The iteration the tracker names: ``release`` or a number."""
+    """The iteration the tracker names: ``release`` or a number (Megatron-LM's tracker, else Megatron-Bridge's)."""
     tracker = path / TRACKER
+    if not tracker.is_file() and (path / TRAIN_STATE_TRACKER).is_file():
+        return _train_state_step(path / TRAIN_STATE_TRACKER)
     if not tracker.is_file():
         found = ", ".join(_iteration_dirs(path)) or "none"
         raise BadInputError(f"no {TRACKER}; pass --iteration or the iteration directory itself "

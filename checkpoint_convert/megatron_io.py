@@ -33,6 +33,12 @@ def iteration_dir_name(iteration: str | int) -> str:
     return "release" if str(iteration) == "release" else f"iter_{int(iteration):07d}"
 
 
+def iteration_number(dir_name: str) -> int | str:
+    """Inverse of :func:`iteration_dir_name` (``release`` stays ``release``); 0 for another name."""
+    match = re.fullmatch(r"iter_(\d+)", dir_name)
+    return int(match.group(1)) if match else "release" if dir_name == "release" else 0
+
+
 def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
     """``mp_rank_TT``, ``_PPP`` appended when PP > 1, ``_EEE`` appended when EP > 1."""
     name = f"mp_rank_{tp:02d}"
@@ -133,6 +139,8 @@ class MegatronTree:
     """
 
     ckpt_format = "torch"
+    producer = "megatron"  # the tool that wrote the checkpoint
+    tokenizer_dir: Path | None = None  # Megatron-LM keeps no tokenizer in its checkpoints
 
     def __init__(self, iter_dir: Path, trust: bool = False) -> None:
         self.iter_dir = iter_dir

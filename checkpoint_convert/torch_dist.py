@@ -38,9 +38,10 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .memory import map_for_reading
-from .megatron_io import RankKey
+from .megatron_io import RankKey, iteration_number
 from .safe_load import safe_torch_load
-from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE
+from .bridge_config import read_bridge_args
+from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
 # rule (an unknown one, e.g. multi-token-prediction layers, is an error rather than silently dropped).
@@ -143,6 +144,14 @@ def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
                          float(common.get("checkpoint_version", 3.0) or 3.0))
 
 
+def open_bridge(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
+    """A Megatron-Bridge checkpoint: the same torch_dist data, its architecture read from ``run_config.yaml``
+    as data (``common.pt``, when there is one, holds nothing Megatron-Bridge reads), the tokenizer beside it."""
+    tokenizer = iter_dir / TOKENIZER_DIR
+    return TorchDistTree(iter_dir, read_bridge_args(iter_dir / RUN_CONFIG_FILE), iteration_number(iter_dir.name),
+                         producer="megatron-bridge", tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+
+
 class TorchDistTree:
     """A torch_dist iteration directory, seen as a one-rank tree of global tensors.
 
@@ -153,10 +162,12 @@ class TorchDistTree:
 
     ckpt_format = "torch_dist"
 
-    def __init__(self, iter_dir: Path, args: Any, iteration: Any = 0, version: float = 3.0) -> None:
+    def __init__(self, iter_dir: Path, args: Any, iteration: Any = 0, version: float = 3.0, producer: str = "megatron",
+                 tokenizer_dir: Path | None = None) -> None:
         self.iter_dir = iter_dir
         _read_backend(iter_dir)
         self.args, self.iteration, self.version = args, iteration, version
+        self.producer, self.tokenizer_dir = producer, tokenizer_dir
         self.metadata = read_metadata(iter_dir)
         self.tp = self.pp = self.ep = 1
         self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (
