@@ -6,7 +6,9 @@ data files. Tensors are global (un-split); the layers of the decoder share one k
 the leading axis (``decoder.layers.self_attention.linear_qkv.weight`` [L, rows, hidden]), MoE experts
 add an expert axis ([L, E, ...]), and SwiGLU fc1 is stored as [all gate rows; all up rows]: exactly the
 full tensors the engine works with. Norms always use Transformer Engine names, and ``_extra_state``
-entries are pickled byte objects.
+entries are pickled byte objects. Megatron-Bridge saves the same data, described by ``run_config.yaml``
+instead of ``common.pt``'s args (:func:`open_bridge`; megatron-core 0.19 keeps its common state inside the
+data file, as ``common_state``).
 
 This module imports ``torch.distributed.checkpoint`` (about a second and 50 MB), so it is imported only
 when a torch_dist checkpoint is read (``torch_dist_writer`` writes them). Reading presents the checkpoint as a one-rank tree of
@@ -36,11 +38,11 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
+from .bridge_config import read_bridge_args
 from .errors import BadInputError
 from .memory import map_for_reading
 from .megatron_io import RankKey, iteration_number
 from .safe_load import safe_torch_load
-from .bridge_config import read_bridge_args
 from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
