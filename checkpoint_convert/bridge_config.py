@@ -220,9 +220,22 @@ def args_from_run_config(config: dict[str, Any], file: Path) -> argparse.Namespa
     return argparse.Namespace(**fields)
 
 
+def _tokenizer_args(config: dict[str, Any], iter_dir: Path) -> dict[str, Any]:
+    """Megatron-LM's tokenizer args from the ``tokenizer:`` section (a TokenizerConfig: the same field names),
+    the model being the copy Megatron-Bridge keeps in the iteration directory when there is one."""
+    section = config.get("tokenizer") if isinstance(config.get("tokenizer"), dict) else {}
+    copied = iter_dir / TOKENIZER_DIR
+    fields = {"tokenizer_type": section.get("tokenizer_type"),
+              "tokenizer_model": str(copied.resolve()) if copied.is_dir() else section.get("tokenizer_model")}
+    return {name: value for name, value in fields.items() if isinstance(value, str)}
+
+
 def read_bridge_args(file: Path) -> argparse.Namespace:
     """The args of a Megatron-Bridge iteration directory, from its ``run_config.yaml``."""
-    return args_from_run_config(read_run_config(file), file)
+    config = read_run_config(file)
+    args = args_from_run_config(config, file)
+    vars(args).update(_tokenizer_args(config, file.parent))
+    return args
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ def test_inspect_and_verify_read_bridge_checkpoints(capsys):
     assert report["format"] == "megatron-bridge torch_dist" and report["family"] == "llama"
     assert report["vocab"] == {"true": 1000, "padded": 1000} and report["problems"] == []
     assert report["architecture"]["num_query_groups"] == 2 and report["architecture"]["max_position_embeddings"] == 256
+    args = open_megatron_tree(BRIDGE_TREE).args  # what Megatron-LM output records of the tokenizer
+    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer",
+                                                           str((BRIDGE_TREE / "iter_0000000" / "tokenizer").resolve()))
     assert run_verify_cli([str(BRIDGE_TREE), str(FIXTURE / "hf"), "--logits"]) == 0
     assert capsys.readouterr().out.strip().endswith("EQUAL")
 
