@@ -126,6 +126,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         megatron_format=getattr(args, "megatron_format", None),
         megatron_ckpt_format=getattr(args, "megatron_ckpt_format", None),
+        megatron_bridge=getattr(args, "megatron_bridge", None),
         transformer_impl=getattr(args, "transformer_impl", None), max_shard_size=args.max_shard_size,
         safe_serialization=args.safe_serialization, tokenizer_name=args.tokenizer_name,
         tokenizer_type=getattr(args, "tokenizer_type", None), seq_length=getattr(args, "seq_length", None),
@@ -159,6 +160,11 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     add_flag(parser, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
              help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
                   "sources, else torch)")
+    parser.add_argument("--megatron_bridge", "--megatron-bridge", dest="megatron_bridge",
+                        action=argparse.BooleanOptionalAction, default=None,
+                        help="torch_dist as NVIDIA Megatron-Bridge saves it (iter_0000000 with run_config.yaml, train "
+                             "state and tokenizer), which its export_ckpt and training read; implies torch_dist "
+                             "(default: when the source is a Megatron-Bridge checkpoint)")
     add_flag(parser, "transformer_impl", choices=["transformer_engine", "local"], default=None,
              help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
     add_flag(parser, "moe_grouped_gemm", action="store_true",

@@ -1,6 +1,8 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,6 +16,7 @@ from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
+from .bridge_config import bridge_vocab_divisor, run_config_for, write_bridge_files
 from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget,
                      plan_with_items, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError
@@ -21,7 +24,8 @@ from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, f
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch, dtype_from_name,
                             plain_fields, tokenizer_for, with_context_length)
-from .megatron_io import MegatronTree, MegatronWriter, is_megatron_checkpoint, open_megatron_tree
+from .megatron_formats import is_megatron_checkpoint, open_megatron_tree
+from .megatron_io import MegatronTree, MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
@@ -50,6 +54,7 @@ class Options:
     make_vocab_size_divisible_by: int = 128
     megatron_format: str | None = None  # "mcore" or "legacy"; None keeps a Megatron source's
     megatron_ckpt_format: str | None = None  # "torch" or "torch_dist"; None keeps a Megatron source's
+    megatron_bridge: bool | None = None  # torch_dist as Megatron-Bridge saves it; None keeps a Megatron source's
     transformer_impl: str | None = None  # "transformer_engine" or "local"
     max_shard_size: str = "10GB"
     safe_serialization: bool = True
@@ -419,7 +424,8 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
             writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
             _stream(items, source, target, dtype, writer, by_item, options.quiet, config_task)
             writer.finish()
-            _write_hf_metadata(staging, config_task.result(), family, options)
+            tokenizer = _tokenizer_source(options, source) if source.kind == "megatron" else options.tokenizer_name
+            _write_hf_metadata(staging, config_task.result(), family, tokenizer)
     return _finish_summary(Summary(), planned, start)
 
 
@@ -438,19 +444,49 @@ def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> An
     return config
 
 
-def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, options: Options) -> None:
+def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None) -> None:
     config.save_pretrained(staging)
     generation = transformers_attr("GenerationConfig").from_model_config(config)
     for key, value in family.generation_defaults.items():
         setattr(generation, key, value)
     generation.save_pretrained(staging)
-    copy_tokenizer(options.tokenizer_name, staging)
+    copy_tokenizer(tokenizer, staging)
+
+
+def _tokenizer_source(options: Options, source: Source) -> str | None:
+    """--tokenizer_name, else the tokenizer the source carries (a Megatron-Bridge checkpoint's, a model directory's)."""
+    carried = source.reader.tokenizer_dir
+    return options.tokenizer_name or (str(carried) if carried else None)
 
 
 def _ckpt_format(options: Options, source: Source) -> str:
     if options.megatron_ckpt_format:
         return options.megatron_ckpt_format
+    if options.megatron_bridge:
+        return "torch_dist"
     return source.reader.ckpt_format if source.kind == "megatron" else "torch"
+
+
+def _bridge_output(options: Options, source: Source, ckpt_format: str) -> bool:
+    """Whether to save as Megatron-Bridge does: asked for, or unspecified and the source is one (torch_dist kept)."""
+    if options.megatron_bridge is None:
+        return ckpt_format == "torch_dist" and source.kind == "megatron" and source.reader.producer == "megatron-bridge"
+    if options.megatron_bridge and ckpt_format != "torch_dist":
+        raise BadInputError("--megatron_bridge writes torch_dist checkpoints, not --megatron_ckpt_format torch")
+    return options.megatron_bridge
+
+
+def _torch_dist_writer(staging: Path, args: Any, options: Options, source: Source, transformer_engine: bool,
+                       bridge: bool) -> Any:
+    """A torch_dist writer; as Megatron-Bridge saves, the data goes to iter_0000000 with its files beside it."""
+    from .torch_dist_writer import TorchDistWriter
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
+    if not bridge:
+        return TorchDistWriter(staging, common, transformer_engine)
+    tokenizer = _tokenizer_source(options, source)
+    run_config = run_config_for(args, source.arch, source.family, options.save_path.resolve(), tokenizer is not None)
+    files = functools.partial(write_bridge_files, staging, run_config, tokenizer and Path(tokenizer))
+    return TorchDistWriter(staging, common, transformer_engine, iteration=0, before_tracker=files)
 
 
 def _megatron_args(options: Options, source: Source, layout: ParallelLayout, padded: int, target_schema: str,
@@ -471,8 +507,12 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
     validate_layout(arch, layout)
-    padded = padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by, layout.tp)
     ckpt_format = _ckpt_format(options, source)
+    bridge = _bridge_output(options, source, ckpt_format)
+    if bridge:  # Megatron-Bridge keeps the vocab unpadded (should_pad_vocab false), noting its own multiple
+        options = dataclasses.replace(options, make_vocab_size_divisible_by=bridge_vocab_divisor(arch.vocab_size))
+    padded = arch.vocab_size if bridge else padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by,
+                                                              layout.tp)
     target_schema = _target_schema(options, source, ckpt_format)
     if ckpt_format == "torch_dist":
         target = TorchDistTarget(family, arch, padded, target_schema == schema.MCORE_TE)
@@ -485,9 +525,7 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     with staged_directory(options.save_path, _nbytes(planned)) as staging:
         if ckpt_format == "torch_dist":
-            from .torch_dist_writer import TorchDistWriter
-            common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
-            writer = TorchDistWriter(staging, common, target_schema == schema.MCORE_TE)
+            writer = _torch_dist_writer(staging, args, options, source, target_schema == schema.MCORE_TE, bridge)
         else:
             writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer,
                                     options.zip_crc32)

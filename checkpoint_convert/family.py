@@ -61,6 +61,37 @@ class Param:
     # the tensor's shape: Megatron sources produce zeros, Megatron targets check it is zero and store nothing.
 
 
+GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"  # Megatron-Bridge's generic GPT provider
+
+
+def no_provider_fields(value: Any) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class BridgeProvider:
+    """How Megatron-Bridge records one family's models: the ``model:`` provider of its run_config.yaml.
+
+    ``writes``: the provider class (the ``_target_``) Megatron-Bridge writes for the family, written
+    for it here. ``reads``: further provider classes read as this family (e.g. older Megatron-Bridge
+    releases' per-model providers). A class that only one family lists names that family; one that
+    several list (``GPT_PROVIDER``) leaves the family to the architecture, as Megatron-LM args do.
+    ``fields``: provider fields only this family converts, with ``to_provider`` (architecture ->
+    those fields) and ``from_provider`` (the ``model:`` mapping -> ``ModelArch.extra`` entries); the
+    core refuses them elsewhere. ``from_provider`` runs when the class names this family.
+    """
+
+    writes: str
+    reads: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    to_provider: Callable[[ModelArch], dict[str, Any]] = no_provider_fields
+    from_provider: Callable[[dict[str, Any]], dict[str, Any]] = no_provider_fields
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return (self.writes, *self.reads)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Everything the core needs to know about one model family."""
@@ -81,6 +112,8 @@ class FamilySpec:
     # Older Hugging Face layouts: given the stored names, {current name: (stored names, combine)}.
     hf_aliases: Callable[[list[str]], dict[str, tuple[list[str], Callable]]] | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # Megatron-Bridge's provider for this family; None: Megatron-Bridge output is refused for it
+    bridge: BridgeProvider | None = None
 
     def params_for(self, group: str, arch: ModelArch) -> list[Param]:
         table = {"first": self.first_stage, "layer": self.layer, "last": self.last_stage}[group]

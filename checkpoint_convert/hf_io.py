@@ -135,6 +135,11 @@ class HFCheckpoint:
         self.aliases: dict[str, tuple[list[str], Any]] = {}
         self.read: list[torch.Tensor] = []  # stored tensors read (memory-mapped) since the caller last cleared it
 
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """This directory, when it holds tokenizer files (Hugging Face models usually do)."""
+        return self.path if tokenizer_files(self.path) else None
+
     def add_aliases(self, aliases: dict[str, tuple[list[str], Any]]) -> None:
         """Expose tensors of an older layout under current names: {name: (stored names, combine)}."""
         self.aliases.update(aliases)

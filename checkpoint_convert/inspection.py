@@ -59,7 +59,7 @@ def _megatron_header(source: Source) -> dict[str, Any]:
     tp, pp, ep = tree.args_layout
     stored_rows = tree.tensor(RankKey(0, 0, 0), schema.EMBEDDING, None, meta=True).shape[0] * tree.tp
     return {
-        "format": f"megatron {tree.ckpt_format}", "schema": tree.schema, "checkpoint_version": tree.version,
+        "format": f"{tree.producer} {tree.ckpt_format}", "schema": tree.schema, "checkpoint_version": tree.version,
         "iteration": tree.iteration,
         "layout": {"tp": tp, "pp": pp, "ep": ep, "vpp": tree.vpp,
                    "layers_per_stage": tree.stage_layer_counts() if tree.ckpt_format == "torch" else None},

@@ -1,4 +1,6 @@
-"""Reading and writing Megatron-LM ``mp_rank_*`` checkpoint trees.
+"""Reading and writing Megatron-LM ``mp_rank_*`` checkpoint trees (the ``torch`` format).
+
+Finding the iteration directory and choosing the reader of its format is ``megatron_formats``'s job.
 
 Reading is lazy: rank files are memory-mapped (``torch.load(mmap=True)``), so a tensor's bytes are
 read only when a conversion step asks for it, and ``meta`` views let a whole conversion be planned
@@ -10,7 +12,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -19,9 +21,6 @@ from .errors import BadInputError
 from .memory import note_file_mapping
 from .safe_load import safe_torch_load
 from .torch_zip_writer import StreamingTorchFile
-
-if TYPE_CHECKING:  # imported for annotations only: torch.distributed.checkpoint is slow to import
-    from .torch_dist import TorchDistTree
 
 TRACKER = "latest_checkpointed_iteration.txt"
 GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "linear_fc2"}
@@ -34,6 +33,12 @@ def iteration_dir_name(iteration: str | int) -> str:
     return "release" if str(iteration) == "release" else f"iter_{int(iteration):07d}"
 
 
+def iteration_number(dir_name: str) -> int | str:
+    """Inverse of :func:`iteration_dir_name` (``release`` stays ``release``); 0 for another name."""
+    match = re.fullmatch(r"iter_(\d+)", dir_name)
+    return int(match.group(1)) if match else "release" if dir_name == "release" else 0
+
+
 def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
     """``mp_rank_TT``, ``_PPP`` appended when PP > 1, ``_EEE`` appended when EP > 1."""
     name = f"mp_rank_{tp:02d}"
@@ -44,61 +49,9 @@ def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
     return name
 
 
-def _has_rank_dirs(path: Path) -> bool:
+def has_rank_dirs(path: Path) -> bool:
+    """An iteration directory of the ``torch`` format: ``mp_rank_*`` directories."""
     return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
-
-
-TORCH_DIST_BACKEND_FILE = "metadata.json"
-TORCH_DIST_COMMON_FILE = "common.pt"
-TORCH_DIST_METADATA_FILE = ".metadata"
-
-
-def is_torch_dist_dir(path: Path) -> bool:
-    """An iteration directory saved with ``--ckpt-format torch_dist`` (``common.pt`` and ``metadata.json``)."""
-    return (path / TORCH_DIST_BACKEND_FILE).is_file() and (path / TORCH_DIST_COMMON_FILE).is_file()
-
-
-def _holds_weights(path: Path) -> bool:
-    """An iteration directory: ``mp_rank_*`` dirs (torch format) or a torch_dist checkpoint."""
-    return _has_rank_dirs(path) or is_torch_dist_dir(path)
-
-
-def _iteration_dirs(path: Path) -> list[str]:
-    return sorted(child.name for child in path.iterdir()
-                  if re.match(r"^(release|iter_\d{7})$", child.name) and _holds_weights(child))
-
-
-def is_megatron_checkpoint(path: Path) -> bool:
-    return (path / TRACKER).is_file() or _holds_weights(path) or bool(_iteration_dirs(path))
-
-
-def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
-    """The directory holding the weights: given directly, named by ``--iteration``, or by the tracker."""
-    if iteration is None and _holds_weights(path):
-        return path
-    tracker = path / TRACKER
-    if iteration is None:
-        if not tracker.is_file():
-            found = ", ".join(_iteration_dirs(path)) or "none"
-            raise BadInputError(f"no {TRACKER}; pass --iteration or the iteration directory itself "
-                                f"(iteration directories here: {found})", path)
-        iteration = tracker.read_text().strip()
-        if iteration != "release" and not iteration.isdigit():
-            raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)
-    target = path / iteration_dir_name(iteration)
-    if not _holds_weights(target):
-        raise BadInputError(f"iteration {iteration} has no mp_rank_* directories or torch_dist files at "
-                            f"{target.name}/", path)
-    return target
-
-
-def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = False) -> MegatronTree | TorchDistTree:
-    """The checkpoint at ``path`` in whichever format it was saved (``torch`` rank files or ``torch_dist``)."""
-    iter_dir = find_iteration_dir(path, iteration)
-    if is_torch_dist_dir(iter_dir):
-        from .torch_dist import TorchDistTree  # torch.distributed.checkpoint is slow to import: only when needed
-        return TorchDistTree(iter_dir, trust)
-    return MegatronTree(iter_dir, trust=trust)
 
 
 @dataclass(frozen=True)
@@ -186,9 +139,11 @@ class MegatronTree:
     """
 
     ckpt_format = "torch"
+    producer = "megatron"  # the tool that wrote the checkpoint
+    tokenizer_dir: Path | None = None  # Megatron-LM keeps no tokenizer in its checkpoints
 
-    def __init__(self, path: Path, iteration: str | None = None, trust: bool = False) -> None:
-        self.iter_dir = find_iteration_dir(path, iteration)
+    def __init__(self, iter_dir: Path, trust: bool = False) -> None:
+        self.iter_dir = iter_dir
         self.trust = trust
         rank_dirs = sorted(p for p in self.iter_dir.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
         first = _first_model_file(self.iter_dir, rank_dirs)

@@ -6,7 +6,9 @@ data files. Tensors are global (un-split); the layers of the decoder share one k
 the leading axis (``decoder.layers.self_attention.linear_qkv.weight`` [L, rows, hidden]), MoE experts
 add an expert axis ([L, E, ...]), and SwiGLU fc1 is stored as [all gate rows; all up rows]: exactly the
 full tensors the engine works with. Norms always use Transformer Engine names, and ``_extra_state``
-entries are pickled byte objects.
+entries are pickled byte objects. Megatron-Bridge saves the same data, described by ``run_config.yaml``
+instead of ``common.pt``'s args (:func:`open_bridge`; megatron-core 0.19 keeps its common state inside the
+data file, as ``common_state``).
 
 This module imports ``torch.distributed.checkpoint`` (about a second and 50 MB), so it is imported only
 when a torch_dist checkpoint is read (``torch_dist_writer`` writes them). Reading presents the checkpoint as a one-rank tree of
@@ -36,13 +38,12 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
+from .bridge_config import read_bridge_args
 from .errors import BadInputError
 from .memory import map_for_reading
-from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
-from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
-from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
-from .megatron_io import RankKey
+from .megatron_io import RankKey, iteration_number
 from .safe_load import safe_torch_load
+from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
 # rule (an unknown one, e.g. multi-token-prediction layers, is an error rather than silently dropped).
@@ -135,6 +136,24 @@ class _Stored:
     index: tuple[int, ...]
 
 
+def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
+    """A Megatron-LM torch_dist checkpoint: its args, version and iteration are in ``common.pt``."""
+    common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
+    if not isinstance(common, dict) or common.get("args") is None:
+        raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
+                            iter_dir / COMMON_FILE)
+    return TorchDistTree(iter_dir, common["args"], common.get("iteration", 0),
+                         float(common.get("checkpoint_version", 3.0) or 3.0))
+
+
+def open_bridge(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
+    """A Megatron-Bridge checkpoint: the same torch_dist data, its architecture read from ``run_config.yaml``
+    as data (``common.pt``, when there is one, holds nothing Megatron-Bridge reads), the tokenizer beside it."""
+    tokenizer = iter_dir / TOKENIZER_DIR
+    return TorchDistTree(iter_dir, read_bridge_args(iter_dir / RUN_CONFIG_FILE), iteration_number(iter_dir.name),
+                         producer="megatron-bridge", tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+
+
 class TorchDistTree:
     """A torch_dist iteration directory, seen as a one-rank tree of global tensors.
 
@@ -145,16 +164,12 @@ class TorchDistTree:
 
     ckpt_format = "torch_dist"
 
-    def __init__(self, iter_dir: Path, trust: bool = False) -> None:
+    def __init__(self, iter_dir: Path, args: Any, iteration: Any = 0, version: float = 3.0, producer: str = "megatron",
+                 tokenizer_dir: Path | None = None) -> None:
         self.iter_dir = iter_dir
         _read_backend(iter_dir)
-        common = safe_torch_load(iter_dir / COMMON_FILE, trust=trust, lazy=False)
-        if not isinstance(common, dict) or common.get("args") is None:
-            raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
-                                iter_dir / COMMON_FILE)
-        self.args = common["args"]
-        self.version = float(common.get("checkpoint_version", 3.0) or 3.0)
-        self.iteration = common.get("iteration", 0)
+        self.args, self.iteration, self.version = args, iteration, version
+        self.producer, self.tokenizer_dir = producer, tokenizer_dir
         self.metadata = read_metadata(iter_dir)
         self.tp = self.pp = self.ep = 1
         self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (

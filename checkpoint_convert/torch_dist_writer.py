@@ -15,7 +15,7 @@ import itertools
 import json
 import pickle
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -25,10 +25,8 @@ except ImportError:  # torch < 2.6
     _SERIALIZATION_CONFIG = None
 
 from . import megatron_schema as schema
-from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
-from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
-from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
 from .megatron_io import iteration_dir_name, write_tracker
+from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE
 
 DATA_FILE = "__0_0.distcp"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -85,12 +83,14 @@ def _save_without_checksums(obj: Any, file: Any) -> None:
 
 
 class TorchDistWriter:
-    """Streams chunks into one ``.distcp`` file of ``ROOT/release/``; ``.metadata``, ``common.pt``,
-    ``metadata.json`` and then the tracker come last, so an unfinished directory never looks complete."""
+    """Streams chunks into one ``.distcp`` file of ``ROOT/release/`` (or the iteration given); ``.metadata``,
+    ``common.pt``, ``metadata.json``, the files ``before_tracker(iteration dir)`` writes, then the tracker
+    come last, so an unfinished directory never looks complete."""
 
-    def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool) -> None:
-        self.root = root
-        self.iter_dir = root / iteration_dir_name("release")
+    def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool, iteration: str | int = "release",
+                 before_tracker: Callable[[Path], None] | None = None) -> None:
+        self.root, self.iteration, self.before_tracker = root, iteration, before_tracker
+        self.iter_dir = root / iteration_dir_name(iteration)
         self.iter_dir.mkdir(parents=True, exist_ok=True)
         self.common, self.transformer_engine = common, transformer_engine
         self._file = open(self.iter_dir / DATA_FILE, "wb")
@@ -124,7 +124,9 @@ class TorchDistWriter:
             pickle.dump(self._metadata(objects), handle)
         torch.save(self.common, self.iter_dir / COMMON_FILE)
         (self.iter_dir / BACKEND_FILE).write_text(json.dumps(BACKEND))
-        write_tracker(self.root, "release")
+        if self.before_tracker is not None:
+            self.before_tracker(self.iter_dir)
+        write_tracker(self.root, self.iteration)
 
     def _metadata(self, objects: list[str]) -> Any:
         """The DCP Metadata of everything written: tensors with their chunks, then the byte objects."""

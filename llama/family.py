@@ -16,7 +16,8 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
+from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Param, Tensors, pack_qkv, register,
+                                       unpack_qkv)
 from checkpoint_convert.parallel import Style, cat
 from checkpoint_convert.runtime import transformers_attr
 
@@ -143,7 +144,8 @@ def is_llama_like(arch: ModelArch) -> bool:
 
 
 def llama_like_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...] = (),
-                      bias_kwargs: Callable[[ModelArch], dict] = lambda arch: {}) -> FamilySpec:
+                      bias_kwargs: Callable[[ModelArch], dict] = lambda arch: {},
+                      bridge: BridgeProvider | None = None) -> FamilySpec:
     """A dense Llama-shaped family; only its transformers config class and extra config keys differ."""
     def from_config(cfg: Any) -> ModelArch:
         return arch_from_llama_config(cfg, name, extra_keys)
@@ -156,7 +158,7 @@ def llama_like_family(name: str, config_class: str, architecture: str, extra_key
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.",
         first_stage=FIRST, layer=ATTENTION + DENSE_MLP, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=is_llama_like,
-        hf_ignored_suffixes=("rotary_emb.inv_freq",),
+        hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
     )
 
 
@@ -164,5 +166,33 @@ def _llama_biases(arch: ModelArch) -> dict:
     return {"attention_bias": arch.add_qkv_bias, "mlp_bias": arch.add_bias_linear}
 
 
-LLAMA = register(llama_like_family("llama", "LlamaConfig", "LlamaForCausalLM", bias_kwargs=_llama_biases))
-MISTRAL = register(llama_like_family("mistral", "MistralConfig", "MistralForCausalLM", extra_keys=("sliding_window",)))
+# Megatron-Bridge 0.4 and later write Llama as its generic GPTModelProvider; 0.1-0.3 wrote these subclasses.
+_OLD_LLAMA_PROVIDERS = tuple(f"megatron.bridge.models.llama.llama_provider.{name}" for name in (
+    "LlamaModelProvider", "Llama2ModelProvider7B", "Llama2ModelProvider13B", "Llama2ModelProvider70B",
+    "Llama3ModelProvider", "Llama31ModelProvider", "Llama3ModelProvider8B", "Llama3ModelProvider70B",
+    "Llama31ModelProvider8B", "Llama31ModelProvider70B", "Llama31ModelProvider405B", "Llama32ModelProvider1B",
+    "Llama32ModelProvider3B", "CodeLlamaModelProvider7B", "CodeLlamaModelProvider13B", "CodeLlamaModelProvider34B",
+    "CodeLlamaModelProvider70B"))
+_MISTRAL_PROVIDER = "megatron.bridge.models.mistral.mistral_provider."
+
+
+def _mistral_window(arch: ModelArch) -> dict[str, Any]:
+    """Megatron's sliding window is (tokens before, tokens after) the current one; Hugging Face's counts it too."""
+    window = arch.extra.get("sliding_window")
+    return {"window_size": [window - 1, 0], "cp_comm_type": "a2a"} if window else {"window_size": None}
+
+
+def _mistral_sliding_window(model: dict[str, Any]) -> dict[str, Any]:
+    window = model.get("window_size")
+    if window is not None and not (isinstance(window, (list, tuple)) and len(window) == 2 and window[1] == 0):
+        raise BadInputError(f"window_size {window!r} is not a causal sliding window [before, 0]")
+    return {"sliding_window": window[0] + 1 if window else None}
+
+
+LLAMA = register(llama_like_family("llama", "LlamaConfig", "LlamaForCausalLM", bias_kwargs=_llama_biases,
+                                   bridge=BridgeProvider(writes=GPT_PROVIDER, reads=_OLD_LLAMA_PROVIDERS)))
+MISTRAL = register(llama_like_family(
+    "mistral", "MistralConfig", "MistralForCausalLM", extra_keys=("sliding_window",),
+    bridge=BridgeProvider(writes=_MISTRAL_PROVIDER + "MistralModelProvider",
+                          reads=(_MISTRAL_PROVIDER + "MistralSmall3ModelProvider24B",), fields=("window_size",),
+                          to_provider=_mistral_window, from_provider=_mistral_sliding_window)))

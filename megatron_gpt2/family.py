@@ -12,7 +12,8 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import FamilySpec, Param, Tensors, pack_qkv, register, unpack_qkv
+from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Param, Tensors, pack_qkv, register,
+                                       unpack_qkv)
 from checkpoint_convert.parallel import Style, cat
 from checkpoint_convert.runtime import transformers_attr
 
@@ -114,4 +115,6 @@ GPT2 = register(FamilySpec(
     first_stage=FIRST, layer=LAYER, last_stage=LAST, hf_config_class="GPT2Config",
     arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_ignored_suffixes=("attn.bias", "attn.masked_bias"),
+    # Megatron-Bridge (0.6) has no GPT-2 bridge; its generic GPT provider builds GPT-2's architecture
+    bridge=BridgeProvider(writes=GPT_PROVIDER),
 ))

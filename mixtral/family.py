@@ -16,7 +16,7 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import FamilySpec, Param, register
+from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, FamilySpec, Param, register
 from checkpoint_convert.parallel import Style, cat, stack
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs
@@ -93,4 +93,6 @@ MIXTRAL = register(FamilySpec(
     arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_ignored_suffixes=("rotary_emb.inv_freq",),
     hf_aliases=old_layout_aliases,
+    # Megatron-Bridge (0.6) has no Mixtral bridge; its generic GPT provider builds MoE models like this one
+    bridge=BridgeProvider(writes=GPT_PROVIDER),
 ))

@@ -120,12 +120,12 @@ def test_read_only_registrations_name_live_mappings(tmp_path):
     import gc
 
     from checkpoint_convert import memory
-    from checkpoint_convert.megatron_io import MegatronTree
+    from checkpoint_convert.megatron_formats import open_megatron_tree
     from tests.helpers import reference_megatron_gpt2, tiny_gpt2
 
     tree_path = reference_megatron_gpt2(tiny_gpt2(None), tmp_path / "m", tp=2, pp=2)
     with memory.read_only_file_mappings():
-        tree = MegatronTree(tree_path)
+        tree = open_megatron_tree(tree_path)
         for rank in tree.files:
             tree.names(rank)
         gc.collect()

@@ -197,7 +197,7 @@ def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megat
 
 def test_torch_dist_reads_one_layer_at_a_time(megatron_dist):
     """A layer slice is read from the chunks of that layer only (torch_dist data is never loaded whole)."""
-    from checkpoint_convert.megatron_io import open_megatron_tree
+    from checkpoint_convert.megatron_formats import open_megatron_tree
 
     source, _ = megatron_dist("llama")
     tree = open_megatron_tree(source)
@@ -232,7 +232,7 @@ def _file_mapped_at(address: int) -> str:
 
 def test_experts_stored_in_one_chunk_per_layer_are_loaded_once(tmp_path):
     """Our torch_dist output keeps a layer's experts in one chunk; reading each expert must not reload it."""
-    from checkpoint_convert.megatron_io import open_megatron_tree
+    from checkpoint_convert.megatron_formats import open_megatron_tree
 
     model = tiny_mixtral(tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
