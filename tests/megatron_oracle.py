@@ -44,7 +44,8 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp
     - 0.16.1's MoE router gating (``moe_utils``) references ``te_general_gemm``, undefined without
       Transformer Engine;
     - with pipeline stages, tied output weights are all-reduced between the first and last stage
-      after ``.cuda()``: keep them on the CPU.
+      after ``.cuda()``: keep them on the CPU;
+    - the sliding-window attention mask is built on device "cuda": build the same mask on the CPU.
     """
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
@@ -59,6 +60,17 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp
     from megatron.core.transformer.moe import moe_utils
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # the router's gating linear checks it before using torch
+    from megatron.core.fusions import fused_softmax
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+
+
+def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's sliding-window mask (True = masked) on the CPU: query i (at key position
+    i + skv - sq) sees keys from ``left`` positions before it to ``right`` after it."""
+    left, right = window_size
+    query_at = torch.arange(sq).unsqueeze(1) + (skv - sq)
+    keys = torch.arange(skv).unsqueeze(0)
+    return (keys < query_at - left) | (keys > query_at + right)
 
 
 def _activation(args):
@@ -103,11 +115,15 @@ def build_model(args, vp_stage: int | None = None):
         moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or (args.ffn_hidden_size if experts else None),
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        params_dtype=torch.float32, **_pipeline_fields(args),
+        params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        window_size=getattr(args, "window_size", None), window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+        **_pipeline_fields(args),
     )
     rope = args.position_embedding_type == "rope"
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
+                                    normalization=args.normalization)
     return GPTModel(
-        config, get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False),
+        config, spec,
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
