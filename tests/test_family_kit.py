@@ -166,9 +166,9 @@ def _made_spec(kit: Kit, name: str) -> Path:
     return path
 
 
-def _oracle_jobs(kit: Kit, tokens: Path) -> list[dict]:
+def _oracle_jobs(kit: Kit, tokens: Path, variants: list[Variant]) -> list[dict]:
     jobs = []
-    for variant in VARIANTS:
+    for variant in variants:
         out = kit.root / variant.name
         for tree in _oracle_runs(variant):
             kind = "dist-logits" if tree == "dist" else "logits"
@@ -180,11 +180,19 @@ def _oracle_jobs(kit: Kit, tokens: Path) -> list[dict]:
     return jobs
 
 
+def _selected_variants(session: pytest.Session) -> list[Variant]:
+    """The variants of the tests this run selected (all of them in CI; fewer with ``-k``)."""
+    names = {item.callspec.params.get("name") for item in session.items if hasattr(item, "callspec")}
+    return [variant for variant in VARIANTS if variant.name in names]
+
+
 @pytest.fixture(scope="module")
-def megatron_core(kit) -> str:
-    """Runs every oracle job of every variant in one batch of four gloo processes; returns its error output."""
+def megatron_core(kit, request) -> str:
+    """Runs every oracle job of every selected variant in one batch of four gloo processes; returns its error
+    output."""
     torch.save(TOKENS, kit.root / "tokens.pt")
-    (kit.root / "jobs.json").write_text(json.dumps(_oracle_jobs(kit, kit.root / "tokens.pt")))
+    jobs = _oracle_jobs(kit, kit.root / "tokens.pt", _selected_variants(request.session))
+    (kit.root / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([sys.executable, str(ORACLE), "batch", kit.root / "jobs.json", "4"], capture_output=True,
                             text=True, timeout=600)
     return "" if result.returncode == 0 else result.stderr[-4000:]
