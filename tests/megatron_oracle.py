@@ -131,7 +131,8 @@ def build_model(args, vp_stage: int | None = None):
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
-        window_size=getattr(args, "window_size", None), window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+        window_size=getattr(args, "window_size", None),
+        window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
         **_pipeline_fields(args),
     )
     rope = args.position_embedding_type == "rope"

@@ -159,7 +159,8 @@ def test_torch_dist_round_trips(kit, name):
 
 def _made_spec(kit: Kit, name: str) -> Path:
     """The architecture args our conversion wrote, as megatron-core's model maker reads them (JSON)."""
-    args = torch.load(next((kit.tree(name, "te_tp1") / "release").glob("*/model_optim_rng.pt")), weights_only=False)["args"]
+    rank_file = next((kit.tree(name, "te_tp1") / "release").glob("*/model_optim_rng.pt"))
+    args = torch.load(rank_file, weights_only=False)["args"]
     spec = {key: value for key, value in plain_fields(args).items() if not isinstance(value, torch.dtype)}
     path = kit.root / name / "made_spec.json"
     path.write_text(json.dumps({**spec, "seed": 11}))

@@ -32,7 +32,8 @@ def megatron_core_logits(checkpoint: Path, tmp_path: Path, tp: int = 1, ep: int 
 
 # every family and variant runs through megatron-core in the family kit (test_family_kit.py); these
 # tests cover pipeline shapes and reshapes on a few of the kit's models
-MODELS = {variant.name: variant.build for variant in VARIANTS if variant.name in ("gpt2_tied", "llama_gqa_untied", "mixtral")}
+MODELS = {variant.name: variant.build for variant in VARIANTS
+          if variant.name in ("gpt2_tied", "llama_gqa_untied", "mixtral")}
 
 
 def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
