@@ -27,7 +27,9 @@ class Variant:
 
     ``build(path)`` saves it as a Hugging Face model directory and returns the model. ``legacy``: the
     legacy Megatron model can hold it (else the kit checks that ``--megatron_format legacy`` is refused).
-    ``experts``: a mixture-of-experts model (the kit adds expert-parallel layouts).
+    ``experts``: a mixture-of-experts model (the kit adds expert-parallel layouts). ``detected_as``: the
+    family a Megatron checkpoint of it is taken for when its args do not name one (a Megatron-LM run's);
+    None: its own.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Variant:
     build: Callable[[Path], Any]
     legacy: bool = True
     experts: bool = False
+    detected_as: str | None = None
 
 
 def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (), **config: Any) -> Callable:
@@ -81,8 +84,9 @@ VARIANTS = (
     Variant("mixtral", "mixtral", hf_model("MixtralConfig", "MixtralForCausalLM", 0, num_local_experts=4,
                                            num_experts_per_tok=2, router_aux_loss_coef=0.02, rope_parameters=QWEN_ROPE),
             experts=True),
+    # without our record, biased qkv and no window is Llama with attention_bias (o_proj bias zero): the same model
     Variant("qwen2_tied", "qwen2", hf_model("Qwen2Config", "Qwen2ForCausalLM", 5, tie_word_embeddings=True,
-                                            rope_parameters=QWEN_ROPE)),
+                                            rope_parameters=QWEN_ROPE), detected_as="llama"),
     # sliding windows of 4 tokens on layers 2 and 3 only (the 12 test tokens see fewer than all before them)
     Variant("qwen2_untied_window", "qwen2", hf_model("Qwen2Config", "Qwen2ForCausalLM", 6, num_key_value_heads=4,
                                                      use_sliding_window=True, sliding_window=4, max_window_layers=2,

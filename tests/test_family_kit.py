@@ -11,6 +11,7 @@ every variant in one set of four processes.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,23 @@ def test_torch_dist_round_trips(kit, name):
     """Hugging Face -> torch_dist -> Hugging Face, and TP2 PP2 rank files -> torch_dist -> Hugging Face."""
     for tree in ("dist", "dist_from_ranks"):
         assert_logits_close(logits_of(kit.back_to_hf(name, tree)), kit.hf(name)[1])
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
+def test_megatron_args_that_name_no_family(kit, name):
+    """Megatron-LM's args do not record our ``hf_family``: the architecture alone picks the family, and the
+    Hugging Face model it converts to computes the original's logits."""
+    variant = BY_NAME[name]
+    tree = kit.root / name / "unrecorded"
+    shutil.copytree(kit.tree(name, "te_tp1"), tree)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    del state["args"].hf_family
+    torch.save(state, rank_file)
+    assert convert("--load_path", tree, "--save_path", kit.root / name / "unrecorded_hf", "--to", "hf") == 0
+    config = json.loads((kit.root / name / "unrecorded_hf" / "config.json").read_text())
+    assert config["model_type"] == (variant.detected_as or variant.family)
+    assert_logits_close(logits_of(kit.root / name / "unrecorded_hf"), kit.hf(name)[1])
 
 
 def _made_spec(kit: Kit, name: str) -> Path:
