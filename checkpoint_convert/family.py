@@ -194,11 +194,14 @@ def window_from_hf_config(cfg: Any, num_layers: int) -> dict[str, Any]:
 
 
 def every_layer_window_kwargs(arch: ModelArch) -> dict[str, Any]:
-    """transformers kwargs of a config whose ``sliding_window`` applies to every layer (or none)."""
+    """transformers kwargs of a config whose ``sliding_window`` applies to every layer (or none).
+
+    Trees this tool wrote before windows were Megatron's ``window_size`` kept the value in ``extra``.
+    """
     if arch.window_layers is not None:
         raise BadInputError(f"only some layers use sliding-window attention ({list(arch.window_layers)}); "
                             f"a {arch.family} model slides every layer or none")
-    return {"sliding_window": arch.window_size}
+    return {"sliding_window": arch.window_size if arch.window_size is not None else arch.extra.get("sliding_window")}
 
 
 def per_layer_window_kwargs(arch: ModelArch) -> dict[str, Any]:
