@@ -14,8 +14,13 @@ class ModelArch:
 
     ``vocab_size`` is the true (unpadded) vocab. ``activation`` is one of ``gelu`` (exact),
     ``gelu_new`` (tanh approximation, Megatron's ``openai_gelu``), ``gelu_fast`` (Megatron's fused
-    bias-gelu) or ``swiglu``. ``extra`` carries family-specific Hugging Face config values (e.g. a
-    sliding window) that have no Megatron field but must survive a round trip.
+    bias-gelu) or ``swiglu``. ``extra`` carries family-specific Hugging Face config values that
+    have no Megatron field but must survive a round trip.
+
+    ``qk_layernorm``: queries and keys pass through a norm of the architecture's ``normalization``
+    over each head (``kv_channels`` wide) before rotary embedding. ``window_size``: sliding-window
+    attention in Hugging Face's sense (a query sees itself and the ``window_size - 1`` tokens before
+    it); ``window_layers`` then says which layers slide (1) and which attend fully (0), None for all.
     """
 
     family: str
@@ -42,6 +47,9 @@ class ModelArch:
     moe_aux_loss_coeff: float = 0.0
     attention_dropout: float = 0.0  # training settings Megatron-LM takes from a checkpoint's args
     hidden_dropout: float = 0.0
+    qk_layernorm: bool = False
+    window_size: int | None = None
+    window_layers: tuple[int, ...] | None = None
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
 

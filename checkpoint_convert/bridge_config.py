@@ -48,7 +48,7 @@ SAME_AS_ARGS = (
     "moe_ffn_hidden_size", "moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_token_dispatcher_type",
     "moe_grouped_gemm", "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
     "virtual_pipeline_model_parallel_size", "make_vocab_size_divisible_by", "seq_length", "vocab_size",
-    "fp16", "bf16", "hidden_dropout", "attention_dropout",
+    "fp16", "bf16", "hidden_dropout", "attention_dropout", "window_size", "window_attn_skip_freq",
 )
 # Written when the args lack them: TransformerConfig's own defaults (dropout 0.1) are training choices.
 _WRITE_DEFAULTS = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "qk_layernorm": False}
@@ -59,7 +59,7 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "n
 # nothing. No family table converts another value (a family claims a field through FamilySpec.bridge.fields);
 # features that add tensors (qk norms, shared experts, MTP layers) are refused by the tensors themselves.
 NEUTRAL = {
-    "window_size": None, "rotary_interleaved": False, "rotary_percent": 1.0,
+    "rotary_interleaved": False, "rotary_percent": 1.0,
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "softmax_scale": None, "softmax_type": "vanilla", "moe_router_score_function": "softmax",
     "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": None, "moe_layer_freq": 1,

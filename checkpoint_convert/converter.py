@@ -124,7 +124,7 @@ def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = Fals
         raise BadInputError("load path is not a directory", path)
     if is_megatron_checkpoint(path):
         tree = open_megatron_tree(path, iteration, trust)
-        arch = arch_from_args(tree.args, str(tree.files.get(next(iter(tree.files)))), vocab_size)
+        arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
         family = _megatron_family(tree, arch, model)
         arch.family = family.name
         return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch))
@@ -182,8 +182,18 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
         if ckpt_format == "torch_dist":
             raise BadInputError("torch_dist checkpoints hold megatron-core models; --megatron_format legacy needs "
                                 "--megatron_ckpt_format torch")
+        _require_legacy_features(source.arch)
         return schema.LEGACY
     return schema.MCORE_LOCAL if options.transformer_impl == "local" else schema.MCORE_TE
+
+
+def _require_legacy_features(arch: ModelArch) -> None:
+    """The legacy (``language_model.*``) models have no query/key norm and no sliding-window attention."""
+    missing = [name for name, used in (("query/key norms (qk_layernorm)", arch.qk_layernorm),
+                                       ("sliding-window attention", arch.window_size is not None)) if used]
+    if missing:
+        raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
+                            f"which this {arch.family} model uses; write --megatron_format mcore")
 
 
 def target_layout(options: Options, source: Source) -> ParallelLayout:

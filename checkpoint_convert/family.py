@@ -182,3 +182,69 @@ def unpack_qkv(qkv: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
     per_group = qkv.reshape(groups, (arch.heads_per_group + 2) * dim, *tail)
     q, k, v = torch.split(per_group, [arch.heads_per_group * dim, dim, dim], dim=1)
     return [part.reshape(-1, *tail) for part in (q, k, v)]
+
+
+def qkv_to_megatron(tensors: Tensors, arch: ModelArch) -> torch.Tensor:
+    """Separate q, k and v projections (weights or biases) -> Megatron's fused ``linear_qkv``."""
+    return pack_qkv(*tensors, arch)
+
+
+def qkv_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    return unpack_qkv(tensor, arch)
+
+
+def gate_up_to_megatron(tensors: Tensors, arch: ModelArch) -> torch.Tensor:
+    """SwiGLU gate and up projections -> Megatron's ``linear_fc1`` rows [gate; up]."""
+    return cat(tensors, dim=0)
+
+
+def gate_up_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    return list(torch.chunk(tensor, 2, dim=0))
+
+
+# ---- Hugging Face config conventions several families share ----------------------------------
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def window_from_hf_config(cfg: Any, num_layers: int) -> dict[str, Any]:
+    """``window_size``/``window_layers`` of a transformers config's sliding-window fields.
+
+    ``sliding_window`` alone slides every layer (Mistral); ``use_sliding_window: false`` turns it off
+    (Qwen); ``layer_types`` lists each layer's kind, and older configs without it slide the layers
+    from ``max_window_layers`` on (what Qwen2's config class derives).
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or not getattr(cfg, "use_sliding_window", True):
+        return {}
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is None and getattr(cfg, "max_window_layers", None) is not None:
+        kinds = [SLIDING if layer >= cfg.max_window_layers else FULL for layer in range(num_layers)]
+    pattern = tuple(int(kind == SLIDING) for kind in kinds) if kinds is not None else None
+    if pattern is not None and not any(pattern):
+        return {}
+    return {"window_size": int(window), "window_layers": None if pattern is None or all(pattern) else pattern}
+
+
+def every_layer_window_kwargs(arch: ModelArch) -> dict[str, Any]:
+    """transformers kwargs of a config whose ``sliding_window`` applies to every layer (or none).
+
+    Trees this tool wrote before windows were Megatron's ``window_size`` kept the value in ``extra``.
+    """
+    if arch.window_layers is not None:
+        raise BadInputError(f"only some layers use sliding-window attention ({list(arch.window_layers)}); "
+                            f"a {arch.family} model slides every layer or none")
+    return {"sliding_window": arch.window_size if arch.window_size is not None else arch.extra.get("sliding_window")}
+
+
+def per_layer_window_kwargs(arch: ModelArch) -> dict[str, Any]:
+    """transformers kwargs of a config with ``use_sliding_window``, ``layer_types`` and ``max_window_layers``."""
+    pattern = arch.window_layers or (1,) * arch.num_layers
+    if arch.window_size is None:
+        pattern = (0,) * arch.num_layers
+    kwargs = {"use_sliding_window": arch.window_size is not None, "sliding_window": arch.window_size,
+              "layer_types": [SLIDING if slides else FULL for slides in pattern]}
+    full_prefix = pattern.index(1) if 1 in pattern else arch.num_layers
+    if pattern == (0,) * full_prefix + (1,) * (arch.num_layers - full_prefix) and arch.window_size is not None:
+        kwargs["max_window_layers"] = full_prefix  # what the config class would derive layer_types from
+    return kwargs

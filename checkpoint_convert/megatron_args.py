@@ -97,9 +97,40 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         moe_aux_loss_coeff=float(_get(args, "moe_aux_loss_coeff", default=0.0)),
         attention_dropout=float(_get(args, "attention_dropout", default=0.1)),  # Megatron-LM's defaults
         hidden_dropout=float(_get(args, "hidden_dropout", default=0.1)),
+        qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
+        **_sliding_window(args, int(args.num_layers), source),
         params_dtype=_args_dtype(args),
         extra=dict(_get(args, "hf_extra_config", default={})),
     )
+
+
+def _sliding_window(args: Any, num_layers: int, source: str) -> dict[str, Any]:
+    """``window_size``/``window_layers`` from Megatron's ``window_size`` (left, right) and ``window_attn_skip_freq``.
+
+    megatron-core lets a query at position i see keys i - left .. i + right: a causal window of
+    ``left + 1`` tokens, Hugging Face's ``sliding_window``. The skip frequency is an int N (every Nth
+    layer attends fully) or a per-layer list (1: sliding).
+    """
+    window = _get(args, "window_size")
+    if not window:
+        return {}
+    left, right = (int(part) for part in window)
+    if right != 0 or left < 0:
+        raise BadInputError(f"window_size {tuple(window)} is not a causal sliding window (left >= 0, right 0)", source)
+    skip = _get(args, "window_attn_skip_freq")
+    if isinstance(skip, int):
+        skip = [int((layer + 1) % skip != 0) for layer in range(num_layers)]
+    if skip is not None and len(skip) != num_layers:
+        raise BadInputError(f"window_attn_skip_freq lists {len(skip)} layers, not num_layers={num_layers}", source)
+    return {"window_size": left + 1, "window_layers": tuple(int(bool(x)) for x in skip) if skip is not None else None}
+
+
+def _window_args(arch: ModelArch) -> dict[str, Any]:
+    """Megatron's fields for :func:`_sliding_window` (inverse)."""
+    if arch.window_size is None:
+        return {"window_size": None, "window_attn_skip_freq": None}
+    layers = list(arch.window_layers) if arch.window_layers is not None else None
+    return {"window_size": (arch.window_size - 1, 0), "window_attn_skip_freq": layers}
 
 
 def _rope_scaling(args: Any) -> dict | None:
@@ -290,6 +321,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         add_bias_linear=arch.add_bias_linear, disable_bias_linear=not arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,
         attention_dropout=arch.attention_dropout, hidden_dropout=arch.hidden_dropout,
+        qk_layernorm=arch.qk_layernorm, **_window_args(arch),
         hf_extra_config=dict(arch.extra), hf_family=arch.family,
     )
 

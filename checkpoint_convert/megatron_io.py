@@ -150,7 +150,7 @@ class MegatronTree:
         header = self._load(first)
         if "args" not in header or header["args"] is None:
             raise BadInputError("checkpoint has no 'args'; it cannot be converted without them", first)
-        self.args = header["args"]
+        self.args, self.args_file = header["args"], first
         self.version = float(header.get("checkpoint_version", 0) or 0)
         self.iteration = header.get("iteration", 0)
         self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)

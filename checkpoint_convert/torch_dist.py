@@ -142,7 +142,7 @@ def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
     if not isinstance(common, dict) or common.get("args") is None:
         raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
                             iter_dir / COMMON_FILE)
-    return TorchDistTree(iter_dir, common["args"], common.get("iteration", 0),
+    return TorchDistTree(iter_dir, common["args"], iter_dir / COMMON_FILE, common.get("iteration", 0),
                          float(common.get("checkpoint_version", 3.0) or 3.0))
 
 
@@ -150,7 +150,8 @@ def open_bridge(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
     """A Megatron-Bridge checkpoint: the same torch_dist data, its architecture read from ``run_config.yaml``
     as data (``common.pt``, when there is one, holds nothing Megatron-Bridge reads), the tokenizer beside it."""
     tokenizer = iter_dir / TOKENIZER_DIR
-    return TorchDistTree(iter_dir, read_bridge_args(iter_dir / RUN_CONFIG_FILE), iteration_number(iter_dir.name),
+    run_config = iter_dir / RUN_CONFIG_FILE
+    return TorchDistTree(iter_dir, read_bridge_args(run_config), run_config, iteration_number(iter_dir.name),
                          producer="megatron-bridge", tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
 
 
@@ -164,9 +165,9 @@ class TorchDistTree:
 
     ckpt_format = "torch_dist"
 
-    def __init__(self, iter_dir: Path, args: Any, iteration: Any = 0, version: float = 3.0, producer: str = "megatron",
-                 tokenizer_dir: Path | None = None) -> None:
-        self.iter_dir = iter_dir
+    def __init__(self, iter_dir: Path, args: Any, args_file: Path, iteration: Any = 0, version: float = 3.0,
+                 producer: str = "megatron", tokenizer_dir: Path | None = None) -> None:
+        self.iter_dir, self.args_file = iter_dir, args_file  # args_file: where the args were read, for messages
         _read_backend(iter_dir)
         self.args, self.iteration, self.version = args, iteration, version
         self.producer, self.tokenizer_dir = producer, tokenizer_dir

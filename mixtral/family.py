@@ -16,10 +16,10 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, FamilySpec, Param, register
+from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, FamilySpec, Param, every_layer_window_kwargs, register
 from checkpoint_convert.parallel import Style, cat, stack
 from checkpoint_convert.runtime import transformers_attr
-from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs
+from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, is_llama_like
 
 MOE = (
     Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED),
@@ -28,7 +28,7 @@ MOE = (
     Param("mlp.experts.local_experts.{expert}.linear_fc2.weight", ("mlp.experts.down_proj",),
           Style.ROW, experts=True),
 )
-EXTRA_KEYS = ("sliding_window", "router_jitter_noise")
+EXTRA_KEYS = ("router_jitter_noise",)
 
 
 def arch_from_hf_config(cfg: Any) -> ModelArch:
@@ -40,7 +40,7 @@ def arch_from_hf_config(cfg: Any) -> ModelArch:
 def hf_config_from_arch(arch: ModelArch) -> Any:
     if arch.add_bias_linear or arch.add_qkv_bias:
         raise BadInputError("Mixtral has no biases, but the source's linear layers are biased")
-    kwargs = config_kwargs(arch)
+    kwargs = {**config_kwargs(arch), **every_layer_window_kwargs(arch)}
     kwargs["intermediate_size"] = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
     return transformers_attr("MixtralConfig")(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
                          num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
@@ -48,8 +48,7 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
 
 
 def matches_megatron(arch: ModelArch) -> bool:
-    return (arch.normalization == "RMSNorm" and arch.activation == "swiglu"
-            and arch.position_embedding_type == "rope" and bool(arch.num_experts))
+    return is_llama_like(arch, experts=True) and arch.window_layers is None
 
 
 _OLD_GATE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.gate\.weight$")

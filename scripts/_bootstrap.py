@@ -1,4 +1,7 @@
-"""Make the repository importable from scripts/ and register every model family."""
+"""Make the repository importable from scripts/ and register every model family.
+
+Adding a family is one import line here; FAMILIES (the ``--model`` choices) follows the registry.
+"""
 import os
 import sys
 
@@ -11,5 +14,8 @@ with collector_paused():  # the families import torch
     import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
     import llama  # noqa: E402,F401  (registers llama and mistral)
     import mixtral  # noqa: E402,F401  (registers mixtral)
+    import qwen2  # noqa: E402,F401  (registers qwen2)
+    import qwen3  # noqa: E402,F401  (registers qwen3)
+    from checkpoint_convert.family import registered  # noqa: E402
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral")
+FAMILIES = tuple(registered())

@@ -9,6 +9,7 @@ from a JSON spec of Megatron args, saves its own ``state_dict()`` as an mp_rank 
 Megatron would store, and saves its logits; ``dist-make SPEC OUT TOKENS [TP]`` does the same through
 megatron-core's ``dist_checkpointing.save`` (a torch_dist checkpoint) from TP ranks, and ``dist-logits CKPT TOKENS OUT [TP]`` loads a
 torch_dist checkpoint with ``dist_checkpointing.load`` into a GPTModel at TP ranks (``[TP]``) and saves its logits.
+``batch JOBS.json WORLD`` runs a list of such jobs in one set of WORLD processes (see ``batch_command``).
 
 It runs in a separate process because the CPU workarounds below patch torch process-wide.
 """
@@ -34,8 +35,10 @@ def _free_port() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
 
 
-def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None) -> None:
-    """World size 1 with gloo, and the CPU workarounds megatron-core needs without CUDA.
+def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None,
+                       world: int | None = None) -> None:
+    """A gloo world (``tp * ep * pp`` ranks unless ``world`` says more: data-parallel replicas) with its
+    model-parallel groups, and the CPU workarounds megatron-core needs without CUDA.
 
     - rotary embeddings, attention buffers and the MoE router call ``torch.cuda.current_device()``
       during forward: answer "cpu" so the tensors they create land on the CPU;
@@ -44,21 +47,45 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp
     - 0.16.1's MoE router gating (``moe_utils``) references ``te_general_gemm``, undefined without
       Transformer Engine;
     - with pipeline stages, tied output weights are all-reduced between the first and last stage
-      after ``.cuda()``: keep them on the CPU.
+      after ``.cuda()``: keep them on the CPU;
+    - the sliding-window attention mask is built on device "cuda": build the same mask on the CPU.
     """
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing.save waits for CUDA copies
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=tp * ep * pp)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world or tp * ep * pp)
+    _init_parallel(tp, ep, pp, vpp)
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # the router's gating linear checks it before using torch
+    from megatron.core.fusions import fused_softmax
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+
+
+def _init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None) -> None:
+    """megatron-core's tensor, pipeline and expert parallel groups (and the RNG tracker) in the current world."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
     parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp,
                                              expert_model_parallel_size=ep)
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    from megatron.core.transformer.moe import moe_utils
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # the router's gating linear checks it before using torch
+
+
+def _save(tensor: torch.Tensor, out: Path) -> None:
+    """Save atomically: data-parallel replicas may write the same result at once."""
+    partial = out.with_name(f".{out.name}.{torch.distributed.get_rank()}")
+    torch.save(tensor, partial)
+    os.replace(partial, out)
+
+
+def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's sliding-window mask (True = masked) on the CPU: query i (at key position
+    i + skv - sq) sees keys from ``left`` positions before it to ``right`` after it."""
+    left, right = window_size
+    query_at = torch.arange(sq).unsqueeze(1) + (skv - sq)
+    keys = torch.arange(skv).unsqueeze(0)
+    return (keys < query_at - left) | (keys > query_at + right)
 
 
 def _activation(args):
@@ -103,11 +130,16 @@ def build_model(args, vp_stage: int | None = None):
         moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or (args.ffn_hidden_size if experts else None),
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        params_dtype=torch.float32, **_pipeline_fields(args),
+        params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        window_size=getattr(args, "window_size", None),
+        window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+        **_pipeline_fields(args),
     )
     rope = args.position_embedding_type == "rope"
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
+                                    normalization=args.normalization)
     return GPTModel(
-        config, get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False),
+        config, spec,
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -175,20 +207,26 @@ def _te_to_local(state: dict) -> dict:
     return out
 
 
-def _rank_file_args(ckpt: Path):
-    """The args of a rank-file tree (any rank's: they are the same)."""
+def _rank_file_pipeline(ckpt: Path) -> tuple[int, int | None]:
+    """(PP, VPP or None) of a rank-file tree, from its args (any rank's: they are the same)."""
     first = sorted((ckpt / "release").glob("mp_rank_*/model_optim_rng.pt"))[0]
-    return torch.load(first, weights_only=False)["args"]
+    args = torch.load(first, weights_only=False)["args"]
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    return args.pipeline_model_parallel_size, vpp if vpp and vpp > 1 else None
 
 
 def logits_command(rank: int, tp: int, ep: int, pp: int, vpp: int | None, ckpt: Path, tokens: Path, out: Path) -> None:
+    _init_cpu_megatron(rank, tp, ep, pp, vpp)
+    _rank_file_logits(pp, vpp, ckpt, tokens, out)
+
+
+def _rank_file_logits(pp: int, vpp: int | None, ckpt: Path, tokens: Path, out: Path) -> None:
     """Each rank loads its own rank file (its ``model`` or ``model0``, ``model1``... chunks); the first
     TP and EP rank of the last pipeline stage saves the gathered logits."""
     from megatron.core import parallel_state
 
-    _init_cpu_megatron(rank, tp, ep, pp, vpp)
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep_rank, ep = parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
     name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
     state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
     args = state["args"]
@@ -199,18 +237,19 @@ def logits_command(rank: int, tp: int, ep: int, pp: int, vpp: int | None, ckpt: 
         chunks.append(model)
     logits = pipeline_forward(chunks, torch.load(tokens), args.hidden_size, args.vocab_size)
     if logits is not None and tp_rank == 0 and ep_rank == 0:
-        torch.save(logits, out)
+        _save(logits, out)
 
 
-def _random_model(spec: Path, rank: int = 0, tp: int = 1):
+def _random_model(spec: Path, tp_rank: int = 0, tp: int = 1):
     """A GPTModel with random weights from a JSON spec of Megatron args, and the args Megatron would store.
 
     With tensor parallelism every rank draws each parameter's full tensor from the same seed and keeps
     its chunk along the parameter's ``partition_dim``: replicated parameters are equal on every rank.
     """
     fields = json.loads(spec.read_text())
-    args = argparse.Namespace(**fields, params_dtype=torch.float32, tensor_model_parallel_size=tp,
-                              pipeline_model_parallel_size=1, checkpoint_version=3.0, transformer_impl="local")
+    args = argparse.Namespace(**{**fields, "params_dtype": torch.float32, "tensor_model_parallel_size": tp,
+                                 "pipeline_model_parallel_size": 1, "checkpoint_version": 3.0,
+                                 "transformer_impl": "local"})
     model = build_model(args)
     if tp == 1:
         randomize(model, fields.get("seed", 0))
@@ -223,7 +262,7 @@ def _random_model(spec: Path, rank: int = 0, tp: int = 1):
             shape[dim] *= tp if split else 1
             generator = torch.Generator().manual_seed(fields.get("seed", 0) * 1000 + index)
             full = random_weight(name, shape, generator)
-            param.copy_(full.chunk(tp, dim)[rank] if split else full)
+            param.copy_(full.chunk(tp, dim)[tp_rank] if split else full)
     return args, model
 
 
@@ -239,13 +278,17 @@ def make_command(spec: Path, out: Path, tokens: Path) -> None:
 
 
 def dist_make_command(rank: int, tp: int, spec: Path, out: Path, tokens: Path) -> None:
+    _init_cpu_megatron(rank, tp)
+    _dist_make(tp, spec, out, tokens, out.parent / "megatron_logits.pt")
+
+
+def _dist_make(tp: int, spec: Path, out: Path, tokens: Path, logits_out: Path) -> None:
     """A torch_dist checkpoint saved by ``dist_checkpointing.save`` from ``tp`` ranks, as Megatron-LM's
     save_checkpoint does (args, version and iteration beside the model's sharded state dict and the
     training state), in ``iter_0000001``; rank 0 saves the model's logits."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
 
-    _init_cpu_megatron(rank, tp)
-    args, model = _random_model(spec, rank, tp)
+    args, model = _random_model(spec, parallel_state.get_tensor_model_parallel_rank(), tp)
     args.ckpt_format = "torch_dist"
     iter_dir = out / "iter_0000001"
     iter_dir.mkdir(parents=True, exist_ok=True)
@@ -254,9 +297,9 @@ def dist_make_command(rank: int, tp: int, spec: Path, out: Path, tokens: Path) -
              **_training_state(model)}
     dist_checkpointing.save(state, str(iter_dir))
     logits = forward(model, torch.load(tokens), args.vocab_size)
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         (out / "latest_checkpointed_iteration.txt").write_text("1")
-        torch.save(logits, out.parent / "megatron_logits.pt")
+        torch.save(logits, logits_out)
 
 
 def _training_state(model) -> dict:
@@ -267,19 +310,24 @@ def _training_state(model) -> dict:
     from megatron.core import parallel_state
 
     tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    replica = parallel_state.get_data_parallel_rank()
     embedding = model.embedding.word_embeddings.weight
     moment = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.embedding.word_embeddings.weight",
-                                             torch.zeros_like(embedding), (0, tp_rank, tp))
-    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (tp,), (tp_rank,))
+                                             torch.zeros_like(embedding), (0, tp_rank, tp), replica_id=replica)
+    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (tp,), (tp_rank,), replica_id=replica)
     return {"optimizer": {"state": {"exp_avg": moment}}, "rng_state": rng}
 
 
 def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
+    _init_cpu_megatron(rank, tp)
+    _dist_logits(tp, ckpt, tokens, out)
+
+
+def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
     """Each of ``tp`` ranks loads its shards of a torch_dist checkpoint with ``dist_checkpointing.load`` into
     a GPTModel (every key it asks for must exist, strict ``load_state_dict``); rank 0 saves the logits."""
     from megatron.core import dist_checkpointing
 
-    _init_cpu_megatron(rank, tp)
     iter_dir = ckpt / (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
     args = torch.load(iter_dir / "common.pt", weights_only=False)["args"]
     args.tensor_model_parallel_size = tp
@@ -287,8 +335,52 @@ def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
     model.load_state_dict(state["model"], strict=True)
     logits = forward(model, torch.load(tokens), args.vocab_size)
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         torch.save(logits, out)
+
+
+def batch_command(rank: int, world: int, jobs: list[dict]) -> None:
+    """Jobs run one after another in the same ``world`` processes, which pay megatron-core's imports once.
+
+    A job is a dict: ``kind`` (``logits``, ``dist-logits`` or ``dist-make``), ``name``, paths
+    ``ckpt``/``spec``, ``tokens``, ``out`` (and ``logits_out`` for ``dist-make``), and ``tp``/``ep``.
+    Jobs are grouped by parallel layout (PP and VPP of a rank-file tree from its args), and the
+    model-parallel groups are set up once per layout: megatron-core never destroys the gloo groups it
+    replaces, whose threads would pile up. Ranks beyond a layout's are data-parallel replicas.
+    """
+    from megatron.core import parallel_state
+
+    _init_cpu_megatron(rank, world=world)
+    current = (1, 1, 1, None)
+    for layout, job in sorted(((_job_layout(job), job) for job in jobs), key=lambda pair: str(pair[0])):
+        if rank == 0:
+            print(f"oracle job {job['name']}", file=sys.stderr, flush=True)
+        if layout != current:
+            parallel_state.destroy_model_parallel()
+            _init_parallel(*layout)
+            current = layout
+        try:
+            _run_job(job, layout)
+        except Exception as error:
+            raise RuntimeError(f"oracle job {job['name']} failed on rank {rank}") from error
+        torch.distributed.barrier()
+
+
+def _job_layout(job: dict) -> tuple[int, int, int, int | None]:
+    """(TP, EP, PP, VPP) a batch job runs at."""
+    pp, vpp = _rank_file_pipeline(Path(job["ckpt"])) if job["kind"] == "logits" else (1, None)
+    return job.get("tp", 1), job.get("ep", 1), pp, vpp
+
+
+def _run_job(job: dict, layout: tuple[int, int, int, int | None]) -> None:
+    tp, _, pp, vpp = layout
+    paths = {key: Path(value) for key, value in job.items() if key in ("ckpt", "spec", "tokens", "out", "logits_out")}
+    if job["kind"] == "logits":
+        _rank_file_logits(pp, vpp, paths["ckpt"], paths["tokens"], paths["out"])
+    elif job["kind"] == "dist-logits":
+        _dist_logits(tp, paths["ckpt"], paths["tokens"], paths["out"])
+    else:
+        _dist_make(tp, paths["spec"], paths["out"], paths["tokens"], paths["logits_out"])
 
 
 def _ranked(rank: int, command, *args) -> None:
@@ -308,9 +400,7 @@ if __name__ == "__main__":
     if command == "logits":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp, ep = (int(rest[3]), int(rest[4])) if len(rest) > 4 else (1, 1)
-        args = _rank_file_args(ckpt)
-        pp, vpp = args.pipeline_model_parallel_size, getattr(args, "virtual_pipeline_model_parallel_size", None)
-        vpp = vpp if vpp and vpp > 1 else None
+        pp, vpp = _rank_file_pipeline(ckpt)
         torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, ep, pp, vpp, ckpt, tokens, out),
                                     nprocs=tp * ep * pp)
     elif command == "dist-make":
@@ -321,6 +411,9 @@ if __name__ == "__main__":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
         torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
+    elif command == "batch":
+        world, jobs = int(rest[1]), json.loads(Path(rest[0]).read_text())
+        torch.multiprocessing.spawn(_ranked, args=(batch_command, world, jobs), nprocs=world)
     else:
         _init_cpu_megatron()
         make_command(*map(Path, rest))

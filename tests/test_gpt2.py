@@ -100,11 +100,11 @@ def test_virtual_pipeline_chunks_must_match_args(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
+# TP2 PP2 in every naming: the family kit (test_family_kit.py)
 HF_ROUND_TRIPS = [
     ["--target_tensor_model_parallel_size", "1", "--target_pipeline_model_parallel_size", "1"],
     ["--target_tensor_model_parallel_size", "2"],
     ["--target_pipeline_model_parallel_size", "2"],
-    ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2"],
     ["--target-tensor-model-parallel-size", "2", "--target-pipeline-layers", "3,1"],
     ["--target_tensor_model_parallel_size", "2", "--megatron_format", "legacy"],
     ["--target_pipeline_layers", "1,2,1", "--megatron_format", "legacy"],

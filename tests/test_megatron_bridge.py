@@ -155,7 +155,7 @@ def _edit_run_config(root: Path, edit) -> None:
      "'optimizer.main_grads_dtype' has _target_ 'torch.load'"),
     (lambda c: c["model"].update(_target_="my_package.providers.CustomProvider"),
      "model provider _target_ 'my_package.providers.CustomProvider' is not one a family here declares"),
-    (lambda c: c["model"].update(window_size=[4095, 0]), "model.window_size is [4095, 0]"),
+    (lambda c: c["model"].update(window_size=[4095, 4]), "window_size (4095, 4) is not a causal sliding window"),
     (lambda c: c["model"].update(activation_func={"_call_": False, "_target_": "torch.nn.functional.relu"}),
      "model.activation_func torch.nn.functional.relu with gated_linear_unit=True has no conversion here"),
     (lambda c: c["model"].pop("num_layers"), "model: lacks num_layers"),

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.family_kit import VARIANTS
 from tests.helpers import TOKENS, as_virtual_pipeline, assert_logits_close, convert, logits_of, tiny_gpt2
 from tests.test_llama import tiny_llama
-from tests.test_mixtral import tiny_mixtral
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
 
@@ -30,45 +30,10 @@ def megatron_core_logits(checkpoint: Path, tmp_path: Path, tp: int = 1, ep: int 
     return torch.load(tmp_path / "logits.pt")
 
 
-def _gpt2(path, **kw):
-    return tiny_gpt2(path, **kw)
-
-
-MODELS = {
-    "gpt2_tied": lambda p: _gpt2(p),
-    "gpt2_untied_gelu": lambda p: _gpt2(p, tied=False, activation="gelu", seed=1),
-    "llama_gqa_untied": lambda p: tiny_llama(p, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}),
-    "llama_mha_tied": lambda p: tiny_llama(p, tied=True, groups=4, seed=1),
-    "llama_biased": lambda p: tiny_llama(p, seed=3, attention_bias=True, mlp_bias=True),
-    "llama_qkv_biased": lambda p: tiny_llama(p, seed=4, attention_bias=True),
-    "mixtral": lambda p: tiny_mixtral(p),
-}
-
-
-@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_hf_to_megatron_runs_in_megatron_core(tmp_path, name, impl):
-    model = MODELS[name](tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
-                   "--transformer_impl", impl) == 0
-    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path), logits_of(model), atol=ATOL)
-
-
-@pytest.mark.parametrize("name", ["gpt2_untied_gelu", "llama_gqa_untied", "llama_mha_tied", "mixtral"])
-def test_tensor_parallel_2_runs_in_megatron_core(tmp_path, name):
-    """Two gloo processes, each loading its own rank file: proves our tensor-parallel splits."""
-    model = MODELS[name](tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
-                   "--target_tensor_model_parallel_size", "2", "--transformer_impl", "local") == 0
-    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, tp=2), logits_of(model), atol=ATOL)
-
-
-def test_expert_parallel_2_runs_in_megatron_core(tmp_path):
-    """Two gloo processes as EP ranks 0 and 1, each loading mp_rank_00_00E: proves expert placement."""
-    model = tiny_mixtral(tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
-                   "--target_expert_model_parallel_size", "2", "--transformer_impl", "local") == 0
-    assert_logits_close(megatron_core_logits(tmp_path / "m", tmp_path, ep=2), logits_of(model), atol=ATOL)
+# every family and variant runs through megatron-core in the family kit (test_family_kit.py); these
+# tests cover pipeline shapes and reshapes on a few of the kit's models
+MODELS = {variant.name: variant.build for variant in VARIANTS
+          if variant.name in ("gpt2_tied", "llama_gqa_untied", "mixtral")}
 
 
 def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
@@ -83,7 +48,6 @@ def test_reshaped_megatron_runs_in_megatron_core(tmp_path):
 
 
 PIPELINES = {
-    "pp2": ["--target_pipeline_model_parallel_size", "2"],
     "pp2_uneven_1_3": ["--target_pipeline_model_parallel_size", "2", "--target_pipeline_layers", "1,3"],
     # stages of no layers: the embedding alone first, and a middle pipeline rank holding nothing
     "pp2_uneven_0_4": ["--target_pipeline_layers", "0,4"],
@@ -107,13 +71,11 @@ def test_pipeline_stages_run_in_megatron_core(tmp_path, name, pipeline):
 
 
 @pytest.mark.parametrize("name, flags, tp, ep", [
-    ("llama_gqa_untied", ["--target_tensor_model_parallel_size", "2"], 2, 1),
-    ("mixtral", ["--target_expert_model_parallel_size", "2"], 1, 2),
     ("mixtral", ["--target_expert_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"], 1, 2),
-], ids=["tp2_pp2", "ep2_pp2", "ep2_pp2_vpp2"])
+], ids=["ep2_pp2_vpp2"])
 def test_pipeline_with_tensor_or_expert_parallel_runs_in_megatron_core(tmp_path, name, flags, tp, ep):
-    """Four gloo processes, each loading its mp_rank_TT_PPP[_EEE] file: rank-file naming and placement when
-    pipeline stages combine with tensor or expert parallelism."""
+    """Four gloo processes, each loading its mp_rank_TT_PPP_EEE file: rank-file naming and placement when
+    virtual pipeline stages combine with expert parallelism (TP2 PP2 and EP2 PP2: the family kit)."""
     model = MODELS[name](tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
                    "--target_pipeline_model_parallel_size", "2", "--transformer_impl", "local", *flags) == 0

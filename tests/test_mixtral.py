@@ -33,16 +33,14 @@ def _ranks(path: Path) -> list[str]:
     return sorted(p.name for p in (path / "release").iterdir())
 
 
+# EP1 and EP2 with PP2: the family kit (test_family_kit.py)
 @pytest.mark.parametrize("flags,ranks", [
-    (["--target_expert_model_parallel_size", "1"], ["mp_rank_00"]),
     (["--target_expert_model_parallel_size", "2", "--target_tensor_model_parallel_size", "2"],
      ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
-    (["--target_expert_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2"],
-     ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]),
     (["--target_expert_model_parallel_size", "4"], [f"mp_rank_00_{e:03d}" for e in range(4)]),
     (["--target_tensor_model_parallel_size", "2", "--moe_grouped_gemm", "--megatron_format", "mcore"],
      ["mp_rank_00", "mp_rank_01"]),
-], ids=["ep1", "tp2ep2", "pp2ep2", "ep4", "tp2-grouped"])
+], ids=["tp2ep2", "ep4", "tp2-grouped"])
 def test_hf_to_megatron_to_hf(mixtral, tmp_path, flags, ranks):
     path, _, expected = mixtral
     assert convert("--load_path", path, "--save_path", tmp_path / "m", "--to", "megatron", *flags) == 0

@@ -2,7 +2,8 @@
 
 megatron-core writes the sources with ``dist_checkpointing.save`` (as Megatron-LM's save_checkpoint
 does) and loads our output with ``dist_checkpointing.load`` into a GPTModel (every key it asks for
-must be present, strict ``load_state_dict``): the logits prove both directions.
+must be present, strict ``load_state_dict``): the logits prove both directions. The family kit
+(test_family_kit.py) runs both for every family; here are the format's own cases.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, tiny_gpt2
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
 from tests.test_errors import snapshot
 from tests.test_llama import tiny_llama
-from tests.test_megatron_core import ATOL, MODELS, SPECS, megatron_core_logits, run_oracle
+from tests.test_megatron_core import ATOL, SPECS, megatron_core_logits, run_oracle
 from tests.test_mixtral import tiny_mixtral
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
@@ -36,9 +37,10 @@ def megatron_dist(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("family", list(SPECS))
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dist, family):
-    """Saved with RNG and optimizer state beside the model, as a training run saves it."""
+    """Saved with RNG and optimizer state beside the model, as a training run saves it; the source is untouched
+    (every family's torch_dist saved by megatron-core at TP2: the family kit)."""
     source, expected = megatron_dist(family)
     before = snapshot(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
@@ -47,7 +49,7 @@ def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dis
     assert snapshot(source) == before
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama"])
 def test_torch_dist_saved_at_tensor_parallel_2_converts_to_hf(tmp_path, megatron_dist, family):
     """Chunks split by TP rank (vocab rows, qkv rows, fc1 as four gate/up fragments, row-parallel columns)."""
     source, expected = megatron_dist(family, tp=2)
@@ -61,28 +63,6 @@ def test_torch_dist_saved_at_tensor_parallel_2_converts_to_hf(tmp_path, megatron
     assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa_untied", "llama_biased", "mixtral"])
-def test_hf_to_torch_dist_loads_in_megatron_core(tmp_path, name):
-    model = MODELS[name](tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
-                   "--megatron_ckpt_format", "torch_dist", "--transformer_impl", "local") == 0
-    torch.save(TOKENS, tmp_path / "tokens.pt")
-    run_oracle("dist-logits", tmp_path / "dist", tmp_path / "tokens.pt", tmp_path / "logits.pt")
-    assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
-
-
-@pytest.mark.parametrize("name", ["llama_gqa_untied", "mixtral"])
-def test_torch_dist_loads_in_megatron_core_at_tensor_parallel_2(tmp_path, name):
-    """Two gloo processes, each loading its own shards of one torch_dist checkpoint (resharded on load)."""
-    model = MODELS[name](tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
-                   "--megatron_ckpt_format", "torch_dist", "--transformer_impl", "local",
-                   "--target_tensor_model_parallel_size", "2") == 0
-    torch.save(TOKENS, tmp_path / "tokens.pt")
-    run_oracle("dist-logits", tmp_path / "dist", tmp_path / "tokens.pt", tmp_path / "logits.pt", 2)
-    assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
-
-
 def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path, megatron_dist):
     """megatron-core's torch_dist -> mp_rank tree at TP2 -> megatron-core with two processes."""
     source, expected = megatron_dist("llama")
@@ -90,20 +70,6 @@ def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core
                    "--megatron_ckpt_format", "torch", "--target_tensor_model_parallel_size", "2") == 0
     assert sorted(p.name for p in (tmp_path / "tp2" / "release").iterdir()) == ["mp_rank_00", "mp_rank_01"]
     assert_logits_close(megatron_core_logits(tmp_path / "tp2", tmp_path, tp=2), expected, atol=ATOL)
-
-
-@pytest.mark.parametrize("maker", [tiny_gpt2, tiny_llama, tiny_mixtral], ids=["gpt2", "llama", "mixtral"])
-def test_rank_files_to_torch_dist_and_back_to_hf(tmp_path, maker):
-    """HF -> TP2 PP2 rank files -> torch_dist (the default for a torch_dist target) -> HF."""
-    model = maker(tmp_path / "hf")
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "ranks", "--to", "megatron",
-                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
-    assert convert("--load_path", tmp_path / "ranks", "--save_path", tmp_path / "dist", "--to", "megatron",
-                   "--megatron_ckpt_format", "torch_dist") == 0
-    common = torch.load(tmp_path / "dist" / "release" / "common.pt", weights_only=False)
-    assert common["args"].ckpt_format == "torch_dist" and common["args"].tensor_model_parallel_size == 2
-    assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "back", "--to", "hf") == 0
-    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
 
 
 def test_torch_dist_keeps_the_virtual_pipeline_it_was_trained_with(tmp_path):

@@ -1,0 +1,99 @@
+"""The family kit's registry: tiny test models of every registered family, one entry per variant.
+
+A new family gets the whole kit (``tests/test_family_kit.py``: every direction and layout, reshapes,
+torch_dist, megatron-core's own logits, inspect and verify) by adding its variants here; the kit
+fails while a registered family has none. A variant builds a tiny random model from the family's
+transformers classes (fp32, 4 layers, hidden 64, 4 heads): keep sizes divisible by TP 2 (heads,
+query groups, ffn) and, for mixture-of-experts families, the experts by EP 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tests.helpers import randomize, tiny_gpt2
+
+# config values every Llama-shaped variant shares; a variant overrides any of them
+TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One tiny model of a family.
+
+    ``build(path)`` saves it as a Hugging Face model directory and returns the model. ``legacy``: the
+    legacy Megatron model can hold it (else the kit checks that ``--megatron_format legacy`` is refused).
+    ``experts``: a mixture-of-experts model (the kit adds expert-parallel layouts). ``detected_as``: the
+    family a Megatron checkpoint of it is taken for when its args do not name one (a Megatron-LM run's);
+    None: its own.
+    """
+
+    name: str
+    family: str
+    build: Callable[[Path], Any]
+    legacy: bool = True
+    experts: bool = False
+    detected_as: str | None = None
+
+
+def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (), **config: Any) -> Callable:
+    """A builder of a random transformers model of ``config_class`` (``TINY`` values, then ``config``).
+
+    ``zero``: parameter name suffixes set to zero, for tensors Megatron's architecture fixes at zero
+    (e.g. the o_proj bias of a model that Megatron biases on qkv only).
+    """
+    def build(path: Path):
+        import transformers
+
+        cfg = getattr(transformers, config_class)(**{**TINY, **config})
+        model = randomize(getattr(transformers, model_class)(cfg), seed).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(zero):
+                    param.zero_()
+        model.save_pretrained(path)
+        return model
+    return build
+
+
+def gpt2(seed: int, **kwargs: Any) -> Callable:
+    return lambda path: tiny_gpt2(path, seed=seed, **kwargs)
+
+
+def llama(seed: int, **config: Any) -> Callable:
+    return hf_model("LlamaConfig", "LlamaForCausalLM", seed, head_dim=24, **config)
+
+
+LLAMA3_ROPE = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # megatron-core's fixed 8192
+QWEN_ROPE = {"rope_theta": 1000000.0, "rope_type": "default"}
+
+VARIANTS = (
+    Variant("gpt2_tied", "gpt2", gpt2(0)),
+    Variant("gpt2_untied_gelu", "gpt2", gpt2(1, tied=False, activation="gelu")),
+    Variant("llama_gqa_untied", "llama", llama(0, rope_parameters=LLAMA3_ROPE)),
+    Variant("llama_mha_tied", "llama", llama(1, num_key_value_heads=4, tie_word_embeddings=True)),
+    Variant("llama_biased", "llama", llama(3, attention_bias=True, mlp_bias=True)),
+    Variant("llama_qkv_biased", "llama", llama(4, attention_bias=True, zero=("o_proj.bias",))),
+    Variant("mistral_window", "mistral", hf_model("MistralConfig", "MistralForCausalLM", 2, sliding_window=8),
+            legacy=False),
+    Variant("mixtral", "mixtral", hf_model("MixtralConfig", "MixtralForCausalLM", 0, num_local_experts=4,
+                                           num_experts_per_tok=2, router_aux_loss_coef=0.02, rope_parameters=QWEN_ROPE),
+            experts=True),
+    # without our record, biased qkv and no window is Llama with attention_bias (o_proj bias zero): the same model
+    Variant("qwen2_tied", "qwen2", hf_model("Qwen2Config", "Qwen2ForCausalLM", 5, tie_word_embeddings=True,
+                                            rope_parameters=QWEN_ROPE), detected_as="llama"),
+    # sliding windows of 4 tokens on layers 2 and 3 only (the 12 test tokens see fewer than all before them)
+    Variant("qwen2_untied_window", "qwen2", hf_model("Qwen2Config", "Qwen2ForCausalLM", 6, num_key_value_heads=4,
+                                                     use_sliding_window=True, sliding_window=4, max_window_layers=2,
+                                                     rope_parameters=QWEN_ROPE), legacy=False),
+    # head_dim 24, not hidden / heads = 16: Megatron's kv_channels
+    Variant("qwen3_gqa", "qwen3", hf_model("Qwen3Config", "Qwen3ForCausalLM", 7, head_dim=24, rope_parameters=QWEN_ROPE),
+            legacy=False),
+    Variant("qwen3_mha_tied", "qwen3", hf_model("Qwen3Config", "Qwen3ForCausalLM", 8, head_dim=32, num_key_value_heads=4,
+                                                tie_word_embeddings=True, rope_parameters=QWEN_ROPE), legacy=False),
+)

@@ -1,0 +1,247 @@
+"""The family kit: every registered family, in every variant of ``tests/family_kit.py``, through the whole tool.
+
+For each variant: Hugging Face -> Megatron (TP2 PP2, Transformer Engine and local naming, legacy where
+the family allows it, else its refusal; EP2 PP2 for mixture-of-experts) -> Hugging Face logits and
+config; a Megatron reshape; torch_dist round trips; megatron-core's own logits of our rank files (TP2
+PP2 local, TP1 Transformer Engine, EP2 PP2) and of our torch_dist (loaded at TP2); a torch_dist that
+megatron-core saved from the args we write, converted to Hugging Face; ``inspect --check`` and
+``verify``. Converted trees are made once per module and shared; megatron-core runs every job of
+every variant in one set of four processes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_convert.family import registered
+from checkpoint_convert.megatron_args import plain_fields
+from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from tests.family_kit import VARIANTS, Variant
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
+
+ORACLE = Path(__file__).with_name("megatron_oracle.py")
+MEGATRON_CORE_ATOL = 2e-5
+TP2_PP2 = ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2"]
+# name -> (source tree, or None for the Hugging Face model; flags)
+TREES = {
+    "te_tp2pp2": (None, TP2_PP2),
+    "local_tp2pp2": (None, [*TP2_PP2, "--transformer_impl", "local"]),
+    "legacy_tp2pp2": (None, [*TP2_PP2, "--megatron_format", "legacy"]),
+    "local_ep2pp2": (None, ["--target_expert_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2",
+                            "--transformer_impl", "local"]),
+    "te_tp1": (None, []),
+    "dist": (None, ["--megatron_ckpt_format", "torch_dist", "--target_tensor_model_parallel_size", "2",
+                    "--transformer_impl", "local"]),  # megatron-core's local spec loads it
+    "reshaped": ("te_tp2pp2", ["--target_tensor_model_parallel_size", "1", "--target_pipeline_layers", "1,3",
+                               "--transformer_impl", "local"]),
+    "reshaped_ep2": ("te_tp2pp2", ["--target_tensor_model_parallel_size", "1", "--target_expert_model_parallel_size",
+                                   "2", "--target_pipeline_layers", "3,1"]),
+    "dist_from_ranks": ("te_tp2pp2", ["--megatron_ckpt_format", "torch_dist"]),
+}
+BY_NAME = {variant.name: variant for variant in VARIANTS}
+
+
+def _cases(for_variant) -> list:
+    return [pytest.param(variant.name, case, id=f"{variant.name}-{case}")
+            for variant in VARIANTS for case in for_variant(variant)]
+
+
+def _hf_round_trips(variant: Variant) -> list[str]:
+    return ["te_tp2pp2", "local_tp2pp2", "legacy_tp2pp2"] + (["local_ep2pp2"] if variant.experts else [])
+
+
+def _reshapes(variant: Variant) -> list[str]:
+    return ["reshaped"] + (["reshaped_ep2"] if variant.experts else [])
+
+
+def _oracle_runs(variant: Variant) -> list[str]:
+    """Megatron-core loads: our TP2 PP2 local rank files, TP1 Transformer Engine ones, our torch_dist at TP2."""
+    return ["local_tp2pp2", "te_tp1", "dist"] + (["local_ep2pp2"] if variant.experts else [])
+
+
+class Kit:
+    """Every variant's Hugging Face model, its logits and converted trees, each made once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models: dict[str, tuple[Path, torch.Tensor]] = {}
+        self.trees: dict[tuple[str, str], Path] = {}
+
+    def hf(self, name: str) -> tuple[Path, torch.Tensor]:
+        if name not in self.models:
+            path = self.root / name / "hf"
+            self.models[name] = path, logits_of(BY_NAME[name].build(path))
+        return self.models[name]
+
+    def tree(self, name: str, tree: str) -> Path:
+        if (name, tree) not in self.trees:
+            source, flags = TREES[tree]
+            load = self.tree(name, source) if source else self.hf(name)[0]
+            path = self.root / name / tree
+            assert convert("--load_path", load, "--save_path", path, "--to", "megatron", *flags) == 0
+            self.trees[name, tree] = path
+        return self.trees[name, tree]
+
+    def back_to_hf(self, name: str, tree: str) -> Path:
+        path = self.root / name / f"{tree}_hf"
+        if not path.exists():
+            assert convert("--load_path", self.tree(name, tree), "--save_path", path, "--to", "hf") == 0
+        return path
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory) -> Kit:
+    return Kit(tmp_path_factory.mktemp("kit"))
+
+
+def test_every_registered_family_has_a_variant():
+    assert set(registered()) <= {variant.family for variant in VARIANTS}, "add the new family's variants to family_kit"
+    assert {variant.family for variant in VARIANTS} <= set(registered())
+    assert len(BY_NAME) == len(VARIANTS), "variant names must be unique"
+
+
+# config values a model derives when config.json leaves them null (our output spells them out)
+DERIVED = {"head_dim": lambda config: config["hidden_size"] // config["num_attention_heads"],
+           "n_inner": lambda config: 4 * config["n_embd"]}
+
+
+def _config(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    for key, derive in DERIVED.items():
+        if key in config and config[key] is None:
+            config[key] = derive(config)
+    return config
+
+
+def _assert_same_config(original: Path, converted: Path, family: str) -> None:
+    """Every key of the original config.json comes back with its value (the version stamp aside)."""
+    before, after = _config(original), _config(converted)
+    assert after["model_type"] == family
+    differing = {key: (value, after.get(key)) for key, value in before.items()
+                 if key != "transformers_version" and after.get(key) != value}
+    assert not differing, differing
+
+
+@pytest.mark.parametrize("name, tree", _cases(_hf_round_trips))
+def test_hf_to_megatron_to_hf(kit, capsys, name, tree):
+    variant = BY_NAME[name]
+    path, expected = kit.hf(name)
+    if tree == "legacy_tp2pp2" and not variant.legacy:
+        out = kit.root / name / tree
+        assert convert("--load_path", path, "--save_path", out, "--to", "megatron", *TREES[tree][1]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "legacy Megatron model has no" in err and not out.exists()
+        return
+    back = kit.back_to_hf(name, tree)
+    assert_logits_close(logits_of(back), expected)
+    _assert_same_config(path, back, variant.family)
+
+
+@pytest.mark.parametrize("name, tree", _cases(_reshapes))
+def test_megatron_reshape(kit, name, tree):
+    """TP2 PP2 (Transformer Engine naming) -> TP1, uneven stages (and EP2 or local naming) -> Hugging Face."""
+    assert_logits_close(logits_of(kit.back_to_hf(name, tree)), kit.hf(name)[1])
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
+def test_torch_dist_round_trips(kit, name):
+    """Hugging Face -> torch_dist -> Hugging Face, and TP2 PP2 rank files -> torch_dist -> Hugging Face."""
+    for tree in ("dist", "dist_from_ranks"):
+        assert_logits_close(logits_of(kit.back_to_hf(name, tree)), kit.hf(name)[1])
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
+def test_megatron_args_that_name_no_family(kit, name):
+    """Megatron-LM's args do not record our ``hf_family``: the architecture alone picks the family, and the
+    Hugging Face model it converts to computes the original's logits."""
+    variant = BY_NAME[name]
+    tree = kit.root / name / "unrecorded"
+    shutil.copytree(kit.tree(name, "te_tp1"), tree)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    del state["args"].hf_family
+    torch.save(state, rank_file)
+    assert convert("--load_path", tree, "--save_path", kit.root / name / "unrecorded_hf", "--to", "hf") == 0
+    config = json.loads((kit.root / name / "unrecorded_hf" / "config.json").read_text())
+    assert config["model_type"] == (variant.detected_as or variant.family)
+    assert_logits_close(logits_of(kit.root / name / "unrecorded_hf"), kit.hf(name)[1])
+
+
+def _made_spec(kit: Kit, name: str) -> Path:
+    """The architecture args our conversion wrote, as megatron-core's model maker reads them (JSON)."""
+    rank_file = next((kit.tree(name, "te_tp1") / "release").glob("*/model_optim_rng.pt"))
+    args = torch.load(rank_file, weights_only=False)["args"]
+    spec = {key: value for key, value in plain_fields(args).items() if not isinstance(value, torch.dtype)}
+    path = kit.root / name / "made_spec.json"
+    path.write_text(json.dumps({**spec, "seed": 11}))
+    return path
+
+
+def _oracle_jobs(kit: Kit, tokens: Path, variants: list[Variant]) -> list[dict]:
+    jobs = []
+    for variant in variants:
+        out = kit.root / variant.name
+        for tree in _oracle_runs(variant):
+            kind = "dist-logits" if tree == "dist" else "logits"
+            tp, ep = (1, 2) if tree == "local_ep2pp2" else (1, 1) if tree == "te_tp1" else (2, 1)
+            jobs.append(dict(kind=kind, name=f"{variant.name}-{tree}", ckpt=str(kit.tree(variant.name, tree)),
+                             tokens=str(tokens), out=str(out / f"megatron_core_{tree}.pt"), tp=tp, ep=ep))
+        jobs.append(dict(kind="dist-make", name=f"{variant.name}-made", spec=str(_made_spec(kit, variant.name)),
+                         tokens=str(tokens), out=str(out / "made"), logits_out=str(out / "made_logits.pt"), tp=2))
+    return jobs
+
+
+def _selected_variants(session: pytest.Session) -> list[Variant]:
+    """The variants of the tests this run selected (all of them in CI; fewer with ``-k``)."""
+    names = {item.callspec.params.get("name") for item in session.items if hasattr(item, "callspec")}
+    return [variant for variant in VARIANTS if variant.name in names]
+
+
+@pytest.fixture(scope="module")
+def megatron_core(kit, request) -> str:
+    """Runs every oracle job of every selected variant in one batch of four gloo processes; returns its error
+    output."""
+    torch.save(TOKENS, kit.root / "tokens.pt")
+    jobs = _oracle_jobs(kit, kit.root / "tokens.pt", _selected_variants(request.session))
+    (kit.root / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, str(ORACLE), "batch", kit.root / "jobs.json", "4"], capture_output=True,
+                            text=True, timeout=600)
+    return "" if result.returncode == 0 else result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("name, tree", _cases(_oracle_runs))
+def test_megatron_core_logits_of_our_output(kit, megatron_core, name, tree):
+    assert not megatron_core, megatron_core
+    logits = torch.load(kit.root / name / f"megatron_core_{tree}.pt")
+    assert_logits_close(logits, kit.hf(name)[1], atol=MEGATRON_CORE_ATOL)
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
+def test_torch_dist_saved_by_megatron_core_converts_to_hf(kit, megatron_core, name):
+    """megatron-core builds a random model from the args we write, saves it at TP2 with its own
+    ``dist_checkpointing.save`` (its own key names), and our Hugging Face conversion computes its logits."""
+    assert not megatron_core, megatron_core
+    out = kit.root / name / "made_hf"
+    assert convert("--load_path", kit.root / name / "made", "--save_path", out, "--to", "hf") == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == BY_NAME[name].family
+    assert_logits_close(logits_of(out), torch.load(kit.root / name / "made_logits.pt"), atol=MEGATRON_CORE_ATOL)
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
+def test_inspect_check_and_verify(kit, capsys, name):
+    tree = kit.tree(name, "te_tp2pp2")
+    assert run_inspect_cli([str(tree), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == BY_NAME[name].family and report["problems"] == []
+    assert run_verify_cli([str(kit.hf(name)[0]), str(tree), "--logits"]) == 0
+    assert capsys.readouterr().out.endswith("EQUAL\n")
+    assert run_verify_cli([str(kit.hf(name)[0]), str(kit.tree(name, "dist_from_ranks"))]) == 0
+    assert capsys.readouterr().out.endswith("EQUAL\n")
