@@ -15,7 +15,8 @@ import torch
 
 from . import megatron_schema as schema
 from .converter import Source
-from .engine import Item, all_finite, locate, max_abs_diff, walk
+from .blockwise import max_abs_diff
+from .engine import Item, all_finite, locate, release_all, walk
 from .hf_io import tensor_nbytes
 from .megatron_io import RankKey
 from .parallel import Style
@@ -98,10 +99,12 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     problems = []
     for tp in range(1, tree.tp):
         other = tree.tensor(RankKey(tp, stage, 0), param.megatron, local)
-        if not torch.equal(reference, other):
-            delta = max_abs_diff(reference, other)
+        delta = max_abs_diff(reference, other)
+        if delta != 0:
             problems.append(f"{item_name(item)}: replicated tensor differs between TP ranks 0 and {tp} "
                             f"(max |diff| {delta:.3g})")
+        release_all([other])
+    release_all([reference])
     return problems
 
 
