@@ -19,6 +19,7 @@ from .blockwise import max_abs_diff
 from .engine import Item, all_finite, locate, release_all, walk
 from .hf_io import tensor_nbytes
 from .megatron_io import RankKey
+from .memory import Arena
 from .parallel import Style
 
 
@@ -109,8 +110,14 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
 
 
 def check(source: Source) -> list[str]:
-    """Read every tensor once: replicas equal across TP ranks, values finite, no tensor left unread."""
+    """Read every tensor once: replicas equal across TP ranks, values finite, no tensor left unread.
+
+    One tensor at a time: ``all_finite`` reduces in place, and a Megatron source merges into memory
+    reused from one tensor to the next (``memory.Arena``); a tensor is done with before the next is made.
+    """
     problems = []
+    if source.kind == "megatron":
+        source.tensors.arena = Arena()
     for item in walk(source.family, source.arch):
         full = source.tensors.full(item, meta=False)
         if full.is_floating_point() and not all_finite(full):
