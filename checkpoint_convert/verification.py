@@ -1,9 +1,10 @@
 """Prove two checkpoints hold the same model, whatever their formats and layouts.
 
-Both are mapped to the canonical Hugging Face tensor names by the conversion engine itself (merged
-over ranks, vocab padding trimmed) and compared one family-table entry at a time, in bounded blocks
-(see ``blockwise``): memory holds one entry's tensors of each side, and of those only the copies a
-merge or repacking made, as file pages are handed back block by block once compared. With logits,
+Both are mapped to the canonical Hugging Face tensor names by the conversion engine itself (a
+Megatron side merged over ranks, vocab padding trimmed; a Hugging Face side as stored) and compared
+one family-table entry at a time, in bounded blocks (see ``blockwise``): memory holds one entry's
+tensors of each side, and of those only the copies a merge or unpacking made, as file pages are
+handed back block by block once compared. With logits,
 both Hugging Face models are built from those tensors (fp32, the whole model in memory) and run on
 the same token ids.
 """
@@ -105,15 +106,18 @@ def compare_tensors(a: Source, b: Source) -> Comparison:
     result = Comparison(only_in_a=[name for name in items_a if name not in items_b],
                         only_in_b=[name for name in items_b if name not in items_a])
     others = _OneEntryAtATime(b, items_b, set(items_a))
-    for source in (a, b):
-        if source.kind == "megatron":
-            source.tensors.arena = Arena()
-    previous = None
-    for name, item in items_a.items():
-        if name in items_b and item is not previous:
-            _compare_entry(result, a, item, others)
-            previous = item
-    a.tensors.arena = b.tensors.arena = None
+    merging = [source.tensors for source in (a, b) if source.kind == "megatron"]
+    for tensors in merging:
+        tensors.arena = Arena()
+    try:
+        previous = None
+        for name, item in items_a.items():
+            if name in items_b and item is not previous:
+                _compare_entry(result, a, item, others)
+                previous = item
+    finally:
+        for tensors in merging:
+            tensors.arena = None
     return result
 
 
