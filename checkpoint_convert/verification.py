@@ -10,13 +10,14 @@ the same token ids.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .blockwise import max_abs_diff
-from .converter import Source
+from .converter import Source, misread
 from .engine import HFTarget, Item, plan_with_items, run, walk
 from .memory import Arena, release_file_pages
 
@@ -126,6 +127,34 @@ def _compare_entry(result: Comparison, a: Source, item: Item, others: _OneEntryA
     for name, tensor in item_tensors(a, item).items():
         if name in others.items:
             result.record(name, tensor, others.take(name))
+
+
+def compare_checkpoints(open_source: Callable[[str, ThreadPoolExecutor | None], Source], a: str, b: str,
+                        logits: bool = False) -> Comparison:
+    """Open two checkpoints (``open_source(path, speculate)``) and compare them; with ``logits``, their logits too.
+
+    As in a conversion, a Hugging Face side's architecture is read from config.json's values as
+    written, and transformers' config class (seconds of imports) reads them again on another thread
+    while the tensors are compared; should it read another model, the comparison starts over with
+    its reading.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="hf-config") as pool:
+        first = [open_source(path, pool) for path in (a, b)]
+        try:
+            comparison = compare_tensors(*first)
+            for source in first:
+                if source.arch_check is not None:
+                    source.arch_check.result()
+            sources = first
+        except BaseException as error:
+            if not any(misread(source, error) for source in first):
+                raise
+            # ``first`` stays referenced: its mappings, registered read-only in this scope, stay mapped
+            sources = [open_source(path, None) for path in (a, b)]
+            comparison = compare_tensors(*sources)
+    if logits:
+        comparison.logits_diff = compare_logits(*sources)
+    return comparison
 
 
 def hf_model(source: Source) -> torch.nn.Module:

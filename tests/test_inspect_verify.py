@@ -213,6 +213,24 @@ def test_verify_reports_missing_tensors_between_families(gpt2, tmp_path, capsys)
     assert "only in A: transformer.wte.weight" in out and "only in B: model.embed_tokens.weight" in out
 
 
+def test_verify_reads_a_config_as_its_config_class_does(tmp_path, capsys, monkeypatch):
+    """A transformers 4 config (legacy ``rope_scaling``): read as written it has no scaling. verify begins
+    on that reading while the config class is imported, then starts over with the class's reading, which
+    the logits against the conversion (whose args carry the scaling) prove."""
+    from checkpoint_convert import report_cli
+    tiny_llama(tmp_path / "hf", seed=4)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    opened, real = [], report_cli.open_checkpoint
+    monkeypatch.setattr(report_cli, "open_checkpoint", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert run_verify_cli([str(tmp_path / "hf"), str(tmp_path / "m"), "--logits", "--atol", "1e-5"]) == 0, \
+        capsys.readouterr().out
+    assert len(opened) == 4  # both sides on the early reading, then again
+
+
 def test_drop_in_script_prints_the_converted_structure(gpt2, tmp_path):
     root, _ = gpt2
     result = subprocess.run([sys.executable, str(REPO / "megatron_gpt2" / "checkpoint_reshaping_and_interoperability.py"),
