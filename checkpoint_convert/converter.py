@@ -306,13 +306,13 @@ def convert(options: Options) -> Summary:
         try:
             return convert_to(options, source, dtype, start)
         except BaseException as error:
-            if not _misread(source, error):
+            if not misread(source, error):
                 raise
         # ``source`` stays referenced: its mappings, registered read-only in this scope, stay mapped
         return convert_to(options, open_source(options), dtype, start)
 
 
-def _misread(source: Source, error: BaseException) -> bool:
+def misread(source: Source, error: BaseException) -> bool:
     """Whether ``error`` may come from a wrong early reading of config.json (then the config class decides)."""
     if isinstance(error, MisreadArchitecture):
         return True

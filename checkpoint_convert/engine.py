@@ -16,12 +16,13 @@ import torch
 
 from . import megatron_schema as schema
 from .arch import ModelArch
+from .blockwise import cat_blockwise
 from .errors import BadInputError
 from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
-from .memory import release_pages, shares_storage
-from .parallel import (Style, cast, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
+from .memory import Arena, release_file_pages, release_pages, shares_storage
+from .parallel import (Style, cast, cat, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
                        trim_vocab)
 
 FIRST, LAYER, LAST = "first", "layer", "last"
@@ -100,10 +101,13 @@ class MegatronSource(_ReleasesReadPages):
             raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
                                 tree.iter_dir)
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
+        self.arena: Arena | None = None  # where merges go, for a caller done with an item before the next
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         if not meta:
             self._next_item()
+            if self.arena is not None:
+                self.arena.next_entry()
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
@@ -133,16 +137,27 @@ class MegatronSource(_ReleasesReadPages):
             shards.append(shard)
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
-        merged = merge_from_tp(shards, item.param.style)
+        merged = merge_from_tp(shards, item.param.style, cat if meta else self._join)
         if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
 
+    def _join(self, pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """``cat`` of shards, handing back each block's mapped file pages once copied.
+
+        A merge over tensor-parallel ranks then holds the merged tensor and a block of its shards,
+        not both whole: one largest tensor less for a conversion, and for a verify whose other side
+        holds a merged tensor of its own.
+        """
+        return cat_blockwise(pieces, dim, release_file_pages, self.arena.empty if self.arena is not None else None)
+
     def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
-        if len({tuple(s.shape) for s in shards}) > 1:
-            where = f"layer {item.layer} " if item.layer is not None else ""
-            raise BadInputError(f"{where}'{name}' has different shapes across TP ranks: "
-                                f"{[tuple(s.shape) for s in shards]}", self.tree.files[RankKey(0, stage, 0)])
+        """Shards of one tensor must agree in shape and dtype (the merge copies them into one dtype)."""
+        where = f"layer {item.layer} " if item.layer is not None else ""
+        for what, values in (("shapes", [tuple(s.shape) for s in shards]), ("dtypes", [s.dtype for s in shards])):
+            if len(set(values)) > 1:
+                raise BadInputError(f"{where}'{name}' has different {what} across TP ranks: {values}",
+                                    self.tree.files[RankKey(0, stage, 0)])
 
     def unconsumed(self) -> list[str]:
         """Weights in the source that no table entry read (tied-embedding copies excepted)."""
@@ -168,15 +183,18 @@ class HFSource(_ReleasesReadPages):
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
-        if not meta:
-            self._next_item()
-        tensors = [self.checkpoint.meta(n) if meta else self.checkpoint.tensor(n) for n in names]
-        if not meta:  # the stored tensors, not what an older layout's alias combined them into
-            self._read += self.checkpoint.read
-            self.checkpoint.read.clear()
+        tensors = [self.checkpoint.meta(n) for n in names] if meta else list(self.stored(item).values())
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
         return item.param.to_megatron(tensors, self.arch)
+
+    def stored(self, item: Item) -> dict[str, torch.Tensor]:
+        """An item's tensors under their Hugging Face names, as the checkpoint holds them (no repacking)."""
+        self._next_item()
+        tensors = {name: self.checkpoint.tensor(name) for name in self.family.hf_names(item.param, item.layer)}
+        self._read += self.checkpoint.read  # the stored tensors, not what an older layout's alias combined them into
+        self.checkpoint.read.clear()
+        return tensors
 
     def unconsumed(self) -> list[str]:
         ignored = self.family.hf_ignored_suffixes
@@ -310,19 +328,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite: the minimum and maximum are (NaN propagates through both).
 
     ``aminmax`` reduces in place, without the full-size temporary a cast or ``isfinite`` would
-    allocate; with large allocations mapped fresh (see ``memory``), such temporaries cost page faults.
+    allocate (nor a flattening ``reshape``, a copy of a tensor that is not contiguous); with large
+    allocations mapped fresh (see ``memory``), such temporaries cost page faults.
     """
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor.reshape(-1))
+    low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference, in float32 (inf for different shapes)."""
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:

@@ -15,9 +15,11 @@ import torch
 
 from . import megatron_schema as schema
 from .converter import Source
-from .engine import Item, all_finite, locate, max_abs_diff, walk
+from .blockwise import max_abs_diff
+from .engine import Item, all_finite, locate, release_all, walk
 from .hf_io import tensor_nbytes
 from .megatron_io import RankKey
+from .memory import Arena
 from .parallel import Style
 
 
@@ -98,16 +100,24 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     problems = []
     for tp in range(1, tree.tp):
         other = tree.tensor(RankKey(tp, stage, 0), param.megatron, local)
-        if not torch.equal(reference, other):
-            delta = max_abs_diff(reference, other)
+        delta = max_abs_diff(reference, other)
+        if delta != 0:
             problems.append(f"{item_name(item)}: replicated tensor differs between TP ranks 0 and {tp} "
                             f"(max |diff| {delta:.3g})")
+        release_all([other])
+    release_all([reference])
     return problems
 
 
 def check(source: Source) -> list[str]:
-    """Read every tensor once: replicas equal across TP ranks, values finite, no tensor left unread."""
+    """Read every tensor once: replicas equal across TP ranks, values finite, no tensor left unread.
+
+    One tensor at a time: ``all_finite`` reduces in place, and a Megatron source merges into memory
+    reused from one tensor to the next (``memory.Arena``); a tensor is done with before the next is made.
+    """
     problems = []
+    if source.kind == "megatron":
+        source.tensors.arena = Arena()
     for item in walk(source.family, source.arch):
         full = source.tensors.full(item, meta=False)
         if full.is_floating_point() and not all_finite(full):

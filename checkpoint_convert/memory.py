@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import math
 import mmap
 import os
 import sys
@@ -141,6 +142,53 @@ def release_pages(tensor: torch.Tensor) -> None:
     if last > first:
         advice = MADV_DONTNEED if _in_read_only_file_mapping(first, last) else MADV_PAGEOUT
         _MADVISE(first, last - first, advice)
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Unmap the whole pages under a contiguous tensor's own bytes, if a registered read-only file maps them.
+
+    For a pass that reads a large mapped tensor once, block by block (verify's comparison): each
+    block's pages go back as soon as it is read, so the pass holds a block, not the tensor. Only
+    file pages are handed back, which come back from the page cache if touched again; any other
+    memory is left alone (``release_pages`` would page it out, a loss of time for memory that is
+    freed anyway when its tensor goes).
+    """
+    if _MADVISE is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return
+    start = tensor.data_ptr()
+    first = (start + _PAGE - 1) // _PAGE * _PAGE
+    last = (start + tensor.nbytes) // _PAGE * _PAGE
+    if last > first and _in_read_only_file_mapping(first, last):
+        _MADVISE(first, last - first, MADV_DONTNEED)
+
+
+class Arena:
+    """Memory handed out again for every family-table entry, to a pass that drops an entry's tensors first.
+
+    Fresh memory is paid for at first touch: a page fault and a zeroed page per page, and on a
+    virtual machine whose kernel reports freed pages to its host, the host backing every page again.
+    Copying cached file pages into fresh memory ran at 0.5 GB/s on the 2-core test machine, into
+    memory touched before at 2.5 GB/s. A pass that is done with an entry's tensors before it asks
+    for the next entry (verify) takes its merges from here: its memory is the largest entry's,
+    touched once. A conversion, whose outputs are written behind, must not.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._used = 0
+
+    def next_entry(self) -> None:
+        """Every tensor handed out so far is dead: their memory is handed out again."""
+        self._used = 0
+
+    def empty(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the arena, valid until ``next_entry``."""
+        start = -(-self._used // 64) * 64  # aligned for any dtype
+        nbytes = math.prod(shape) * dtype.itemsize
+        if start + nbytes > self._buffer.numel():
+            self._buffer = torch.empty(start + nbytes, dtype=torch.uint8)  # views already handed out keep the old one
+        self._used = start + nbytes
+        return self._buffer[start:start + nbytes].view(dtype).view(shape)
 
 
 M_MMAP_THRESHOLD = -3

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,16 +78,23 @@ def split_for_tp(full: torch.Tensor, style: Style, tp: int) -> list[torch.Tensor
     return list(torch.chunk(full, tp, dim=0))
 
 
-def merge_from_tp(shards: Sequence[torch.Tensor], style: Style) -> torch.Tensor:
-    """Inverse of :func:`split_for_tp`."""
-    if style is Style.REPLICATED or len(shards) == 1:
-        return shards[0]
+def merge_from_tp(shards: Sequence[torch.Tensor], style: Style,
+                  join: Callable[[list[torch.Tensor], int], torch.Tensor] = cat) -> torch.Tensor:
+    """Inverse of :func:`split_for_tp`; ``join`` concatenates the pieces (``cat``'s signature)."""
+    pieces, dim = _tp_pieces(shards, style)
+    return pieces[0] if len(pieces) == 1 else join(pieces, dim)
+
+
+def _tp_pieces(shards: Sequence[torch.Tensor], style: Style) -> tuple[list[torch.Tensor], int]:
+    """What :func:`merge_from_tp` joins, in order, and along which dimension (one piece: nothing to join)."""
+    if style is Style.REPLICATED or len(shards) == 1 or (style is Style.ROW and shards[0].dim() < 2):
+        return [shards[0]], 0
     if style is Style.ROW:
-        return cat(shards, dim=1) if shards[0].dim() > 1 else shards[0]
+        return list(shards), 1
     if style is Style.GLU_COLUMN:
         halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
-        return cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return cat(shards, dim=0)
+        return [h[0] for h in halves] + [h[1] for h in halves], 0
+    return list(shards), 0
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

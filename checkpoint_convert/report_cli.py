@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli import add_flag, guarded
-from .converter import open_checkpoint
+from .converter import Source, open_checkpoint
 from .errors import EXIT_MISMATCH
 from .inspection import as_text, check, describe
 from .memory import read_only_file_mappings
-from .verification import compare_logits, compare_tensors
+from .verification import compare_checkpoints
 
 
 def _source_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,11 +72,10 @@ def _verify_report(comparison, atol: float) -> list[str]:
 
 
 def verify_main(args: argparse.Namespace) -> int:
-    a = open_checkpoint(Path(args.a), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size)
-    b = open_checkpoint(Path(args.b), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size)
-    comparison = compare_tensors(a, b)
-    if args.logits:
-        comparison.logits_diff = compare_logits(a, b)
+    def open_source(path: str, speculate: ThreadPoolExecutor | None) -> Source:
+        return open_checkpoint(Path(path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size,
+                               speculate=speculate)
+    comparison = compare_checkpoints(open_source, args.a, args.b, args.logits)
     print("\n".join(_verify_report(comparison, args.atol)))
     return 0 if comparison.equal(args.atol) else EXIT_MISMATCH
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark: conversion time and peak memory, measured side by side with `cp -r` in one run.
+"""Benchmark: conversion and verify time and peak memory, measured side by side with `cp -r` in one run.
 
 Builds synthetic bf16 checkpoints (Llama-shaped, and Mixtral-shaped for expert parallel) of the
-requested sizes; the largest tensor (the embedding) stays the same as the size grows, only the layer
-count changes. Every measurement runs in its own child process; peak RSS comes from that child's
-``wait4`` resource usage. Each step runs ``--repeats`` times (output removed in between); the table
-shows the median time, so one step caught by a slow moment of the disk or page cache does not set
-its ratio. Rows:
+requested sizes; the largest tensor (the embedding, 125 MB) stays the same as the size grows, only
+the layer count changes. Then a model of real shapes: Llama-3-8B's layers and vocab (hidden 4096,
+ffn 14336, 32/8 heads, vocab 128256: a 1.05 GB embedding), ``--real_shapes_layers`` layers (16:
+9.1 GB); ``--only_real_shapes`` runs only its rows. Every measurement runs in its own child
+process; peak RSS comes from that child's ``wait4`` resource usage. Each step runs ``--repeats``
+times (output removed in between); the table shows the median time, so one step caught by a slow
+moment of the disk or page cache does not set its ratio. Rows:
   cp -r                     copying the HF source tree (the disk's own speed); every conversion
                             is also paired with `cp -r` of its own source, run just before it in
                             each round, and its ratio is taken against that
@@ -14,12 +16,15 @@ its ratio. Rows:
   import only               a process importing what the tool imports (start-up RSS)
   hf->megatron tp2pp2, megatron tp2pp2->hf, tp2pp2->tp1pp1, hf->torch_dist, torch_dist->hf,
   mixtral ep2->hf           the tool
+  verify of ...             scripts/verify.py of that conversion's source and output, run right
+                            after the conversion in each round; its ratio is to that conversion
   naive tp2pp2->hf          the same conversion with every source file loaded fully and the
                             output assembled in memory before saving (what most converters do)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import _bootstrap  # noqa: F401
 
@@ -38,48 +43,72 @@ from transformers import LlamaConfig, MixtralConfig
 from checkpoint_convert.hf_io import SafetensorsStreamWriter
 
 REPO = Path(__file__).resolve().parents[1]
-HIDDEN, FFN, HEADS, GROUPS, VOCAB = 2048, 5632, 16, 4, 32000
 
 
-def _layer_shapes(experts: int) -> dict[str, tuple[int, ...]]:
-    kv = HIDDEN // HEADS * GROUPS
-    shapes = {"input_layernorm.weight": (HIDDEN,), "post_attention_layernorm.weight": (HIDDEN,),
-              "self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (kv, HIDDEN),
-              "self_attn.v_proj.weight": (kv, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN)}
+class Shapes(NamedTuple):
+    """A Llama-shaped model's sizes (bf16): what sets its largest tensor, the embedding."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    vocab: int
+
+    @property
+    def largest_mb(self) -> float:
+        return self.vocab * self.hidden * 2 / 2**20
+
+
+SIZED = Shapes(hidden=2048, ffn=5632, heads=16, groups=4, vocab=32000)  # --sizes: layers added to reach a size
+LLAMA3_8B = Shapes(hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256)  # the real-shapes model
+
+
+def _layer_shapes(shapes: Shapes, experts: int) -> dict[str, tuple[int, ...]]:
+    hidden, ffn = shapes.hidden, shapes.ffn
+    kv = hidden // shapes.heads * shapes.groups
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden)}
     if experts:
-        ffn = FFN // experts
-        shapes.update({"mlp.gate.weight": (experts, HIDDEN), "mlp.experts.gate_up_proj": (experts, 2 * ffn, HIDDEN),
-                       "mlp.experts.down_proj": (experts, HIDDEN, ffn)})
+        ffn //= experts
+        layer.update({"mlp.gate.weight": (experts, hidden), "mlp.experts.gate_up_proj": (experts, 2 * ffn, hidden),
+                      "mlp.experts.down_proj": (experts, hidden, ffn)})
     else:
-        shapes.update({"mlp.gate_proj.weight": (FFN, HIDDEN), "mlp.up_proj.weight": (FFN, HIDDEN),
-                       "mlp.down_proj.weight": (HIDDEN, FFN)})
-    return shapes
+        layer.update({"mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
+                      "mlp.down_proj.weight": (hidden, ffn)})
+    return layer
 
 
 def _numel(shape) -> int:
     return int(torch.Size(shape).numel())
 
 
-def build_synthetic(path: Path, gigabytes: float, experts: int = 0) -> int:
-    """A bf16 HF checkpoint of about ``gigabytes``; returns the layer count. Tensors are generated one at a time."""
-    layer_bytes = sum(_numel(s) for s in _layer_shapes(experts).values()) * 2
-    fixed_bytes = (2 * VOCAB * HIDDEN + HIDDEN) * 2
-    layers = max(2, 2 * round((gigabytes * 1e9 - fixed_bytes) / layer_bytes / 2))  # even, for PP=2
-    entries = [("model.embed_tokens.weight", (VOCAB, HIDDEN)), ("model.norm.weight", (HIDDEN,)),
-               ("lm_head.weight", (VOCAB, HIDDEN))]
-    entries += [(f"model.layers.{i}.{name}", shape) for i in range(layers) for name, shape in _layer_shapes(experts).items()]
+def layers_for_size(gigabytes: float, shapes: Shapes, experts: int = 0) -> int:
+    """The even layer count (for PP=2) that brings a bf16 model of these shapes nearest to ``gigabytes``."""
+    layer_bytes = sum(_numel(s) for s in _layer_shapes(shapes, experts).values()) * 2
+    fixed_bytes = (2 * shapes.vocab * shapes.hidden + shapes.hidden) * 2
+    return max(2, 2 * round((gigabytes * 1e9 - fixed_bytes) / layer_bytes / 2))
+
+
+def build_synthetic(path: Path, shapes: Shapes, layers: int, experts: int = 0) -> None:
+    """A bf16 HF checkpoint (untied embeddings); tensors are generated one at a time."""
+    entries = [("model.embed_tokens.weight", (shapes.vocab, shapes.hidden)), ("model.norm.weight", (shapes.hidden,)),
+               ("lm_head.weight", (shapes.vocab, shapes.hidden))]
+    entries += [(f"model.layers.{i}.{name}", shape) for i in range(layers)
+                for name, shape in _layer_shapes(shapes, experts).items()]
     path.mkdir(parents=True)
     writer = SafetensorsStreamWriter(path / "model.safetensors", [(n, s, torch.bfloat16) for n, s in entries])
     generator = torch.Generator().manual_seed(0)
     for name, shape in entries:
         writer.write(name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
     writer.close()
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
-                  num_key_value_heads=GROUPS, max_position_embeddings=4096, tie_word_embeddings=False)
-    config = (MixtralConfig(intermediate_size=FFN // experts, num_local_experts=experts, num_experts_per_tok=2, **common)
-              if experts else LlamaConfig(intermediate_size=FFN, **common))
+    common = dict(vocab_size=shapes.vocab, hidden_size=shapes.hidden, num_hidden_layers=layers,
+                  num_attention_heads=shapes.heads, num_key_value_heads=shapes.groups, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    config = (MixtralConfig(intermediate_size=shapes.ffn // experts, num_local_experts=experts, num_experts_per_tok=2,
+                            **common)
+              if experts else LlamaConfig(intermediate_size=shapes.ffn, **common))
     config.save_pretrained(path)
-    return layers
 
 
 # Runs one command and prints its wall time and peak RSS. It is started as a small process of its own
@@ -152,82 +181,129 @@ class Row(NamedTuple):
     seconds: float  # median
     peak_mb: float  # highest
     copy_seconds: float | None  # median of `cp -r` of the step's source, measured before it in each round
+    per_conversion: float | None = None  # verify rows: median over rounds of (verify / its conversion in that round)
 
 
-def run_size(work: Path, gigabytes: float, repeats: int) -> list[Row]:
-    """The rows of one model size; each step runs ``repeats`` times.
+class Steps:
+    """Runs steps ``repeats`` times each and keeps their rows.
 
     A conversion's ratio is taken against ``cp -r`` of its own source, measured right before it in
     each round: ``cp -r`` of a cached tree takes 0.7 s or 3 s depending on what the page cache holds,
-    and a conversion run minutes after its baseline would see another cache.
+    and a conversion run minutes after its baseline would see another cache. ``verify`` of a
+    conversion's source and output runs right after the conversion in each round, so both see the
+    same machine and cache, and its ratio is taken against that conversion.
     """
-    hf, mixtral = work / "hf", work / "mixtral_hf"
-    build_synthetic(hf, gigabytes)
-    build_synthetic(mixtral, gigabytes, experts=4)
-    rows: list[Row] = []
 
-    def timed(command: list[str], output: Path | None) -> tuple[float, float]:
+    def __init__(self, work: Path, repeats: int) -> None:
+        self.work, self.repeats, self.rows = work, repeats, []
+
+    def timed(self, command: list[str], output: Path | None = None) -> tuple[float, float]:
         if output is not None:
             shutil.rmtree(output, ignore_errors=True)
         return measure(command)
 
-    def row(name: str, command: list[str], output: Path | None = None, source: Path | None = None) -> None:
+    def _copy(self, source: Path) -> float:
+        return self.timed(["cp", "-r", str(source), str(self.work / "copy")], self.work / "copy")[0]
+
+    def row(self, name: str, command: list[str], output: Path | None = None, source: Path | None = None) -> None:
         runs, copies = [], []
-        for _ in range(repeats):
+        for _ in range(self.repeats):
             if source is not None:
-                copies.append(timed(["cp", "-r", str(source), str(work / "copy")], work / "copy")[0])
-            runs.append(timed(command, output))
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        rows.append(Row(name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs),
-                        statistics.median(copies) if copies else None))
+                copies.append(self._copy(source))
+            runs.append(self.timed(command, output))
+        shutil.rmtree(self.work / "copy", ignore_errors=True)
+        self.rows.append(Row(name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs),
+                             statistics.median(copies) if copies else None))
 
-    def conversion(name: str, source: Path, target: Path, *flags: str) -> None:
-        row(name, _convert(source, target, *flags), output=target, source=source)
+    def conversion(self, name: str, source: Path, target: Path, *flags: str) -> None:
+        """A conversion paired with `cp -r` of its source, then `verify` of its source and output, in each round."""
+        runs, copies, checks = [], [], []
+        for _ in range(self.repeats):
+            copies.append(self._copy(source))
+            runs.append(self.timed(_convert(source, target, *flags), target))
+            checks.append(self.timed([sys.executable, str(REPO / "scripts" / "verify.py"), str(source), str(target)]))
+        shutil.rmtree(self.work / "copy", ignore_errors=True)
+        self.rows.append(Row(name, statistics.median(s for s, _ in runs), max(rss for _, rss in runs),
+                             statistics.median(copies)))
+        self.rows.append(Row(f"verify of {name}", statistics.median(s for s, _ in checks),
+                             max(rss for _, rss in checks), None,
+                             statistics.median(check[0] / run[0] for check, run in zip(checks, runs))))
 
-    row("cp -r (HF source)", ["cp", "-r", str(hf), str(work / "copy")], output=work / "copy")
-    row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
-    row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
-    conversion("hf -> megatron tp2pp2", hf, work / "tp2pp2", "--to", "megatron",
-               "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2")
-    conversion("megatron tp2pp2 -> hf", work / "tp2pp2", work / "back", "--to", "hf")
-    conversion("megatron tp2pp2 -> tp1pp1", work / "tp2pp2", work / "tp1", "--to", "megatron",
-               "--target_tensor_model_parallel_size", "1", "--target_pipeline_model_parallel_size", "1")
-    conversion("hf -> megatron torch_dist", hf, work / "dist", "--to", "megatron", "--megatron_ckpt_format", "torch_dist")
-    conversion("megatron torch_dist -> hf", work / "dist", work / "dist_back", "--to", "hf")
+
+def _baselines_and_round_trip(steps: Steps, hf: Path, work: Path) -> None:
+    """Rows every model has: the baselines, HF -> TP2 PP2 and back, and TP2 PP2 -> TP1 PP1."""
+    steps.row("cp -r (HF source)", ["cp", "-r", str(hf), str(work / "copy")], output=work / "copy")
+    steps.row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
+    steps.row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
+    steps.conversion("hf -> megatron tp2pp2", hf, work / "tp2pp2", "--to", "megatron",
+                     "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2")
+    steps.conversion("megatron tp2pp2 -> hf", work / "tp2pp2", work / "back", "--to", "hf")
+    shutil.rmtree(work / "back")
+    steps.conversion("megatron tp2pp2 -> tp1pp1", work / "tp2pp2", work / "tp1", "--to", "megatron",
+                     "--target_tensor_model_parallel_size", "1", "--target_pipeline_model_parallel_size", "1")
+    shutil.rmtree(work / "tp1")
+
+
+def run_size(work: Path, gigabytes: float, repeats: int) -> list[Row]:
+    """The rows of one model size (``SIZED`` shapes, layers added to reach the size)."""
+    hf, mixtral = work / "hf", work / "mixtral_hf"
+    build_synthetic(hf, SIZED, layers_for_size(gigabytes, SIZED))
+    build_synthetic(mixtral, SIZED, layers_for_size(gigabytes, SIZED, experts=4), experts=4)
+    steps = Steps(work, repeats)
+    _baselines_and_round_trip(steps, hf, work)
+    steps.conversion("hf -> megatron torch_dist", hf, work / "dist", "--to", "megatron",
+                     "--megatron_ckpt_format", "torch_dist")
+    steps.conversion("megatron torch_dist -> hf", work / "dist", work / "dist_back", "--to", "hf")
     subprocess.run(_convert(mixtral, work / "ep2", "--to", "megatron", "--target_expert_model_parallel_size", "2"),
                    check=True)
-    conversion("mixtral megatron ep2 -> hf", work / "ep2", work / "mixtral_back", "--to", "hf")
+    steps.conversion("mixtral megatron ep2 -> hf", work / "ep2", work / "mixtral_back", "--to", "hf")
     naive = NAIVE.format(repo=str(REPO), scripts=str(REPO / "scripts"), source=str(work / "tp2pp2"),
                          target=str(work / "naive"))
-    row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive], output=work / "naive", source=work / "tp2pp2")
-    return rows
+    steps.row("naive megatron tp2pp2 -> hf", [sys.executable, "-c", naive], output=work / "naive",
+              source=work / "tp2pp2")
+    return steps.rows
+
+
+def run_real_shapes(work: Path, layers: int, repeats: int) -> list[Row]:
+    """The rows of a model of Llama-3-8B's layer and vocab shapes (largest tensor 1 GB), ``layers`` layers."""
+    hf = work / "hf"
+    build_synthetic(hf, LLAMA3_8B, layers)
+    steps = Steps(work, repeats)
+    _baselines_and_round_trip(steps, hf, work)
+    return steps.rows
 
 
 def _tree_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
 
 
-def report(size: float, source_gb: float, rows: list[Row]) -> None:
+def report(title: str, shapes: Shapes, rows: list[Row]) -> None:
     seconds = {row.name: row.seconds for row in rows}
     rss = {row.name: row.peak_mb for row in rows}
     startup = seconds["python -c 'import torch'"]
-    largest_mb = VOCAB * HIDDEN * 2 / 2**20
-    memory_budget = rss["import only"] + 2 * largest_mb + 100
-    print(f"\n## {size} GB requested, HF source {source_gb:.2f} GB, largest tensor {largest_mb:.0f} MB")
+    memory_budget = rss["import only"] + 2 * shapes.largest_mb + 100
+    print(f"\n## {title}, largest tensor {shapes.largest_mb:.0f} MB")
     print(f"time budget of a conversion: cp -r of its source (measured before it in each round) + torch start-up "
-          f"({startup:.1f} s); memory budget (import RSS + 2 x largest + 100 MB) {memory_budget:.0f} MB")
-    print("| step | seconds | cp -r of its source | time / (cp + start-up) | peak RSS MB | RSS / budget |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, time, mb, copy in rows:
+          f"({startup:.1f} s); of a verify: its conversion (measured before it in each round); memory budget of "
+          f"both (import RSS + 2 x largest + 100 MB) {memory_budget:.0f} MB")
+    print("| step | seconds | cp -r of its source | time / (cp + start-up) | verify / conversion | peak RSS MB "
+          "| RSS / budget |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, time, mb, copy, per_conversion in rows:
         ratio, baseline = (f"{time / (copy + startup):.2f}", f"{copy:.1f}") if copy is not None else ("", "")
-        print(f"| {name} | {time:.1f} | {baseline} | {ratio} | {mb:.0f} | {mb / memory_budget:.2f} |")
-    naive, ours = rss["naive megatron tp2pp2 -> hf"], rss["megatron tp2pp2 -> hf"]
-    print(f"naive / ours peak RSS for tp2pp2 -> hf: {naive / ours:.1f}x")
+        verify = f"{per_conversion:.2f}" if per_conversion is not None else ""
+        print(f"| {name} | {time:.1f} | {baseline} | {ratio} | {verify} | {mb:.0f} | {mb / memory_budget:.2f} |")
+    if "naive megatron tp2pp2 -> hf" in rss:
+        naive, ours = rss["naive megatron tp2pp2 -> hf"], rss["megatron tp2pp2 -> hf"]
+        print(f"naive / ours peak RSS for tp2pp2 -> hf: {naive / ours:.1f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2", help="comma-separated model sizes in GB (default 2)")
+    parser.add_argument("--real_shapes_layers", type=int, default=16,
+                        help="layers of the Llama-3-8B-shaped model (default 16: 9.1 GB; 0: no such model)")
+    parser.add_argument("--only_real_shapes", action="store_true", help="only the Llama-3-8B-shaped model's rows")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
@@ -235,21 +311,32 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}; "
           f"median of {args.repeats} runs per step")
     peaks = {}
-    for size in [float(s) for s in args.sizes.split(",")]:
-        work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.workdir))
-        try:
+    for size in [] if args.only_real_shapes else [float(s) for s in args.sizes.split(",")]:
+        with _workdir(args.workdir) as work:
             rows = run_size(work, size, args.repeats)
-            report(size, _tree_gb(work / "hf"), rows)
+            report(f"{size} GB requested, HF source {_tree_gb(work / 'hf'):.2f} GB", SIZED, rows)
             peaks[size] = {row.name: row.peak_mb for row in rows}
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     if len(peaks) > 1:
         low, high = min(peaks), max(peaks)
         print(f"\npeak RSS growth from {low} GB to {high} GB (same largest tensor):")
         for name in peaks[low]:
             print(f"  {name}: {peaks[high][name] - peaks[low][name]:+.0f} MB")
-    print(json.dumps({"sizes": list(peaks)}))
+    if args.real_shapes_layers:
+        with _workdir(args.workdir) as work:
+            rows = run_real_shapes(work, args.real_shapes_layers, args.repeats)
+            report(f"Llama-3-8B shapes, {args.real_shapes_layers} layers, HF source {_tree_gb(work / 'hf'):.2f} GB",
+                   LLAMA3_8B, rows)
+    print(json.dumps({"sizes": list(peaks), "real_shapes_layers": args.real_shapes_layers}))
     return 0
+
+
+@contextlib.contextmanager
+def _workdir(parent: str | None) -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,11 @@ def _tp_shape_mismatch(root):
     _rewrite(root, "mp_rank_01_000", lambda s: s["model"].__setitem__(key, s["model"][key][:-8]))
 
 
+def _tp_dtype_mismatch(root):
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    _rewrite(root, "mp_rank_01_000", lambda s: s["model"].__setitem__(key, s["model"][key].half()))
+
+
 def _foreign_global(root):
     module = types.ModuleType("evil_payload")
 
@@ -163,6 +168,8 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("args-disagree-with-shapes", "megatron", _args_disagree, MEGATRON_TO_HF, "does not fit"),
     ("shape-mismatch-between-tp-ranks", "megatron", _tp_shape_mismatch, MEGATRON_TO_HF,
      "different shapes across TP ranks"),
+    ("dtype-mismatch-between-tp-ranks", "megatron", _tp_dtype_mismatch, MEGATRON_TO_HF,
+     "different dtypes across TP ranks: [torch.float32, torch.float16]"),
     ("pickle-with-foreign-global", "megatron", _foreign_global, MEGATRON_TO_HF,
      "needs the global 'evil_payload.Payload'"),
     ("torch-dist-hostile-metadata-pickle", "dist", _hostile_dist_metadata, MEGATRON_TO_HF,

@@ -117,12 +117,61 @@ def test_check_finds_nan_and_a_missing_rank(gpt2, tmp_path, capsys):
     assert "missing rank files for mp_rank_01_001" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("other", ["local", "dist", "legacy"])
-def test_verify_passes_on_converted_pairs(gpt2, capsys, other):
+@pytest.mark.parametrize("a,b", [("hf", "local"), ("hf", "dist"), ("hf", "legacy"), ("legacy", "transformer_engine")])
+def test_verify_passes_on_converted_pairs(gpt2, capsys, a, b):
     root, _ = gpt2
-    assert run_verify_cli([str(root / "hf"), str(root / other), "--logits"]) == 0
+    assert run_verify_cli([str(root / a), str(root / b), "--logits"]) == 0
     out = capsys.readouterr().out
     assert "compared 52 tensors: max |diff| 0" in out and "logits: max |diff| 0" in out and out.endswith("EQUAL\n")
+
+
+def test_verify_makes_each_entry_once_on_each_side(tmp_path, capsys, monkeypatch):
+    """Both sides walk one family table: B's tensors pair up with A's as they come, an entry of several
+    tensors (q, k, v; gate, up) is made once and none waits for its partner (memory holds one entry of each side)."""
+    from checkpoint_convert import verification
+    tiny_llama(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    made, real = [], verification.item_tensors
+    monkeypatch.setattr(verification, "item_tensors",
+                        lambda source, item: (made.append((source.kind, item)), real(source, item))[1])
+    assert run_verify_cli([str(tmp_path / "hf"), str(tmp_path / "m")]) == 0
+    entries = {item for _, item in made}
+    assert sorted(kind for kind, _ in made) == ["hf"] * len(entries) + ["megatron"] * len(entries)
+    assert f"compared {len(entries) + 4 * 3} tensors" in capsys.readouterr().out  # 4 layers: 3 + 2 from 2 entries
+
+
+def test_verify_finds_a_change_in_the_last_block_of_merged_tensors(gpt2, tmp_path, capsys, monkeypatch):
+    """Blocks of 64 elements: the last element of the merged embedding (TP rank 1's last true vocab row) and
+    of a later layer, where merges reuse the memory of earlier ones."""
+    import shutil
+    from checkpoint_convert import blockwise
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(blockwise, "PIECE_ELEMENTS", 16)
+    root, _ = gpt2
+    shutil.copytree(root / "legacy", tmp_path / "m")
+
+    def perturb_embedding(model):
+        model["language_model"]["embedding"]["word_embeddings"]["weight"][999 - 512, -1] += 0.25  # vocab 1000 of 1024
+
+    def perturb_layer(model):
+        model["language_model"]["encoder"]["layers.1.mlp.dense_4h_to_h.weight"][-1, -1] -= 0.5  # global layer 3
+    _rewrite(_rank_file(tmp_path / "m", "mp_rank_01_000"), perturb_embedding)
+    _rewrite(_rank_file(tmp_path / "m", "mp_rank_01_001"), perturb_layer)
+    assert run_verify_cli([str(root / "local"), str(tmp_path / "m")]) == 3
+    differing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("differs")]
+    assert differing == ["differs: transformer.wte.weight (max |diff| 0.25)",
+                         "differs: transformer.h.3.mlp.c_proj.weight (max |diff| 0.5)"]
+
+
+def test_verify_compares_another_dtype_by_value(gpt2, tmp_path, capsys):
+    root, _ = gpt2
+    assert convert("--load_path", root / "hf", "--save_path", tmp_path / "bf16", "--to", "megatron",
+                   "--target_params_dtype", "bf16") == 0
+    assert run_verify_cli([str(root / "hf"), str(tmp_path / "bf16")]) == 3
+    worst = float(capsys.readouterr().out.split("max |diff| ")[-1].split()[0])
+    assert 0 < worst < 1e-2
+    assert run_verify_cli([str(root / "hf"), str(tmp_path / "bf16"), "--atol", "1e-2"]) == 0
 
 
 def test_verify_fails_on_a_perturbed_weight(gpt2, tmp_path, capsys):
@@ -162,6 +211,24 @@ def test_verify_reports_missing_tensors_between_families(gpt2, tmp_path, capsys)
     assert run_verify_cli([str(root / "hf"), str(tmp_path / "llama")]) == 3
     out = capsys.readouterr().out
     assert "only in A: transformer.wte.weight" in out and "only in B: model.embed_tokens.weight" in out
+
+
+def test_verify_reads_a_config_as_its_config_class_does(tmp_path, capsys, monkeypatch):
+    """A transformers 4 config (legacy ``rope_scaling``): read as written it has no scaling. verify begins
+    on that reading while the config class is imported, then starts over with the class's reading, which
+    the logits against the conversion (whose args carry the scaling) prove."""
+    from checkpoint_convert import report_cli
+    tiny_llama(tmp_path / "hf", seed=4)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
+    opened, real = [], report_cli.open_checkpoint
+    monkeypatch.setattr(report_cli, "open_checkpoint", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert run_verify_cli([str(tmp_path / "hf"), str(tmp_path / "m"), "--logits", "--atol", "1e-5"]) == 0, \
+        capsys.readouterr().out
+    assert len(opened) == 4  # both sides on the early reading, then again
 
 
 def test_drop_in_script_prints_the_converted_structure(gpt2, tmp_path):
