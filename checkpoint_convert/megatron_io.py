@@ -6,6 +6,7 @@ from shapes alone.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import re
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 from . import megatron_schema as schema
 from .errors import BadInputError
 from .memory import note_file_mapping
-from .safe_load import safe_torch_load
+from .parallel import stage_offsets
+from .safe_load import InertBytes, safe_torch_load
 from .torch_zip_writer import StreamingTorchFile
 
 if TYPE_CHECKING:  # imported for annotations only: torch.distributed.checkpoint is slow to import
@@ -28,6 +30,7 @@ GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "line
 MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 _CHUNK_KEY = re.compile(r"model(\d+)")
+EXTRA_STATE = "_extra_state"
 
 
 def iteration_dir_name(iteration: str | int) -> str:
@@ -324,6 +327,25 @@ class MegatronTree:
     def all_weight_names(self, rank: RankKey) -> Iterable[tuple[int | None, str]]:
         return self.names(rank).keys()
 
+    def extra_states(self) -> list[tuple[str, str, int, str]]:
+        """Every ``_extra_state`` entry: (name with the global layer, form, bytes, rank directory).
+
+        Transformer Engine stores its FP8 scaling state there: an ``io.BytesIO`` (loaded as
+        :class:`~checkpoint_convert.safe_load.InertBytes`), a ``uint8`` tensor or None. No
+        conversion reads it; this tells what a checkpoint carries.
+        """
+        offsets = stage_offsets(self.stage_layer_counts())
+        found = []
+        for rank in self.files:
+            for stored, value in self._flat(rank).items():
+                if not stored.endswith(EXTRA_STATE):
+                    continue
+                layer, name = schema.canonical_name(stored, self.schema)
+                if layer is not None:
+                    name = f"{schema.LAYER_PREFIX}{offsets[rank.pp] + layer}.{name}"
+                found.append((name, *opaque_form(value), self.holders(rank, name, layer)[0]))
+        return found
+
     def holders(self, rank: RankKey, canonical: str, layer: int | None) -> list[str]:
         """The rank directory holding a shard (and its model chunk, with a virtual pipeline)."""
         return [self.files[rank].parent.name + self._in_chunk(rank, "/")]
@@ -331,6 +353,19 @@ class MegatronTree:
     def _in_chunk(self, rank: RankKey, joiner: str) -> str:
         """``joiner`` and the stage's model chunk (``model1``) with a virtual pipeline; nothing without one."""
         return joiner + self._chunks[rank] if self.vpp > 1 else ""
+
+
+def opaque_form(value: Any) -> tuple[str, int]:
+    """(what it is, its size in bytes) of an entry no conversion reads, such as an extra state."""
+    if isinstance(value, InertBytes):
+        return "io.BytesIO", value.nbytes
+    if isinstance(value, io.BytesIO):  # when another library allowlisted the class itself with torch
+        return "io.BytesIO", value.getbuffer().nbytes
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} tensor", value.nbytes
+    if value is None:
+        return "None", 0
+    return type(value).__name__, 0
 
 
 def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:

@@ -207,6 +207,15 @@ class TorchDistTree:
     def all_weight_names(self, rank: Any) -> Iterable[tuple[int | None, str]]:
         return self._names.keys()
 
+    def extra_states(self) -> list[tuple[str, str, int, str]]:
+        """Every ``_extra_state`` byte entry: (key, form, bytes, data file); none is ever unpickled."""
+        found = []
+        for fqn, entry in self.metadata.state_dict_metadata.items():
+            if isinstance(entry, dcp_metadata.BytesStorageMetadata) and "_extra_state" in fqn:
+                info = self.metadata.storage_data.get(dcp_metadata.MetadataIndex(fqn))
+                found.append((fqn, "bytes", int(getattr(info, "length", 0)), getattr(info, "relative_path", "?")))
+        return found
+
     def _stored(self, canonical: str, layer: int | None) -> _Stored:
         stored = self._names.get((layer, canonical))
         if stored is None:

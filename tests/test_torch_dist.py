@@ -11,13 +11,20 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, tiny_gpt2
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, plain_torch_allowlist, tiny_gpt2
 from tests.test_errors import snapshot
 from tests.test_llama import tiny_llama
 from tests.test_megatron_core import ATOL, MODELS, SPECS, megatron_core_logits, run_oracle
 from tests.test_mixtral import tiny_mixtral
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
+
+
+@pytest.fixture(autouse=True)
+def without_megatron_safe_globals():
+    """Sources load as in the command-line tool's process, not thanks to what megatron-core registered."""
+    with plain_torch_allowlist():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,8 @@ def megatron_dist(tmp_path_factory):
 
 @pytest.mark.parametrize("family", list(SPECS))
 def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dist, family):
-    """Saved with RNG and optimizer state beside the model, as a training run saves it."""
+    """Saved with RNG and optimizer state, FP8 args and TE extra state, as a training run saves it
+    (``megatron_oracle._training_state``)."""
     source, expected = megatron_dist(family)
     before = snapshot(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
@@ -81,6 +89,20 @@ def test_torch_dist_loads_in_megatron_core_at_tensor_parallel_2(tmp_path, name):
     torch.save(TOKENS, tmp_path / "tokens.pt")
     run_oracle("dist-logits", tmp_path / "dist", tmp_path / "tokens.pt", tmp_path / "logits.pt", 2)
     assert_logits_close(torch.load(tmp_path / "logits.pt"), logits_of(model), atol=ATOL)
+
+
+def test_the_tracker_names_the_torch_dist_iteration_to_read(tmp_path, megatron_dist):
+    """An older iteration beside the latest (another model): the tracker's is converted."""
+    import shutil
+
+    source, expected = megatron_dist("llama")
+    shutil.copytree(source, tmp_path / "run")
+    tiny_llama(tmp_path / "older_hf", seed=9)
+    assert convert("--load_path", tmp_path / "older_hf", "--save_path", tmp_path / "older", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist") == 0
+    (tmp_path / "older" / "release").rename(tmp_path / "run" / "iter_0000000")
+    assert convert("--load_path", tmp_path / "run", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
 
 
 def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core(tmp_path, megatron_dist):
@@ -190,7 +212,10 @@ def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megat
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "megatron torch_dist" and report["iteration"] == 1 and report["problems"] == []
     assert "optimizer.state.exp_avg.embedding.word_embeddings.weight" in report["skipped"]
-    assert "rng_state/shard_0_1" in report["skipped"]
+    assert "rng_state/shard_0.0_1.1" in report["skipped"]
+    extra = {row["name"]: row for row in report["extra_state"]}
+    assert "decoder.layers.self_attention.linear_qkv._extra_state/shard_1_2" in extra
+    assert all(row["form"] == ["bytes"] and row["bytes"] > 1000 for row in extra.values())  # the BytesIO's zip
     experts = next(row for row in report["tensors"] if row["name"] == "decoder.layers.1.mlp.experts.local_experts.*.linear_fc1.weight")
     assert experts["shape"] == [4, 192, 64] and experts["held_by"]
 
