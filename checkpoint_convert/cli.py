@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from .converter import Options, convert
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
 from .memory import return_large_allocations_to_the_system
+from .runtime import reader_gone
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -99,6 +100,8 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except KeyboardInterrupt:
         print("interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return reader_gone()
     except Exception as error:  # an internal error: short message, traceback only on request
         if args.debug:
             raise

@@ -219,10 +219,80 @@ def test_save_path_inside_load_path_and_non_empty_save_path(pristine, tmp_path, 
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron") == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
-    assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron",
+
+
+def test_overwrite_replaces_a_checkpoint_once_the_new_one_is_complete(pristine, tmp_path, monkeypatch):
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "hf") == 0
+    seen_during_the_stream = []
+    from checkpoint_convert import converter
+    stream = converter._stream
+    monkeypatch.setattr(converter, "_stream", lambda *a, **k: (
+        seen_during_the_stream.append(sorted(p.name for p in (tmp_path / "out").iterdir())), stream(*a, **k))[1])
+    assert convert("--load_path", pristine / "megatron", "--save_path", tmp_path / "out", "--to", "megatron",
                    "--overwrite") == 0
-    assert not (tmp_path / "full" / "keep.txt").exists()
-    assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").is_file()
+    assert seen_during_the_stream == [["config.json", "generation_config.json", "model.safetensors"]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def _thesis(root):
+    (root / "docs").mkdir()
+    (root / "docs" / "thesis.txt").write_text("four years")
+
+
+@pytest.mark.parametrize("holds, message", [
+    (_thesis, "it would delete docs/thesis.txt"),
+    (lambda root: (root / "notes.md").write_text("x"), "it would delete notes.md"),
+    (lambda root: (root / "config.json").write_text("{}"), "config.json, which belongs to no complete checkpoint"),
+], ids=["thesis-beside-nothing", "notes", "config-without-weights"])
+def test_overwrite_refuses_a_directory_holding_anything_but_a_checkpoint(pristine, tmp_path, capsys, holds, message):
+    (tmp_path / "out").mkdir()
+    holds(tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron",
+                   "--overwrite") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_overwrite_refuses_a_checkpoint_with_a_stray_file(pristine, tmp_path, capsys):
+    shutil.copytree(pristine / "megatron", tmp_path / "out")
+    (tmp_path / "out" / "release" / "mp_rank_00_000" / "notes.txt").write_text("x")
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron",
+                   "--overwrite") == 2
+    assert "it would delete release/mp_rank_00_000/notes.txt" in capsys.readouterr().err
+    assert (tmp_path / "out" / "release" / "mp_rank_00_000" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["working", "home"])
+def test_the_working_and_home_directories_are_never_replaced(pristine, tmp_path, capsys, monkeypatch, where):
+    """Nor any directory containing them."""
+    (tmp_path / "top" / "me").mkdir(parents=True)
+    if where == "working":
+        monkeypatch.chdir(tmp_path / "top" / "me")
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "top" / "me"))
+    for save in (tmp_path / "top" / "me", tmp_path / "top"):
+        assert convert("--load_path", pristine / "hf", "--save_path", save, "--to", "megatron", "--overwrite") == 2
+        assert f"is or contains the {where} directory" in capsys.readouterr().err
+    assert (tmp_path / "top" / "me").is_dir() and not list((tmp_path / "top" / "me").iterdir())
+
+
+@pytest.mark.parametrize("script, argv", [("inspect_checkpoint.py", ["{megatron}"]), ("verify.py", ["{hf}", "{megatron}"]),
+                                          ("convert.py", ["--load_path", "{hf}", "--to", "hf", "--save_path", "{out}"])])
+def test_cli_whose_reader_goes_away_exits_quietly(pristine, tmp_path, script, argv):
+    """``inspect_checkpoint.py PATH | head`` where the reader has gone before the first line: no traceback,
+    no complaint, the exit status a shell gives a tool stopped by SIGPIPE."""
+    import subprocess
+
+    from tests.helpers import REPO
+    paths = [arg.format(hf=pristine / "hf", megatron=pristine / "megatron", out=tmp_path / "out") for arg in argv]
+    command = " ".join(f'"{part}"' for part in [sys.executable, REPO / "scripts" / script, *paths])
+    result = subprocess.run(["bash", "-c", f'{command} | true; echo "status ${{PIPESTATUS[0]}}" >&2'],
+                            capture_output=True, text=True, timeout=300)
+    *before, status = result.stderr.strip().splitlines()
+    assert status == "status 141" and not any("rror" in line or "Traceback" in line for line in before), result.stderr
 
 
 def test_output_directory_gets_the_mode_mkdir_would_give(pristine, tmp_path):
