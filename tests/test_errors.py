@@ -114,6 +114,60 @@ def _shard_listed_but_missing(root):
     (hf / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _edit_safetensors_header(file, change):
+    """Rewrite a safetensors file's JSON header (``change`` edits the parsed dict), keeping its data bytes."""
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+
+
+def _unknown_dtype(root):
+    _edit_safetensors_header(root / "hf" / "model.safetensors",
+                             lambda h: h["transformer.ln_f.weight"].__setitem__("dtype", "F33"))
+
+
+def _overlapping_offsets(root):
+    def overlap(header):
+        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        first, second = header[tensors[0]], header[tensors[1]]
+        size = second["data_offsets"][1] - second["data_offsets"][0]
+        second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]
+    _edit_safetensors_header(root / "hf" / "model.safetensors", overlap)
+
+
+def _as_shards(root, placement):
+    """Split the single-file model into two shards plus an index; ``placement(name) -> shard numbers``
+    (the index is written as ``placement`` says; see the cases)."""
+    from safetensors.torch import load_file, save_file
+    hf = root / "hf"
+    tensors = load_file(hf / "model.safetensors")
+    (hf / "model.safetensors").unlink()
+    names = {1: "model-00001-of-00002.safetensors", 2: "model-00002-of-00002.safetensors"}
+    shards, weight_map = {1: {}, 2: {}}, {}
+    for position, (name, tensor) in enumerate(sorted(tensors.items())):
+        stored, listed = placement(position, name)
+        for shard in stored:
+            shards[shard][name] = tensor
+        weight_map[name] = names[listed]
+    for shard, content in shards.items():
+        save_file(content, hf / names[shard], metadata={"format": "pt"})
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _same_tensor_in_two_shards(root):
+    _as_shards(root, lambda position, name: ((1, 2), 2) if name == "transformer.wte.weight" else
+               ((1 + position % 2,), 1 + position % 2))
+
+
+def _index_disagrees_with_headers(root):
+    _as_shards(root, lambda position, name: ((2,), 1) if name == "transformer.wpe.weight" else
+               ((1 + position % 2,), 1 + position % 2))
+
+
 def _hostile_dist_metadata(root):
     """A .metadata pickle that would run a shell command (writing into the source) when unpickled."""
     class Payload:
@@ -186,6 +240,17 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("config-unreadable", "hf", _bad_config, HF_TO_MEGATRON, "unreadable config"),
     ("shard-listed-but-missing", "hf", _shard_listed_but_missing, HF_TO_MEGATRON,
      "shard model-00001-of-00002.safetensors is listed in the index but missing"),
+    ("safetensors-unknown-dtype", "hf", _unknown_dtype, HF_TO_MEGATRON,
+     "model.safetensors: invalid safetensors file (Error while deserializing header: invalid JSON in header: "
+     "unknown variant `F33`"),
+    ("safetensors-overlapping-offsets", "hf", _overlapping_offsets, HF_TO_MEGATRON,
+     "model.safetensors: invalid safetensors file (Error while deserializing header: invalid offset for tensor"),
+    ("tensor-in-two-shards", "hf", _same_tensor_in_two_shards, HF_TO_MEGATRON,
+     "model.safetensors.index.json: tensor 'transformer.wte.weight' is in two shards, "
+     "model-00001-of-00002.safetensors and model-00002-of-00002.safetensors"),
+    ("index-disagrees-with-shard-headers", "hf", _index_disagrees_with_headers, HF_TO_MEGATRON,
+     "model.safetensors.index.json: weight_map puts 'transformer.wpe.weight' in model-00001-of-00002.safetensors, "
+     "but it is in model-00002-of-00002.safetensors"),
 ]
 
 
