@@ -18,7 +18,7 @@ from huggingface_hub import constants, split_state_dict_into_shards_factory
 from safetensors import safe_open
 
 from .appender import Appender
-from .errors import BadInputError
+from .errors import BadInputError, reason
 from .memory import map_for_reading
 from .safe_load import safe_torch_load
 
@@ -109,8 +109,7 @@ def _validate_safetensors(file: Path) -> None:
         with safe_open(file, framework="pt"):
             pass
     except Exception as error:  # SafetensorError, OSError, ...: the library's one-line reason
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise BadInputError(f"invalid safetensors file ({detail})", file)
+        raise BadInputError(f"invalid safetensors file ({reason(error).split(': ', 1)[-1]})", file)
 
 
 def _refuse_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 
 from . import megatron_schema as schema
 from .errors import BadInputError
+from .megatron_args import real_number, whole_number
 from .memory import note_file_mapping
 from .parallel import stage_offsets
 from .safe_load import InertBytes, safe_torch_load
@@ -85,7 +86,7 @@ def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
             found = ", ".join(_iteration_dirs(path)) or "none"
             raise BadInputError(f"no {TRACKER}; pass --iteration or the iteration directory itself "
                                 f"(iteration directories here: {found})", path)
-        iteration = tracker.read_text().strip()
+        iteration = _read_tracker(tracker)
         if iteration != "release" and not iteration.isdigit():
             raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)
     target = path / iteration_dir_name(iteration)
@@ -93,6 +94,16 @@ def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:
         raise BadInputError(f"iteration {iteration} has no mp_rank_* directories or torch_dist files at "
                             f"{target.name}/", path)
     return target
+
+
+def _read_tracker(tracker: Path) -> str:
+    """The tracker's text: 'release' or an iteration number (anything longer is not a tracker)."""
+    with open(tracker, "rb") as handle:
+        raw = handle.read(64)
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise BadInputError("tracker is not text ('release' or an iteration number)", tracker)
 
 
 def open_megatron_tree(path: Path, iteration: str | None = None, trust: bool = False) -> MegatronTree | TorchDistTree:
@@ -160,6 +171,16 @@ def stage_place(stage: int, pp: int) -> tuple[int, int]:
     return pp_rank, chunk
 
 
+def parallel_sizes(args: Any, file: Path) -> tuple[int, int, int]:
+    """(TP, PP, EP) the args were saved with; unset means 1."""
+    names = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+    return tuple(whole_number(getattr(args, name, None) or 1, name, file) for name in names)
+
+
+def checkpoint_version(header: dict, file: Path, default: float) -> float:
+    return real_number(header.get("checkpoint_version", default) or default, "checkpoint_version", file)
+
+
 def _model_chunks(header: dict, args: Any, file: Path) -> int:
     """How many model chunks (virtual pipeline stages) each rank file holds; a plain ``model`` is one."""
     if "model" in header:
@@ -171,7 +192,7 @@ def _model_chunks(header: dict, args: Any, file: Path) -> int:
         raise BadInputError(f"model chunks {', '.join(f'model{i}' for i in found)} are not model0..model{len(found) - 1}",
                             file)
     stated = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    if stated and int(stated) != len(found):
+    if stated and whole_number(stated, "virtual_pipeline_model_parallel_size", file) != len(found):
         raise BadInputError(f"the file holds {len(found)} model chunks but args say "
                             f"virtual_pipeline_model_parallel_size={stated}", file)
     return len(found)
@@ -199,12 +220,10 @@ class MegatronTree:
         if "args" not in header or header["args"] is None:
             raise BadInputError("checkpoint has no 'args'; it cannot be converted without them", first)
         self.args = header["args"]
-        self.version = float(header.get("checkpoint_version", 0) or 0)
+        self.args_file = first
+        self.version = checkpoint_version(header, first, default=0.0)
         self.iteration = header.get("iteration", 0)
-        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
-        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
-        self.ep = int(getattr(self.args, "expert_model_parallel_size", 1) or 1)
-        self.args_layout = (self.tp, self.pp, self.ep)
+        self.tp, self.pp, self.ep = self.args_layout = parallel_sizes(self.args, first)
         self.vpp = _model_chunks(header, self.args, first)
         self.files, self._chunks = self._index_stages(self._index_rank_files(rank_dirs))
         self._states: dict[RankKey, dict[str, Any]] = {}
@@ -288,10 +307,14 @@ class MegatronTree:
         [experts*fc2, hidden] as [experts, fc2, hidden] (megatron-core's GroupedMLP.forward): each
         expert's slice is the transpose of its linear layer's weight.
         """
-        local_experts = int(getattr(self.args, "num_experts", 0) or 0) // self.ep
-        if local_experts < 1:
+        experts = getattr(self.args, "num_experts", None)
+        if not experts:
             raise BadInputError(f"'{stored}' is a GroupedMLP tensor but args have no num_experts", self.iter_dir)
-        hidden = int(self.args.hidden_size)
+        local_experts = whole_number(experts, "num_experts", self.args_file) // self.ep
+        hidden = whole_number(getattr(self.args, "hidden_size", None), "hidden_size", self.args_file)
+        if local_experts < 1 or flat[stored].numel() % (local_experts * hidden):
+            raise BadInputError(f"'{stored}' {list(flat[stored].shape)} does not hold {local_experts} experts of "
+                                f"hidden size {hidden}", self.args_file)
         grouped = flat[stored]
         by_expert = (grouped.reshape(local_experts, hidden, -1) if canonical == "mlp.experts.weight1"
                      else grouped.reshape(local_experts, -1, hidden))

@@ -190,5 +190,8 @@ def _load_allowlisted(path: str, mmap: bool, trust: bool, zip_format: bool) -> A
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    """The telling line of a load error (torch's weights-only errors lead with advice, then the reason)."""
+    text = str(error)
+    reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = reason.strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

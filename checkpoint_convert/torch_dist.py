@@ -41,7 +41,8 @@ from .memory import map_for_reading
 from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
 from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
 from .megatron_io import TORCH_DIST_METADATA_FILE as METADATA_FILE
-from .megatron_io import RankKey
+from .megatron_args import whole_number
+from .megatron_io import RankKey, checkpoint_version, parallel_sizes
 from .safe_load import safe_torch_load
 
 # What a training run stores beside the model weights; every other tensor must be read by a conversion
@@ -84,9 +85,47 @@ def read_metadata(iter_dir: Path) -> dcp_metadata.Metadata:
         raise BadInputError("torch_dist checkpoint has no .metadata file", iter_dir)
     except Exception as error:  # pickle raises many types for damaged or hostile files
         raise BadInputError(f"unreadable torch_dist metadata ({str(error).splitlines()[0][:160]})", file)
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
         raise BadInputError("not a torch.distributed.checkpoint metadata file", file)
+    problem = next(filter(None, (_tensor_entry_problem(fqn, entry, metadata.storage_data)
+                                 for fqn, entry in metadata.state_dict_metadata.items())), None)
+    problem = problem or next(filter(None, map(_storage_problem, metadata.storage_data.items())), None)
+    if problem:
+        raise BadInputError(f"inconsistent torch_dist metadata: {problem}", file)
     return metadata
+
+
+def _sizes(value: Any, length: int | None = None) -> bool:
+    """A sequence of whole numbers of at least 0 (of ``length`` numbers when given)."""
+    return (isinstance(value, (tuple, list)) and (length is None or len(value) == length)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+
+def _tensor_entry_problem(fqn: Any, entry: Any, storage: dict) -> str | None:
+    """What is wrong with one tensor's description: its global size, dtype, chunks, or their storage."""
+    if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+        return None if isinstance(entry, dcp_metadata.BytesStorageMetadata) else f"'{fqn}' is described by a {type(entry).__name__}"
+    if not _sizes(entry.size) or not isinstance(getattr(entry.properties, "dtype", None), torch.dtype):
+        return f"'{fqn}' has size {entry.size!r} and dtype {getattr(entry.properties, 'dtype', None)!r}"
+    for chunk in entry.chunks if isinstance(entry.chunks, list) else [None]:
+        ok = chunk is not None and _sizes(chunk.offsets, len(entry.size)) and _sizes(chunk.sizes, len(entry.size))
+        if not ok or any(o + n > total for o, n, total in zip(chunk.offsets, chunk.sizes, entry.size)):
+            return f"'{fqn}' {list(entry.size)} has a chunk {chunk!r} outside it"
+        if dcp_metadata.MetadataIndex(fqn, chunk.offsets) not in storage:
+            return f"'{fqn}' has a chunk at {list(chunk.offsets)} with no stored bytes"
+    return None
+
+
+def _storage_problem(item: tuple[Any, Any]) -> str | None:
+    """Where one chunk's bytes are: a file name in the checkpoint directory, and a byte range in it."""
+    index, info = item
+    path = getattr(info, "relative_path", None)
+    if not isinstance(path, str) or "/" in path or path in ("", ".", ".."):
+        return f"'{getattr(index, 'fqn', index)}' is stored in {path!r}, not a file of the checkpoint directory"
+    if not _sizes([getattr(info, "offset", None), getattr(info, "length", None)]):
+        return f"'{index.fqn}' has bytes at offset {info.offset!r}, length {info.length!r}"
+    return None
 
 
 def _read_backend(iter_dir: Path) -> None:
@@ -153,14 +192,15 @@ class TorchDistTree:
             raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
                                 iter_dir / COMMON_FILE)
         self.args = common["args"]
-        self.version = float(common.get("checkpoint_version", 3.0) or 3.0)
+        self.args_file = iter_dir / COMMON_FILE
+        self.version = checkpoint_version(common, self.args_file, default=3.0)
         self.iteration = common.get("iteration", 0)
         self.metadata = read_metadata(iter_dir)
         self.tp = self.pp = self.ep = 1
-        self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (
-            "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+        self.args_layout = parallel_sizes(self.args, self.args_file)
         # the training run's virtual pipeline (tensors are global whatever it was): a default for the output
-        self.vpp = int(getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1)
+        self.vpp = whole_number(getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1,
+                                "virtual_pipeline_model_parallel_size", self.args_file)
         impl = getattr(self.args, "transformer_impl", "transformer_engine")
         self.schema = schema.MCORE_LOCAL if impl == "local" else schema.MCORE_TE
         self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}

@@ -22,11 +22,20 @@ def snapshot(root):
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
+    """Tiny sources: GPT-2 (HF, Megatron TP2 PP2 local spec, torch_dist), Llama with GQA and an explicit head
+    size (HF, Megatron), Mixtral (HF, Megatron EP2)."""
+    from tests.test_llama import tiny_llama
+    from tests.test_mixtral import tiny_mixtral
     root = tmp_path_factory.mktemp("pristine")
     model = tiny_gpt2(root / "hf")
     reference_megatron_gpt2(model, root / "megatron", tp=2, pp=2, schema="local")
     assert convert("--load_path", root / "hf", "--save_path", root / "dist", "--to", "megatron",
                    "--megatron_ckpt_format", "torch_dist") == 0
+    tiny_llama(root / "llama_hf")
+    tiny_mixtral(root / "mixtral_hf")
+    for family, flags in (("llama", ()), ("mixtral", ("--target_expert_model_parallel_size", "2"))):
+        assert convert("--load_path", root / f"{family}_hf", "--save_path", root / f"{family}_megatron",
+                       "--to", "megatron", *flags) == 0
     return root
 
 
@@ -72,11 +81,6 @@ def _rewrite(root, name, change):
 
 def _missing_args(root):
     _rewrite(root, "mp_rank_00_000", lambda s: s.pop("args"))
-
-
-def _args_disagree(root):
-    for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
-        _rewrite(root, name, lambda s: setattr(s["args"], "hidden_size", 96))
 
 
 def _tp_shape_mismatch(root):
@@ -201,6 +205,25 @@ def _nothing(root):
     pass
 
 
+def _config(source, **changes):
+    """Damage: set fields of ``source``'s config.json."""
+    def damage(root):
+        file = root / source / "config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return damage
+
+
+def _args(source, **changes):
+    """Damage: set fields of the args in every rank file of a Megatron tree (or common.pt of torch_dist)."""
+    def damage(root):
+        for file in (root / source).rglob("*.pt"):
+            state = torch.load(file, weights_only=False)
+            for name, value in changes.items():
+                setattr(state["args"], name, value)
+            torch.save(state, file)
+    return damage
+
+
 MEGATRON_TO_HF = ("--to", "hf")
 HF_TO_MEGATRON = ("--to", "megatron")
 CASES = [  # (id, source, damage, flags, expected message)
@@ -214,7 +237,9 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("tracker-names-missing-iteration", "megatron", _tracker_names_missing_iteration, MEGATRON_TO_HF,
      "iteration 7 has no mp_rank_* directories"),
     ("missing-args", "megatron", _missing_args, MEGATRON_TO_HF, "has no 'args'"),
-    ("args-disagree-with-shapes", "megatron", _args_disagree, MEGATRON_TO_HF, "does not fit"),
+    ("args-disagree-with-shapes", "megatron", _args("megatron", hidden_size=96), MEGATRON_TO_HF,
+     "model_optim_rng.pt: hidden_size is 96, but the tensors fit hidden_size=64 ('embedding.word_embeddings.weight' "
+     "is [1000, 64], not [1000, 96])"),
     ("shape-mismatch-between-tp-ranks", "megatron", _tp_shape_mismatch, MEGATRON_TO_HF,
      "different shapes across TP ranks"),
     ("pickle-with-foreign-global", "megatron", _foreign_global, MEGATRON_TO_HF,
@@ -240,6 +265,54 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("config-unreadable", "hf", _bad_config, HF_TO_MEGATRON, "unreadable config"),
     ("shard-listed-but-missing", "hf", _shard_listed_but_missing, HF_TO_MEGATRON,
      "shard model-00001-of-00002.safetensors is listed in the index but missing"),
+    # every architecture number against the tensors, every direction (class 1), named as the file spells it
+    ("config-hidden-size-disagrees", "hf", _config("hf", n_embd=128), HF_TO_MEGATRON,
+     "config.json: n_embd is 128, but the tensors fit n_embd=64"),
+    ("config-heads-disagree", "llama_hf", _config("llama_hf", num_attention_heads=8), HF_TO_MEGATRON,
+     "config.json: num_attention_heads is 8, but the tensors fit num_attention_heads=4"),
+    ("config-query-groups-disagree", "llama_hf", _config("llama_hf", num_key_value_heads=4), ("--to", "hf"),
+     "config.json: num_key_value_heads is 4, but the tensors fit num_key_value_heads=2"),
+    ("config-head-dim-disagrees", "llama_hf", _config("llama_hf", head_dim=16), HF_TO_MEGATRON,
+     "config.json: head_dim is 16, but the tensors fit head_dim=24"),
+    ("config-ffn-disagrees", "llama_hf", _config("llama_hf", intermediate_size=128), HF_TO_MEGATRON,
+     "config.json: intermediate_size is 128, but the tensors fit intermediate_size=96"),
+    ("config-vocab-disagrees", "llama_hf", _config("llama_hf", vocab_size=1024), HF_TO_MEGATRON,
+     "config.json: vocab_size is 1024, but the tensors fit vocab_size=1000"),
+    ("config-fewer-layers-than-tensors", "llama_hf", _config("llama_hf", num_hidden_layers=3), HF_TO_MEGATRON,
+     "config.json: num_hidden_layers is 3, but the tensors fit num_hidden_layers=4"),
+    ("config-more-layers-than-tensors", "llama_hf", _config("llama_hf", num_hidden_layers=6), HF_TO_MEGATRON,
+     "config.json: num_hidden_layers is 6, but the tensors fit num_hidden_layers=4"),
+    ("config-experts-disagree", "mixtral_hf", _config("mixtral_hf", num_local_experts=8), HF_TO_MEGATRON,
+     "config.json: num_local_experts is 8, but the tensors fit num_local_experts=4"),
+    ("args-query-groups-disagree", "llama_megatron", _args("llama_megatron", num_query_groups=4), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_query_groups is 4, but the tensors fit num_query_groups=2"),
+    ("args-ffn-disagrees", "llama_megatron", _args("llama_megatron", ffn_hidden_size=128), HF_TO_MEGATRON,
+     "model_optim_rng.pt: ffn_hidden_size is 128, but the tensors fit ffn_hidden_size=96"),
+    ("args-experts-disagree", "mixtral_megatron", _args("mixtral_megatron", num_experts=8), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_experts is 8, but the tensors fit num_experts=4"),
+    ("args-layers-disagree", "llama_megatron", _args("llama_megatron", num_layers=6), MEGATRON_TO_HF,
+     "stages hold [4] layers but args say num_layers=6"),
+    ("torch-dist-args-disagree", "dist", _args("dist", ffn_hidden_size=512), HF_TO_MEGATRON,
+     "common.pt: ffn_hidden_size is 512, but the tensors fit ffn_hidden_size=256"),
+    # zero, negative or non-numeric sizes, and numbers that do not divide (class 2)
+    ("args-zero-query-groups", "llama_megatron", _args("llama_megatron", num_query_groups=0), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_query_groups is 0, not a whole number of at least 1"),
+    ("args-negative-hidden-size", "dist", _args("dist", hidden_size=-1), MEGATRON_TO_HF,
+     "common.pt: hidden_size is -1, not a whole number of at least 1"),
+    ("args-string-tensor-parallel", "megatron", _args("megatron", tensor_model_parallel_size="2"), MEGATRON_TO_HF,
+     "tensor_model_parallel_size is '2', not a whole number of at least 1"),
+    ("config-zero-heads", "hf", _config("hf", n_head=0), HF_TO_MEGATRON,
+     "config.json: n_head is 0, not a whole number of at least 1"),
+    ("config-zero-heads-to-hf", "llama_hf", _config("llama_hf", num_attention_heads=0), ("--to", "hf"),
+     "config.json: num_attention_heads is 0, not a whole number of at least 1"),
+    ("config-string-heads", "llama_hf", _config("llama_hf", num_attention_heads="4"), HF_TO_MEGATRON,
+     "config.json: num_attention_heads is '4', not a whole number of at least 1"),
+    ("config-groups-not-dividing-heads", "llama_hf", _config("llama_hf", num_key_value_heads=3), HF_TO_MEGATRON,
+     "config.json: num_key_value_heads is 3, which does not divide num_attention_heads=4"),
+    ("config-class-refuses", "llama_hf", _config("llama_hf", rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+     HF_TO_MEGATRON, "config.json: LlamaConfig cannot read it (KeyError: "),
+    ("config-norm-epsilon-string", "llama_hf", _config("llama_hf", rms_norm_eps="small"), HF_TO_MEGATRON,
+     "config.json: rms_norm_eps is 'small', not a positive number"),
     ("safetensors-unknown-dtype", "hf", _unknown_dtype, HF_TO_MEGATRON,
      "model.safetensors: invalid safetensors file (Error while deserializing header: invalid JSON in header: "
      "unknown variant `F33`"),
