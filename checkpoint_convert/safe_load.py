@@ -137,8 +137,14 @@ BASE_ALLOWLIST: list = [argparse.Namespace, types.SimpleNamespace, signal.Signal
 
 
 def is_zip_checkpoint(path: str | os.PathLike) -> bool:
-    """True when the file is in torch's zip format (the only one that can be memory-mapped)."""
-    return zipfile.is_zipfile(path)
+    """True when the file is in torch's zip format (the only one that can be memory-mapped).
+
+    ``zipfile`` raises, rather than answers False, for some damaged end records (a multi-disk archive).
+    """
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
 
 
 def _load_with(path: str | os.PathLike, allow: list, mmap: bool) -> Any:

@@ -172,6 +172,25 @@ def _index_disagrees_with_headers(root):
                ((1 + position % 2,), 1 + position % 2))
 
 
+def _zip_end_record_claims_many_disks(root):
+    """The zip64 end locator claims two disks: zipfile raises instead of saying 'not a zip' (torch reads on)."""
+    path = root / "dist" / "release" / "common.pt"
+    data = bytearray(path.read_bytes())
+    locator = data.rindex(b"PK\x06\x07")
+    data[locator + 16] = 2
+    path.write_bytes(bytes(data))
+
+
+def _chunk_offset_into_another_chunk(root):
+    """.metadata sends a chunk's bytes to the middle of another chunk: what is there is no tensor pickle."""
+    file = root / "dist" / "release" / ".metadata"
+    metadata = pickle.loads(file.read_bytes())
+    info = next(info for index, info in metadata.storage_data.items()
+                if index.fqn == "decoder.layers.self_attention.linear_qkv.weight" and index.offset[0] == 1)
+    info.offset += 30  # there, torch's weights-only unpickler fails with IndexError (at 32: UnicodeDecodeError)
+    file.write_bytes(pickle.dumps(metadata))
+
+
 def _hostile_dist_metadata(root):
     """A .metadata pickle that would run a shell command (writing into the source) when unpickled."""
     class Payload:
@@ -250,6 +269,10 @@ CASES = [  # (id, source, damage, flags, expected message)
      "sharded backend 'zarr' is not supported"),
     ("torch-dist-truncated-data-file", "dist", _truncated_distcp, MEGATRON_TO_HF,
      "__0_0.distcp: cannot read 'embedding.word_embeddings.weight', the file is truncated or corrupt"),
+    ("zip-end-record-claims-many-disks", "dist", _zip_end_record_claims_many_disks, MEGATRON_TO_HF,
+     "common.pt: truncated or corrupt checkpoint (its zip directory is missing)"),
+    ("torch-dist-chunk-offset-into-another-chunk", "dist", _chunk_offset_into_another_chunk, MEGATRON_TO_HF,
+     "__0_0.distcp: cannot read 'decoder.layers.self_attention.linear_qkv.weight', the file is truncated or corrupt"),
     ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
      "source tensors no conversion rule reads: __0_0.distcp:mtp.final_layernorm.weight"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
