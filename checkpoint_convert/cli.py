@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .converter import Options, convert
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, reason
 from .memory import return_large_allocations_to_the_system
 from .runtime import reader_gone
 
@@ -91,7 +91,9 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     _one_line_warnings()
     return_large_allocations_to_the_system()
     try:
-        return main(args)
+        code = main(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return code
     except BadInputError as error:
         if args.debug:
             raise
@@ -106,7 +108,7 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         if args.debug:
             raise
         where = traceback.extract_tb(error.__traceback__)[-1]
-        print(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+        print(f"internal error: {reason(error)} "
               f"(at {Path(where.filename).name}:{where.lineno}; rerun with --debug)", file=sys.stderr)
         return EXIT_INTERNAL
 

@@ -28,7 +28,7 @@ import torch
 from . import megatron_schema as schema
 from .arch import ModelArch
 from .engine import Item, walk
-from .errors import BadInputError
+from .errors import BadInputError, reason
 
 # How a number is spelled in config.json (transformers' standard names, and GPT-2's); in Megatron args
 # every number has the architecture's own name.
@@ -213,7 +213,7 @@ def _item_misfit(source: Any, tensors: Any, item: Item, arch: ModelArch) -> None
         raise Misfit(str(error), item)
     except (RuntimeError, ValueError, ZeroDivisionError) as error:  # a layout transform refusing the numbers
         where = f"layer {item.layer} " if item.layer is not None else ""
-        raise Misfit(f"{where}'{item.param.megatron}' cannot be laid out ({str(error).splitlines()[0][:120]})", item)
+        raise Misfit(f"{where}'{item.param.megatron}' cannot be laid out ({reason(error, 120)})", item)
     if expected is not None and not _fits(full.shape, expected):
         where = f"layer {item.layer} " if item.layer is not None else ""
         raise Misfit(f"{where}'{item.param.megatron}' is {_show(full.shape)}, not {_show(expected)}", item)

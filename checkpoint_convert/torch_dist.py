@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
-from .errors import BadInputError
+from .errors import BadInputError, reason
 from .memory import map_for_reading
 from .megatron_io import TORCH_DIST_BACKEND_FILE as BACKEND_FILE
 from .megatron_io import TORCH_DIST_COMMON_FILE as COMMON_FILE
@@ -84,16 +84,24 @@ def read_metadata(iter_dir: Path) -> dcp_metadata.Metadata:
     except FileNotFoundError:
         raise BadInputError("torch_dist checkpoint has no .metadata file", iter_dir)
     except Exception as error:  # pickle raises many types for damaged or hostile files
-        raise BadInputError(f"unreadable torch_dist metadata ({str(error).splitlines()[0][:160]})", file)
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict) \
-            or not isinstance(metadata.state_dict_metadata, dict):
-        raise BadInputError("not a torch.distributed.checkpoint metadata file", file)
-    problem = next(filter(None, (_tensor_entry_problem(fqn, entry, metadata.storage_data)
-                                 for fqn, entry in metadata.state_dict_metadata.items())), None)
-    problem = problem or next(filter(None, map(_storage_problem, metadata.storage_data.items())), None)
+        raise BadInputError(f"unreadable torch_dist metadata ({reason(error, 160)})", file)
+    try:
+        problem = _metadata_problem(metadata)
+    except Exception as error:  # objects a damaged pickle built without the fields they must have
+        problem = f"{reason(error, 160)}"
     if problem:
         raise BadInputError(f"inconsistent torch_dist metadata: {problem}", file)
     return metadata
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """What is wrong with the checkpoint's description of its tensors and of where their bytes are."""
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
+        return "not a torch.distributed.checkpoint Metadata"
+    problem = next(filter(None, (_tensor_entry_problem(fqn, entry, metadata.storage_data)
+                                 for fqn, entry in metadata.state_dict_metadata.items())), None)
+    return problem or next(filter(None, map(_storage_problem, metadata.storage_data.items())), None)
 
 
 def _sizes(value: Any, length: int | None = None) -> bool:
@@ -367,8 +375,7 @@ def _load_window(path: Path, start: int, length: int, map_location: str) -> Any:
 
 
 def _unreadable(fqn: str, error: Exception, path: Path) -> BadInputError:
-    detail = str(error).splitlines()[0][:120] if str(error).strip() else type(error).__name__
-    return BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt ({detail})", path)
+    return BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt ({reason(error, 120)})", path)
 
 
 class _FileWindow(io.RawIOBase):

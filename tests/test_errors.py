@@ -191,6 +191,14 @@ def _chunk_offset_into_another_chunk(root):
     file.write_bytes(pickle.dumps(metadata))
 
 
+def _metadata_entry_without_chunks(root):
+    """A .metadata pickle that builds a tensor's description without its chunk list (a damaged BUILD)."""
+    file = root / "dist" / "release" / ".metadata"
+    metadata = pickle.loads(file.read_bytes())
+    del vars(metadata.state_dict_metadata["decoder.final_layernorm.weight"])["chunks"]
+    file.write_bytes(pickle.dumps(metadata))
+
+
 def _hostile_dist_metadata(root):
     """A .metadata pickle that would run a shell command (writing into the source) when unpickled."""
     class Payload:
@@ -273,6 +281,9 @@ CASES = [  # (id, source, damage, flags, expected message)
      "common.pt: truncated or corrupt checkpoint (its zip directory is missing)"),
     ("torch-dist-chunk-offset-into-another-chunk", "dist", _chunk_offset_into_another_chunk, MEGATRON_TO_HF,
      "__0_0.distcp: cannot read 'decoder.layers.self_attention.linear_qkv.weight', the file is truncated or corrupt"),
+    ("torch-dist-metadata-entry-without-chunks", "dist", _metadata_entry_without_chunks, MEGATRON_TO_HF,
+     ".metadata: inconsistent torch_dist metadata: AttributeError: 'TensorStorageMetadata' object has no attribute "
+     "'chunks'"),
     ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
      "source tensors no conversion rule reads: __0_0.distcp:mtp.final_layernorm.weight"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
@@ -440,8 +451,12 @@ def test_the_working_and_home_directories_are_never_replaced(pristine, tmp_path,
     assert (tmp_path / "top" / "me").is_dir() and not list((tmp_path / "top" / "me").iterdir())
 
 
-@pytest.mark.parametrize("script, argv", [("inspect_checkpoint.py", ["{megatron}"]), ("verify.py", ["{hf}", "{megatron}"]),
-                                          ("convert.py", ["--load_path", "{hf}", "--to", "hf", "--save_path", "{out}"])])
+@pytest.mark.parametrize("script, argv", [
+    ("scripts/inspect_checkpoint.py", ["{megatron}"]), ("scripts/verify.py", ["{hf}", "{megatron}"]),
+    ("scripts/convert.py", ["--load_path", "{hf}", "--to", "hf", "--save_path", "{out}"]),
+    ("megatron_gpt2/checkpoint_reshaping_and_interoperability.py",
+     ["--load_path", "{megatron}", "--save_path", "{out}", "--convert_checkpoint_from_megatron_to_transformers",
+      "--print-checkpoint-structure", "--quiet"])], ids=["inspect", "verify", "convert", "drop-in"])
 def test_cli_whose_reader_goes_away_exits_quietly(pristine, tmp_path, script, argv):
     """``inspect_checkpoint.py PATH | head`` where the reader has gone before the first line: no traceback,
     no complaint, the exit status a shell gives a tool stopped by SIGPIPE."""
@@ -449,7 +464,7 @@ def test_cli_whose_reader_goes_away_exits_quietly(pristine, tmp_path, script, ar
 
     from tests.helpers import REPO
     paths = [arg.format(hf=pristine / "hf", megatron=pristine / "megatron", out=tmp_path / "out") for arg in argv]
-    command = " ".join(f'"{part}"' for part in [sys.executable, REPO / "scripts" / script, *paths])
+    command = " ".join(f'"{part}"' for part in [sys.executable, REPO / script, *paths])
     result = subprocess.run(["bash", "-c", f'{command} | true; echo "status ${{PIPESTATUS[0]}}" >&2'],
                             capture_output=True, text=True, timeout=300)
     *before, status = result.stderr.strip().splitlines()
