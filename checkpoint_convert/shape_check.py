@@ -145,7 +145,7 @@ _SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] =
     (r"linear_qkv\.bias", lambda a: (_qkv_rows(a),)),
     (r"linear_proj\.weight", lambda a: (a.hidden_size, a.num_attention_heads * a.kv_channels)),
     (r"(?:q|k)_layernorm\.(?:weight|bias)", lambda a: (a.kv_channels,)),
-    (r"linear_proj\.bias|(?:layernorm|_norm)\.(?:weight|bias)", lambda a: (a.hidden_size,)),
+    (r"linear_proj\.bias|\w*(?:layernorm|_norm)\.(?:weight|bias)", lambda a: (a.hidden_size,)),
     (r"router\.weight", lambda a: (a.num_experts, a.hidden_size)),
     (r"router\.expert_bias", lambda a: (a.num_experts,)),
     (r"shared_experts\.linear_fc1\.weight", lambda a: (None, a.hidden_size)),

@@ -539,3 +539,29 @@ def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path):
     assert subprocess.run(command).returncode == 0
     assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").is_file()
     assert not list(tmp_path.glob(".out.partial-*")), "a rerun removes stale partial directories"
+
+
+def test_expected_shapes_come_from_megatron_module_names_alone():
+    """The shape check knows megatron-core's modules, not families: a family's qk norms (head size wide) and
+    shared experts (hidden wide, their own ffn size left open) get checked without a rule of their own."""
+    from checkpoint_convert.arch import ModelArch
+    from checkpoint_convert.engine import Item
+    from checkpoint_convert.family import Param
+    from checkpoint_convert.parallel import Style
+    from checkpoint_convert.shape_check import expected_shape
+    arch = ModelArch(family="x", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                     kv_channels=24, ffn_hidden_size=96, vocab_size=1000, max_position_embeddings=128,
+                     activation="swiglu", num_experts=8, moe_ffn_hidden_size=32)
+
+    def shape(name, experts=False):
+        return expected_shape(Item("layer", Param(name, ("x",), Style.REPLICATED, experts=experts), 0), arch)
+    assert shape("self_attention.linear_qkv.weight") == ((4 + 2 * 2) * 24, 64)
+    assert shape("self_attention.linear_proj.weight") == (64, 4 * 24)
+    assert shape("self_attention.q_layernorm.weight") == shape("self_attention.k_layernorm.weight") == (24,)
+    assert shape("input_layernorm.weight") == shape("pre_mlp_layernorm.bias") == (64,)
+    assert shape("mlp.linear_fc1.weight") == (2 * 96, 64) and shape("mlp.linear_fc2.weight") == (64, 96)
+    assert shape("mlp.router.weight") == (8, 64)
+    assert shape("mlp.experts.local_experts.{expert}.linear_fc1.weight", experts=True) == (8, 2 * 32, 64)
+    assert shape("mlp.shared_experts.linear_fc1.weight") == (None, 64)
+    assert shape("mlp.shared_experts.linear_fc2.weight") == (64, None)
+    assert shape("mtp.some_new_module.weight") is None  # unknown: left to the walk

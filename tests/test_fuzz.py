@@ -18,7 +18,7 @@ may precede it), no output directory that looks complete, and the source byte-id
 Reproducible from the printed seed. Environment variables:
 
 - ``FUZZ_SEED`` (default 0): base seed of both tests;
-- ``FUZZ_MUTATIONS`` (default 60): file mutations; ``FUZZ_FIELD_EXAMPLES`` (default 40): field mutations;
+- ``FUZZ_MUTATIONS`` (default 400): file mutations; ``FUZZ_FIELD_EXAMPLES`` (default 300): field mutations;
 - ``FUZZ_ONLY=N``: run only file mutation number N (what a failure message names);
 - ``FUZZ_EXHAUSTIVE=1``: also try every numeric field with every bad value (thousands of conversions);
 - ``FUZZ_KEEP_GOING=1``: the loops run to the end and report every failure at once.
@@ -51,8 +51,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 SEED = int(os.environ.get("FUZZ_SEED", "0"))
-MUTATIONS = int(os.environ.get("FUZZ_MUTATIONS", "60"))
-FIELD_EXAMPLES = int(os.environ.get("FUZZ_FIELD_EXAMPLES", "40"))
+MUTATIONS = int(os.environ.get("FUZZ_MUTATIONS", "400"))
+FIELD_EXAMPLES = int(os.environ.get("FUZZ_FIELD_EXAMPLES", "300"))
 ONLY = os.environ.get("FUZZ_ONLY")
 EXHAUSTIVE = os.environ.get("FUZZ_EXHAUSTIVE") == "1"
 KEEP_GOING = os.environ.get("FUZZ_KEEP_GOING") == "1"
