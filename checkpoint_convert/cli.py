@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .converter import Options, convert
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, reason
 from .megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
 from .memory import return_large_allocations_to_the_system
+from .runtime import reader_gone
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -81,19 +82,27 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "quiet", action="store_true", help="no progress bars")
 
 
-def _one_line_warnings() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr)
-    warnings.showwarning = show
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``main``: bad input -> one line and exit 2; a bug -> one line and exit 1; --debug re-raises."""
-    _one_line_warnings()
+    """Run ``main``: bad input -> one line and exit 2; a bug -> one line and exit 1; --debug re-raises.
+
+    Warnings are held back and printed, one line each, when the command ends, except when it ends on bad
+    input: then the error is the only line (a warning about a run that never happened is noise).
+    """
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     return_large_allocations_to_the_system()
+    with warnings.catch_warnings(record=True) as held:
+        code = _run(main, args)
+    if code != EXIT_BAD_INPUT:
+        for warning in held:
+            print(f"warning: {warning.message}", file=sys.stderr)
+    return code
+
+
+def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
-        return main(args)
+        code = main(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return code
     except BadInputError as error:
         if args.debug:
             raise
@@ -102,11 +111,13 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except KeyboardInterrupt:
         print("interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return reader_gone()
     except Exception as error:  # an internal error: short message, traceback only on request
         if args.debug:
             raise
         where = traceback.extract_tb(error.__traceback__)[-1]
-        print(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+        print(f"internal error: {reason(error)} "
               f"(at {Path(where.filename).name}:{where.lineno}; rerun with --debug)", file=sys.stderr)
         return EXIT_INTERNAL
 

@@ -1,6 +1,7 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import resource
@@ -9,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from .arch import ModelArch
 from .bridge_config import bridge_vocab_divisor, run_config_for, write_bridge_files
 from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget,
                      plan_with_items, release_all, run, walk, warn_if_not_finite)
-from .errors import BadInputError
+from .errors import BadInputError, reason
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
 from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch, dtype_from_name,
@@ -30,6 +31,7 @@ from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
 from .runtime import collector_paused, transformers_attr
+from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
 from .write_behind import WriteBehind
 
 
@@ -79,6 +81,15 @@ class Source:
     # for an ``arch`` read from config.json before transformers was imported: the check that the
     # config class reads the same (raises MisreadArchitecture otherwise)
     arch_check: Future | None = None
+    # where the architecture's numbers come from (config.json's object, or the args' fields), and how
+    # they are read: what the check against the tensors needs to name a wrong field
+    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers_file: Path | None = None
+    reread: Callable[[dict[str, Any]], ModelArch] | None = None
+
+    def check_against_tensors(self) -> None:
+        """Refuse an architecture the tensors do not fit (see ``shape_check``), before anything is written."""
+        check_against_tensors(self, self.reread, self.numbers, self.numbers_file)
 
 
 class MisreadArchitecture(Exception):
@@ -123,30 +134,59 @@ def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = Fals
     if not path.is_dir():
         raise BadInputError("load path is not a directory", path)
     if is_megatron_checkpoint(path):
-        tree = open_megatron_tree(path, iteration, trust)
-        arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
-        family = _megatron_family(tree, arch, model)
-        arch.family = family.name
-        return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch))
+        return _open_megatron(path, iteration, trust, model, vocab_size)
     if is_hf_checkpoint(path):
-        checkpoint = HFCheckpoint(path, trust)
-        family = family_for_hf_model_type(checkpoint.config.get("model_type"), str(path / "config.json"))
-        if model and model != family.name:
-            raise BadInputError(f"--model {model} does not match config.json's model_type "
-                                f"'{checkpoint.config.get('model_type')}'", path / "config.json")
-        if family.hf_aliases:
-            checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
-        arch = _arch_as_written(family, checkpoint.config) if speculate else None
-        check = speculate.submit(_confirm_arch, family, checkpoint.config, arch) if arch else None
-        arch = arch or _arch_from_config_class(family, checkpoint.config)
-        return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch), check)
+        return _open_hf(path, trust, model, speculate)
     raise BadInputError("neither a Megatron checkpoint (tracker file, mp_rank_* dirs or torch_dist files) nor a "
                         "Hugging Face model directory (config.json)", path)
 
 
-def _arch_from_config_class(family: FamilySpec, values: dict[str, Any]) -> ModelArch:
-    """The architecture config.json describes, read through the family's transformers config class."""
-    return family.arch_from_hf_config(transformers_attr(family.hf_config_class)(**values))
+def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | None,
+                   vocab_size: int | None) -> Source:
+    tree = open_megatron_tree(path, iteration, trust)
+    arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
+    family = _megatron_family(tree, arch, model)
+    arch.family = family.name
+    validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
+
+    def reread(values: dict[str, Any]) -> ModelArch:
+        return arch_from_args(argparse.Namespace(**values), str(tree.args_file), vocab_size)
+    return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch), None,
+                  dict(vars(tree.args)), tree.args_file, reread)
+
+
+def _open_hf(path: Path, trust: bool, model: str | None, speculate: ThreadPoolExecutor | None) -> Source:
+    checkpoint = HFCheckpoint(path, trust)
+    config_file = path / "config.json"
+    family = family_for_hf_model_type(checkpoint.config.get("model_type"), str(config_file))
+    if model and model != family.name:
+        raise BadInputError(f"--model {model} does not match config.json's model_type "
+                            f"'{checkpoint.config.get('model_type')}'", config_file)
+    if family.hf_aliases:
+        checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
+    check_config_sizes(checkpoint.config, config_file)
+    arch = _arch_as_written(family, checkpoint.config) if speculate else None
+    check = speculate.submit(_confirm_arch, family, checkpoint.config, arch, config_file) if arch else None
+    arch = arch or _arch_from_config_class(family, checkpoint.config, config_file)
+    validate_arch(arch, family, config_file, checkpoint.config, HF_NAMES)
+
+    def reread(values: dict[str, Any]) -> ModelArch:
+        return _arch_as_written(family, values) or _arch_from_config_class(family, values, config_file)
+    return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch), check,
+                  checkpoint.config, config_file, reread)
+
+
+def _arch_from_config_class(family: FamilySpec, values: dict[str, Any], file: Path) -> ModelArch:
+    """The architecture config.json describes, read through the family's transformers config class.
+
+    Whatever the class or the family's reading raises is the file's fault: bad input naming it.
+    """
+    try:
+        return family.arch_from_hf_config(transformers_attr(family.hf_config_class)(**values))
+    except BadInputError as error:
+        raise error if error.path else BadInputError(str(error), file)
+    except Exception as error:  # the config class's own validation (ValueError, TypeError, ZeroDivisionError...)
+        raise BadInputError(f"{family.hf_config_class} cannot read it ({reason(error)})", file)
 
 
 def _arch_as_written(family: FamilySpec, values: dict[str, Any]) -> ModelArch | None:
@@ -161,8 +201,8 @@ def _arch_as_written(family: FamilySpec, values: dict[str, Any]) -> ModelArch | 
         return None
 
 
-def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch) -> ModelArch:
-    arch = _arch_from_config_class(family, values)
+def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch, file: Path) -> ModelArch:
+    arch = _arch_from_config_class(family, values, file)
     if arch != guess:
         raise MisreadArchitecture(arch)
     return arch
@@ -419,6 +459,7 @@ def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
 
 
 def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    source.check_against_tensors()
     family, arch = source.family, source.arch
     _refuse_megatron_only_options(options)
     items = walk(family, arch)
@@ -449,7 +490,12 @@ def _refuse_megatron_only_options(options: Options) -> None:
 
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
     """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
-    config = family.hf_config_from_arch(arch)
+    try:
+        config = family.hf_config_from_arch(arch)
+    except BadInputError:
+        raise
+    except Exception as error:  # the config class's own validation of values the source holds
+        raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
     _validate_hf_plan(planned, family, config)
     return config
 
@@ -514,6 +560,7 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
 
 
 def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    source.check_against_tensors()
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
     validate_layout(arch, layout)

@@ -17,7 +17,7 @@ import torch
 from . import megatron_schema as schema
 from .arch import ModelArch
 from .blockwise import cat_blockwise
-from .errors import BadInputError
+from .errors import BadInputError, reason
 from .family import FamilySpec, Param
 from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
@@ -317,7 +317,7 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
         except RuntimeError as error:
             where = f"layer {item.layer} " if item.layer is not None else ""
             raise BadInputError(f"{where}'{item.param.megatron}' does not fit the architecture "
-                                f"({str(error).splitlines()[0][:160]})")
+                                f"({reason(error, 160)})")
         if check_finite and not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:

@@ -15,9 +15,10 @@ from typing import Any, Iterable
 
 import torch
 from huggingface_hub import constants, split_state_dict_into_shards_factory
+from safetensors import safe_open
 
 from .appender import Appender
-from .errors import BadInputError
+from .errors import BadInputError, reason
 from .memory import map_for_reading
 from .safe_load import safe_torch_load
 
@@ -29,6 +30,10 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+# read, never written: what else the safetensors format stores and torch has
+_TORCH_DTYPES.update({code: getattr(torch, name) for code, name in (
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64")) if hasattr(torch, name)})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt")
 
@@ -54,23 +59,65 @@ def _weight_map(path: Path) -> dict[str, Path]:
                                (PYTORCH_INDEX_FILE, constants.PYTORCH_WEIGHTS_NAME)):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise BadInputError(f"unreadable index ({error})", index)
-            missing = sorted({name for name in weight_map.values() if not (path / name).is_file()})
-            if missing:
-                raise BadInputError(f"shard {missing[0]} is listed in the index but missing", index)
-            return {tensor: path / name for tensor, name in weight_map.items()}
+            return _indexed_weight_map(path, index)
         if (path / single).is_file():
             return {name: path / single for name in _names_in(path / single)}
     raise BadInputError("no model.safetensors, pytorch_model.bin or index next to config.json", path)
 
 
+def _indexed_weight_map(path: Path, index: Path) -> dict[str, Path]:
+    """An index's ``weight_map``, which must say what the shards' own headers say: every tensor in the
+    shard it names, each tensor in one shard only, no shard tensor left out."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError("weight_map is not a map of tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BadInputError(f"unreadable index ({error})", index)
+    holder: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or not (path / shard).is_file():
+            raise BadInputError(f"shard {shard} is listed in the index but missing", index)
+        for name in _names_in(path / shard):
+            if name in holder:
+                raise BadInputError(f"tensor '{name}' is in two shards, {holder[name]} and {shard}", index)
+            holder[name] = shard
+    for name, shard in weight_map.items():
+        if holder.get(name) != shard:
+            where = f"in {holder[name]}" if name in holder else "in no shard"
+            raise BadInputError(f"weight_map puts '{name}' in {shard}, but it is {where}", index)
+    unlisted = sorted(set(holder) - set(weight_map))
+    if unlisted:
+        raise BadInputError(f"{holder[unlisted[0]]} holds '{unlisted[0]}', which weight_map does not list", index)
+    return {tensor: path / name for tensor, name in weight_map.items()}
+
+
 def _names_in(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
         return list(SafetensorsReader(file).keys())
-    return list(safe_torch_load(file).keys())
+    state = safe_torch_load(file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError("not a state dict of tensors", file)
+    return list(state.keys())
+
+
+def _validate_safetensors(file: Path) -> None:
+    """The safetensors library's own checks of a file's header, which it reads without the data: known
+    dtypes, each tensor's bytes matching its shape, offsets covering the data exactly once in order (no
+    overlap, no gap), the file neither shorter nor longer than the header says."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except Exception as error:  # SafetensorError, OSError, ...: the library's one-line reason
+        raise BadInputError(f"invalid safetensors file ({reason(error).split(': ', 1)[-1]})", file)
+
+
+def _refuse_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique (``json`` keeps the last of duplicates silently)."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the header names '{next(n for n in names if names.count(n) > 1)}' twice")
+    return dict(pairs)
 
 
 class SafetensorsReader:
@@ -85,28 +132,29 @@ class SafetensorsReader:
 
     def __init__(self, file: Path) -> None:
         self.file = file
-        try:
-            with open(file, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                if length <= 0 or length > constants.SAFETENSORS_MAX_HEADER_LENGTH:
-                    raise ValueError(f"header length {length} is invalid")
-                header = json.loads(handle.read(length))
-        except (OSError, ValueError) as error:
-            raise BadInputError(f"unreadable safetensors file ({error})", file)
+        _validate_safetensors(file)
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            try:
+                header = json.loads(handle.read(length), object_pairs_hook=_refuse_duplicate_names)
+            except ValueError as error:
+                raise BadInputError(f"invalid safetensors file ({error})", file)
         header.pop("__metadata__", None)
         self.header = header
         self.data_start = 8 + length
-        size = file.stat().st_size
-        if any(entry["data_offsets"][1] + self.data_start > size for entry in header.values()):
-            raise BadInputError("safetensors file is truncated", file)
         self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.header)
 
+    def _dtype(self, name: str) -> torch.dtype:
+        code = self.header[name]["dtype"]
+        if code not in _TORCH_DTYPES:
+            raise BadInputError(f"tensor '{name}' has dtype {code}, which this tool does not read", self.file)
+        return _TORCH_DTYPES[code]
+
     def meta(self, name: str) -> torch.Tensor:
-        entry = self.header[name]
-        return torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]], device="meta")
+        return torch.empty(self.header[name]["shape"], dtype=self._dtype(name), device="meta")
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
@@ -116,7 +164,7 @@ class SafetensorsReader:
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = self._dtype(name)
         if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
         view = memoryview(self._mapping())[self.data_start + begin:self.data_start + end]

@@ -56,6 +56,17 @@ def hf_rows(source: Source) -> list[dict[str, Any]]:
              "held_by": [checkpoint.weight_map[name].name]} for name, meta in metas.items()]
 
 
+def extra_state_rows(source: Source) -> list[dict[str, Any]]:
+    """One row per module's extra state (merged over ranks): its forms, bytes on all ranks, holders."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, form, nbytes, holder in source.reader.extra_states():
+        row = rows.setdefault(name, {"name": name, "form": [], "bytes": 0, "held_by": []})
+        row["bytes"] += nbytes
+        row["form"] = sorted({*row["form"], form})
+        row["held_by"] = sorted({*row["held_by"], holder})
+    return list(rows.values())
+
+
 def _megatron_header(source: Source) -> dict[str, Any]:
     tree = source.reader
     tp, pp, ep = tree.args_layout
@@ -67,6 +78,7 @@ def _megatron_header(source: Source) -> dict[str, Any]:
                    "layers_per_stage": tree.stage_layer_counts() if tree.ckpt_format == "torch" else None},
         "vocab": {"true": source.arch.vocab_size, "padded": stored_rows},
         "skipped": list(getattr(tree, "skipped", [])),
+        "extra_state": extra_state_rows(source),
     }
 
 
@@ -74,7 +86,8 @@ def _hf_header(source: Source) -> dict[str, Any]:
     files = sorted({file.suffix.lstrip(".") for file in source.reader.weight_map.values()})
     return {"format": f"huggingface {'/'.join(files)}", "schema": None, "checkpoint_version": None,
             "iteration": None, "layout": {"tp": 1, "pp": 1, "ep": 1, "vpp": 1, "layers_per_stage": [source.arch.num_layers]},
-            "vocab": {"true": source.arch.vocab_size, "padded": source.arch.vocab_size}, "skipped": []}
+            "vocab": {"true": source.arch.vocab_size, "padded": source.arch.vocab_size}, "skipped": [],
+            "extra_state": []}
 
 
 def describe(source: Source, path: str) -> dict[str, Any]:
@@ -129,12 +142,25 @@ def check(source: Source) -> list[str]:
     return problems
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
+def _table(headers: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str]:
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    lines = ["  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    return lines + ["  " + "  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+
+
+def _tensor_table(rows: list[dict[str, Any]]) -> list[str]:
     cells = [(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], ",".join(row["held_by"]))
              for row in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(("tensor", "shape", "dtype", "held by"))]
-    lines = ["  " + "  ".join(h.ljust(w) for h, w in zip(("tensor", "shape", "dtype", "held by"), widths))]
-    return lines + ["  " + "  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    return _table(("tensor", "shape", "dtype", "held by"), cells)
+
+
+def _extra_state_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    total = sum(row["bytes"] for row in rows)
+    cells = [(row["name"], ",".join(row["form"]), f"{row['bytes']:,}", ",".join(row["held_by"])) for row in rows]
+    return ([f"extra state (not converted, never unpickled): {len(rows)} entries, {total:,} bytes"]
+            + _table(("module", "form", "bytes", "held by"), cells))
 
 
 def _virtual_stages(vpp: int) -> str:
@@ -161,4 +187,5 @@ def as_text(report: dict[str, Any]) -> str:
     ]
     if report["skipped"]:
         lines.append(f"not model weights (ignored): {len(report['skipped'])} entries, e.g. {report['skipped'][0]}")
-    return "\n".join(lines + [f"tensors ({len(report['tensors'])}):"] + _table(report["tensors"]))
+    return "\n".join(lines + [f"tensors ({len(report['tensors'])}):"] + _tensor_table(report["tensors"])
+                     + _extra_state_table(report["extra_state"]))

@@ -6,6 +6,8 @@ prove: callers cross-check shapes against these values (see ``megatron_io``).
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,39 @@ def _get(args: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def whole_number(value: Any, name: str, source: Any, minimum: int = 1) -> int:
+    """``value`` as an int when it is a whole number of at least ``minimum``; else bad input naming ``name``.
+
+    Numbers read from a file are checked before any arithmetic uses them (a 0 would divide by zero, a
+    string or a negative size would fail far from its cause).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise BadInputError(f"{name} is {value!r}, not a whole number of at least {minimum}", source)
+    return int(value)
+
+
+def real_number(value: Any, name: str, source: Any) -> float:
+    """``value`` as a float when it is a finite real number; else bad input naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise BadInputError(f"{name} is {value!r}, not a number", source)
+    return float(value)
+
+
+def _whole(args: Any, source: str, *names: str, default: Any = None) -> int | None:
+    """The first of ``names`` the args set, checked by :func:`whole_number` (``default`` when none is set)."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            return whole_number(getattr(args, name), name, source)
+    return default
+
+
+def _real(args: Any, source: str, *names: str, default: float) -> float:
+    for name in names:
+        if getattr(args, name, None) is not None:
+            return real_number(getattr(args, name), name, source)
+    return default
+
+
 def _activation(args: Any) -> str:
     if _get(args, "swiglu", default=False):
         return "swiglu"
@@ -65,42 +100,49 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
     missing = [name for name in required if _get(args, name) is None]
     if missing:
         raise BadInputError(f"args lack {', '.join(missing)}", source)
-    heads = int(args.num_attention_heads)
-    hidden = int(args.hidden_size)
+    heads = _whole(args, source, "num_attention_heads")
+    hidden = _whole(args, source, "hidden_size")
     groups = heads
     if _get(args, "group_query_attention", default=False):
-        groups = int(_get(args, "num_query_groups", default=heads))
+        groups = _whole(args, source, "num_query_groups", default=heads)
     num_experts = _get(args, "num_experts")
-    ffn = int(_get(args, "ffn_hidden_size", default=4 * hidden))
+    if num_experts:  # None or 0: a dense model
+        num_experts = _whole(args, source, "num_experts")
+    ffn = _whole(args, source, "ffn_hidden_size", default=4 * hidden)
+    vocab = vocab_override or _whole(args, source, "orig_vocab_size", "true_vocab_size", "vocab_size",
+                                     "padded_vocab_size")
+    if vocab is None:
+        raise BadInputError("args record no vocab size (orig_vocab_size, vocab_size or padded_vocab_size); "
+                            "pass --vocab_size", source)
     return ModelArch(
         family="",
-        num_layers=int(args.num_layers),
+        num_layers=_whole(args, source, "num_layers"),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=int(_get(args, "kv_channels", default=hidden // heads)),
+        kv_channels=_whole(args, source, "kv_channels", default=hidden // heads),
         ffn_hidden_size=ffn,
-        vocab_size=int(true_vocab_size(args, vocab_override) or _get(args, "padded_vocab_size", default=0)),
-        max_position_embeddings=int(_get(args, "max_position_embeddings", "seq_length", default=2048)),
-        norm_epsilon=float(_get(args, "layernorm_epsilon", "norm_epsilon", default=1e-5)),
+        vocab_size=vocab,
+        max_position_embeddings=_whole(args, source, "max_position_embeddings", "seq_length", default=2048),
+        norm_epsilon=_real(args, source, "layernorm_epsilon", "norm_epsilon", default=1e-5),
         tie_embeddings=not _get(args, "untie_embeddings_and_output_weights", default=False),
         normalization=_get(args, "normalization", default="LayerNorm"),
         activation=_activation(args),
         position_embedding_type=_position_embedding_type(args),
-        rotary_base=float(_get(args, "rotary_base", default=10000)),
-        rope_scaling=_rope_scaling(args),
+        rotary_base=_real(args, source, "rotary_base", default=10000.0),
+        rope_scaling=_rope_scaling(args, source),
         add_bias_linear=bool(_get(args, "add_bias_linear", default=True)),
         add_qkv_bias=bool(_get(args, "add_qkv_bias", default=False) or _get(args, "add_bias_linear", default=True)),
-        num_experts=int(num_experts) if num_experts else None,
-        moe_router_topk=int(_get(args, "moe_router_topk", default=2)),
-        moe_ffn_hidden_size=_get(args, "moe_ffn_hidden_size"),
-        moe_aux_loss_coeff=float(_get(args, "moe_aux_loss_coeff", default=0.0)),
-        attention_dropout=float(_get(args, "attention_dropout", default=0.1)),  # Megatron-LM's defaults
-        hidden_dropout=float(_get(args, "hidden_dropout", default=0.1)),
+        num_experts=num_experts or None,
+        moe_router_topk=_whole(args, source, "moe_router_topk", default=2),
+        moe_ffn_hidden_size=_whole(args, source, "moe_ffn_hidden_size"),
+        moe_aux_loss_coeff=_real(args, source, "moe_aux_loss_coeff", default=0.0),
+        attention_dropout=_real(args, source, "attention_dropout", default=0.1),  # Megatron-LM's defaults
+        hidden_dropout=_real(args, source, "hidden_dropout", default=0.1),
         qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
-        **_sliding_window(args, int(args.num_layers), source),
+        **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
-        extra=dict(_get(args, "hf_extra_config", default={})),
+        extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
     )
 
 
@@ -114,14 +156,17 @@ def _sliding_window(args: Any, num_layers: int, source: str) -> dict[str, Any]:
     window = _get(args, "window_size")
     if not window:
         return {}
-    left, right = (int(part) for part in window)
-    if right != 0 or left < 0:
+    if not isinstance(window, (list, tuple)) or len(window) != 2:
+        raise BadInputError(f"window_size is {window!r}, not a (left, right) pair", source)
+    left, right = (whole_number(part, "window_size", source, minimum=0) for part in window)
+    if right != 0:
         raise BadInputError(f"window_size {tuple(window)} is not a causal sliding window (left >= 0, right 0)", source)
     skip = _get(args, "window_attn_skip_freq")
-    if isinstance(skip, int):
+    if isinstance(skip, numbers.Integral):
+        skip = whole_number(skip, "window_attn_skip_freq", source)
         skip = [int((layer + 1) % skip != 0) for layer in range(num_layers)]
-    if skip is not None and len(skip) != num_layers:
-        raise BadInputError(f"window_attn_skip_freq lists {len(skip)} layers, not num_layers={num_layers}", source)
+    if skip is not None and (not isinstance(skip, (list, tuple)) or len(skip) != num_layers):
+        raise BadInputError(f"window_attn_skip_freq is {skip!r}, not a list of num_layers={num_layers} entries", source)
     return {"window_size": left + 1, "window_layers": tuple(int(bool(x)) for x in skip) if skip is not None else None}
 
 
@@ -133,7 +178,13 @@ def _window_args(arch: ModelArch) -> dict[str, Any]:
     return {"window_size": (arch.window_size - 1, 0), "window_attn_skip_freq": layers}
 
 
-def _rope_scaling(args: Any) -> dict | None:
+def _mapping(value: Any, name: str, source: str) -> dict:
+    if value is not None and not isinstance(value, dict):
+        raise BadInputError(f"{name} is {type(value).__name__}, not a mapping", source)
+    return dict(value or {})
+
+
+def _rope_scaling(args: Any, source: str) -> dict | None:
     """Hugging Face rope scaling: as recorded by this tool, else Megatron's Llama 3 scaling flag.
 
     Megatron's ``use_rope_scaling`` applies Llama 3.1 scaling with fixed low/high frequency factors
@@ -141,8 +192,8 @@ def _rope_scaling(args: Any) -> dict | None:
     """
     recorded = _get(args, "hf_rope_scaling")
     if recorded or not _get(args, "use_rope_scaling", default=False):
-        return recorded
-    return {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0)),
+        return _mapping(recorded, "hf_rope_scaling", source) or None
+    return {"rope_type": "llama3", "factor": _real(args, source, "rope_scaling_factor", default=8.0),
             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 

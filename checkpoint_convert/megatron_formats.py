@@ -82,10 +82,20 @@ def _tracked_iteration(path: Path) -> str:
         found = ", ".join(_iteration_dirs(path)) or "none"
         raise BadInputError(f"no {TRACKER}; pass --iteration or the iteration directory itself "
                             f"(iteration directories here: {found})", path)
-    iteration = tracker.read_text().strip()
+    iteration = _read_tracker(tracker)
     if iteration != "release" and not iteration.isdigit():
         raise BadInputError(f"tracker holds '{iteration[:40]}', not 'release' or an iteration number", tracker)
     return iteration
+
+
+def _read_tracker(tracker: Path) -> str:
+    """The tracker's text: 'release' or an iteration number (anything longer is not a tracker)."""
+    with open(tracker, "rb") as handle:
+        raw = handle.read(64)
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise BadInputError("tracker is not text ('release' or an iteration number)", tracker)
 
 
 def find_iteration_dir(path: Path, iteration: str | None = None) -> Path:

@@ -8,6 +8,7 @@ from shapes alone.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import re
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import torch
 
 from . import megatron_schema as schema
 from .errors import BadInputError
+from .megatron_args import real_number, whole_number
 from .memory import note_file_mapping
-from .safe_load import safe_torch_load
+from .parallel import stage_offsets
+from .safe_load import InertBytes, safe_torch_load
 from .torch_zip_writer import StreamingTorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -27,6 +30,7 @@ GROUPED_MLP = {"mlp.experts.weight1": "linear_fc1", "mlp.experts.weight2": "line
 MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 _CHUNK_KEY = re.compile(r"model(\d+)")
+EXTRA_STATE = "_extra_state"
 
 
 def iteration_dir_name(iteration: str | int) -> str:
@@ -110,6 +114,16 @@ def stage_place(stage: int, pp: int) -> tuple[int, int]:
     return pp_rank, chunk
 
 
+def parallel_sizes(args: Any, file: Path) -> tuple[int, int, int]:
+    """(TP, PP, EP) the args were saved with; unset means 1."""
+    names = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+    return tuple(whole_number(getattr(args, name, None) or 1, name, file) for name in names)
+
+
+def checkpoint_version(header: dict, file: Path, default: float) -> float:
+    return real_number(header.get("checkpoint_version", default) or default, "checkpoint_version", file)
+
+
 def _model_chunks(header: dict, args: Any, file: Path) -> int:
     """How many model chunks (virtual pipeline stages) each rank file holds; a plain ``model`` is one."""
     if "model" in header:
@@ -121,7 +135,7 @@ def _model_chunks(header: dict, args: Any, file: Path) -> int:
         raise BadInputError(f"model chunks {', '.join(f'model{i}' for i in found)} are not model0..model{len(found) - 1}",
                             file)
     stated = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    if stated and int(stated) != len(found):
+    if stated and whole_number(stated, "virtual_pipeline_model_parallel_size", file) != len(found):
         raise BadInputError(f"the file holds {len(found)} model chunks but args say "
                             f"virtual_pipeline_model_parallel_size={stated}", file)
     return len(found)
@@ -151,12 +165,9 @@ class MegatronTree:
         if "args" not in header or header["args"] is None:
             raise BadInputError("checkpoint has no 'args'; it cannot be converted without them", first)
         self.args, self.args_file = header["args"], first
-        self.version = float(header.get("checkpoint_version", 0) or 0)
+        self.version = checkpoint_version(header, first, default=0.0)
         self.iteration = header.get("iteration", 0)
-        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
-        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
-        self.ep = int(getattr(self.args, "expert_model_parallel_size", 1) or 1)
-        self.args_layout = (self.tp, self.pp, self.ep)
+        self.tp, self.pp, self.ep = self.args_layout = parallel_sizes(self.args, first)
         self.vpp = _model_chunks(header, self.args, first)
         self.files, self._chunks = self._index_stages(self._index_rank_files(rank_dirs))
         self._states: dict[RankKey, dict[str, Any]] = {}
@@ -240,10 +251,14 @@ class MegatronTree:
         [experts*fc2, hidden] as [experts, fc2, hidden] (megatron-core's GroupedMLP.forward): each
         expert's slice is the transpose of its linear layer's weight.
         """
-        local_experts = int(getattr(self.args, "num_experts", 0) or 0) // self.ep
-        if local_experts < 1:
+        experts = getattr(self.args, "num_experts", None)
+        if not experts:
             raise BadInputError(f"'{stored}' is a GroupedMLP tensor but args have no num_experts", self.iter_dir)
-        hidden = int(self.args.hidden_size)
+        local_experts = whole_number(experts, "num_experts", self.args_file) // self.ep
+        hidden = whole_number(getattr(self.args, "hidden_size", None), "hidden_size", self.args_file)
+        if local_experts < 1 or flat[stored].numel() % (local_experts * hidden):
+            raise BadInputError(f"'{stored}' {list(flat[stored].shape)} does not hold {local_experts} experts of "
+                                f"hidden size {hidden}", self.args_file)
         grouped = flat[stored]
         by_expert = (grouped.reshape(local_experts, hidden, -1) if canonical == "mlp.experts.weight1"
                      else grouped.reshape(local_experts, -1, hidden))
@@ -279,6 +294,25 @@ class MegatronTree:
     def all_weight_names(self, rank: RankKey) -> Iterable[tuple[int | None, str]]:
         return self.names(rank).keys()
 
+    def extra_states(self) -> list[tuple[str, str, int, str]]:
+        """Every ``_extra_state`` entry: (name with the global layer, form, bytes, rank directory).
+
+        Transformer Engine stores its FP8 scaling state there: an ``io.BytesIO`` (loaded as
+        :class:`~checkpoint_convert.safe_load.InertBytes`), a ``uint8`` tensor or None. No
+        conversion reads it; this tells what a checkpoint carries.
+        """
+        offsets = stage_offsets(self.stage_layer_counts())
+        found = []
+        for rank in self.files:
+            for stored, value in self._flat(rank).items():
+                if not stored.endswith(EXTRA_STATE):
+                    continue
+                layer, name = schema.canonical_name(stored, self.schema)
+                if layer is not None:
+                    name = f"{schema.LAYER_PREFIX}{offsets[rank.pp] + layer}.{name}"
+                found.append((name, *opaque_form(value), self.holders(rank, name, layer)[0]))
+        return found
+
     def holders(self, rank: RankKey, canonical: str, layer: int | None) -> list[str]:
         """The rank directory holding a shard (and its model chunk, with a virtual pipeline)."""
         return [self.files[rank].parent.name + self._in_chunk(rank, "/")]
@@ -286,6 +320,19 @@ class MegatronTree:
     def _in_chunk(self, rank: RankKey, joiner: str) -> str:
         """``joiner`` and the stage's model chunk (``model1``) with a virtual pipeline; nothing without one."""
         return joiner + self._chunks[rank] if self.vpp > 1 else ""
+
+
+def opaque_form(value: Any) -> tuple[str, int]:
+    """(what it is, its size in bytes) of an entry no conversion reads, such as an extra state."""
+    if isinstance(value, InertBytes):
+        return "io.BytesIO", value.nbytes
+    if isinstance(value, io.BytesIO):  # when another library allowlisted the class itself with torch
+        return "io.BytesIO", value.getbuffer().nbytes
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} tensor", value.nbytes
+    if value is None:
+        return "None", 0
+    return type(value).__name__, 0
 
 
 def reorder_legacy_qkv(shard: torch.Tensor, version: float, local_heads: int, head_dim: int) -> torch.Tensor:

@@ -2,20 +2,39 @@
 
 Everything is written into a hidden temporary sibling of the save path and renamed into place only
 after the last file (for Megatron, the tracker) is written. An interrupted run leaves at most a
-``.NAME.partial-*`` directory, which the next run removes.
+``.NAME.partial-*`` directory, which the next run removes. ``--overwrite`` replaces only a directory
+that holds a checkpoint and nothing else, and the old one is removed only once the new one is complete.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import BadInputError
+from .hf_io import CONFIG, TOKENIZER_FILES, is_hf_checkpoint
+from .megatron_formats import is_megatron_checkpoint
 
 DISK_MARGIN = 64 * 1024 * 1024
+_ITERATION = r"(?:release|iter_\d{7})"
+_RANK = r"mp_rank_\d{2}(?:_\d{3}){0,2}"
+_SHARD = r"-\d{5}-of-\d{5}"
+# Every path (relative to the save path) a checkpoint directory may hold: a Megatron tree or iteration
+# directory (rank files, distributed-optimizer files, torch_dist files), or a Hugging Face model.
+CHECKPOINT_PATHS = re.compile("|".join([
+    r"latest_checkpointed_iteration\.txt",
+    rf"(?:{_ITERATION}/)?{_RANK}(?:/(?:model_optim_rng|model_rng|optim|distrib_optim)\.pt)?",
+    rf"(?:{_ITERATION}/)?(?:common\.pt|metadata\.json|\.metadata|__\d+_\d+\.distcp)",
+    _ITERATION,
+    rf"{re.escape(CONFIG)}|generation_config\.json",
+    rf"model(?:{_SHARD})?\.safetensors|model\.safetensors\.index\.json",
+    rf"pytorch_model(?:{_SHARD})?\.bin|pytorch_model\.bin\.index\.json",
+    *map(re.escape, TOKENIZER_FILES),
+]))
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -23,14 +42,42 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_paths(load_path: Path, save_path: Path, overwrite: bool) -> None:
-    """Refuse a save path that overlaps the load path, or one that holds files without --overwrite."""
+    """Refuse a save path that overlaps the load path, holds the working or home directory, or holds
+    files without --overwrite; with it, one that holds anything but a checkpoint."""
     load, save = load_path.resolve(), save_path.resolve()
     if _inside(save, load) or _inside(load, save):
         raise BadInputError("save path must not equal, contain or lie inside the load path", save_path)
     if save.exists() and not save.is_dir():
         raise BadInputError("save path exists and is not a directory", save_path)
-    if save.is_dir() and any(save.iterdir()) and not overwrite:
-        raise BadInputError("save path is not empty; pass --overwrite to replace it", save_path)
+    for what, directory in (("working", Path.cwd()), ("home", Path(os.path.expanduser("~")))):
+        if save.exists() and _inside(directory.resolve(), save):
+            raise BadInputError(f"save path is or contains the {what} directory; it is never replaced", save_path)
+    if save.is_dir() and any(save.iterdir()):
+        if not overwrite:
+            raise BadInputError("save path is not empty; pass --overwrite to replace it", save_path)
+        stray = _not_checkpoint(save)
+        if stray:
+            raise BadInputError(f"--overwrite replaces only a directory holding a checkpoint and nothing else; "
+                                f"it would delete {stray}", save_path)
+
+
+def _not_checkpoint(directory: Path) -> str | None:
+    """A file (relative path) in ``directory`` that is not part of a checkpoint, or why it holds none."""
+    for root, dirs, files in os.walk(directory):  # symbolic links are entries, never followed
+        dirs.sort()
+        leaves = [name for name in dirs if os.path.islink(os.path.join(root, name))
+                  or not os.listdir(os.path.join(root, name))]
+        for name in sorted(files) + leaves:
+            relative = (Path(root) / name).relative_to(directory).as_posix()
+            if not CHECKPOINT_PATHS.fullmatch(relative):
+                return relative
+    if not (is_megatron_checkpoint(directory) or (is_hf_checkpoint(directory) and _has_hf_weights(directory))):
+        return f"{min(p.name for p in directory.iterdir())}, which belongs to no complete checkpoint"
+    return None
+
+
+def _has_hf_weights(directory: Path) -> bool:
+    return any(path.suffix in (".safetensors", ".bin") for path in directory.iterdir())
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:

@@ -76,6 +76,21 @@ def transformers_attr(name: str) -> Any:
         return getattr(importlib.import_module("transformers"), name)
 
 
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
+
+
+def reader_gone() -> int:
+    """stdout's reader went away (``... | head``): end quietly, as Unix tools do, with 128 + SIGPIPE.
+
+    Python turns SIGPIPE into ``BrokenPipeError``; stdout is pointed at ``/dev/null`` so that no later
+    flush (at exit) fails again and prints a second complaint.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
+
+
 def exit_now(code: int) -> NoReturn:
     """End a finished command at once, skipping interpreter teardown.
 
@@ -83,7 +98,10 @@ def exit_now(code: int) -> NoReturn:
     what remains is freeing torch's and transformers' modules one object at a time, 0.6 to 1.5 s
     on a 2-core machine, for nothing.
     """
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = reader_gone()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)

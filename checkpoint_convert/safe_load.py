@@ -4,16 +4,20 @@ Every load uses ``torch.load(weights_only=True)``. What Megatron checkpoints leg
 tensors is allowlisted: ``argparse.Namespace`` and the stdlib/numpy types in args and RNG state.
 Objects of Megatron's own classes (enums such as ``megatron.core.transformer.enums.AttnBackend``)
 are loaded as inert :class:`ForeignObject` stand-ins registered under their original names, so no
-Megatron install is needed and nothing from the file is imported or run. Any other global is refused
-with a message naming it and the ``--trust_checkpoint`` opt-in.
+Megatron install is needed and nothing from the file is imported or run. Transformer Engine's
+extra state as older versions wrote it (an ``io.BytesIO`` holding a ``torch.save`` of the FP8
+scaling state) loads as :class:`InertBytes`: its bytes, never unpickled. Any other global is
+refused with a message naming it and the ``--trust_checkpoint`` opt-in.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
+import pathlib
 import re
 import signal
+import types
 import warnings
 import zipfile
 from typing import Any
@@ -73,6 +77,42 @@ def stand_in_for(qualified_name: str) -> type:
     return _STAND_INS[qualified_name]
 
 
+class InertBytes:
+    """What an ``io.BytesIO`` in a checkpoint loads as: the bytes it held, kept and never parsed.
+
+    Transformer Engine before 1.13 stored each module's ``_extra_state`` as an ``io.BytesIO`` holding
+    a ``torch.save`` of its FP8 scaling state (itself a pickle, which TE unpickles without
+    restriction). Conversions never need it, so the inner pickle is never opened: only its size
+    is reported. A ``BytesIO`` pickles as ``BytesIO.__new__`` plus a state of (value, position,
+    attribute dict); this class takes that state and keeps the value if it is bytes.
+    """
+
+    original_name = "_io.BytesIO"
+    data = b""  # a pickle that never sets the state leaves an empty value
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = bytes(data)
+
+    def __setstate__(self, state: Any) -> None:
+        value = state[0] if isinstance(state, tuple) and state else state
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"an io.BytesIO whose state is {type(value).__name__}, not bytes")
+        self.data = bytes(value)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"<io.BytesIO of {self.nbytes} bytes, not unpickled>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InertBytes) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+
 def _numpy_globals() -> list:
     """Globals numpy arrays and RNG states pickle to (Megatron stores ``np.random.get_state()``)."""
     names = []
@@ -87,13 +127,24 @@ def _numpy_globals() -> list:
     return names
 
 
-BASE_ALLOWLIST: list = [argparse.Namespace, signal.Signals, collections.OrderedDict,
-                        *_numpy_globals()]
+# What Megatron-LM stores beside tensors, each accepted because loading it runs no code from the file:
+# attribute bags (args), an enum looked up by value, paths (strings, no file access), numpy arrays of
+# plain dtypes (RNG state), extra state kept as bytes, and RNG generators recorded by an inert stand-in
+# (a graph-safe RNG tracker stores ``torch.Generator`` objects; building one could need CUDA).
+BASE_ALLOWLIST: list = [argparse.Namespace, types.SimpleNamespace, signal.Signals, collections.OrderedDict,
+                        pathlib.PosixPath, (InertBytes, InertBytes.original_name),
+                        (stand_in_for("torch._C.Generator"), "torch._C.Generator"), *_numpy_globals()]
 
 
 def is_zip_checkpoint(path: str | os.PathLike) -> bool:
-    """True when the file is in torch's zip format (the only one that can be memory-mapped)."""
-    return zipfile.is_zipfile(path)
+    """True when the file is in torch's zip format (the only one that can be memory-mapped).
+
+    ``zipfile`` raises, rather than answers False, for some damaged end records (a multi-disk archive).
+    """
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
 
 
 def _load_with(path: str | os.PathLike, allow: list, mmap: bool) -> Any:
@@ -145,5 +196,8 @@ def _load_allowlisted(path: str, mmap: bool, trust: bool, zip_format: bool) -> A
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    """The telling line of a load error (torch's weights-only errors lead with advice, then the reason)."""
+    text = str(error)
+    reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = reason.strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -39,9 +39,10 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from . import megatron_schema as schema
 from .bridge_config import read_bridge_args
-from .errors import BadInputError
+from .errors import BadInputError, reason
+from .megatron_args import whole_number
 from .memory import map_for_reading
-from .megatron_io import RankKey, iteration_number
+from .megatron_io import RankKey, checkpoint_version, iteration_number, parallel_sizes
 from .safe_load import safe_torch_load
 from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
@@ -84,10 +85,56 @@ def read_metadata(iter_dir: Path) -> dcp_metadata.Metadata:
     except FileNotFoundError:
         raise BadInputError("torch_dist checkpoint has no .metadata file", iter_dir)
     except Exception as error:  # pickle raises many types for damaged or hostile files
-        raise BadInputError(f"unreadable torch_dist metadata ({str(error).splitlines()[0][:160]})", file)
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
-        raise BadInputError("not a torch.distributed.checkpoint metadata file", file)
+        raise BadInputError(f"unreadable torch_dist metadata ({reason(error, 160)})", file)
+    try:
+        problem = _metadata_problem(metadata)
+    except Exception as error:  # objects a damaged pickle built without the fields they must have
+        problem = f"{reason(error, 160)}"
+    if problem:
+        raise BadInputError(f"inconsistent torch_dist metadata: {problem}", file)
     return metadata
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """What is wrong with the checkpoint's description of its tensors and of where their bytes are."""
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
+        return "not a torch.distributed.checkpoint Metadata"
+    problem = next(filter(None, (_tensor_entry_problem(fqn, entry, metadata.storage_data)
+                                 for fqn, entry in metadata.state_dict_metadata.items())), None)
+    return problem or next(filter(None, map(_storage_problem, metadata.storage_data.items())), None)
+
+
+def _sizes(value: Any, length: int | None = None) -> bool:
+    """A sequence of whole numbers of at least 0 (of ``length`` numbers when given)."""
+    return (isinstance(value, (tuple, list)) and (length is None or len(value) == length)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+
+def _tensor_entry_problem(fqn: Any, entry: Any, storage: dict) -> str | None:
+    """What is wrong with one tensor's description: its global size, dtype, chunks, or their storage."""
+    if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+        return None if isinstance(entry, dcp_metadata.BytesStorageMetadata) else f"'{fqn}' is described by a {type(entry).__name__}"
+    if not _sizes(entry.size) or not isinstance(getattr(entry.properties, "dtype", None), torch.dtype):
+        return f"'{fqn}' has size {entry.size!r} and dtype {getattr(entry.properties, 'dtype', None)!r}"
+    for chunk in entry.chunks if isinstance(entry.chunks, list) else [None]:
+        ok = chunk is not None and _sizes(chunk.offsets, len(entry.size)) and _sizes(chunk.sizes, len(entry.size))
+        if not ok or any(o + n > total for o, n, total in zip(chunk.offsets, chunk.sizes, entry.size)):
+            return f"'{fqn}' {list(entry.size)} has a chunk {chunk!r} outside it"
+        if dcp_metadata.MetadataIndex(fqn, chunk.offsets) not in storage:
+            return f"'{fqn}' has a chunk at {list(chunk.offsets)} with no stored bytes"
+    return None
+
+
+def _storage_problem(item: tuple[Any, Any]) -> str | None:
+    """Where one chunk's bytes are: a file name in the checkpoint directory, and a byte range in it."""
+    index, info = item
+    path = getattr(info, "relative_path", None)
+    if not isinstance(path, str) or "/" in path or path in ("", ".", ".."):
+        return f"'{getattr(index, 'fqn', index)}' is stored in {path!r}, not a file of the checkpoint directory"
+    if not _sizes([getattr(info, "offset", None), getattr(info, "length", None)]):
+        return f"'{index.fqn}' has bytes at offset {info.offset!r}, length {info.length!r}"
+    return None
 
 
 def _read_backend(iter_dir: Path) -> None:
@@ -143,7 +190,7 @@ def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
         raise BadInputError("common.pt has no 'args'; the checkpoint cannot be converted without them",
                             iter_dir / COMMON_FILE)
     return TorchDistTree(iter_dir, common["args"], iter_dir / COMMON_FILE, common.get("iteration", 0),
-                         float(common.get("checkpoint_version", 3.0) or 3.0))
+                         checkpoint_version(common, iter_dir / COMMON_FILE, default=3.0))
 
 
 def open_bridge(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
@@ -173,10 +220,10 @@ class TorchDistTree:
         self.producer, self.tokenizer_dir = producer, tokenizer_dir
         self.metadata = read_metadata(iter_dir)
         self.tp = self.pp = self.ep = 1
-        self.args_layout = tuple(int(getattr(self.args, name, 1) or 1) for name in (
-            "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+        self.args_layout = parallel_sizes(self.args, self.args_file)
         # the training run's virtual pipeline (tensors are global whatever it was): a default for the output
-        self.vpp = int(getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1)
+        self.vpp = whole_number(getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1,
+                                "virtual_pipeline_model_parallel_size", self.args_file)
         impl = getattr(self.args, "transformer_impl", "transformer_engine")
         self.schema = schema.MCORE_LOCAL if impl == "local" else schema.MCORE_TE
         self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}
@@ -222,6 +269,15 @@ class TorchDistTree:
 
     def all_weight_names(self, rank: Any) -> Iterable[tuple[int | None, str]]:
         return self._names.keys()
+
+    def extra_states(self) -> list[tuple[str, str, int, str]]:
+        """Every ``_extra_state`` byte entry: (key, form, bytes, data file); none is ever unpickled."""
+        found = []
+        for fqn, entry in self.metadata.state_dict_metadata.items():
+            if isinstance(entry, dcp_metadata.BytesStorageMetadata) and "_extra_state" in fqn:
+                info = self.metadata.storage_data.get(dcp_metadata.MetadataIndex(fqn))
+                found.append((fqn, "bytes", int(getattr(info, "length", 0)), getattr(info, "relative_path", "?")))
+        return found
 
     def _stored(self, canonical: str, layer: int | None) -> _Stored:
         stored = self._names.get((layer, canonical))
@@ -290,7 +346,7 @@ class TorchDistTree:
                 tensor = _load_window(path, info.offset, info.length, "cpu")
             else:
                 tensor = self._mapped_view(path, info.offset, info.length, record, layout)
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        except Exception as error:  # a damaged pickle makes torch's unpickler raise anything (IndexError, ...)
             raise _unreadable(fqn, error, path)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes) \
                 or tensor.dtype != entry.properties.dtype:
@@ -320,7 +376,7 @@ class TorchDistTree:
         items = create_read_items_for_chunk_list(fqn, entry, [region])
         try:
             self._reader.read_data(LoadPlan(items), _RegionPlanner(destination)).wait()
-        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as error:
+        except Exception as error:  # DCP's reader on damaged chunks: whatever torch.load raises
             files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
             raise _unreadable(fqn, error, self.iter_dir / files[0])
         return destination
@@ -334,8 +390,7 @@ def _load_window(path: Path, start: int, length: int, map_location: str) -> Any:
 
 
 def _unreadable(fqn: str, error: Exception, path: Path) -> BadInputError:
-    detail = str(error).splitlines()[0][:120] if str(error).strip() else type(error).__name__
-    return BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt ({detail})", path)
+    return BadInputError(f"cannot read '{fqn}', the file is truncated or corrupt ({reason(error, 120)})", path)
 
 
 class _FileWindow(io.RawIOBase):

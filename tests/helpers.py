@@ -1,8 +1,10 @@
 """Test helpers: tiny random models, logits comparison, the CLI run in-process."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -31,6 +33,22 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
     assert expected.abs().mean() > 0.1, "reference logits are too small to detect mapping bugs"
     diff = (actual - expected).abs().max().item()
     assert diff <= atol, f"max logits difference {diff} > {atol}"
+
+
+@contextlib.contextmanager
+def plain_torch_allowlist() -> Iterator[None]:
+    """torch's allowlist of safe globals as in the command-line tool's process, for the block.
+
+    Importing megatron-core (as the megatron-core tests do, in the same pytest process) registers its
+    own safe globals with torch for good, ``io.BytesIO`` and its enums among them; a test that a file
+    loads without ``--trust_checkpoint`` must not pass thanks to them.
+    """
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.add_safe_globals(registered)
 
 
 def convert(*argv: str) -> int:

@@ -293,8 +293,9 @@ def _dist_make(tp: int, spec: Path, out: Path, tokens: Path, logits_out: Path) -
     iter_dir = out / "iter_0000001"
     iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 1, "model": model.sharded_state_dict(),
-             **_training_state(model)}
+    training = _training_state(model, args)
+    state = {**training, "args": args, "checkpoint_version": 3.0, "iteration": 1,
+             "model": {**model.sharded_state_dict(), **training["model"]}}
     dist_checkpointing.save(state, str(iter_dir))
     logits = forward(model, torch.load(tokens), args.vocab_size)
     if torch.distributed.get_rank() == 0:
@@ -302,20 +303,54 @@ def _dist_make(tp: int, spec: Path, out: Path, tokens: Path, logits_out: Path) -
         torch.save(logits, logits_out)
 
 
-def _training_state(model) -> dict:
-    """What a training run stores beside the model: RNG state (a sharded object) and optimizer moments
-    (sharded tensors keyed ``optimizer.state.<moment>.<param>``); converters must skip both."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+def _training_state(model, args) -> dict:
+    """What Megatron-LM's ``save_checkpoint`` stores beside the model in a torch_dist checkpoint
+    (``generate_state_dict``; converters must skip all of it):
 
+    - ``rng_state``: ``get_rng_state``'s ShardedObject of shape (PP, TP) holding a one-item list of
+      ``{random_rng_state, np_rng_state, torch_rng_state, cuda_rng_state, rng_tracker_states}``;
+    - ``optimizer``: the distributed optimizer's moments and fp32 main parameters as sharded tensors
+      (``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>``), its param groups and sharding type
+      (plain values: ``common.pt``); ``opt_param_scheduler`` and the FLOP count (``common.pt``);
+    - Transformer Engine's extra state as TE < 1.13 returned it (an ``io.BytesIO`` of ``torch.save`` of the
+      FP8 scales) in the model's own ``_extra_state`` ShardedObjects (which the local spec leaves None):
+      byte entries in the data files;
+    - FP8 training settings in ``args``.
+
+    The extra states are returned under ``model``, to replace the model's own entries.
+    """
+    import dataclasses
+    import io
+    import random
+
+    import numpy as np
     from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.transformer.enums import AttnBackend
 
     tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-    replica = parallel_state.get_data_parallel_rank()
-    embedding = model.embedding.word_embeddings.weight
-    moment = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.embedding.word_embeddings.weight",
-                                             torch.zeros_like(embedding), (0, tp_rank, tp), replica_id=replica)
-    rng = ShardedObject("rng_state", [{"random_rng_state": [1, 2, 3]}], (tp,), (tp_rank,), replica_id=replica)
-    return {"optimizer": {"state": {"exp_avg": moment}}, "rng_state": rng}
+    args.__dict__.update(fp8="hybrid", fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=16,
+                         fp8_amax_compute_algo="max", attention_backend=AttnBackend.auto, use_distributed_optimizer=True)
+    weights = [t for t in model.sharded_state_dict().values() if isinstance(t, ShardedTensor)]
+    optimizer = {moment: [dataclasses.replace(t, key=f"optimizer.state.{moment}.{t.key}", data=torch.zeros_like(t.data))
+                          for t in weights] for moment in ("exp_avg", "exp_avg_sq", "fp32_param")}
+    rng = [{"random_rng_state": random.Random(tp_rank).getstate(), "np_rng_state": np.random.RandomState(tp_rank).get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
+            "rng_tracker_states": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)}}]
+    extra = {}
+    for index, (name, entry) in enumerate(model.sharded_state_dict().items()):
+        if isinstance(entry, ShardedObject) and entry.key.endswith("_extra_state"):
+            buffer = io.BytesIO()
+            torch.save({"scale_fwd": torch.ones(3), "amax_history_fwd": torch.full((16, 3), float(index))}, buffer)
+            extra[name] = dataclasses.replace(entry, data=buffer)
+    return {"optimizer": {"state": optimizer, "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "step": 10,
+                                                                  "wd_mult": 1.0, "params": [0, 1]}],
+                          "param_state_sharding_type": "fully_sharded_model_space"},
+            "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 2560, "lr_decay_style": "cosine"},
+            "num_floating_point_operations_so_far": 1.5e15,
+            "rng_state": ShardedObject("rng_state", rng, (1, tp), (0, tp_rank),
+                                       replica_id=parallel_state.get_data_parallel_rank()),
+            "model": extra}
 
 
 def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path) -> None:

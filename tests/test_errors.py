@@ -22,11 +22,20 @@ def snapshot(root):
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
+    """Tiny sources: GPT-2 (HF, Megatron TP2 PP2 local spec, torch_dist), Llama with GQA and an explicit head
+    size (HF, Megatron), Mixtral (HF, Megatron EP2)."""
+    from tests.test_llama import tiny_llama
+    from tests.test_mixtral import tiny_mixtral
     root = tmp_path_factory.mktemp("pristine")
     model = tiny_gpt2(root / "hf")
     reference_megatron_gpt2(model, root / "megatron", tp=2, pp=2, schema="local")
     assert convert("--load_path", root / "hf", "--save_path", root / "dist", "--to", "megatron",
                    "--megatron_ckpt_format", "torch_dist") == 0
+    tiny_llama(root / "llama_hf")
+    tiny_mixtral(root / "mixtral_hf")
+    for family, flags in (("llama", ()), ("mixtral", ("--target_expert_model_parallel_size", "2"))):
+        assert convert("--load_path", root / f"{family}_hf", "--save_path", root / f"{family}_megatron",
+                       "--to", "megatron", *flags) == 0
     return root
 
 
@@ -74,11 +83,6 @@ def _missing_args(root):
     _rewrite(root, "mp_rank_00_000", lambda s: s.pop("args"))
 
 
-def _args_disagree(root):
-    for name in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
-        _rewrite(root, name, lambda s: setattr(s["args"], "hidden_size", 96))
-
-
 def _tp_shape_mismatch(root):
     key = "decoder.layers.0.mlp.linear_fc1.weight"
     _rewrite(root, "mp_rank_01_000", lambda s: s["model"].__setitem__(key, s["model"][key][:-8]))
@@ -119,6 +123,87 @@ def _shard_listed_but_missing(root):
     (hf / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _edit_safetensors_header(file, change):
+    """Rewrite a safetensors file's JSON header (``change`` edits the parsed dict), keeping its data bytes."""
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+
+
+def _unknown_dtype(root):
+    _edit_safetensors_header(root / "hf" / "model.safetensors",
+                             lambda h: h["transformer.ln_f.weight"].__setitem__("dtype", "F33"))
+
+
+def _overlapping_offsets(root):
+    def overlap(header):
+        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        first, second = header[tensors[0]], header[tensors[1]]
+        size = second["data_offsets"][1] - second["data_offsets"][0]
+        second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]
+    _edit_safetensors_header(root / "hf" / "model.safetensors", overlap)
+
+
+def _as_shards(root, placement):
+    """Split the single-file model into two shards plus an index; ``placement(name) -> shard numbers``
+    (the index is written as ``placement`` says; see the cases)."""
+    from safetensors.torch import load_file, save_file
+    hf = root / "hf"
+    tensors = load_file(hf / "model.safetensors")
+    (hf / "model.safetensors").unlink()
+    names = {1: "model-00001-of-00002.safetensors", 2: "model-00002-of-00002.safetensors"}
+    shards, weight_map = {1: {}, 2: {}}, {}
+    for position, (name, tensor) in enumerate(sorted(tensors.items())):
+        stored, listed = placement(position, name)
+        for shard in stored:
+            shards[shard][name] = tensor
+        weight_map[name] = names[listed]
+    for shard, content in shards.items():
+        save_file(content, hf / names[shard], metadata={"format": "pt"})
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _same_tensor_in_two_shards(root):
+    _as_shards(root, lambda position, name: ((1, 2), 2) if name == "transformer.wte.weight" else
+               ((1 + position % 2,), 1 + position % 2))
+
+
+def _index_disagrees_with_headers(root):
+    _as_shards(root, lambda position, name: ((2,), 1) if name == "transformer.wpe.weight" else
+               ((1 + position % 2,), 1 + position % 2))
+
+
+def _zip_end_record_claims_many_disks(root):
+    """The zip64 end locator claims two disks: zipfile raises instead of saying 'not a zip' (torch reads on)."""
+    path = root / "dist" / "release" / "common.pt"
+    data = bytearray(path.read_bytes())
+    locator = data.rindex(b"PK\x06\x07")
+    data[locator + 16] = 2
+    path.write_bytes(bytes(data))
+
+
+def _chunk_offset_into_another_chunk(root):
+    """.metadata sends a chunk's bytes to the middle of another chunk: what is there is no tensor pickle."""
+    file = root / "dist" / "release" / ".metadata"
+    metadata = pickle.loads(file.read_bytes())
+    info = next(info for index, info in metadata.storage_data.items()
+                if index.fqn == "decoder.layers.self_attention.linear_qkv.weight" and index.offset[0] == 1)
+    info.offset += 30  # there, torch's weights-only unpickler fails with IndexError (at 32: UnicodeDecodeError)
+    file.write_bytes(pickle.dumps(metadata))
+
+
+def _metadata_entry_without_chunks(root):
+    """A .metadata pickle that builds a tensor's description without its chunk list (a damaged BUILD)."""
+    file = root / "dist" / "release" / ".metadata"
+    metadata = pickle.loads(file.read_bytes())
+    del vars(metadata.state_dict_metadata["decoder.final_layernorm.weight"])["chunks"]
+    file.write_bytes(pickle.dumps(metadata))
+
+
 def _hostile_dist_metadata(root):
     """A .metadata pickle that would run a shell command (writing into the source) when unpickled."""
     class Payload:
@@ -152,6 +237,25 @@ def _nothing(root):
     pass
 
 
+def _config(source, **changes):
+    """Damage: set fields of ``source``'s config.json."""
+    def damage(root):
+        file = root / source / "config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return damage
+
+
+def _args(source, **changes):
+    """Damage: set fields of the args in every rank file of a Megatron tree (or common.pt of torch_dist)."""
+    def damage(root):
+        for file in (root / source).rglob("*.pt"):
+            state = torch.load(file, weights_only=False)
+            for name, value in changes.items():
+                setattr(state["args"], name, value)
+            torch.save(state, file)
+    return damage
+
+
 MEGATRON_TO_HF = ("--to", "hf")
 HF_TO_MEGATRON = ("--to", "megatron")
 CASES = [  # (id, source, damage, flags, expected message)
@@ -165,7 +269,9 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("tracker-names-missing-iteration", "megatron", _tracker_names_missing_iteration, MEGATRON_TO_HF,
      "iteration 7 has no mp_rank_* directories"),
     ("missing-args", "megatron", _missing_args, MEGATRON_TO_HF, "has no 'args'"),
-    ("args-disagree-with-shapes", "megatron", _args_disagree, MEGATRON_TO_HF, "does not fit"),
+    ("args-disagree-with-shapes", "megatron", _args("megatron", hidden_size=96), MEGATRON_TO_HF,
+     "model_optim_rng.pt: hidden_size is 96, but the tensors fit hidden_size=64 ('embedding.word_embeddings.weight' "
+     "is [1000, 64], not [1000, 96])"),
     ("shape-mismatch-between-tp-ranks", "megatron", _tp_shape_mismatch, MEGATRON_TO_HF,
      "different shapes across TP ranks"),
     ("dtype-mismatch-between-tp-ranks", "megatron", _tp_dtype_mismatch, MEGATRON_TO_HF,
@@ -178,6 +284,13 @@ CASES = [  # (id, source, damage, flags, expected message)
      "sharded backend 'zarr' is not supported"),
     ("torch-dist-truncated-data-file", "dist", _truncated_distcp, MEGATRON_TO_HF,
      "__0_0.distcp: cannot read 'embedding.word_embeddings.weight', the file is truncated or corrupt"),
+    ("zip-end-record-claims-many-disks", "dist", _zip_end_record_claims_many_disks, MEGATRON_TO_HF,
+     "common.pt: truncated or corrupt checkpoint (its zip directory is missing)"),
+    ("torch-dist-chunk-offset-into-another-chunk", "dist", _chunk_offset_into_another_chunk, MEGATRON_TO_HF,
+     "__0_0.distcp: cannot read 'decoder.layers.self_attention.linear_qkv.weight', the file is truncated or corrupt"),
+    ("torch-dist-metadata-entry-without-chunks", "dist", _metadata_entry_without_chunks, MEGATRON_TO_HF,
+     ".metadata: inconsistent torch_dist metadata: AttributeError: 'TensorStorageMetadata' object has no attribute "
+     "'chunks'"),
     ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
      "source tensors no conversion rule reads: __0_0.distcp:mtp.final_layernorm.weight"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
@@ -193,6 +306,65 @@ CASES = [  # (id, source, damage, flags, expected message)
     ("config-unreadable", "hf", _bad_config, HF_TO_MEGATRON, "unreadable config"),
     ("shard-listed-but-missing", "hf", _shard_listed_but_missing, HF_TO_MEGATRON,
      "shard model-00001-of-00002.safetensors is listed in the index but missing"),
+    # every architecture number against the tensors, every direction (class 1), named as the file spells it
+    ("config-hidden-size-disagrees", "hf", _config("hf", n_embd=128), HF_TO_MEGATRON,
+     "config.json: n_embd is 128, but the tensors fit n_embd=64"),
+    ("config-heads-disagree", "llama_hf", _config("llama_hf", num_attention_heads=8), HF_TO_MEGATRON,
+     "config.json: num_attention_heads is 8, but the tensors fit num_attention_heads=4"),
+    ("config-query-groups-disagree", "llama_hf", _config("llama_hf", num_key_value_heads=4), ("--to", "hf"),
+     "config.json: num_key_value_heads is 4, but the tensors fit num_key_value_heads=2"),
+    ("config-head-dim-disagrees", "llama_hf", _config("llama_hf", head_dim=16), HF_TO_MEGATRON,
+     "config.json: head_dim is 16, but the tensors fit head_dim=24"),
+    ("config-ffn-disagrees", "llama_hf", _config("llama_hf", intermediate_size=128), HF_TO_MEGATRON,
+     "config.json: intermediate_size is 128, but the tensors fit intermediate_size=96"),
+    ("config-vocab-disagrees", "llama_hf", _config("llama_hf", vocab_size=1024), HF_TO_MEGATRON,
+     "config.json: vocab_size is 1024, but the tensors fit vocab_size=1000"),
+    ("config-fewer-layers-than-tensors", "llama_hf", _config("llama_hf", num_hidden_layers=3), HF_TO_MEGATRON,
+     "config.json: num_hidden_layers is 3, but the tensors fit num_hidden_layers=4"),
+    ("config-more-layers-than-tensors", "llama_hf", _config("llama_hf", num_hidden_layers=6), HF_TO_MEGATRON,
+     "config.json: num_hidden_layers is 6, but the tensors fit num_hidden_layers=4"),
+    ("config-experts-disagree", "mixtral_hf", _config("mixtral_hf", num_local_experts=8), HF_TO_MEGATRON,
+     "config.json: num_local_experts is 8, but the tensors fit num_local_experts=4"),
+    ("args-query-groups-disagree", "llama_megatron", _args("llama_megatron", num_query_groups=4), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_query_groups is 4, but the tensors fit num_query_groups=2"),
+    ("args-ffn-disagrees", "llama_megatron", _args("llama_megatron", ffn_hidden_size=128), HF_TO_MEGATRON,
+     "model_optim_rng.pt: ffn_hidden_size is 128, but the tensors fit ffn_hidden_size=96"),
+    ("args-experts-disagree", "mixtral_megatron", _args("mixtral_megatron", num_experts=8), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_experts is 8, but the tensors fit num_experts=4"),
+    ("args-layers-disagree", "llama_megatron", _args("llama_megatron", num_layers=6), MEGATRON_TO_HF,
+     "stages hold [4] layers but args say num_layers=6"),
+    ("torch-dist-args-disagree", "dist", _args("dist", ffn_hidden_size=512), HF_TO_MEGATRON,
+     "common.pt: ffn_hidden_size is 512, but the tensors fit ffn_hidden_size=256"),
+    # zero, negative or non-numeric sizes, and numbers that do not divide (class 2)
+    ("args-zero-query-groups", "llama_megatron", _args("llama_megatron", num_query_groups=0), MEGATRON_TO_HF,
+     "model_optim_rng.pt: num_query_groups is 0, not a whole number of at least 1"),
+    ("args-negative-hidden-size", "dist", _args("dist", hidden_size=-1), MEGATRON_TO_HF,
+     "common.pt: hidden_size is -1, not a whole number of at least 1"),
+    ("args-string-tensor-parallel", "megatron", _args("megatron", tensor_model_parallel_size="2"), MEGATRON_TO_HF,
+     "tensor_model_parallel_size is '2', not a whole number of at least 1"),
+    ("config-zero-heads", "hf", _config("hf", n_head=0), HF_TO_MEGATRON,
+     "config.json: n_head is 0, not a whole number of at least 1"),
+    ("config-zero-heads-to-hf", "llama_hf", _config("llama_hf", num_attention_heads=0), ("--to", "hf"),
+     "config.json: num_attention_heads is 0, not a whole number of at least 1"),
+    ("config-string-heads", "llama_hf", _config("llama_hf", num_attention_heads="4"), HF_TO_MEGATRON,
+     "config.json: num_attention_heads is '4', not a whole number of at least 1"),
+    ("config-groups-not-dividing-heads", "llama_hf", _config("llama_hf", num_key_value_heads=3), HF_TO_MEGATRON,
+     "config.json: num_key_value_heads is 3, which does not divide num_attention_heads=4"),
+    ("config-class-refuses", "llama_hf", _config("llama_hf", rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+     HF_TO_MEGATRON, "config.json: LlamaConfig cannot read it (KeyError: "),
+    ("config-norm-epsilon-string", "llama_hf", _config("llama_hf", rms_norm_eps="small"), HF_TO_MEGATRON,
+     "config.json: rms_norm_eps is 'small', not a positive number"),
+    ("safetensors-unknown-dtype", "hf", _unknown_dtype, HF_TO_MEGATRON,
+     "model.safetensors: invalid safetensors file (Error while deserializing header: invalid JSON in header: "
+     "unknown variant `F33`"),
+    ("safetensors-overlapping-offsets", "hf", _overlapping_offsets, HF_TO_MEGATRON,
+     "model.safetensors: invalid safetensors file (Error while deserializing header: invalid offset for tensor"),
+    ("tensor-in-two-shards", "hf", _same_tensor_in_two_shards, HF_TO_MEGATRON,
+     "model.safetensors.index.json: tensor 'transformer.wte.weight' is in two shards, "
+     "model-00001-of-00002.safetensors and model-00002-of-00002.safetensors"),
+    ("index-disagrees-with-shard-headers", "hf", _index_disagrees_with_headers, HF_TO_MEGATRON,
+     "model.safetensors.index.json: weight_map puts 'transformer.wpe.weight' in model-00001-of-00002.safetensors, "
+     "but it is in model-00002-of-00002.safetensors"),
 ]
 
 
@@ -226,10 +398,84 @@ def test_save_path_inside_load_path_and_non_empty_save_path(pristine, tmp_path, 
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron") == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
-    assert convert("--load_path", tmp_path / "src/hf", "--save_path", tmp_path / "full", "--to", "megatron",
+
+
+def test_overwrite_replaces_a_checkpoint_once_the_new_one_is_complete(pristine, tmp_path, monkeypatch):
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "hf") == 0
+    seen_during_the_stream = []
+    from checkpoint_convert import converter
+    stream = converter._stream
+    monkeypatch.setattr(converter, "_stream", lambda *a, **k: (
+        seen_during_the_stream.append(sorted(p.name for p in (tmp_path / "out").iterdir())), stream(*a, **k))[1])
+    assert convert("--load_path", pristine / "megatron", "--save_path", tmp_path / "out", "--to", "megatron",
                    "--overwrite") == 0
-    assert not (tmp_path / "full" / "keep.txt").exists()
-    assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").is_file()
+    assert seen_during_the_stream == [["config.json", "generation_config.json", "model.safetensors"]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def _thesis(root):
+    (root / "docs").mkdir()
+    (root / "docs" / "thesis.txt").write_text("four years")
+
+
+@pytest.mark.parametrize("holds, message", [
+    (_thesis, "it would delete docs/thesis.txt"),
+    (lambda root: (root / "notes.md").write_text("x"), "it would delete notes.md"),
+    (lambda root: (root / "config.json").write_text("{}"), "config.json, which belongs to no complete checkpoint"),
+], ids=["thesis-beside-nothing", "notes", "config-without-weights"])
+def test_overwrite_refuses_a_directory_holding_anything_but_a_checkpoint(pristine, tmp_path, capsys, holds, message):
+    (tmp_path / "out").mkdir()
+    holds(tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron",
+                   "--overwrite") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_overwrite_refuses_a_checkpoint_with_a_stray_file(pristine, tmp_path, capsys):
+    shutil.copytree(pristine / "megatron", tmp_path / "out")
+    (tmp_path / "out" / "release" / "mp_rank_00_000" / "notes.txt").write_text("x")
+    assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron",
+                   "--overwrite") == 2
+    assert "it would delete release/mp_rank_00_000/notes.txt" in capsys.readouterr().err
+    assert (tmp_path / "out" / "release" / "mp_rank_00_000" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["working", "home"])
+def test_the_working_and_home_directories_are_never_replaced(pristine, tmp_path, capsys, monkeypatch, where):
+    """Nor any directory containing them."""
+    (tmp_path / "top" / "me").mkdir(parents=True)
+    if where == "working":
+        monkeypatch.chdir(tmp_path / "top" / "me")
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "top" / "me"))
+    for save in (tmp_path / "top" / "me", tmp_path / "top"):
+        assert convert("--load_path", pristine / "hf", "--save_path", save, "--to", "megatron", "--overwrite") == 2
+        assert f"is or contains the {where} directory" in capsys.readouterr().err
+    assert (tmp_path / "top" / "me").is_dir() and not list((tmp_path / "top" / "me").iterdir())
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("scripts/inspect_checkpoint.py", ["{megatron}"]), ("scripts/verify.py", ["{hf}", "{megatron}"]),
+    ("scripts/convert.py", ["--load_path", "{hf}", "--to", "hf", "--save_path", "{out}"]),
+    ("megatron_gpt2/checkpoint_reshaping_and_interoperability.py",
+     ["--load_path", "{megatron}", "--save_path", "{out}", "--convert_checkpoint_from_megatron_to_transformers",
+      "--print-checkpoint-structure", "--quiet"])], ids=["inspect", "verify", "convert", "drop-in"])
+def test_cli_whose_reader_goes_away_exits_quietly(pristine, tmp_path, script, argv):
+    """``inspect_checkpoint.py PATH | head`` where the reader has gone before the first line: no traceback,
+    no complaint, the exit status a shell gives a tool stopped by SIGPIPE."""
+    import subprocess
+
+    from tests.helpers import REPO
+    paths = [arg.format(hf=pristine / "hf", megatron=pristine / "megatron", out=tmp_path / "out") for arg in argv]
+    command = " ".join(f'"{part}"' for part in [sys.executable, REPO / script, *paths])
+    result = subprocess.run(["bash", "-c", f'{command} | true; echo "status ${{PIPESTATUS[0]}}" >&2'],
+                            capture_output=True, text=True, timeout=300)
+    *before, status = result.stderr.strip().splitlines()
+    assert status == "status 141" and not any("rror" in line or "Traceback" in line for line in before), result.stderr
 
 
 def test_output_directory_gets_the_mode_mkdir_would_give(pristine, tmp_path):
@@ -300,3 +546,29 @@ def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path):
     assert subprocess.run(command).returncode == 0
     assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").is_file()
     assert not list(tmp_path.glob(".out.partial-*")), "a rerun removes stale partial directories"
+
+
+def test_expected_shapes_come_from_megatron_module_names_alone():
+    """The shape check knows megatron-core's modules, not families: a family's qk norms (head size wide) and
+    shared experts (hidden wide, their own ffn size left open) get checked without a rule of their own."""
+    from checkpoint_convert.arch import ModelArch
+    from checkpoint_convert.engine import Item
+    from checkpoint_convert.family import Param
+    from checkpoint_convert.parallel import Style
+    from checkpoint_convert.shape_check import expected_shape
+    arch = ModelArch(family="x", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                     kv_channels=24, ffn_hidden_size=96, vocab_size=1000, max_position_embeddings=128,
+                     activation="swiglu", num_experts=8, moe_ffn_hidden_size=32)
+
+    def shape(name, experts=False):
+        return expected_shape(Item("layer", Param(name, ("x",), Style.REPLICATED, experts=experts), 0), arch)
+    assert shape("self_attention.linear_qkv.weight") == ((4 + 2 * 2) * 24, 64)
+    assert shape("self_attention.linear_proj.weight") == (64, 4 * 24)
+    assert shape("self_attention.q_layernorm.weight") == shape("self_attention.k_layernorm.weight") == (24,)
+    assert shape("input_layernorm.weight") == shape("pre_mlp_layernorm.bias") == (64,)
+    assert shape("mlp.linear_fc1.weight") == (2 * 96, 64) and shape("mlp.linear_fc2.weight") == (64, 96)
+    assert shape("mlp.router.weight") == (8, 64)
+    assert shape("mlp.experts.local_experts.{expert}.linear_fc1.weight", experts=True) == (8, 2 * 32, 64)
+    assert shape("mlp.shared_experts.linear_fc1.weight") == (None, 64)
+    assert shape("mlp.shared_experts.linear_fc2.weight") == (64, None)
+    assert shape("mtp.some_new_module.weight") is None  # unknown: left to the walk

@@ -12,13 +12,20 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, plain_torch_allowlist
 from tests.test_errors import snapshot
 from tests.test_llama import tiny_llama
 from tests.test_megatron_core import ATOL, SPECS, megatron_core_logits, run_oracle
 from tests.test_mixtral import tiny_mixtral
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
+
+
+@pytest.fixture(autouse=True)
+def without_megatron_safe_globals():
+    """Sources load as in the command-line tool's process, not thanks to what megatron-core registered."""
+    with plain_torch_allowlist():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,9 @@ def megatron_dist(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dist, family):
-    """Saved with RNG and optimizer state beside the model, as a training run saves it; the source is untouched
-    (every family's torch_dist saved by megatron-core at TP2: the family kit)."""
+    """Saved with RNG and optimizer state, FP8 args and TE extra state, as a training run saves it
+    (``megatron_oracle._training_state``); the source is untouched (every family's torch_dist saved by
+    megatron-core at TP2: the family kit)."""
     source, expected = megatron_dist(family)
     before = snapshot(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
@@ -60,6 +68,20 @@ def test_torch_dist_saved_at_tensor_parallel_2_converts_to_hf(tmp_path, megatron
     qkv = read_metadata(source / "iter_0000001").state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"]
     assert len(qkv.chunks) == 2 * qkv.size[0]  # one chunk per layer and TP rank
     assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
+
+
+def test_the_tracker_names_the_torch_dist_iteration_to_read(tmp_path, megatron_dist):
+    """An older iteration beside the latest (another model): the tracker's is converted."""
+    import shutil
+
+    source, expected = megatron_dist("llama")
+    shutil.copytree(source, tmp_path / "run")
+    tiny_llama(tmp_path / "older_hf", seed=9)
+    assert convert("--load_path", tmp_path / "older_hf", "--save_path", tmp_path / "older", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist") == 0
+    (tmp_path / "older" / "release").rename(tmp_path / "run" / "iter_0000000")
+    assert convert("--load_path", tmp_path / "run", "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf"), expected, atol=ATOL)
 
 
@@ -156,7 +178,10 @@ def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megat
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "megatron torch_dist" and report["iteration"] == 1 and report["problems"] == []
     assert "optimizer.state.exp_avg.embedding.word_embeddings.weight" in report["skipped"]
-    assert "rng_state/shard_0_1" in report["skipped"]
+    assert "rng_state/shard_0.0_1.1" in report["skipped"]
+    extra = {row["name"]: row for row in report["extra_state"]}
+    assert "decoder.layers.self_attention.linear_qkv._extra_state/shard_1_2" in extra
+    assert all(row["form"] == ["bytes"] and row["bytes"] > 1000 for row in extra.values())  # the BytesIO's zip
     experts = next(row for row in report["tensors"] if row["name"] == "decoder.layers.1.mlp.experts.local_experts.*.linear_fc1.weight")
     assert experts["shape"] == [4, 192, 64] and experts["held_by"]
 

@@ -1,0 +1,470 @@
+"""Seeded mutation fuzzing: damaged sources of every input format give exit 0 or 2, never an internal error.
+
+Valid tiny sources of every format (Hugging Face single file and sharded; Megatron ``torch`` in the legacy
+schema with PP, megatron-core with TP x PP and with EP; ``torch_dist``) are copied and damaged:
+
+- file mutations (a seeded loop): truncate a file at a random offset; flip bytes in a safetensors
+  header, a pickle, a zip directory, a JSON file or anywhere; delete, duplicate or swap files;
+- field mutations (property-based, ``hypothesis``): set one numeric field of ``config.json``, an index, the
+  Megatron ``args`` (in every rank file, or only the first), a rank file's ``checkpoint_version`` /
+  ``iteration``, ``common.pt``, a safetensors header (header length, shapes, data offsets) or a ``torch_dist``
+  ``.metadata`` (global sizes, chunk offsets and sizes, byte offsets and lengths) to 0, -1, a larger value or
+  a string.
+
+Each damaged copy is converted in-process (Hugging Face or Megatron output, sometimes reshaped) and must
+give exit code 0 or 2, never 1; no traceback; on failure exactly one ``error:`` line (warnings are
+held back then), no output directory that looks complete, and the source byte-identical.
+
+Reproducible from the printed seed. Environment variables:
+
+- ``FUZZ_SEED`` (default 0): base seed of both tests;
+- ``FUZZ_MUTATIONS`` (default 400): file mutations; ``FUZZ_FIELD_EXAMPLES`` (default 300): field mutations;
+- ``FUZZ_ONLY=N``: run only file mutation number N (what a failure message names);
+- ``FUZZ_EXHAUSTIVE=1``: also try every numeric field with every bad value (thousands of conversions);
+- ``FUZZ_KEEP_GOING=1``: the loops run to the end and report every failure at once.
+
+A long run by hand (``-s`` prints a count of every outcome): ``FUZZ_SEED=23 FUZZ_MUTATIONS=10000
+FUZZ_FIELD_EXAMPLES=3000 FUZZ_EXHAUSTIVE=1 FUZZ_KEEP_GOING=1 python -m pytest -q -s tests/test_fuzz.py`` (15 minutes).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+from tests.helpers import plain_torch_allowlist, reference_megatron_gpt2, run_convert_cli, tiny_gpt2
+from tests.test_errors import snapshot
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+SEED = int(os.environ.get("FUZZ_SEED", "0"))
+MUTATIONS = int(os.environ.get("FUZZ_MUTATIONS", "400"))
+FIELD_EXAMPLES = int(os.environ.get("FUZZ_FIELD_EXAMPLES", "300"))
+ONLY = os.environ.get("FUZZ_ONLY")
+EXHAUSTIVE = os.environ.get("FUZZ_EXHAUSTIVE") == "1"
+KEEP_GOING = os.environ.get("FUZZ_KEEP_GOING") == "1"
+
+HF_TARGETS = (("--to", "megatron"), ("--to", "megatron", "--megatron_ckpt_format", "torch_dist"), ("--to", "hf"))
+MEGATRON_TARGETS = (("--to", "hf"), ("--to", "megatron", "--target_tensor_model_parallel_size", "1",
+                                     "--target_pipeline_model_parallel_size", "1"))
+
+
+class Sources(dict):
+    """Source name -> directory (a short repr: hypothesis prints its test's arguments)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} fuzz sources: {', '.join(sorted(self))}>"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Sources:
+    """Every input format, tiny and valid."""
+    from tests.helpers import convert
+    from tests.test_llama import tiny_llama
+    from tests.test_mixtral import tiny_mixtral
+
+    root = tmp_path_factory.mktemp("fuzz_sources")
+    gpt2 = tiny_gpt2(root / "hf_single", layers=2)
+    llama = tiny_llama(root / "llama_single")
+    llama.save_pretrained(root / "hf_sharded", max_shard_size="200KB")
+    reference_megatron_gpt2(gpt2, root / "megatron_legacy_pp2", pp=2, version=1.0, schema="legacy")
+    tiny_mixtral(root / "mixtral_hf")
+    built = {"hf_single": root / "hf_single", "hf_sharded": root / "hf_sharded",
+             "megatron_legacy_pp2": root / "megatron_legacy_pp2"}
+    for name, hf, flags in (
+            ("megatron_mcore_tp2_pp2", "llama_single", ("--target_tensor_model_parallel_size", "2",
+                                                        "--target_pipeline_model_parallel_size", "2")),
+            ("megatron_moe_ep2_pp2", "mixtral_hf", ("--target_expert_model_parallel_size", "2",
+                                                    "--target_pipeline_model_parallel_size", "2")),
+            ("torch_dist", "llama_single", ("--megatron_ckpt_format", "torch_dist"))):
+        assert convert("--load_path", root / hf, "--save_path", root / name, "--to", "megatron", *flags) == 0
+        built[name] = root / name
+    return Sources(built)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# ---- file mutations ---------------------------------------------------------------------------------
+
+def _pickle_region(path: Path) -> tuple[int, int] | None:
+    """Byte range of the pickle inside a torch zip file (its ``data.pkl`` record)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        return None
+    raw = path.read_bytes()[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(raw[26:28], "little") + int.from_bytes(raw[28:30], "little")
+    return start, start + info.compress_size
+
+
+def _zip_directory_region(path: Path) -> tuple[int, int] | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.start_dir, path.stat().st_size
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _regions(path: Path) -> list[tuple[str, tuple[int, int]]]:
+    """Named byte ranges of a file worth damaging (the whole file always among them)."""
+    size = path.stat().st_size
+    regions = [("anywhere", (0, size))]
+    if path.suffix == ".safetensors" and size >= 8:
+        regions.append(("safetensors header", (0, min(size, 8 + int.from_bytes(path.read_bytes()[:8], "little")))))
+    if path.suffix in (".pt", ".distcp") or path.name == ".metadata":
+        pickle_region = _pickle_region(path) if path.suffix == ".pt" else (0, min(size, 4096))
+        directory = _zip_directory_region(path) if path.suffix == ".pt" else None
+        regions += [(kind, r) for kind, r in (("pickle", pickle_region), ("zip directory", directory)) if r]
+    return [(kind, r) for kind, r in regions if r[1] > r[0]]
+
+
+def _truncate(root: Path, rng: random.Random) -> str:
+    path = rng.choice(_files(root))
+    offset = rng.randrange(path.stat().st_size) if path.stat().st_size else 0
+    with open(path, "r+b") as handle:
+        handle.truncate(offset)
+    return f"truncate {path.relative_to(root)} at {offset}"
+
+
+def _flip(root: Path, rng: random.Random) -> str:
+    path = rng.choice(_files(root))
+    kind, (start, end) = rng.choice(_regions(path)) if path.stat().st_size else ("anywhere", (0, 0))
+    data = bytearray(path.read_bytes())
+    flipped = sorted(rng.randrange(start, end) for _ in range(rng.randint(1, 4))) if end > start else []
+    for offset in flipped:
+        data[offset] ^= rng.randint(1, 255)
+    path.write_bytes(bytes(data))
+    return f"flip bytes {flipped} of {path.relative_to(root)} ({kind})"
+
+
+def _delete(root: Path, rng: random.Random) -> str:
+    path = rng.choice(_files(root))
+    path.unlink()
+    return f"delete {path.relative_to(root)}"
+
+
+def _renumbered(path: Path, rng: random.Random) -> Path:
+    """A sibling name: the first number in the name changed (mp_rank_00 -> mp_rank_01), or a copy suffix."""
+    name = path.name if any(c.isdigit() for c in path.name) else path.parent.name
+    digits = [i for i, c in enumerate(name) if c.isdigit()]
+    if not digits or rng.random() < 0.2:
+        return path.with_name(path.name + ".copy")
+    i = digits[0]
+    new = name[:i] + str((int(name[i]) + 1) % 10) + name[i + 1:]
+    return path.with_name(new) if name == path.name else path.parent.with_name(new) / path.name
+
+
+def _duplicate(root: Path, rng: random.Random) -> str:
+    path = rng.choice(_files(root))
+    target = _renumbered(path, rng)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    return f"duplicate {path.relative_to(root)} as {target.relative_to(root)}"
+
+
+def _swap(root: Path, rng: random.Random) -> str:
+    files = _files(root)
+    first = rng.choice(files)
+    same_kind = [p for p in files if p.suffix == first.suffix and p != first] or [p for p in files if p != first]
+    if not same_kind:
+        return "swap nothing"
+    second = rng.choice(same_kind)
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    return f"swap {first.relative_to(root)} and {second.relative_to(root)}"
+
+
+FILE_MUTATIONS = (_truncate, _flip, _flip, _delete, _duplicate, _swap)
+
+
+# ---- field mutations --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One numeric field of a source: ``kind`` says how to read and write it, ``path`` where it is."""
+
+    kind: str  # json, args, args_first, top, safetensors, dcp
+    file: str  # relative to the source root
+    path: tuple
+    value: Any
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_fields(root: Path, file: Path) -> Iterator[Field]:
+    data = json.loads(file.read_text())
+    for key, value in data.items():
+        nested = value.items() if isinstance(value, dict) else ()
+        if _number(value):
+            yield Field("json", str(file.relative_to(root)), (key,), value)
+        for inner, inner_value in nested:
+            if _number(inner_value):
+                yield Field("json", str(file.relative_to(root)), (key, inner), inner_value)
+
+
+def _torch_fields(root: Path, file: Path) -> Iterator[Field]:
+    state = torch.load(file, weights_only=False)
+    relative = str(file.relative_to(root))
+    for key in ("checkpoint_version", "iteration"):
+        if _number(state.get(key)):
+            yield Field("top", relative, (key,), state[key])
+    args = state.get("args")
+    for name, value in sorted(vars(args).items()) if args is not None else ():
+        if _number(value):
+            yield Field("args", relative, (name,), value)
+            yield Field("args_first", relative, (name,), value)
+
+
+def _safetensors_fields(root: Path, file: Path) -> Iterator[Field]:
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    relative = str(file.relative_to(root))
+    yield Field("safetensors", relative, ("__length__",), length)
+    header = json.loads(raw[8:8 + length])
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        for key in ("shape", "data_offsets"):
+            for i, value in enumerate(entry[key]):
+                yield Field("safetensors", relative, (name, key, i), value)
+
+
+def _dcp_fields(root: Path, file: Path) -> Iterator[Field]:
+    metadata = pickle.loads(file.read_bytes())
+    relative = str(file.relative_to(root))
+    for fqn, entry in metadata.state_dict_metadata.items():
+        for i, value in enumerate(getattr(entry, "size", ())):
+            yield Field("dcp", relative, ("size", fqn, i), value)
+        for c, chunk in enumerate(getattr(entry, "chunks", ())):
+            for part in ("offsets", "sizes"):
+                for i, value in enumerate(getattr(chunk, part)):
+                    yield Field("dcp", relative, ("chunk", fqn, c, part, i), value)
+    for index, info in metadata.storage_data.items():
+        for part in ("offset", "length"):
+            yield Field("dcp", relative, ("storage", index.fqn, tuple(index.offset or ()), part), getattr(info, part))
+
+
+def field_sites(root: Path) -> list[Field]:
+    """Every numeric field of a source, in a stable order (args once per tree, from its first file)."""
+    fields: list[Field] = []
+    args_seen = False
+    for file in _files(root):
+        if file.suffix == ".json":
+            fields += _json_fields(root, file)
+        elif file.suffix == ".safetensors":
+            fields += _safetensors_fields(root, file)
+        elif file.name == ".metadata":
+            fields += _dcp_fields(root, file)
+        elif file.suffix == ".pt" and not args_seen:
+            found = list(_torch_fields(root, file))
+            args_seen = any(f.kind == "args" for f in found)
+            fields += found
+    return fields
+
+
+def bad_values(value: Any) -> list[Any]:
+    larger = value * 2 + 1 if isinstance(value, int) else value * 10 + 1
+    return [0, -1, larger, str(value)]
+
+
+def _set_json(data: dict, path: tuple, value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _apply_field(root: Path, field: Field, value: Any) -> None:
+    file = root / field.file
+    if field.kind == "json":
+        data = json.loads(file.read_text())
+        _set_json(data, field.path, value)
+        file.write_text(json.dumps(data))
+    elif field.kind in ("args", "args_first", "top"):
+        files = [file] if field.kind != "args" else [p for p in _files(root) if p.suffix == ".pt"]
+        for each in files:
+            state = torch.load(each, weights_only=False)
+            if not isinstance(state, dict) or (field.kind != "top" and "args" not in state):
+                continue
+            if field.kind == "top":
+                state[field.path[0]] = value
+            else:
+                setattr(state["args"], field.path[0], value)
+            torch.save(state, each)
+    elif field.kind == "safetensors":
+        _apply_safetensors(file, field.path, value)
+    else:
+        _apply_dcp(file, field.path, value)
+
+
+def _apply_safetensors(file: Path, path: tuple, value: Any) -> None:
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = raw[8:8 + length], raw[8 + length:]
+    if path == ("__length__",):
+        prefix = (value if isinstance(value, int) else length + 1) % 2**64
+        file.write_bytes(prefix.to_bytes(8, "little") + header + data)
+        return
+    parsed = json.loads(header)
+    parsed[path[0]][path[1]][path[2]] = value
+    text = json.dumps(parsed).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _apply_dcp(file: Path, path: tuple, value: Any) -> None:
+    metadata = pickle.loads(file.read_bytes())
+    def changed(sequence, i):
+        items = list(sequence)
+        items[i] = value
+        return tuple(items)
+    if path[0] == "size":
+        entry = metadata.state_dict_metadata[path[1]]
+        object.__setattr__(entry, "size", changed(entry.size, path[2]))
+    elif path[0] == "chunk":
+        chunk = metadata.state_dict_metadata[path[1]].chunks[path[2]]
+        object.__setattr__(chunk, path[3], changed(getattr(chunk, path[3]), path[4]))
+    else:
+        info = next(info for index, info in metadata.storage_data.items()
+                    if index.fqn == path[1] and tuple(index.offset or ()) == path[2])
+        object.__setattr__(info, path[3], value)
+    file.write_bytes(pickle.dumps(metadata))
+
+
+# ---- running one damaged source ---------------------------------------------------------------------
+
+def _targets(name: str) -> tuple:
+    return HF_TARGETS if name.startswith("hf") else MEGATRON_TARGETS
+
+
+def run_damaged(source: Path, damage: Callable[[Path], str], flags: tuple, label: str) -> str:
+    """Copy, damage and convert one source; assert the outcome; return 'ok' or the error line."""
+    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    try:
+        root = work / "src"
+        shutil.copytree(source, root)
+        what = damage(root)
+        before = snapshot(root)
+        stderr, stdout = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout), plain_torch_allowlist():
+            code = run_convert_cli(["--load_path", str(root), "--save_path", str(work / "out"), *flags, "--quiet"],
+                                   ("gpt2", "llama", "mistral", "mixtral"))
+        err = stderr.getvalue()
+        context = f"{label}: {what}; flags {' '.join(flags)}: exit {code}\n{err}"
+        assert code in (0, 2), context
+        assert "Traceback" not in err and "internal error" not in err, context
+        assert snapshot(root) == before, f"the source changed: {context}"
+        assert not list(work.glob(".out.partial-*")), f"a partial output was left: {context}"
+        if code == 0:
+            assert (work / "out").is_dir(), context
+            return "ok"
+        lines = err.strip().splitlines()
+        assert lines and lines[-1].startswith("error: "), context
+        assert all(line.startswith("warning: ") for line in lines[:-1]), context
+        assert not (work / "out").exists(), f"an output exists after a failure: {context}"
+        return lines[-1]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _file_mutation_numbers() -> list[int]:
+    return [int(ONLY)] if ONLY else list(range(MUTATIONS))
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """What the runs found, printed at the end of the module (``-s`` shows it)."""
+    found: dict[str, int] = {}
+    yield found
+    if found:
+        print(f"\nfuzz outcomes (seed {SEED}):", json.dumps(dict(sorted(found.items(), key=lambda kv: -kv[1])), indent=1))
+
+
+def _count(outcomes: dict, result: str) -> None:
+    key = "exit 0" if result == "ok" else result.split(": ", 2)[-1][:90]
+    outcomes[key] = outcomes.get(key, 0) + 1
+
+
+def _runs(outcomes: dict, cases: Iterator[tuple[Path, Callable[[Path], str], tuple, str]]) -> None:
+    """Run every case; with FUZZ_KEEP_GOING, report all failures at the end instead of the first."""
+    failures = []
+    for source, damage, flags, label in cases:
+        try:
+            _count(outcomes, run_damaged(source, damage, flags, label))
+        except AssertionError as failure:
+            if not KEEP_GOING:
+                raise
+            failures.append(str(failure).split("\nassert")[0])
+            outcomes["FAILED"] = outcomes.get("FAILED", 0) + 1
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
+
+
+def test_file_mutations(sources, outcomes):
+    """Truncated, bit-flipped, deleted, duplicated and swapped files of every format."""
+    def cases():
+        for number in _file_mutation_numbers():
+            rng = random.Random(f"{SEED}-{number}")
+            name = rng.choice(sorted(sources))
+            mutation, flags = rng.choice(FILE_MUTATIONS), rng.choice(_targets(name))
+            yield (sources[name], lambda root, mutation=mutation, rng=rng: mutation(root, rng), flags,
+                   f"FUZZ_SEED={SEED} FUZZ_ONLY={number} ({name})")
+    _runs(outcomes, cases())
+
+
+class Sites(dict):
+    """Source name -> its numeric fields (a short repr: hypothesis prints its test's arguments)."""
+
+    def __repr__(self) -> str:
+        return f"<numeric fields of {len(self)} sources>"
+
+
+@pytest.fixture(scope="module")
+def sites(sources) -> Sites:
+    return Sites({name: field_sites(path) for name, path in sources.items()})
+
+
+@settings(max_examples=FIELD_EXAMPLES, deadline=None, database=None, derandomize=False,
+          suppress_health_check=list(HealthCheck))
+@hypothesis.seed(SEED)
+@given(data=st.data())
+def test_field_mutations(sources, sites, outcomes, data):
+    """One numeric field of a config, args, header or metadata set to 0, -1, a larger value or a string."""
+    name = data.draw(st.sampled_from(sorted(sites)), label="source")
+    field = data.draw(st.sampled_from(sites[name]), label="field")
+    value = data.draw(st.sampled_from(bad_values(field.value)), label="value")
+    flags = data.draw(st.sampled_from(_targets(name)), label="flags")
+    label = f"FUZZ_SEED={SEED} ({name}) {field.kind} {field.file} {field.path} = {value!r}"
+    _count(outcomes, run_damaged(sources[name], lambda root: (_apply_field(root, field, value), label)[1], flags,
+                                 label))
+
+
+if EXHAUSTIVE:  # a long run by hand only: the test exists when FUZZ_EXHAUSTIVE=1
+    def test_every_field_with_every_bad_value(sources, sites, outcomes):
+        def cases():
+            for name in sorted(sources):
+                for number, field in enumerate(sites[name]):
+                    for value in bad_values(field.value):
+                        label = f"({name}) {field.kind} {field.file} {field.path} = {value!r}"
+                        flags = _targets(name)[number % len(_targets(name))]
+                        yield (sources[name], lambda root, field=field, value=value, label=label: (
+                            _apply_field(root, field, value), label)[1], flags, label)
+        _runs(outcomes, cases())
