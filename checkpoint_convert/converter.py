@@ -228,8 +228,10 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def _require_legacy_features(arch: ModelArch) -> None:
-    """The legacy (``language_model.*``) models have no query/key norm and no sliding-window attention."""
-    missing = [name for name, used in (("query/key norms (qk_layernorm)", arch.qk_layernorm),
+    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window and no multi-latent
+    attention."""
+    missing = [name for name, used in (("multi-latent attention", arch.mla is not None),
+                                       ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "

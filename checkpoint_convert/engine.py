@@ -23,7 +23,7 @@ from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import Arena, release_file_pages, release_pages, shares_storage
 from .parallel import (Style, cast, cat, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
-                       trim_vocab)
+                       style_in_schema, trim_vocab)
 
 FIRST, LAYER, LAST = "first", "layer", "last"
 QKV = "self_attention.linear_qkv."
@@ -137,7 +137,8 @@ class MegatronSource(_ReleasesReadPages):
             shards.append(shard)
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
-        merged = merge_from_tp(shards, item.param.style, cat if meta else self._join)
+        style = style_in_schema(item.param.style, self.tree.schema == schema.MCORE_TE)
+        merged = merge_from_tp(shards, style, cat if meta else self._join)
         if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
@@ -222,9 +223,9 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
-def has_dense_fc1(family: FamilySpec, arch: ModelArch) -> bool:
-    """Whether layers have a dense MLP: Transformer Engine then fuses the pre-MLP norm into its fc1."""
-    return any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+def layer_weights(family: FamilySpec, arch: ModelArch) -> frozenset[str]:
+    """The canonical names of a layer's tensors: which linear layers Transformer Engine fuses norms into."""
+    return frozenset(p.megatron for p in family.params_for(LAYER, arch))
 
 
 class MegatronTarget:
@@ -232,7 +233,7 @@ class MegatronTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
         self.family, self.arch, self.layout = family, arch, layout
-        self.dense_fc1 = has_dense_fc1(family, arch)
+        self.layer_weights = layer_weights(family, arch)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -259,9 +260,10 @@ class MegatronTarget:
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
         name = item.param.megatron.format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=self.dense_fc1,
+        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights,
                                   grouped_experts=self.layout.grouped_gemm)
-        shards = split_for_tp(full, item.param.style, self.layout.tp)
+        shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
+                              self.layout.tp)
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 
@@ -283,7 +285,7 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        self.fused_pre_mlp_norm = has_dense_fc1(family, arch) or not transformer_engine
+        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -291,7 +293,8 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, self.fused_pre_mlp_norm)
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, self.layer_weights,
+                                    self.transformer_engine)
         if item.layer is None:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))

@@ -62,8 +62,8 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
             modules[module] = tuple(shape[:2] if ".experts.experts." in fqn else shape[:1])
-            if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = tuple(shape[:1])
+            if transformer_engine and module.endswith("self_attention.linear_proj"):
+                modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:1])
     names = []
     for module, shape in modules.items():
         for index in itertools.product(*(range(n) for n in shape)):

@@ -16,6 +16,7 @@ with collector_paused():  # the families import torch
     import mixtral  # noqa: E402,F401  (registers mixtral)
     import qwen2  # noqa: E402,F401  (registers qwen2)
     import qwen3  # noqa: E402,F401  (registers qwen3)
+    import deepseek_v3  # noqa: E402,F401  (registers deepseek_v3 and deepseek_v2)
     from checkpoint_convert.family import registered  # noqa: E402
 
 FAMILIES = tuple(registered())

@@ -1,0 +1,154 @@
+"""DeepSeek-V3 and DeepSeek-V2 (and the models built on them): multi-latent attention (MLA).
+
+transformers' ``self_attn`` and megatron-core's ``MLASelfAttention`` (``multi_latent_attention``) hold the
+same projections with the same row layouts, so each maps one to one:
+
+| Hugging Face (``self_attn.``) | megatron-core (``self_attention.``) | rows |
+| --- | --- | --- |
+| ``q_a_proj`` / ``q_a_layernorm`` | ``linear_q_down_proj`` / ``q_layernorm`` | q_lora_rank |
+| ``q_b_proj`` (``q_proj`` when q_lora_rank is null) | ``linear_q_up_proj`` (``linear_q_proj``) | per head [nope; rope] |
+| ``kv_a_proj_with_mqa`` / ``kv_a_layernorm`` | ``linear_kv_down_proj`` / ``kv_layernorm`` | [kv_lora_rank; rope] |
+| ``kv_b_proj`` | ``linear_kv_up_proj`` | per head [k nope; v] |
+| ``o_proj`` | ``linear_proj`` | hidden |
+
+Up projections are column-parallel (whole heads per rank); down projections are column-parallel in the
+local spec and a full copy per rank under Transformer Engine, which fuses ``q_layernorm`` and
+``kv_layernorm`` into the up projections (``layer_norm_weight``) and keeps ``input_layernorm`` apart.
+Rotary: megatron-core's MLA takes each head's rotary rows as interleaved pairs (``rope_utils`` gathers
+``0::2`` and ``1::2`` before rotating), as DeepSeek's weights are: ``rope_interleave: true`` (V3's
+default) and V2's complex rotation need no change; with ``rope_interleave: false`` the rotary rows of
+``q_b_proj`` and ``kv_a_proj_with_mqa`` are permuted. YaRN scaling maps to MLA's ``rope_type yarn``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from checkpoint_convert.arch import LatentAttention, ModelArch
+from checkpoint_convert.errors import BadInputError
+from checkpoint_convert.family import FamilySpec, Param, register
+from checkpoint_convert.parallel import Style
+from checkpoint_convert.runtime import transformers_attr
+from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_config, config_kwargs
+
+COLUMN, ROW, REPLICATED = Style.COLUMN, Style.ROW, Style.REPLICATED
+
+
+def _rope_permutation(arch: ModelArch, inverse: bool) -> torch.Tensor | None:
+    """Rotary rows Hugging Face -> Megatron (megatron[2i] = hf[i], megatron[2i+1] = hf[d/2 + i]); None: same."""
+    if arch.extra.get("rope_interleave", True):
+        return None
+    width = arch.mla.qk_pos_emb_head_dim
+    order = torch.arange(width).reshape(2, width // 2).t().reshape(-1)
+    return torch.argsort(order) if inverse else order
+
+
+def _permute_rope_rows(tensor: torch.Tensor, arch: ModelArch, block: int, inverse: bool) -> torch.Tensor:
+    """Permute the last ``qk_pos_emb_head_dim`` rows of every ``block`` rows (a head, or the kv latent)."""
+    order = _rope_permutation(arch, inverse)
+    if order is None or tensor.device.type == "meta":
+        return tensor
+    blocks = tensor.reshape(-1, block, tensor.shape[-1])
+    rope = blocks[:, block - len(order):][:, order]
+    return torch.cat([blocks[:, :block - len(order)], rope], dim=1).reshape(tensor.shape)
+
+
+def _q_to_megatron(tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    return _permute_rope_rows(tensors[0], arch, arch.mla.q_head_dim, inverse=False)
+
+
+def _q_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    return [_permute_rope_rows(tensor, arch, arch.mla.q_head_dim, inverse=True)]
+
+
+def _kv_down_to_megatron(tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    return _permute_rope_rows(tensors[0], arch, tensors[0].shape[0], inverse=False)
+
+
+def _kv_down_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    return [_permute_rope_rows(tensor, arch, tensor.shape[0], inverse=True)]
+
+
+def _q_lora(arch: ModelArch) -> bool:
+    return arch.mla.q_lora_rank is not None
+
+
+def _no_q_lora(arch: ModelArch) -> bool:
+    return arch.mla.q_lora_rank is None
+
+
+ATTN = "self_attention."
+MLA = (
+    Param("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED),
+    Param(ATTN + "linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), Style.COLUMN_UNLESS_TE, when=_q_lora),
+    Param(ATTN + "q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), REPLICATED, when=_q_lora),
+    Param(ATTN + "linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), COLUMN, _q_to_hf, _q_to_megatron,
+          when=_q_lora),
+    Param(ATTN + "linear_q_proj.weight", ("self_attn.q_proj.weight",), COLUMN, _q_to_hf, _q_to_megatron,
+          when=_no_q_lora),
+    Param(ATTN + "linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), Style.COLUMN_UNLESS_TE,
+          _kv_down_to_hf, _kv_down_to_megatron),
+    Param(ATTN + "kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), REPLICATED),
+    Param(ATTN + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), COLUMN),
+    Param(ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",), ROW),
+)
+
+# config values carried as they are (MoE routing and multi-token prediction: converted later, kept meanwhile)
+SHARED_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
+               "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob")
+YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim"}
+
+
+def _check_supported(cfg: Any, arch: ModelArch) -> None:
+    """What megatron-core's MLA (or this converter, for now) cannot hold, refused with one line."""
+    if arch.add_qkv_bias or arch.add_bias_linear:
+        raise BadInputError("attention_bias/mlp_bias: megatron-core's multi-latent attention has no biases")
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise BadInputError(f"num_key_value_heads {cfg.num_key_value_heads} differs from num_attention_heads "
+                            f"{cfg.num_attention_heads}: multi-latent attention has one key and value per head")
+    first_dense = getattr(cfg, "first_k_dense_replace", None)
+    if getattr(cfg, "n_routed_experts", None) and (first_dense or 0) < cfg.num_hidden_layers:
+        raise BadInputError(f"mixture-of-experts layers (first_k_dense_replace={first_dense} < num_hidden_layers="
+                            f"{cfg.num_hidden_layers}) are not converted yet")
+    scaling = arch.rope_scaling or {}
+    if scaling and (scaling.get("rope_type") != "yarn" or set(scaling) - YARN_KEYS):
+        raise BadInputError(f"rope scaling {scaling} is not one megatron-core's MLA applies (yarn with factor, "
+                            "original_max_position_embeddings, beta_fast/slow, mscale, mscale_all_dim)")
+
+
+def deepseek_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...]) -> FamilySpec:
+    """A DeepSeek family (V2 or V3 config class): MLA layers with dense SwiGLU MLPs."""
+    def from_config(cfg: Any) -> ModelArch:
+        arch = arch_from_llama_config(cfg, name, SHARED_KEYS + extra_keys)
+        _check_supported(cfg, arch)
+        mla = LatentAttention(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+                              qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+                              v_head_dim=cfg.v_head_dim)
+        return arch.replace(mla=mla, kv_channels=mla.q_head_dim, qk_layernorm=True)
+
+    def to_config(arch: ModelArch) -> Any:
+        if arch.mla is None:
+            raise BadInputError(f"a {name} model has multi-latent attention; this source has none")
+        kwargs = {key: value for key, value in config_kwargs(arch).items() if key != "head_dim"}
+        mla = arch.mla
+        return transformers_attr(config_class)(
+            architectures=[architecture], q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+            qk_nope_head_dim=mla.qk_head_dim, qk_rope_head_dim=mla.qk_pos_emb_head_dim, v_head_dim=mla.v_head_dim,
+            attention_bias=False, **kwargs)
+
+    def matches(arch: ModelArch) -> bool:  # V2's config keys (recorded in the args) tell V2 from V3
+        return arch.mla is not None and ("topk_method" in arch.extra) == ("topk_method" in extra_keys)
+
+    return FamilySpec(
+        name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
+        layer=MLA + PRE_MLP_NORM + DENSE_MLP, last_stage=LAST, hf_config_class=config_class,
+        arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
+        hf_ignored_suffixes=("rotary_emb.inv_freq",))
+
+
+DEEPSEEK_V3 = register(deepseek_family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                       ("rope_interleave", "num_nextn_predict_layers")))
+DEEPSEEK_V2 = register(deepseek_family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+                                       ("topk_method", "mlp_bias")))
