@@ -209,8 +209,11 @@ def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch, 
 
 
 def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -> Source:
-    return open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
-                           options.vocab_size, speculate)
+    source = open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
+                             options.vocab_size, speculate)
+    if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
+        source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
+    return source
 
 
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
