@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import resource
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class Options:
     trust_checkpoint: bool = False
     overwrite: bool = False
     quiet: bool = False
+    drop_mtp_layers: bool = False  # leave multi-token prediction layers out instead of refusing the source
 
 
 @dataclass
@@ -213,7 +215,29 @@ def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -
                              options.vocab_size, speculate)
     if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
         source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
+    _leave_out_mtp_layers(source, options.drop_mtp_layers)
     return source
+
+
+def _mtp_tensors(source: Source) -> list[str]:
+    """The source's multi-token prediction tensors: megatron-core's ``mtp.*``, or what the family names so."""
+    if source.kind == "megatron":
+        return sorted({name for rank in source.reader.files for _, name in source.reader.all_weight_names(rank)
+                       if name.startswith("mtp.")})
+    test = source.family.hf_mtp_tensor
+    return [name for name in source.reader.names() if test and test(source.arch, name)]
+
+
+def _leave_out_mtp_layers(source: Source, drop: bool) -> None:
+    """Multi-token prediction layers are not converted: left out, with a warning, when asked; else refused."""
+    found = _mtp_tensors(source)
+    if not found:
+        return
+    if not drop:
+        raise BadInputError(f"{len(found)} tensors of multi-token prediction layers ({found[0]}, ...) are not "
+                            "converted; pass --drop_mtp_layers to convert the model without them", source.numbers_file)
+    warnings.warn(f"left out {len(found)} tensors of multi-token prediction layers (--drop_mtp_layers)")
+    source.tensors.left_out.update(found)
 
 
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:

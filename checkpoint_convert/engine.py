@@ -101,6 +101,7 @@ class MegatronSource(_ReleasesReadPages):
             raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
                                 tree.iter_dir)
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
         self.arena: Arena | None = None  # where merges go, for a caller done with an item before the next
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
@@ -167,7 +168,7 @@ class MegatronSource(_ReleasesReadPages):
             for layer, name in self.tree.all_weight_names(rank):
                 if (rank, layer, name) in self.consumed:
                     continue
-                if name == schema.OUTPUT_LAYER and self.arch.tie_embeddings:
+                if (name == schema.OUTPUT_LAYER and self.arch.tie_embeddings) or name in self.left_out:
                     continue
                 holder = self.tree.holders(rank, name, layer)[0]
                 left.append(f"{holder}:{'' if layer is None else f'layer {layer} '}{name}")
@@ -181,6 +182,7 @@ class HFSource(_ReleasesReadPages):
         super().__init__()
         self.checkpoint, self.family, self.arch = checkpoint, family, arch
         self.consumed: set[str] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
@@ -199,7 +201,8 @@ class HFSource(_ReleasesReadPages):
 
     def unconsumed(self) -> list[str]:
         ignored = self.family.hf_ignored_suffixes
-        return [n for n in self.checkpoint.names() if n not in self.consumed and not n.endswith(ignored)]
+        return [n for n in self.checkpoint.names()
+                if n not in self.consumed and n not in self.left_out and not n.endswith(ignored)]
 
 
 class HFTarget:

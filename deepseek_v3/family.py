@@ -118,6 +118,12 @@ def _check_supported(cfg: Any, arch: ModelArch) -> None:
                             "original_max_position_embeddings, beta_fast/slow, mscale, mscale_all_dim)")
 
 
+def is_mtp_tensor(arch: ModelArch, name: str) -> bool:
+    """DeepSeek stores multi-token prediction layer k as decoder layer ``num_hidden_layers + k``."""
+    parts = name.split(".")
+    return len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= arch.num_layers
+
+
 def deepseek_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...]) -> FamilySpec:
     """A DeepSeek family (V2 or V3 config class): MLA layers with dense SwiGLU MLPs."""
     def from_config(cfg: Any) -> ModelArch:
@@ -145,7 +151,7 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
         layer=MLA + PRE_MLP_NORM + DENSE_MLP, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
-        hf_ignored_suffixes=("rotary_emb.inv_freq",))
+        hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor)
 
 
 DEEPSEEK_V3 = register(deepseek_family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",

@@ -139,3 +139,26 @@ def test_moe_layers_are_refused_for_now(tmp_path, capsys):
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mixture-of-experts layers" in err and not (tmp_path / "out").exists()
+
+
+def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
+    """DeepSeek-V3 stores its multi-token prediction layer as decoder layer num_hidden_layers (enorm, hnorm,
+    eh_proj, shared_head and a whole decoder layer): refused with one line, or left out with a warning."""
+    model = VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    expected = logits_of(model)
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    mtp = {name.replace("layers.3.", "layers.4."): tensor.clone() for name, tensor in tensors.items()
+           if name.startswith("model.layers.3.")}
+    mtp.update({"model.layers.4.enorm.weight": torch.ones(64), "model.layers.4.hnorm.weight": torch.ones(64),
+                "model.layers.4.eh_proj.weight": torch.zeros(64, 128),
+                "model.layers.4.shared_head.norm.weight": torch.ones(64)})
+    save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "refused", "--to", "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--drop_mtp_layers" in err and not (tmp_path / "refused").exists()
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron",
+                   "--drop_mtp_layers") == 0
+    assert f"left out {len(mtp)} tensors of multi-token prediction layers" in capsys.readouterr().err
+    assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), expected)
