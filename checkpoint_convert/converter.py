@@ -234,8 +234,9 @@ def _leave_out_mtp_layers(source: Source, drop: bool) -> None:
     if not found:
         return
     if not drop:
-        raise BadInputError(f"{len(found)} tensors of multi-token prediction layers ({found[0]}, ...) are not "
-                            "converted; pass --drop_mtp_layers to convert the model without them", source.numbers_file)
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise BadInputError(f"multi-token prediction layers are not converted ({found[0]}{more}); pass "
+                            "--drop_mtp_layers to convert the model without them", source.numbers_file)
     warnings.warn(f"left out {len(found)} tensors of multi-token prediction layers (--drop_mtp_layers)")
     source.tensors.left_out.update(found)
 
@@ -308,10 +309,18 @@ def _check_virtual_pipeline(num_layers: int, pp: int, vpp: int, uneven: list[int
                             "list them with --target_pipeline_layers")
 
 
+def _latent_splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
+    """Multi-latent attention's down projections, whose rows megatron-core's local spec splits over TP ranks."""
+    if arch.mla is None:
+        return ()
+    kv = (("kv latent + rotary rows", arch.mla.kv_lora_rank + arch.mla.qk_pos_emb_head_dim),)
+    return kv + ((("query latent rank", arch.mla.q_lora_rank),) if arch.mla.q_lora_rank else ())
+
+
 def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
     """Tensor parallelism must divide every split dimension."""
     checks = (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
-              ("ffn hidden size", arch.ffn_hidden_size))
+              ("ffn hidden size", arch.ffn_hidden_size)) + _latent_splits(arch)
     for what, size in checks:
         if layout.tp < 1 or size % layout.tp:
             raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {size} {what}")

@@ -32,6 +32,8 @@ from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_config, config_kwargs
 
+from .hf_config import SHARED_KEYS, check_supported
+
 COLUMN, ROW, REPLICATED = Style.COLUMN, Style.ROW, Style.REPLICATED
 
 
@@ -94,30 +96,6 @@ MLA = (
     Param(ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",), ROW),
 )
 
-# config values carried as they are (MoE routing and multi-token prediction: converted later, kept meanwhile)
-SHARED_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
-               "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob")
-YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-             "mscale_all_dim"}
-
-
-def _check_supported(cfg: Any, arch: ModelArch) -> None:
-    """What megatron-core's MLA (or this converter, for now) cannot hold, refused with one line."""
-    if arch.add_qkv_bias or arch.add_bias_linear:
-        raise BadInputError("attention_bias/mlp_bias: megatron-core's multi-latent attention has no biases")
-    if cfg.num_key_value_heads != cfg.num_attention_heads:
-        raise BadInputError(f"num_key_value_heads {cfg.num_key_value_heads} differs from num_attention_heads "
-                            f"{cfg.num_attention_heads}: multi-latent attention has one key and value per head")
-    first_dense = getattr(cfg, "first_k_dense_replace", None)
-    if getattr(cfg, "n_routed_experts", None) and (first_dense or 0) < cfg.num_hidden_layers:
-        raise BadInputError(f"mixture-of-experts layers (first_k_dense_replace={first_dense} < num_hidden_layers="
-                            f"{cfg.num_hidden_layers}) are not converted yet")
-    scaling = arch.rope_scaling or {}
-    if scaling and (scaling.get("rope_type") != "yarn" or set(scaling) - YARN_KEYS):
-        raise BadInputError(f"rope scaling {scaling} is not one megatron-core's MLA applies (yarn with factor, "
-                            "original_max_position_embeddings, beta_fast/slow, mscale, mscale_all_dim)")
-
-
 def is_mtp_tensor(arch: ModelArch, name: str) -> bool:
     """DeepSeek stores multi-token prediction layer k as decoder layer ``num_hidden_layers + k``."""
     parts = name.split(".")
@@ -128,7 +106,7 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
     """A DeepSeek family (V2 or V3 config class): MLA layers with dense SwiGLU MLPs."""
     def from_config(cfg: Any) -> ModelArch:
         arch = arch_from_llama_config(cfg, name, SHARED_KEYS + extra_keys)
-        _check_supported(cfg, arch)
+        check_supported(cfg, arch)
         mla = LatentAttention(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
                               qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
                               v_head_dim=cfg.v_head_dim)
