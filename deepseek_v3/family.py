@@ -116,6 +116,8 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         if arch.mla is None:
             raise BadInputError(f"a {name} model has multi-latent attention; this source has none")
         kwargs = {key: value for key, value in config_kwargs(arch).items() if key != "head_dim"}
+        # every layer dense (a Megatron-LM source records no first_k_dense_replace; the class default has MoE layers)
+        kwargs["first_k_dense_replace"] = max(kwargs.get("first_k_dense_replace") or 0, arch.num_layers)
         mla = arch.mla
         return transformers_attr(config_class)(
             architectures=[architecture], q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,

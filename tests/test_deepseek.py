@@ -162,3 +162,20 @@ def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
     assert f"left out {len(mtp)} tensors of multi-token prediction layers" in capsys.readouterr().err
     assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "back"), expected)
+
+
+def test_megatron_lm_args_without_our_records(tmp_path):
+    """Args as Megatron-LM writes them (no ``hf_rope_scaling``, ``hf_extra_config`` or ``hf_family``): the YaRN
+    scaling is read back from MLA's own fields (``rope_type``, ``rotary_scaling_factor``, ``mscale``...) and the
+    model is DeepSeek-V3's, with its logits."""
+    model = VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron") == 0
+    rank_file = tmp_path / "megatron" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    for name in ("hf_rope_scaling", "hf_extra_config", "hf_family"):
+        delattr(state["args"], name)
+    torch.save(state, rank_file)
+    assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["rope_parameters"]["rope_type"] == "yarn"
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
