@@ -93,6 +93,16 @@ def test_fp8_source_dequantizes_while_streaming(fp8_models, block):
     assert kv_down.dtype == torch.bfloat16  # this test model's other tensors are float32 (DeepSeek's are bf16)
 
 
+def test_partial_blocks_on_both_sides():
+    """Rows and columns that are not multiples of the block: the last blocks are partial, as defined."""
+    from checkpoint_convert.hf_io import dequantize_blocks
+
+    weight = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))
+    quantized, scale = _quantized(weight, 16)
+    expected = reference_dequantized(quantized, scale, 16)
+    assert torch.equal(dequantize_blocks(quantized, scale, (16, 16), torch.float32), expected)
+
+
 def test_fp8_dequantization_agrees_with_transformers(fp8_models):
     """Where every side is a multiple of the block, transformers' own FP8 loader (``dequantize=True``) reads
     the same model: its logits are the reference's."""
