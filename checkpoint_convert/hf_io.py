@@ -249,7 +249,7 @@ class HFCheckpoint:
 
     def _check_quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scale) ``meta`` tensors of a block-quantized weight, checked against each other."""
-        weight, scale = self._stored_meta(name), self._stored_meta(self.scales[name])
+        weight, scale = self.stored_meta(name), self.stored_meta(self.scales[name])
         block = fp8_block_size(self.config)
         grid = tuple(-(-size // edge) for size, edge in zip(weight.shape, block))
         if weight.dtype not in FP8_DTYPES or weight.dim() != 2 or tuple(scale.shape) != grid:
@@ -280,9 +280,10 @@ class HFCheckpoint:
             return combine([self.meta(source) for source in sources])
         if name in self.scales:
             return torch.empty(self._check_quantized(name)[0].shape, dtype=self.dequantized_dtype, device="meta")
-        return self._stored_meta(name)
+        return self.stored_meta(name)
 
-    def _stored_meta(self, name: str) -> torch.Tensor:
+    def stored_meta(self, name: str) -> torch.Tensor:
+        """A stored tensor's shape and dtype as the file holds it (an FP8 weight as FP8)."""
         file = self._file_for(name)
         handle = self._handle(file)
         if file.suffix == ".safetensors":

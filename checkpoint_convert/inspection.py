@@ -51,7 +51,7 @@ def megatron_rows(source: Source) -> list[dict[str, Any]]:
 
 def hf_rows(source: Source) -> list[dict[str, Any]]:
     checkpoint = source.reader
-    metas = {name: checkpoint.meta(name) for name in checkpoint.names()}
+    metas = {name: checkpoint.stored_meta(name) for name in checkpoint.names()}  # as stored: FP8 weights as FP8
     return [{"name": name, "shape": list(meta.shape), "dtype": _dtype(meta.dtype),
              "held_by": [checkpoint.weight_map[name].name]} for name, meta in metas.items()]
 

@@ -103,6 +103,22 @@ def test_partial_blocks_on_both_sides():
     assert torch.equal(dequantize_blocks(quantized, scale, (16, 16), torch.float32), expected)
 
 
+def test_inspect_shows_fp8_as_stored(fp8_models, capsys):
+    """inspect lists FP8 weights and their scales as the files hold them; --check reads every one, dequantized."""
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    path, _ = fp8_models[1][16]
+    assert run_inspect_cli([str(path), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtypes"] == ["float32", "float8_e4m3fn"] and report["problems"] == []
+    assert report["bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors")) - _header_bytes(path)
+
+
+def _header_bytes(path: Path) -> int:
+    file = path / "model.safetensors"
+    return 8 + int.from_bytes(file.read_bytes()[:8], "little")
+
+
 def test_fp8_dequantization_agrees_with_transformers(fp8_models):
     """Where every side is a multiple of the block, transformers' own FP8 loader (``dequantize=True``) reads
     the same model: its logits are the reference's."""
