@@ -38,16 +38,22 @@ def _remove_stale_partials(parent: Path, name: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_free_space(directory: Path, needed_bytes: int) -> int:
+    """The free bytes where the output goes (``directory`` or its nearest existing parent); refuses too few."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed_bytes + DISK_MARGIN > free:
+        raise BadInputError(f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free", directory)
+    return free
+
+
 @contextlib.contextmanager
 def staged_directory(save_path: Path, needed_bytes: int) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``save_path`` only if the block completes."""
     save = save_path.resolve()
     save.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(save.parent, save.name)
-    free = shutil.disk_usage(save.parent).free
-    if needed_bytes + DISK_MARGIN > free:
-        raise BadInputError(f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free",
-                            save.parent)
+    check_free_space(save.parent, needed_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{save.name}.partial-", dir=save.parent))
     staging.chmod(_mkdir_mode())  # mkdtemp's 0700 would make the finished output private to this user
     try:
