@@ -27,9 +27,12 @@ def installed_files() -> list[metadata.PackagePath] | None:
     """The file list of the installed wheel this core runs from; None when it runs from no installed wheel (a
     checkout, an editable install of one, or a checkout beside an installed copy)."""
     try:
-        files = metadata.distribution(DISTRIBUTION).files or []
+        distribution = metadata.distribution(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return None
+    if distribution.read_text("RECORD") is None:  # a source tree's build metadata (egg-info), not an installed wheel
+        return None
+    files = distribution.files or []
     runs_these = any(file.parts == (_CORE.name, "__init__.py") and Path(str(file.locate())).resolve().parent == _CORE
                      for file in files)
     return files if runs_these else None
@@ -59,7 +62,7 @@ def load_families() -> tuple[str, ...]:
     """Tune the process, register every family (importing torch), and return the family names, sorted."""
     tune_torch_for_streaming()
     if str(_CORE.parent) not in sys.path and _installed_packages() is None:
-        sys.path.insert(0, str(_CORE.parent))  # a checkout's families are importable beside its core
+        sys.path.append(str(_CORE.parent))  # a checkout's families (even one added after an editable install)
     with collector_paused():  # the families import torch
         for package in family_packages():
             importlib.import_module(package)
