@@ -39,14 +39,18 @@ def is_hf_checkpoint(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG
+    return read_json_object(path / CONFIG, "config")
+
+
+def read_json_object(file: Path, what: str) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is bad input naming ``what`` the file should be."""
     try:
-        config = json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (OSError, ValueError) as error:
-        raise BadInputError(f"unreadable config ({error})", file)
-    if not isinstance(config, dict):
-        raise BadInputError("config is not a JSON object", file)
-    return config
+        raise BadInputError(f"unreadable {what} ({error})", file)
+    if not isinstance(value, dict):
+        raise BadInputError(f"{what} is not a JSON object", file)
+    return value
 
 
 def _weight_map(path: Path) -> dict[str, Path]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .entry import DISTRIBUTION, installed_files
-from .errors import BadInputError
+from .hf_io import read_json_object
 from .megatron_io import TRACKER
 from .sinks import DiskSink
 from .torch_dist_layout import TRAIN_STATE_TRACKER
@@ -167,15 +167,7 @@ def read_record(source: Source) -> dict[str, Any] | None:
     """The provenance record stored with a checkpoint (its weights directory), or None."""
     directory = source.reader.path if source.kind == "hf" else source.reader.iter_dir
     file = directory / RECORD_FILE
-    if not file.is_file():
-        return None
-    try:
-        record = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise BadInputError(f"unreadable provenance record ({error})", file)
-    if not isinstance(record, dict):
-        raise BadInputError("provenance record is not a JSON object", file)
-    return record
+    return read_json_object(file, "provenance record") if file.is_file() else None
 
 
 def as_text(record: dict[str, Any]) -> list[str]:
