@@ -30,6 +30,7 @@ from .errors import BadInputError
 from .family import FamilySpec, registered
 from .hf_io import copy_tokenizer
 from .megatron_io import iteration_dir_name
+from .sinks import DISK, DiskSink
 from .torch_dist_layout import RUN_CONFIG_FILE, TOKENIZER_DIR, TRAIN_STATE_FILE, TRAIN_STATE_TRACKER
 
 CONFIG_CONTAINER = "megatron.bridge.training.config.ConfigContainer"
@@ -336,12 +337,12 @@ def train_state(step: int = 0) -> dict[str, torch.Tensor]:
             "do_train": torch.tensor(False), "do_valid": torch.tensor(False), "do_test": torch.tensor(False)}
 
 
-def write_bridge_files(root: Path, run_config: dict[str, Any], tokenizer_dir: Path | None, iter_dir: Path) -> None:
+def write_bridge_files(root: Path, run_config: dict[str, Any], tokenizer_dir: Path | None, iter_dir: Path,
+                       sink: DiskSink = DISK) -> None:
     """Everything beside the torch_dist data that Megatron-Bridge reads: run_config.yaml, the train state in the
     iteration directory and as its tracker beside it, and the tokenizer (its ``save_tokenizer_assets``)."""
-    (iter_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config, sort_keys=True))
-    torch.save(train_state(), iter_dir / TRAIN_STATE_FILE)
-    torch.save(train_state(), root / TRAIN_STATE_TRACKER)
+    sink.write_text(iter_dir / RUN_CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=True))
+    sink.torch_save(train_state(), iter_dir / TRAIN_STATE_FILE)
+    sink.torch_save(train_state(), root / TRAIN_STATE_TRACKER)
     if tokenizer_dir is not None:
-        (iter_dir / TOKENIZER_DIR).mkdir()
-        copy_tokenizer(str(tokenizer_dir), iter_dir / TOKENIZER_DIR)
+        copy_tokenizer(str(tokenizer_dir), iter_dir / TOKENIZER_DIR, sink)

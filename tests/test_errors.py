@@ -409,7 +409,7 @@ def test_overwrite_replaces_a_checkpoint_once_the_new_one_is_complete(pristine, 
         seen_during_the_stream.append(sorted(p.name for p in (tmp_path / "out").iterdir())), stream(*a, **k))[1])
     assert convert("--load_path", pristine / "megatron", "--save_path", tmp_path / "out", "--to", "megatron",
                    "--overwrite") == 0
-    assert seen_during_the_stream == [["config.json", "generation_config.json", "model.safetensors"]]
+    assert seen_during_the_stream == [["config.json", "conversion.json", "generation_config.json", "model.safetensors"]]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
     assert not list(tmp_path.glob(".out.*"))
 
