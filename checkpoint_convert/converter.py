@@ -228,9 +228,12 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def _require_legacy_features(arch: ModelArch) -> None:
-    """The legacy (``language_model.*``) models have no query/key norm and no sliding-window attention."""
+    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window attention, no shared
+    experts and experts in every layer or none."""
     missing = [name for name, used in (("query/key norms (qk_layernorm)", arch.qk_layernorm),
-                                       ("sliding-window attention", arch.window_size is not None)) if used]
+                                       ("sliding-window attention", arch.window_size is not None),
+                                       ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
+                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -292,9 +295,10 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
         raise BadInputError(f"expert parallel size {layout.ep} needs a mixture-of-experts model")
     if arch.num_experts and (layout.ep < 1 or arch.num_experts % layout.ep):
         raise BadInputError(f"expert parallel size {layout.ep} does not divide the {arch.num_experts} experts")
-    moe_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
-    if arch.num_experts and moe_ffn % layout.tp:
-        raise BadInputError(f"tensor parallel size {layout.tp} does not divide the expert ffn size {moe_ffn}")
+    for what, size in (("expert", arch.moe_ffn_hidden_size or arch.ffn_hidden_size),
+                       ("shared expert", arch.moe_shared_expert_intermediate_size or 0)):
+        if arch.num_experts and size % layout.tp:
+            raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {what} ffn size {size}")
 
 
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:

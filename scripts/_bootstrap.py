@@ -16,6 +16,8 @@ with collector_paused():  # the families import torch
     import mixtral  # noqa: E402,F401  (registers mixtral)
     import qwen2  # noqa: E402,F401  (registers qwen2)
     import qwen3  # noqa: E402,F401  (registers qwen3)
+    import qwen2_moe  # noqa: E402,F401  (registers qwen2_moe)
+    import qwen3_moe  # noqa: E402,F401  (registers qwen3_moe)
     from checkpoint_convert.family import registered  # noqa: E402
 
 FAMILIES = tuple(registered())
