@@ -65,7 +65,7 @@ NEUTRAL = {
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "softmax_scale": None, "softmax_type": "vanilla", "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "no_rope_freq": None,
     "multi_latent_attention": False, "experimental_attention_variant": None, "heterogeneous_block_specs": False,
-    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False,
+    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False, "moe_router_group_topk": None,
 }
 # torch.nn.functional.gelu is the builtin torch._C._nn.gelu, the name Megatron-Bridge's YAML writer gives it
 _ACTIVATION_FUNCS = {"torch.nn.functional.silu": "silu", "torch.nn.functional.gelu": "gelu",

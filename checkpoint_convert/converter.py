@@ -474,7 +474,7 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
-        config_task = pool.submit(_checked_hf_config, planned, family, out_arch)
+        config_task = pool.submit(_checked_hf_config, planned, family, out_arch, source.numbers_file)
         with staged_directory(options.save_path, _nbytes(planned)) as staging:
             writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
             _stream(items, source, target, dtype, writer, by_item, options.quiet, config_task)
@@ -492,12 +492,13 @@ def _refuse_megatron_only_options(options: Options) -> None:
         raise BadInputError(f"{' and '.join(given)} only apply to Megatron output (--to megatron)")
 
 
-def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
-    """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
+def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
+    """The transformers config of ``arch``, once the planned tensors are checked to fit its model; a refusal
+    of the architecture names the file it was read from."""
     try:
         config = family.hf_config_from_arch(arch)
-    except BadInputError:
-        raise
+    except BadInputError as error:
+        raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
     _validate_hf_plan(planned, family, config)

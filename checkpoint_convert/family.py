@@ -278,7 +278,8 @@ def moe_layers_from_hf_config(cfg: Any, num_layers: int) -> tuple[int, ...] | No
     """``ModelArch.moe_layers`` of ``decoder_sparse_step`` and ``mlp_only_layers``: layer i routes to experts
     when (i + 1) % step == 0 and i is not listed (transformers' Qwen2-MoE / Qwen3-MoE decoder layers);
     None when every layer does."""
-    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    step = getattr(cfg, "decoder_sparse_step", None)
+    step = 1 if step is None else step
     dense = getattr(cfg, "mlp_only_layers", None) or []
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise BadInputError(f"decoder_sparse_step is {step!r}, not a whole number of at least 1")

@@ -188,6 +188,9 @@ def _moe_routing(args: Any, num_layers: int, source: str) -> dict[str, Any]:
     """Which layers have experts, how the router weighs them and the shared experts beside them."""
     if not _get(args, "num_experts"):
         return {}
+    if _get(args, "moe_router_group_topk"):
+        raise BadInputError(f"group-limited routing (moe_router_group_topk={_get(args, 'moe_router_group_topk')}) "
+                            "is not converted", source)
     score = _get(args, "moe_router_score_function", default="softmax")
     if score not in ("softmax", "sigmoid"):
         raise BadInputError(f"moe_router_score_function is {score!r}, not softmax or sigmoid", source)

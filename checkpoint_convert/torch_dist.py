@@ -242,9 +242,9 @@ class TorchDistTree:
                 yield fqn, entry
 
     def _index(self) -> dict[tuple[int | None, str], _Stored]:
-        """Canonical (layer, name) -> stored key and slice, for every model tensor of every layer that stores it:
-        a layer-stacked key (``decoder.layers.<rel>``, the layer its leading axis) or a key of one layer stored
-        apart (``decoder.layers.N.<rel>``, see ``megatron_schema.layers_stored_apart``)."""
+        """Canonical (layer, name) -> stored key and slice, for every model tensor: a layer-stacked key
+        (``decoder.layers.<rel>``, the layer its leading axis) or a key of one layer stored apart
+        (``decoder.layers.N.<rel>``, see ``megatron_schema.layers_stored_apart``)."""
         table: dict[tuple[int | None, str], _Stored] = {}
         for fqn, entry in self._tensor_keys():
             if not fqn.startswith(schema.LAYER_PREFIX):
@@ -255,7 +255,7 @@ class TorchDistTree:
                 places = [(int(apart.group(1)), ())]
                 rel = apart.group(2)
             else:
-                places = [(layer, (layer,)) for layer in _stored_layers(entry)]
+                places = [(layer, (layer,)) for layer in range(entry.size[0])]
                 rel = fqn[len(schema.LAYER_PREFIX):]
             expert = _STACKED_EXPERT.match(rel)
             for layer, index in places:
@@ -273,8 +273,7 @@ class TorchDistTree:
         counts = {entry.size[0] for fqn, entry in self._tensor_keys()
                   if fqn.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(fqn)}
         apart = {int(match.group(1)) for fqn, _ in self._tensor_keys() if (match := schema.PER_LAYER_KEY.match(fqn))}
-        if apart and not counts:
-            counts = {max(apart) + 1}
+        counts = counts or ({max(apart) + 1} if apart else set())
         if len(counts) > 1 or (apart and max(apart) >= min(counts)):
             raise BadInputError(f"layer-stacked tensors disagree on the number of layers: {sorted(counts | apart)}",
                                 self.iter_dir / METADATA_FILE)
@@ -433,13 +432,6 @@ class _FileWindow(io.RawIOBase):
         count = self._handle.readinto(view) or 0
         self._position += count
         return count
-
-
-def _stored_layers(entry: dcp_metadata.TensorStorageMetadata) -> list[int]:
-    """The layers a layer-stacked key holds: those its chunks cover. A key's leading axis is every layer of the
-    model, but a module only some layers have (a dense MLP among expert layers) is stored for those alone."""
-    return sorted({layer for chunk in entry.chunks
-                   for layer in range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0])})
 
 
 def _enclosing_chunk(entry: dcp_metadata.TensorStorageMetadata,

@@ -52,39 +52,27 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _extra_state_objects(tensors: Iterable[tuple[str, tuple[int, ...], list[tuple[tuple[int, ...], Any]]]],
-                         transformer_engine: bool) -> list[str]:
+def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool) -> list[str]:
     """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
 
-    ``tensors``: (key, global shape, chunks as (offsets, sizes)) of every tensor written; a module's objects are
-    those of the layers (and experts) its weight's chunks cover, as a module only some layers have (a dense MLP
-    among expert layers) exists in those alone."""
-    modules: dict[str, tuple[tuple[int, ...], set[tuple[int, ...]]]] = {}  # module -> its objects' shape, indices
-    for fqn, shape, chunks in tensors:
+    ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
+    leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
+    per expert beside."""
+    modules: dict[str, tuple[int, ...]] = {}  # module -> the shape of its objects
+    for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            # leading axes of one object each: the layer (unless stored apart) and the expert
             layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
-            axes = layer_axes + (1 if ".experts.experts." in fqn else 0)
-            modules[module] = _objects(shape, chunks, axes)
+            modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = _objects(shape, chunks, layer_axes)
+                modules[module.replace("linear_qkv", "core_attention")] = tuple(shape[:layer_axes]) or (1,)
     names = []
-    for module, (shape, indices) in modules.items():
-        sizes = ".".join(map(str, shape))
-        names += [f"{module}._extra_state/shard_{'.'.join(map(str, index))}_{sizes}" for index in sorted(indices)]
+    for module, shape in modules.items():
+        for index in itertools.product(*(range(n) for n in shape)):
+            offsets, sizes = ".".join(map(str, index)), ".".join(map(str, shape))
+            names.append(f"{module}._extra_state/shard_{offsets}_{sizes}")
     return names
-
-
-def _objects(shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], Any]],
-             axes: int) -> tuple[tuple[int, ...], set[tuple[int, ...]]]:
-    """(shape, indices) of a module's objects: the indices on the leading ``axes`` axes that the chunks cover;
-    with no such axis, megatron-core's one object of shape (1,)."""
-    if not axes:
-        return (1,), {(0,)}
-    return tuple(shape[:axes]), {index for offsets, sizes in chunks for index in
-                                 itertools.product(*(range(offsets[a], offsets[a] + sizes[a]) for a in range(axes)))}
 
 
 def _save_without_checksums(obj: Any, file: Any) -> None:
@@ -130,7 +118,7 @@ class TorchDistWriter:
         self._records.append((fqn, offsets, start, self._file.tell() - start))
 
     def finish(self) -> None:
-        objects = _extra_state_objects(((fqn, shape, chunks) for fqn, (_, shape, chunks) in self._tensors.items()),
+        objects = _extra_state_objects(((fqn, shape) for fqn, (_, shape, _) in self._tensors.items()),
                                        self.transformer_engine)
         for name in objects:
             self._store(name, None, EMPTY_EXTRA_STATE)

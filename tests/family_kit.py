@@ -4,7 +4,7 @@ A new family gets the whole kit (``tests/test_family_kit.py``: every direction a
 torch_dist, megatron-core's own logits, inspect and verify) by adding its variants here; the kit
 fails while a registered family has none. A variant builds a tiny random model from the family's
 transformers classes (fp32, 4 layers, hidden 64, 4 heads): keep sizes divisible by TP 2 (heads,
-query groups, ffn) and, for mixture-of-experts families, the experts by EP 2.
+query groups, ffn, expert and shared expert ffn) and, for mixture-of-experts families, the experts by EP 4.
 """
 from __future__ import annotations
 
