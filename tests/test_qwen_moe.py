@@ -85,14 +85,17 @@ def _refused(capsys, source, out, message, file) -> None:
     assert snapshot(source) == before and not out.exists()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("decoder_sparse_step", 0, "decoder_sparse_step is 0, not a whole number of at least 1"),
-    ("mlp_only_layers", [1, 7], "mlp_only_layers is [1, 7], not a list of layer indices below 4"),
-    ("mlp_only_layers", [0, 1, 2, 3], "leave no layer with experts"),
+@pytest.mark.parametrize("name, key, value, message", [
+    ("qwen3_moe_window", "decoder_sparse_step", 0, "decoder_sparse_step is 0, not a whole number of at least 1"),
+    ("qwen3_moe_window", "mlp_only_layers", [1, 7], "mlp_only_layers is [1, 7], not a list of layer indices below 4"),
+    ("qwen3_moe_window", "mlp_only_layers", [0, 1, 2, 3], "leave no layer with experts"),
+    ("qwen2_moe_sparse_step", "shared_expert_intermediate_size", 40,
+     "shared_expert_intermediate_size is 40, but the tensors fit shared_expert_intermediate_size=48"),
+    ("qwen2_moe_sparse_step", "decoder_sparse_step", 1, "the tensors fit decoder_sparse_step=2"),
 ])
-def test_bad_expert_layers_in_config_are_refused(qwen_moe, tmp_path, capsys, key, value, message):
+def test_bad_expert_layers_in_config_are_refused(qwen_moe, tmp_path, capsys, name, key, value, message):
     root, _ = qwen_moe
-    source = shutil.copytree(root / "qwen3_moe_window", tmp_path / "src")
+    source = shutil.copytree(root / name, tmp_path / "src")
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, key: value}))
     _refused(capsys, source, tmp_path / "out", message, "config.json")
