@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .cli_settings import add_settings_flags, invocation, parse_with_settings, print_settings
 from .converter import Options, convert
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, reason
 from .megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
@@ -147,6 +148,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         iteration=getattr(args, "iteration", None), vocab_size=getattr(args, "vocab_size", None),
         trust_checkpoint=args.trust_checkpoint, overwrite=getattr(args, "overwrite", False), quiet=args.quiet,
         drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
+        hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
     )
     fields.update(overrides)
     return Options(**fields)
@@ -196,9 +198,25 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     add_flag(parser, "vocab_size", type=_size, default=None,
              help="true vocab size when the Megatron args do not record it")
     add_flag(parser, "overwrite", action="store_true", help="replace a non-empty save path")
+    parser.add_argument("--hash", action="store_true",
+                        help="record every source file's SHA-256 in the output's conversion.json (reads the source "
+                             "once more)")
+    add_flag(parser, "dry_run", action="store_true",
+             help="check everything and print the plan (files and sizes, memory, disk, Megatron args, warnings); "
+                  "writes nothing")
+    parser.add_argument("--json", action="store_true", help="--dry_run and --print_config: machine-readable output")
+    add_settings_flags(parser)
     return parser
 
 
-def run_convert_cli(argv: Sequence[str] | None, families: Sequence[str]) -> int:
-    args = build_convert_parser(families).parse_args(argv)
-    return guarded(convert_main, args)
+def run_convert_cli(argv: Sequence[str] | None, families: Sequence[str], prog: str | None = None) -> int:
+    parser = build_convert_parser(families)
+    if prog:
+        parser.prog = prog
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_with_settings(parser, argv)
+    if args.print_config:
+        return print_settings(parser, args)
+    args.invocation = invocation(parser, args, argv)
+    from .dry_run import dry_run_main  # its report code is only needed by a dry run
+    return guarded(dry_run_main if args.dry_run else convert_main, args)

@@ -23,7 +23,7 @@ from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSourc
                      plan_with_items, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError, reason
 from .family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
-from .hf_io import HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
+from .hf_io import CONFIG, GENERATION_CONFIG, HFCheckpoint, HFWriter, copy_tokenizer, is_hf_checkpoint, tensor_nbytes
 from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch, dtype_from_name,
                             plain_fields, tokenizer_for, with_context_length)
 from .megatron_formats import is_megatron_checkpoint, open_megatron_tree
@@ -31,8 +31,10 @@ from .megatron_io import MegatronTree, MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
 from .output import check_paths, staged_directory
 from .parallel import layers_per_stage, padded_vocab_size
+from .provenance import write_record
 from .runtime import collector_paused, transformers_attr
 from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
+from .sinks import DISK, DiskSink
 from .write_behind import WriteBehind
 
 
@@ -71,6 +73,8 @@ class Options:
     overwrite: bool = False
     quiet: bool = False
     drop_mtp_layers: bool = False  # leave multi-token prediction layers out instead of refusing the source
+    hash_source: bool = False  # provenance: SHA-256 of every source file (reads each once more)
+    invocation: dict[str, Any] | None = None  # provenance: the command line and effective settings
 
 
 @dataclass
@@ -256,11 +260,13 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def _require_legacy_features(arch: ModelArch) -> None:
-    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window and no multi-latent
-    attention."""
+    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window attention, no
+    multi-latent attention, no shared experts and experts in every layer or none."""
     missing = [name for name, used in (("multi-latent attention", arch.mla is not None),
                                        ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
-                                       ("sliding-window attention", arch.window_size is not None)) if used]
+                                       ("sliding-window attention", arch.window_size is not None),
+                                       ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
+                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -330,9 +336,10 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
         raise BadInputError(f"expert parallel size {layout.ep} needs a mixture-of-experts model")
     if arch.num_experts and (layout.ep < 1 or arch.num_experts % layout.ep):
         raise BadInputError(f"expert parallel size {layout.ep} does not divide the {arch.num_experts} experts")
-    moe_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
-    if arch.num_experts and moe_ffn % layout.tp:
-        raise BadInputError(f"tensor parallel size {layout.tp} does not divide the expert ffn size {moe_ffn}")
+    for what, size in (("expert", arch.moe_ffn_hidden_size or arch.ffn_hidden_size),
+                       ("shared expert", arch.moe_shared_expert_intermediate_size or 0)):
+        if arch.num_experts and size % layout.tp:
+            raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {what} ffn size {size}")
 
 
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
@@ -496,7 +503,78 @@ def _finish_summary(summary: Summary, planned: list, start: float) -> Summary:
     return summary
 
 
-def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+@dataclass
+class Plan:
+    """Everything a conversion will write, decided on ``meta`` tensors before any tensor is read.
+
+    A conversion streams the source through ``writer``; a dry run (``dry_run``) hands the same writer
+    ``meta`` tensors and a sizing sink, so both go through :func:`write_output`.
+    """
+
+    options: Options
+    source: Source
+    dtype: torch.dtype | None
+    items: list
+    target: Any
+    by_item: list  # (item, key, shape, dtype) of every output tensor, in production order
+    out_arch: ModelArch  # the output's architecture (context length and dtype as written)
+    layout: ParallelLayout | None = None  # Megatron output
+    ckpt_format: str | None = None  # Megatron output: "torch" or "torch_dist"
+    target_schema: str | None = None  # Megatron output
+    bridge: bool = False  # Megatron output saved as Megatron-Bridge does
+    args: Any = None  # Megatron output: the args written
+
+    @property
+    def to_hf(self) -> bool:
+        return self.layout is None
+
+    @property
+    def planned(self) -> list:
+        return [entry[1:] for entry in self.by_item]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.planned)
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return _output_dtype(self.planned, self.dtype)
+
+    def writer(self, root: Path, sink: DiskSink) -> Any:
+        """The writer of the output's tensor files (and, for Megatron, of everything but the provenance record)."""
+        options = self.options
+        if self.to_hf:
+            return HFWriter(root, self.planned, options.max_shard_size, options.safe_serialization, sink)
+        if self.ckpt_format == "torch_dist":
+            return _torch_dist_writer(root, self.args, options, self.source, self.target_schema == schema.MCORE_TE,
+                                      self.bridge, sink)
+        return MegatronWriter(root, self.planned, self.args, self.target_schema, self.layout,
+                              options.use_distributed_optimizer, options.zip_crc32, sink=sink)
+
+
+def plan_conversion(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
+    """The plan of converting ``source`` as ``options`` ask; raises BadInputError for what cannot be written."""
+    return _plan_hf(options, source, dtype) if options.to == "hf" else _plan_megatron(options, source, dtype)
+
+
+def write_output(plan: Plan, root: Path, sink: DiskSink, fill: Callable[[Any], None],
+                 hf_config: Callable[[], Any] | None) -> None:
+    """Write every output file under ``root`` in order: ``fill(writer)`` writes the tensors, then the metadata,
+    the provenance record (inside the Megatron iteration directory), and for Megatron the tracker last."""
+    writer = plan.writer(root, sink)
+    fill(writer)
+    if plan.to_hf:
+        writer.finish()
+        tokenizer = _tokenizer_source(plan.options, plan.source) if plan.source.kind == "megatron" \
+            else plan.options.tokenizer_name
+        _write_hf_metadata(root, hf_config(), plan.source.family, tokenizer, sink)
+        write_record(root, sink, plan)
+    else:
+        write_record(writer.iteration_dir, sink, plan)
+        writer.finish()
+
+
+def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
     source.check_against_tensors()
     family, arch = source.family, source.arch
     _refuse_megatron_only_options(options)
@@ -505,17 +583,20 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
     out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=_output_dtype(planned, dtype))
+    return Plan(options, source, dtype, items, target, by_item, out_arch)
+
+
+def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    plan = _plan_hf(options, source, dtype)
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
-        config_task = pool.submit(_checked_hf_config, planned, family, out_arch)
-        with staged_directory(options.save_path, _nbytes(planned)) as staging:
-            writer = HFWriter(staging, planned, options.max_shard_size, options.safe_serialization)
-            _stream(items, source, target, dtype, writer, by_item, options.quiet, config_task)
-            writer.finish()
-            tokenizer = _tokenizer_source(options, source) if source.kind == "megatron" else options.tokenizer_name
-            _write_hf_metadata(staging, config_task.result(), family, tokenizer)
-    return _finish_summary(Summary(), planned, start)
+        config_task = pool.submit(checked_hf_config, plan)
+        with staged_directory(options.save_path, plan.nbytes) as staging:
+            def fill(writer: Any) -> None:
+                _stream(plan.items, source, plan.target, dtype, writer, plan.by_item, options.quiet, config_task)
+            write_output(plan, staging, DISK, fill, config_task.result)
+    return _finish_summary(Summary(), plan.planned, start)
 
 
 def _refuse_megatron_only_options(options: Options) -> None:
@@ -526,25 +607,32 @@ def _refuse_megatron_only_options(options: Options) -> None:
         raise BadInputError(f"{' and '.join(given)} only apply to Megatron output (--to megatron)")
 
 
-def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
-    """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
+def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
+    """The transformers config of ``arch``, once the planned tensors are checked to fit its model; a refusal
+    of the architecture names the file it was read from."""
     try:
         config = family.hf_config_from_arch(arch)
-    except BadInputError:
-        raise
+    except BadInputError as error:
+        raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
     _validate_hf_plan(planned, family, config)
     return config
 
 
-def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None) -> None:
-    config.save_pretrained(staging)
+def checked_hf_config(plan: Plan) -> Any:
+    """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check)."""
+    return _checked_hf_config(plan.planned, plan.source.family, plan.out_arch, plan.source.numbers_file)
+
+
+def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None,
+                       sink: DiskSink) -> None:
+    sink.save_pretrained(config, staging, CONFIG)
     generation = transformers_attr("GenerationConfig").from_model_config(config)
     for key, value in family.generation_defaults.items():
         setattr(generation, key, value)
-    generation.save_pretrained(staging)
-    copy_tokenizer(tokenizer, staging)
+    sink.save_pretrained(generation, staging, GENERATION_CONFIG)
+    copy_tokenizer(tokenizer, staging, sink)
 
 
 def _tokenizer_source(options: Options, source: Source) -> str | None:
@@ -571,16 +659,16 @@ def _bridge_output(options: Options, source: Source, ckpt_format: str) -> bool:
 
 
 def _torch_dist_writer(staging: Path, args: Any, options: Options, source: Source, transformer_engine: bool,
-                       bridge: bool) -> Any:
+                       bridge: bool, sink: DiskSink) -> Any:
     """A torch_dist writer; as Megatron-Bridge saves, the data goes to iter_0000000 with its files beside it."""
     from .torch_dist_writer import TorchDistWriter
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
     if not bridge:
-        return TorchDistWriter(staging, common, transformer_engine)
+        return TorchDistWriter(staging, common, transformer_engine, sink=sink)
     tokenizer = _tokenizer_source(options, source)
     run_config = run_config_for(args, source.arch, source.family, options.save_path.resolve(), tokenizer is not None)
     files = functools.partial(write_bridge_files, staging, run_config, tokenizer and Path(tokenizer))
-    return TorchDistWriter(staging, common, transformer_engine, iteration=0, before_tracker=files)
+    return TorchDistWriter(staging, common, transformer_engine, iteration=0, before_tracker=files, sink=sink)
 
 
 def _megatron_args(options: Options, source: Source, layout: ParallelLayout, padded: int, target_schema: str,
@@ -597,7 +685,7 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
     return args_from_arch(with_context_length(source.arch, options.max_position_embeddings), layout, facts, base)
 
 
-def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
     source.check_against_tensors()
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
@@ -618,12 +706,13 @@ def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, st
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
-    with staged_directory(options.save_path, _nbytes(planned)) as staging:
-        if ckpt_format == "torch_dist":
-            writer = _torch_dist_writer(staging, args, options, source, target_schema == schema.MCORE_TE, bridge)
-        else:
-            writer = MegatronWriter(staging, planned, args, target_schema, layout, options.use_distributed_optimizer,
-                                    options.zip_crc32)
-        _stream(items, source, target, dtype, writer, by_item, options.quiet, source.arch_check)
-        writer.finish()
-    return _finish_summary(Summary(), planned, start)
+    return Plan(options, source, dtype, items, target, by_item, arch, layout, ckpt_format, target_schema, bridge, args)
+
+
+def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+    plan = _plan_megatron(options, source, dtype)
+    with staged_directory(options.save_path, plan.nbytes) as staging:
+        def fill(writer: Any) -> None:
+            _stream(plan.items, source, plan.target, dtype, writer, plan.by_item, options.quiet, source.arch_check)
+        write_output(plan, staging, DISK, fill, None)
+    return _finish_summary(Summary(), plan.planned, start)

@@ -41,7 +41,7 @@ class Item:
 def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
     items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
     for layer in range(arch.num_layers):
-        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch)]
+        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
     return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
 
 
@@ -226,9 +226,11 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
-def layer_weights(family: FamilySpec, arch: ModelArch) -> frozenset[str]:
-    """The canonical names of a layer's tensors: which linear layers Transformer Engine fuses norms into."""
-    return frozenset(p.megatron for p in family.params_for(LAYER, arch))
+def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[str]]:
+    """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
+    dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
+    latent norms into its up projections)."""
+    return {layer: frozenset(p.megatron for p in family.params_for(LAYER, arch, layer)) for layer in range(arch.num_layers)}
 
 
 class MegatronTarget:
@@ -263,7 +265,7 @@ class MegatronTarget:
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
         name = item.param.megatron.format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights,
+        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
                               self.layout.tp)
@@ -280,7 +282,8 @@ class DistKey:
 
 
 class TorchDistTarget:
-    """Global tensors as torch_dist chunks: one chunk per layer, one per tensor outside the layers.
+    """Global tensors as torch_dist chunks: one chunk per layer (or, for layers stored apart, per layer key), one
+    per tensor outside the layers.
 
     The engine's full tensors are already what torch_dist stores (un-split, fc1 as [all gate; all
     up], experts stacked); only the vocab is padded, for the tensor-parallel size training will use.
@@ -289,6 +292,7 @@ class TorchDistTarget:
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
         self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
+        self.stacked = not schema.layers_stored_apart(arch.moe_layers)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -296,9 +300,9 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, self.layer_weights,
-                                    self.transformer_engine)
-        if item.layer is None:
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
+                                    self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        if item.layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
         return [(key, full.unsqueeze(0))]

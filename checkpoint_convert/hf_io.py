@@ -21,8 +21,10 @@ from .appender import Appender
 from .errors import BadInputError, reason
 from .memory import map_for_reading
 from .safe_load import safe_torch_load
+from .sinks import DISK, DiskSink
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -43,14 +45,18 @@ def is_hf_checkpoint(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG
+    return read_json_object(path / CONFIG, "config")
+
+
+def read_json_object(file: Path, what: str) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is bad input naming ``what`` the file should be."""
     try:
-        config = json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (OSError, ValueError) as error:
-        raise BadInputError(f"unreadable config ({error})", file)
-    if not isinstance(config, dict):
-        raise BadInputError("config is not a JSON object", file)
-    return config
+        raise BadInputError(f"unreadable {what} ({error})", file)
+    if not isinstance(value, dict):
+        raise BadInputError(f"{what} is not a JSON object", file)
+    return value
 
 
 def _weight_map(path: Path) -> dict[str, Path]:
@@ -315,7 +321,8 @@ class SafetensorsStreamWriter:
     the JSON header padded with spaces to 8 bytes, then the tensors' bytes in header order.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 sink: DiskSink = DISK) -> None:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         self._order = []
@@ -327,7 +334,7 @@ class SafetensorsStreamWriter:
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self._file = Appender(path)
+        self._file = sink.appender(path)
         self._file.write(len(text).to_bytes(8, "little") + text)
         self._next = 0
         self.path = path
@@ -361,8 +368,8 @@ class HFWriter:
     """Writes planned tensors into shards named and indexed as ``save_pretrained`` does."""
 
     def __init__(self, root: Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_size: str | int, safe_serialization: bool = True) -> None:
-        self.root = root
+                 max_shard_size: str | int, safe_serialization: bool = True, sink: DiskSink = DISK) -> None:
+        self.root, self.sink = root, sink
         self.safe = safe_serialization
         pattern = (constants.SAFETENSORS_WEIGHTS_FILE_PATTERN if safe_serialization
                    else constants.PYTORCH_WEIGHTS_FILE_PATTERN)
@@ -378,7 +385,7 @@ class HFWriter:
         for file_name in self.split.filename_to_tensors:
             entries = [(name, shape, dtype) for name, shape, dtype in planned if self.file_of[name] == file_name]
             if safe_serialization:
-                self._writers[file_name] = SafetensorsStreamWriter(root / file_name, entries)
+                self._writers[file_name] = SafetensorsStreamWriter(root / file_name, entries, sink)
             else:
                 self._pending[file_name] = {}
 
@@ -390,7 +397,7 @@ class HFWriter:
         shard = self._pending[file_name]
         shard[name] = tensor.clone()
         if len(shard) == len(self.split.filename_to_tensors[file_name]):
-            torch.save(shard, self.root / file_name)
+            self.sink.torch_save(shard, self.root / file_name)
             shard.clear()
 
     def finish(self) -> None:
@@ -401,10 +408,10 @@ class HFWriter:
         if self.split.is_sharded:
             index_name = constants.SAFETENSORS_INDEX_FILE if self.safe else PYTORCH_INDEX_FILE
             index = {"metadata": dict(self.split.metadata), "weight_map": dict(sorted(self.file_of.items()))}
-            (self.root / index_name).write_text(json.dumps(index, indent=2) + "\n")
+            self.sink.write_text(self.root / index_name, json.dumps(index, indent=2) + "\n")
 
 
-def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:
+def copy_tokenizer(source_dir: str | None, target: Path, sink: DiskSink = DISK) -> list[str]:
     """Copy tokenizer files from a local directory (no hub access); returns the names copied."""
     if not source_dir:
         return []
@@ -415,7 +422,7 @@ def copy_tokenizer(source_dir: str | None, target: Path) -> list[str]:
     if not copied:
         raise BadInputError("no tokenizer files found", source)
     for name in copied:
-        (target / name).write_bytes((source / name).read_bytes())
+        sink.copy(source / name, target / name)
     return copied
 
 

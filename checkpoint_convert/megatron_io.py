@@ -23,6 +23,7 @@ from .megatron_args import real_number, whole_number
 from .memory import note_file_mapping
 from .parallel import stage_offsets
 from .safe_load import InertBytes, safe_torch_load
+from .sinks import DISK, DiskSink
 from .torch_zip_writer import StreamingTorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -365,19 +366,18 @@ DUMMY_OPTIMIZER = {"optimizer": {"step": 0, "param_groups": [{
 }]}}
 
 
-def write_dummy_optimizer_files(release_dir: Path, tp: int, pp: int, dp: int) -> None:
+def write_dummy_optimizer_files(release_dir: Path, tp: int, pp: int, dp: int, sink: DiskSink = DISK) -> None:
     """Per data-parallel rank ``mp_rank_TT[_PPP]_DDD/optim.pt`` files for a distributed optimizer."""
     for t in range(tp):
         for p in range(pp):
             for d in range(dp):
                 name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + f"_{d:03d}"
-                (release_dir / name).mkdir(parents=True, exist_ok=True)
-                torch.save(DUMMY_OPTIMIZER, release_dir / name / "optim.pt")
+                sink.torch_save(DUMMY_OPTIMIZER, release_dir / name / "optim.pt")
 
 
-def write_tracker(root: Path, iteration: str | int) -> None:
+def write_tracker(root: Path, iteration: str | int, sink: DiskSink = DISK) -> None:
     """The tracker goes last: a tree without it does not look like a finished checkpoint."""
-    (root / TRACKER).write_text(f"{iteration}\n" if str(iteration) != "release" else "release")
+    sink.write_text(root / TRACKER, f"{iteration}\n" if str(iteration) != "release" else "release")
 
 
 def model_file_name(use_distributed_optimizer: bool) -> str:
@@ -400,8 +400,8 @@ class MegatronWriter:
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
                  args: Any, schema_name: str, layout: Any, distributed_optimizer: bool = False,
-                 zip_crc32: bool = False, iteration: str | int = "release") -> None:
-        self.root, self.args, self.schema, self.layout = root, args, schema_name, layout
+                 zip_crc32: bool = False, iteration: str | int = "release", sink: DiskSink = DISK) -> None:
+        self.root, self.args, self.schema, self.layout, self.sink = root, args, schema_name, layout, sink
         self.pp_size, self.ep_size, self.iteration = layout.pp, layout.ep, iteration
         self.distributed_optimizer, self.zip_crc32 = distributed_optimizer, zip_crc32
         self.file_name = model_file_name(distributed_optimizer)
@@ -427,7 +427,7 @@ class MegatronWriter:
     def _file(self, rank: RankKey) -> StreamingTorchFile:
         if rank not in self._files:
             file = rank_file_path(self.root, self.iteration, rank, self.pp_size, self.ep_size, self.file_name)
-            self._files[rank] = StreamingTorchFile(file, self.zip_crc32)
+            self._files[rank] = StreamingTorchFile(file, self.zip_crc32, self.sink)
         return self._files[rank]
 
     def _write_empty_ranks(self) -> None:
@@ -458,6 +458,9 @@ class MegatronWriter:
             raise RuntimeError(f"rank files left incomplete: {sorted(map(str, self._entries))}")
         self._write_empty_ranks()
         if self.distributed_optimizer:
-            write_dummy_optimizer_files(self.root / iteration_dir_name(self.iteration), self.layout.tp,
-                                        self.pp_size, self.layout.dp)
-        write_tracker(self.root, self.iteration)
+            write_dummy_optimizer_files(self.iteration_dir, self.layout.tp, self.pp_size, self.layout.dp, self.sink)
+        write_tracker(self.root, self.iteration, self.sink)
+
+    @property
+    def iteration_dir(self) -> Path:
+        return self.root / iteration_dir_name(self.iteration)

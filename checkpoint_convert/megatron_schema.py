@@ -199,23 +199,36 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     return [f"{module}._extra_state" for module in modules]
 
 
-def torch_dist_key(canonical: str, layer: int | None, layer_weights: Collection[str], transformer_engine: bool) -> str:
+def torch_dist_key(canonical: str, layer: int | None, layer_weights: Collection[str], transformer_engine: bool,
+                   stacked: bool = True) -> str:
     """The torch_dist key of a canonical tensor: experts on a stacked ``experts.experts`` key, norms as
     megatron-core names them there.
 
-    torch_dist keys carry no layer index (layers are the leading axis of one global tensor). Transformer
-    Engine names norms fused into the linear after them (:func:`te_name`: a MoE layer's pre-MLP norm is
+    ``stacked``: the key carries no layer index (layers are the leading axis of one global tensor); else each
+    layer has keys of its own, ``decoder.layers.N.…`` (see :func:`layers_stored_apart`). Transformer Engine
+    names norms fused into the linear after them (:func:`te_name`: an expert layer's pre-MLP norm is
     ``pre_mlp_layernorm.weight``); the local spec maps a standard layer's norms to those names
-    (``mlp.linear_fc1.layer_norm_weight`` even in a MoE layer) and keeps a multi-latent attention
+    (``mlp.linear_fc1.layer_norm_weight`` even in an expert layer) and keeps a multi-latent attention
     layer's own names (measured on megatron-core 0.16.1).
     """
     if layer is None:
         return canonical
+    prefix = LAYER_PREFIX if stacked else f"{LAYER_PREFIX}{layer}."
     expert = SEQUENTIAL_EXPERT.match(canonical)
     if expert:
-        return f"{LAYER_PREFIX}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+        return f"{prefix}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
     if transformer_engine:
-        return LAYER_PREFIX + te_name(canonical, layer_weights)
+        return prefix + te_name(canonical, layer_weights)
     if "self_attention.linear_qkv.weight" in layer_weights:
         canonical = dict(_LOCAL_DIST_NORMS).get(canonical, canonical)
-    return LAYER_PREFIX + canonical
+    return prefix + canonical
+
+
+def layers_stored_apart(moe_layers: tuple[int, ...] | None) -> bool:
+    """Whether torch_dist stores each layer under keys of its own: megatron-core 0.16.1 does when its layers
+    differ (``TransformerBlock.sharded_state_dict``: a ``moe_layer_freq`` list, or an int above 1, which this
+    tool writes as a list), and stacks every layer's tensor on a leading layer axis otherwise."""
+    return moe_layers is not None
+
+
+PER_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # torch_dist keys of layers stored apart

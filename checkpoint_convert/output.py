@@ -18,22 +18,29 @@ from typing import Iterator
 from .errors import BadInputError
 from .hf_io import CONFIG, TOKENIZER_FILES, is_hf_checkpoint
 from .megatron_formats import is_megatron_checkpoint
+from .provenance import RECORD_FILE
+from .torch_dist_layout import RUN_CONFIG_FILE, TOKENIZER_DIR, TRAIN_STATE_FILE, TRAIN_STATE_TRACKER
 
 DISK_MARGIN = 64 * 1024 * 1024
 _ITERATION = r"(?:release|iter_\d{7})"
 _RANK = r"mp_rank_\d{2}(?:_\d{3}){0,2}"
 _SHARD = r"-\d{5}-of-\d{5}"
+_TOKENIZER = "|".join(map(re.escape, TOKENIZER_FILES))
 # Every path (relative to the save path) a checkpoint directory may hold: a Megatron tree or iteration
-# directory (rank files, distributed-optimizer files, torch_dist files), or a Hugging Face model.
+# directory (rank files, distributed-optimizer files, torch_dist files, Megatron-Bridge's files), or a
+# Hugging Face model; either with this tool's provenance record.
 CHECKPOINT_PATHS = re.compile("|".join([
-    r"latest_checkpointed_iteration\.txt",
+    r"latest_checkpointed_iteration\.txt", re.escape(TRAIN_STATE_TRACKER),
+    rf"(?:{_ITERATION}/)?{re.escape(RECORD_FILE)}",
+    rf"{_ITERATION}/(?:{re.escape(RUN_CONFIG_FILE)}|{re.escape(TRAIN_STATE_FILE)})",
+    rf"{_ITERATION}/{TOKENIZER_DIR}(?:/(?:{_TOKENIZER}))?",
     rf"(?:{_ITERATION}/)?{_RANK}(?:/(?:model_optim_rng|model_rng|optim|distrib_optim)\.pt)?",
     rf"(?:{_ITERATION}/)?(?:common\.pt|metadata\.json|\.metadata|__\d+_\d+\.distcp)",
     _ITERATION,
     rf"{re.escape(CONFIG)}|generation_config\.json",
     rf"model(?:{_SHARD})?\.safetensors|model\.safetensors\.index\.json",
     rf"pytorch_model(?:{_SHARD})?\.bin|pytorch_model\.bin\.index\.json",
-    *map(re.escape, TOKENIZER_FILES),
+    _TOKENIZER,
 ]))
 
 
@@ -85,16 +92,22 @@ def _remove_stale_partials(parent: Path, name: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_free_space(directory: Path, needed_bytes: int) -> int:
+    """The free bytes where the output goes (``directory`` or its nearest existing parent); refuses too few."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed_bytes + DISK_MARGIN > free:
+        raise BadInputError(f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free", directory)
+    return free
+
+
 @contextlib.contextmanager
 def staged_directory(save_path: Path, needed_bytes: int) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``save_path`` only if the block completes."""
     save = save_path.resolve()
     save.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(save.parent, save.name)
-    free = shutil.disk_usage(save.parent).free
-    if needed_bytes + DISK_MARGIN > free:
-        raise BadInputError(f"needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free",
-                            save.parent)
+    check_free_space(save.parent, needed_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{save.name}.partial-", dir=save.parent))
     staging.chmod(_mkdir_mode())  # mkdtemp's 0700 would make the finished output private to this user
     try:

@@ -12,6 +12,8 @@ from .converter import Source, open_checkpoint
 from .errors import EXIT_MISMATCH
 from .inspection import as_text, check, describe
 from .memory import read_only_file_mappings
+from .provenance import as_text as provenance_text
+from .provenance import read_record
 from .verification import compare_checkpoints
 
 
@@ -36,9 +38,14 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 def inspect_main(args: argparse.Namespace) -> int:
     source = open_checkpoint(Path(args.path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size)
     report = describe(source, args.path)
+    record = read_record(source)
+    if record is not None:
+        report["provenance"] = record
     if args.check:
         report["problems"] = check(source)
     print(json.dumps(report, indent=2) if args.json else as_text(report))
+    if record is not None and not args.json:
+        print("\n".join(["provenance (conversion.json):", *provenance_text(record)]))
     if args.check and not args.json:
         print("\n".join(f"problem: {p}" for p in report["problems"]) or "check: no problems found")
     return EXIT_MISMATCH if args.check and report["problems"] else 0
@@ -88,9 +95,15 @@ def _in_mapping_scope(main: Callable[[argparse.Namespace], int]) -> Callable[[ar
     return scoped
 
 
-def run_inspect_cli(argv: Sequence[str] | None = None) -> int:
-    return guarded(_in_mapping_scope(inspect_main), build_inspect_parser().parse_args(argv))
+def _parser_named(parser: argparse.ArgumentParser, prog: str | None) -> argparse.ArgumentParser:
+    if prog:
+        parser.prog = prog
+    return parser
 
 
-def run_verify_cli(argv: Sequence[str] | None = None) -> int:
-    return guarded(_in_mapping_scope(verify_main), build_verify_parser().parse_args(argv))
+def run_inspect_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return guarded(_in_mapping_scope(inspect_main), _parser_named(build_inspect_parser(), prog).parse_args(argv))
+
+
+def run_verify_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return guarded(_in_mapping_scope(verify_main), _parser_named(build_verify_parser(), prog).parse_args(argv))

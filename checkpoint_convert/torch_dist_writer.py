@@ -13,19 +13,14 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
-try:
-    from torch.utils.serialization import config as _SERIALIZATION_CONFIG
-except ImportError:  # torch < 2.6
-    _SERIALIZATION_CONFIG = None
-
 from . import megatron_schema as schema
 from .megatron_io import iteration_dir_name, write_tracker
+from .sinks import DISK, DiskSink, pickle_to
 from .torch_dist_layout import BACKEND_FILE, COMMON_FILE, METADATA_FILE
 
 DATA_FILE = "__0_0.distcp"
@@ -55,15 +50,18 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool) -> list[str]:
     """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
 
-    ``shapes``: (key, global shape) of every tensor written."""
-    modules: dict[str, tuple[int, ...]] = {}
+    ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
+    leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
+    per expert beside."""
+    modules: dict[str, tuple[int, ...]] = {}  # module -> the shape of its objects
     for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules[module] = tuple(shape[:2] if ".experts.experts." in fqn else shape[:1])
-            if transformer_engine and module.endswith("self_attention.linear_proj"):
-                modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:1])
+            layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
+            modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
+            if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one
+                modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:layer_axes]) or (1,)
     names = []
     for module, shape in modules.items():
         for index in itertools.product(*(range(n) for n in shape)):
@@ -72,28 +70,17 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
     return names
 
 
-def _save_without_checksums(obj: Any, file: Any) -> None:
-    """``torch.save`` without the zip records' CRC-32s, which halve its speed (3.4 -> 1.7 GB/s measured)
-    and which ``torch.load``, and so DCP's reader, never checks (torch >= 2.6; older torch computes them)."""
-    if _SERIALIZATION_CONFIG is None:
-        torch.save(obj, file)
-        return
-    with _SERIALIZATION_CONFIG.patch({"save.compute_crc32": False}):
-        torch.save(obj, file)
-
-
 class TorchDistWriter:
     """Streams chunks into one ``.distcp`` file of ``ROOT/release/`` (or the iteration given); ``.metadata``,
     ``common.pt``, ``metadata.json``, the files ``before_tracker(iteration dir)`` writes, then the tracker
     come last, so an unfinished directory never looks complete."""
 
     def __init__(self, root: Path, common: dict[str, Any], transformer_engine: bool, iteration: str | int = "release",
-                 before_tracker: Callable[[Path], None] | None = None) -> None:
-        self.root, self.iteration, self.before_tracker = root, iteration, before_tracker
+                 before_tracker: Callable[[Path, DiskSink], None] | None = None, sink: DiskSink = DISK) -> None:
+        self.root, self.iteration, self.before_tracker, self.sink = root, iteration, before_tracker, sink
         self.iter_dir = root / iteration_dir_name(iteration)
-        self.iter_dir.mkdir(parents=True, exist_ok=True)
         self.common, self.transformer_engine = common, transformer_engine
-        self._file = open(self.iter_dir / DATA_FILE, "wb")
+        self._file = sink.open(self.iter_dir / DATA_FILE)
         # fqn -> (dtype, global shape, [(chunk offsets, chunk sizes)]), in write order
         self._tensors: dict[str, tuple[torch.dtype, tuple[int, ...], list[tuple[tuple[int, ...], torch.Size]]]] = {}
         # (fqn, chunk offsets or None for an object, byte offset in DATA_FILE, byte length)
@@ -106,12 +93,15 @@ class TorchDistWriter:
         self._store(key.fqn, tuple(key.offsets), _compact(tensor))
 
     def _store(self, fqn: str, offsets: tuple[int, ...] | None, obj: torch.Tensor | bytes) -> None:
-        """Append a tensor (as ``torch.save`` bytes, what DCP's reader loads) or raw object bytes."""
+        """Append a tensor (as ``torch.save`` bytes, what DCP's reader loads) or raw object bytes.
+
+        ``torch.save`` without the zip records' CRC-32s, which halve its speed (3.4 -> 1.7 GB/s measured)
+        and which ``torch.load``, and so DCP's reader, never checks (torch >= 2.6; older torch computes them)."""
         start = self._file.tell()
         if isinstance(obj, bytes):
             self._file.write(obj)
         else:
-            _save_without_checksums(obj, self._file)
+            self.sink.torch_save(obj, self._file, compute_crc32=False)
         self._records.append((fqn, offsets, start, self._file.tell() - start))
 
     def finish(self) -> None:
@@ -120,13 +110,16 @@ class TorchDistWriter:
         for name in objects:
             self._store(name, None, EMPTY_EXTRA_STATE)
         self._file.close()
-        with open(self.iter_dir / METADATA_FILE, "wb") as handle:
-            pickle.dump(self._metadata(objects), handle)
-        torch.save(self.common, self.iter_dir / COMMON_FILE)
-        (self.iter_dir / BACKEND_FILE).write_text(json.dumps(BACKEND))
+        pickle_to(self.sink, self.iter_dir / METADATA_FILE, self._metadata(objects))
+        self.sink.torch_save(self.common, self.iter_dir / COMMON_FILE)
+        self.sink.write_text(self.iter_dir / BACKEND_FILE, json.dumps(BACKEND))
         if self.before_tracker is not None:
-            self.before_tracker(self.iter_dir)
-        write_tracker(self.root, self.iteration)
+            self.before_tracker(self.iter_dir, self.sink)
+        write_tracker(self.root, self.iteration, self.sink)
+
+    @property
+    def iteration_dir(self) -> Path:
+        return self.iter_dir
 
     def _metadata(self, objects: list[str]) -> Any:
         """The DCP Metadata of everything written: tensors with their chunks, then the byte objects."""

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .sinks import DISK, DiskSink
+
 PICKLE_PROTOCOL = 2  # torch.save's default
 
 
@@ -47,15 +49,6 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def _file_writer(path: Path, compute_crc32: bool) -> Any:
-    """torch's zip writer; ``compute_crc32=False`` is what ``torch.save`` does with
-    ``torch.utils.serialization.config.save.compute_crc32 = False`` (torch >= 2.6; older torch always computes it)."""
-    try:
-        return torch._C.PyTorchFileWriter(str(path), compute_crc32)
-    except TypeError:
-        return torch._C.PyTorchFileWriter(str(path))
-
-
 class StreamingTorchFile:
     """One output file: ``add`` tensors as they are produced, then ``close`` with the object.
 
@@ -64,26 +57,22 @@ class StreamingTorchFile:
     the same to torch, but zip tools (``unzip -t``) report CRC errors.
     """
 
-    def __init__(self, path: Path, compute_crc32: bool = True) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, compute_crc32: bool = True, sink: DiskSink = DISK) -> None:
         self.path = path
-        self._writer = _file_writer(path, compute_crc32)
+        self._zip = sink.zip_records(path, compute_crc32)
         self._records = 0
         self.bytes_written = 0
 
     def add(self, tensor: torch.Tensor) -> StoredTensor:
         """Write the tensor's bytes now; return the placeholder to put in the object."""
         tensor = tensor.detach()
-        if tensor.device.type != "cpu":
+        if tensor.device.type not in ("cpu", "meta"):  # meta: a dry run's planned tensor, which its sink sizes
             tensor = tensor.cpu()
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         key = str(self._records)
         self._records += 1
-        # the tensor's own bytes: a view into a larger storage writes only its slice, without a copy
-        start = tensor.storage_offset() * tensor.element_size()
-        own_bytes = tensor.untyped_storage()[start:start + tensor.nbytes]
-        self._writer.write_record(f"data/{key}", own_bytes, tensor.nbytes)
+        self._zip.tensor(f"data/{key}", tensor)
         self.bytes_written += tensor.nbytes
         return StoredTensor(_StoredStorage(key, tensor.dtype, tensor.numel()), tuple(tensor.shape), tensor.stride())
 
@@ -92,7 +81,7 @@ class StreamingTorchFile:
         buffer = io.BytesIO()
         _Pickler(buffer, protocol=PICKLE_PROTOCOL).dump(obj)
         data = buffer.getvalue()
-        self._writer.write_record("data.pkl", data, len(data))
+        self._zip.record("data.pkl", data)
         for name, value in ((".format_version", "1"), (".storage_alignment", "64"), ("byteorder", sys.byteorder)):
-            self._writer.write_record(name, value, len(value))
-        self._writer.write_end_of_file()
+            self._zip.record(name, value)
+        self._zip.close()

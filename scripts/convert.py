@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Convert or reshape a checkpoint: Megatron-LM <-> Hugging Face, or Megatron -> Megatron."""
-import sys
+"""Convert or reshape a checkpoint: Megatron-LM <-> Hugging Face, or Megatron -> Megatron.
 
-from _bootstrap import FAMILIES
+The same command as the installed `megatron-hf-convert` (see checkpoint_convert.entry), run from a checkout.
+"""
+import _bootstrap  # noqa: F401  (the repository on sys.path, the families registered)
 
-from checkpoint_convert.cli import run_convert_cli
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.entry import convert_command
 
 if __name__ == "__main__":
-    exit_now(run_convert_cli(sys.argv[1:], FAMILIES))
+    convert_command()

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Describe a checkpoint (format, layout, architecture, tensors); --check verifies its integrity."""
-import sys
+"""Describe a checkpoint (format, layout, architecture, tensors, provenance); --check verifies its integrity.
 
-import _bootstrap  # noqa: F401  (registers the families)
+The same command as the installed `megatron-hf-inspect` (see checkpoint_convert.entry), run from a checkout.
+"""
+import _bootstrap  # noqa: F401  (the repository on sys.path, the families registered)
 
-from checkpoint_convert.report_cli import run_inspect_cli
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.entry import inspect_command
 
 if __name__ == "__main__":
-    exit_now(run_inspect_cli(sys.argv[1:]))
+    inspect_command()

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Compare two checkpoints of any formats and layouts; exit 0 only when they hold the same model."""
-import sys
+"""Compare two checkpoints of any formats and layouts; exit 0 only when they hold the same model.
 
-import _bootstrap  # noqa: F401  (registers the families)
+The same command as the installed `megatron-hf-verify` (see checkpoint_convert.entry), run from a checkout.
+"""
+import _bootstrap  # noqa: F401  (the repository on sys.path, the families registered)
 
-from checkpoint_convert.report_cli import run_verify_cli
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.entry import verify_command
 
 if __name__ == "__main__":
-    exit_now(run_verify_cli(sys.argv[1:]))
+    verify_command()

@@ -90,7 +90,8 @@ def test_torch_dist_reshaped_to_tensor_parallel_rank_files_runs_in_megatron_core
     source, expected = megatron_dist("llama")
     assert convert("--load_path", source, "--save_path", tmp_path / "tp2", "--to", "megatron",
                    "--megatron_ckpt_format", "torch", "--target_tensor_model_parallel_size", "2") == 0
-    assert sorted(p.name for p in (tmp_path / "tp2" / "release").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    assert sorted(p.name for p in (tmp_path / "tp2" / "release").iterdir()) == ["conversion.json", "mp_rank_00",
+                                                                                "mp_rank_01"]
     assert_logits_close(megatron_core_logits(tmp_path / "tp2", tmp_path, tp=2), expected, atol=ATOL)
 
 
