@@ -8,6 +8,27 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True)
+class LatentAttention:
+    """Multi-latent attention (DeepSeek-V2 and V3), in megatron-core's names (``MLATransformerConfig``).
+
+    Queries come from ``hidden`` through a low-rank ``q_lora_rank`` projection and its norm (None: one
+    full projection); keys and values share one ``kv_lora_rank`` latent and its norm, projected up per
+    head to ``qk_head_dim`` key rows (no rotary) and ``v_head_dim`` value rows. A rotary part of
+    ``qk_pos_emb_head_dim`` is appended to each query head and one rotary key is shared by all heads.
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+
+    @property
+    def q_head_dim(self) -> int:
+        return self.qk_head_dim + self.qk_pos_emb_head_dim
+
+
 @dataclass
 class ModelArch:
     """A decoder-only transformer, in Megatron's vocabulary.
@@ -21,6 +42,8 @@ class ModelArch:
     over each head (``kv_channels`` wide) before rotary embedding. ``window_size``: sliding-window
     attention in Hugging Face's sense (a query sees itself and the ``window_size - 1`` tokens before
     it); ``window_layers`` then says which layers slide (1) and which attend fully (0), None for all.
+    ``mla``: multi-latent attention replaces the fused qkv projection (``kv_channels`` is then the query
+    and key head size, rotary part included).
 
     Mixture of experts (``num_experts`` set): ``moe_layers`` says which layers route to experts (1) and
     which have a dense MLP of ``ffn_hidden_size`` (0), None for all, as megatron-core's ``moe_layer_freq``
@@ -64,6 +87,7 @@ class ModelArch:
     qk_layernorm: bool = False
     window_size: int | None = None
     window_layers: tuple[int, ...] | None = None
+    mla: LatentAttention | None = None
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
 

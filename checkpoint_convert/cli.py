@@ -79,6 +79,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                   "tokenizer_model (a local path, made absolute, or a hub name)")
     add_flag(parser, "trust_checkpoint", action="store_true",
              help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
+    add_flag(parser, "drop_mtp_layers", action="store_true",
+             help="leave multi-token prediction layers (DeepSeek-V3's) out of the output instead of refusing them")
     add_flag(parser, "debug", action="store_true", help="show tracebacks")
     add_flag(parser, "quiet", action="store_true", help="no progress bars")
 
@@ -145,6 +147,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         max_position_embeddings=getattr(args, "max_position_embeddings", None),
         iteration=getattr(args, "iteration", None), vocab_size=getattr(args, "vocab_size", None),
         trust_checkpoint=args.trust_checkpoint, overwrite=getattr(args, "overwrite", False), quiet=args.quiet,
+        drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
     )
     fields.update(overrides)

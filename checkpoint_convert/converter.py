@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import resource
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class Options:
     trust_checkpoint: bool = False
     overwrite: bool = False
     quiet: bool = False
+    drop_mtp_layers: bool = False  # leave multi-token prediction layers out instead of refusing the source
     hash_source: bool = False  # provenance: SHA-256 of every source file (reads each once more)
     invocation: dict[str, Any] | None = None  # provenance: the command line and effective settings
 
@@ -213,8 +215,34 @@ def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch, 
 
 
 def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -> Source:
-    return open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
-                           options.vocab_size, speculate)
+    source = open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
+                             options.vocab_size, speculate)
+    if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
+        source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
+    _leave_out_mtp_layers(source, options.drop_mtp_layers)
+    return source
+
+
+def _mtp_tensors(source: Source) -> list[str]:
+    """The source's multi-token prediction tensors: megatron-core's ``mtp.*``, or what the family names so."""
+    if source.kind == "megatron":
+        return sorted({name for rank in source.reader.files for _, name in source.reader.all_weight_names(rank)
+                       if name.startswith("mtp.")})
+    test = source.family.hf_mtp_tensor
+    return [name for name in source.reader.names() if test and test(source.arch, name)]
+
+
+def _leave_out_mtp_layers(source: Source, drop: bool) -> None:
+    """Multi-token prediction layers are not converted: left out, with a warning, when asked; else refused."""
+    found = _mtp_tensors(source)
+    if not found:
+        return
+    if not drop:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise BadInputError(f"multi-token prediction layers are not converted ({found[0]}{more}); pass "
+                            "--drop_mtp_layers to convert the model without them", source.numbers_file)
+    warnings.warn(f"left out {len(found)} tensors of multi-token prediction layers (--drop_mtp_layers)")
+    source.tensors.left_out.update(found)
 
 
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
@@ -232,9 +260,10 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def _require_legacy_features(arch: ModelArch) -> None:
-    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window attention, no shared
-    experts and experts in every layer or none."""
-    missing = [name for name, used in (("query/key norms (qk_layernorm)", arch.qk_layernorm),
+    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window attention, no
+    multi-latent attention, no shared experts and experts in every layer or none."""
+    missing = [name for name, used in (("multi-latent attention", arch.mla is not None),
+                                       ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
                                        ("dense layers among expert layers", arch.moe_layers is not None)) if used]
@@ -286,10 +315,18 @@ def _check_virtual_pipeline(num_layers: int, pp: int, vpp: int, uneven: list[int
                             "list them with --target_pipeline_layers")
 
 
+def _latent_splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
+    """Multi-latent attention's down projections, whose rows megatron-core's local spec splits over TP ranks."""
+    if arch.mla is None:
+        return ()
+    kv = (("kv latent + rotary rows", arch.mla.kv_lora_rank + arch.mla.qk_pos_emb_head_dim),)
+    return kv + ((("query latent rank", arch.mla.q_lora_rank),) if arch.mla.q_lora_rank else ())
+
+
 def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
     """Tensor parallelism must divide every split dimension."""
     checks = (("attention heads", arch.num_attention_heads), ("query groups", arch.num_query_groups),
-              ("ffn hidden size", arch.ffn_hidden_size))
+              ("ffn hidden size", arch.ffn_hidden_size)) + _latent_splits(arch)
     for what, size in checks:
         if layout.tp < 1 or size % layout.tp:
             raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {size} {what}")

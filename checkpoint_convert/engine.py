@@ -23,7 +23,7 @@ from .hf_io import HFCheckpoint
 from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import Arena, release_file_pages, release_pages, shares_storage
 from .parallel import (Style, cast, cat, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
-                       trim_vocab)
+                       style_in_schema, trim_vocab)
 
 FIRST, LAYER, LAST = "first", "layer", "last"
 QKV = "self_attention.linear_qkv."
@@ -101,6 +101,7 @@ class MegatronSource(_ReleasesReadPages):
             raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
                                 tree.iter_dir)
         self.consumed: set[tuple[RankKey, int | None, str]] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
         self.arena: Arena | None = None  # where merges go, for a caller done with an item before the next
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
@@ -137,7 +138,8 @@ class MegatronSource(_ReleasesReadPages):
             shards.append(shard)
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
-        merged = merge_from_tp(shards, item.param.style, cat if meta else self._join)
+        style = style_in_schema(item.param.style, self.tree.schema == schema.MCORE_TE)
+        merged = merge_from_tp(shards, style, cat if meta else self._join)
         if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
@@ -166,7 +168,7 @@ class MegatronSource(_ReleasesReadPages):
             for layer, name in self.tree.all_weight_names(rank):
                 if (rank, layer, name) in self.consumed:
                     continue
-                if name == schema.OUTPUT_LAYER and self.arch.tie_embeddings:
+                if (name == schema.OUTPUT_LAYER and self.arch.tie_embeddings) or name in self.left_out:
                     continue
                 holder = self.tree.holders(rank, name, layer)[0]
                 left.append(f"{holder}:{'' if layer is None else f'layer {layer} '}{name}")
@@ -180,6 +182,7 @@ class HFSource(_ReleasesReadPages):
         super().__init__()
         self.checkpoint, self.family, self.arch = checkpoint, family, arch
         self.consumed: set[str] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
         names = self.family.hf_names(item.param, item.layer)
@@ -198,7 +201,8 @@ class HFSource(_ReleasesReadPages):
 
     def unconsumed(self) -> list[str]:
         ignored = self.family.hf_ignored_suffixes
-        return [n for n in self.checkpoint.names() if n not in self.consumed and not n.endswith(ignored)]
+        return [n for n in self.checkpoint.names()
+                if n not in self.consumed and n not in self.left_out and not n.endswith(ignored)]
 
 
 class HFTarget:
@@ -222,11 +226,11 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
-def dense_fc1_layers(family: FamilySpec, arch: ModelArch) -> frozenset[int]:
-    """The layers with a dense MLP: Transformer Engine fuses their pre-MLP norm into its fc1 (an expert layer
-    keeps a norm of its own)."""
-    return frozenset(layer for layer in range(arch.num_layers)
-                     if any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch, layer)))
+def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[str]]:
+    """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
+    dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
+    latent norms into its up projections)."""
+    return {layer: frozenset(p.megatron for p in family.params_for(LAYER, arch, layer)) for layer in range(arch.num_layers)}
 
 
 class MegatronTarget:
@@ -234,7 +238,7 @@ class MegatronTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
         self.family, self.arch, self.layout = family, arch, layout
-        self.dense_fc1 = dense_fc1_layers(family, arch)
+        self.layer_weights = layer_weights(family, arch)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -261,9 +265,10 @@ class MegatronTarget:
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
         name = item.param.megatron.format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=item.layer in self.dense_fc1,
+        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
-        shards = split_for_tp(full, item.param.style, self.layout.tp)
+        shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
+                              self.layout.tp)
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 
@@ -286,7 +291,7 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        self.dense_fc1, self.transformer_engine = dense_fc1_layers(family, arch), transformer_engine
+        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
         self.stacked = not schema.layers_stored_apart(arch.moe_layers)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
@@ -295,8 +300,8 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fused_pre_mlp_norm = item.layer in self.dense_fc1 or not self.transformer_engine
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, fused_pre_mlp_norm, self.stacked)
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
+                                    self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
         if item.layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))

@@ -134,6 +134,9 @@ class FamilySpec:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     # Megatron-Bridge's provider for this family; None: Megatron-Bridge output is refused for it
     bridge: BridgeProvider | None = None
+    # Hugging Face tensors of multi-token prediction layers (not converted): a conversion leaves them out
+    # with --drop_mtp_layers and refuses the source without it
+    hf_mtp_tensor: Callable[[ModelArch, str], bool] | None = None
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,

@@ -177,8 +177,55 @@ class SafetensorsReader:
         return torch.frombuffer(view, dtype=dtype).reshape(entry["shape"])
 
 
+SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: ``X.weight_scale_inv`` beside ``X.weight``
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+
+def fp8_block_size(config: dict[str, Any]) -> tuple[int, int]:
+    """The quantization blocks of an FP8 checkpoint: config.json's ``quantization_config.weight_block_size``
+    (DeepSeek-V3's 128 x 128 when it says none)."""
+    quantization = config.get("quantization_config") or {}
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    if block is None:
+        return 128, 128
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
+        raise BadInputError(f"quantization_config.weight_block_size is {block!r}, not two positive whole numbers")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` (FP8) times the scale of its ``block`` (the last blocks may be partial), as ``dtype``.
+
+    The format's definition (DeepSeek-V3's ``fp8_cast_bf16``): element (i, j) is ``weight[i, j] *
+    scale_inv[i // block[0], j // block[1]]``. In float32, a run of whole block rows (about 16 MB) at a
+    time, each scale applied to its columns through a view: the only weight-sized allocation is the result.
+    """
+    rows, cols = weight.shape
+    out = torch.empty(rows, cols, dtype=dtype)
+    whole = cols // block[1]  # column blocks of full width
+    step = block[0] * max(1, _DEQUANTIZE_CHUNK // (block[0] * cols))
+    for start in range(0, rows, step):
+        part = weight[start:start + step].float()
+        scales = scale_inv[start // block[0]:(start + step) // block[0]].float()
+        scales = scales.repeat_interleave(block[0], dim=0)[:len(part)]
+        part[:, :whole * block[1]].view(len(part), whole, block[1]).mul_(scales[:, :whole, None])
+        part[:, whole * block[1]:].mul_(scales[:, whole:])
+        out[start:start + step] = part
+    return out
+
+
+_DEQUANTIZE_CHUNK = 1 << 22  # elements of float32 work per step
+
+
 class HFCheckpoint:
-    """A Hugging Face model directory, read one tensor at a time."""
+    """A Hugging Face model directory, read one tensor at a time.
+
+    An FP8 weight with a ``weight_scale_inv`` companion (block-quantized checkpoints such as DeepSeek-V3's)
+    reads as its dequantized values in ``dequantized_dtype`` (bf16 unless the conversion asks for another);
+    the scale is read with it and is no tensor of its own.
+    """
 
     def __init__(self, path: Path, trust: bool = False) -> None:
         self.path = path
@@ -188,6 +235,9 @@ class HFCheckpoint:
         self._handles: dict[Path, Any] = {}
         self.aliases: dict[str, tuple[list[str], Any]] = {}
         self.read: list[torch.Tensor] = []  # stored tensors read (memory-mapped) since the caller last cleared it
+        self.scales = {name[:-len(SCALE_SUFFIX)]: name for name in self.weight_map
+                       if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in self.weight_map}
+        self.dequantized_dtype = torch.bfloat16
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -199,7 +249,19 @@ class HFCheckpoint:
         self.aliases.update(aliases)
 
     def stored_names(self, name: str) -> list[str]:
-        return self.aliases[name][0] if name in self.aliases else [name]
+        if name in self.aliases:
+            return [stored for source in self.aliases[name][0] for stored in self.stored_names(source)]
+        return [name, self.scales[name]] if name in self.scales else [name]
+
+    def _check_quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, scale) ``meta`` tensors of a block-quantized weight, checked against each other."""
+        weight, scale = self.stored_meta(name), self.stored_meta(self.scales[name])
+        block = fp8_block_size(self.config)
+        grid = tuple(-(-size // edge) for size, edge in zip(weight.shape, block))
+        if weight.dtype not in FP8_DTYPES or weight.dim() != 2 or tuple(scale.shape) != grid:
+            raise BadInputError(f"'{name}' ({weight.dtype}, {list(weight.shape)}) and its scale "
+                                f"{list(scale.shape)} are not FP8 blocks of {block[0]} x {block[1]}", self.path)
+        return weight, scale
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
@@ -218,10 +280,16 @@ class HFCheckpoint:
         return self.weight_map[name]
 
     def meta(self, name: str) -> torch.Tensor:
-        """A ``meta`` tensor with the stored shape and dtype; reads no data."""
+        """A ``meta`` tensor with the stored shape and dtype (dequantized: ``dequantized_dtype``); reads no data."""
         if name in self.aliases:
             sources, combine = self.aliases[name]
             return combine([self.meta(source) for source in sources])
+        if name in self.scales:
+            return torch.empty(self._check_quantized(name)[0].shape, dtype=self.dequantized_dtype, device="meta")
+        return self.stored_meta(name)
+
+    def stored_meta(self, name: str) -> torch.Tensor:
+        """A stored tensor's shape and dtype as the file holds it (an FP8 weight as FP8)."""
         file = self._file_for(name)
         handle = self._handle(file)
         if file.suffix == ".safetensors":
@@ -232,6 +300,13 @@ class HFCheckpoint:
         if name in self.aliases:
             sources, combine = self.aliases[name]
             return combine([self.tensor(source) for source in sources])
+        if name in self.scales:
+            self._check_quantized(name)
+            weight, scale = self._stored(name), self._stored(self.scales[name])
+            return dequantize_blocks(weight, scale, fp8_block_size(self.config), self.dequantized_dtype)
+        return self._stored(name)
+
+    def _stored(self, name: str) -> torch.Tensor:
         file = self._file_for(name)
         handle = self._handle(file)
         tensor = handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]

@@ -20,7 +20,7 @@ from .engine import Item, all_finite, locate, release_all, walk
 from .hf_io import tensor_nbytes
 from .megatron_io import RankKey
 from .memory import Arena
-from .parallel import Style
+from .parallel import Style, style_in_schema
 
 
 def item_name(item: Item) -> str:
@@ -51,7 +51,7 @@ def megatron_rows(source: Source) -> list[dict[str, Any]]:
 
 def hf_rows(source: Source) -> list[dict[str, Any]]:
     checkpoint = source.reader
-    metas = {name: checkpoint.meta(name) for name in checkpoint.names()}
+    metas = {name: checkpoint.stored_meta(name) for name in checkpoint.names()}  # as stored: FP8 weights as FP8
     return [{"name": name, "shape": list(meta.shape), "dtype": _dtype(meta.dtype),
              "held_by": [checkpoint.weight_map[name].name]} for name, meta in metas.items()]
 
@@ -105,7 +105,8 @@ def describe(source: Source, path: str) -> dict[str, Any]:
 def _replicas_differ(source: Source, item: Item) -> list[str]:
     """Norms, routers and row-parallel biases must be equal on every tensor-parallel rank."""
     tree, param = source.reader, item.param
-    replicated = param.style is Style.REPLICATED or (param.style is Style.ROW and param.megatron.endswith(".bias"))
+    style = style_in_schema(param.style, tree.schema == schema.MCORE_TE)
+    replicated = style is Style.REPLICATED or (param.style is Style.ROW and param.megatron.endswith(".bias"))
     if tree.tp == 1 or not replicated or param.experts or param.zero_in_megatron:
         return []
     stage, local = locate(source.tensors.stages, item.group, item.layer)

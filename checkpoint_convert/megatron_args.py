@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .arch import ModelArch
+from .arch import LatentAttention, ModelArch
 from .errors import BadInputError
 from .hf_io import tokenizer_files
 
@@ -141,10 +141,56 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         attention_dropout=_real(args, source, "attention_dropout", default=0.1),  # Megatron-LM's defaults
         hidden_dropout=_real(args, source, "hidden_dropout", default=0.1),
         qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
+        mla=_latent_attention(args, source),
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
     )
+
+
+def _latent_attention(args: Any, source: str) -> LatentAttention | None:
+    """Multi-latent attention sizes (Megatron-LM's ``--multi-latent-attention`` and ``_add_mla_args``)."""
+    if not _get(args, "multi_latent_attention", default=False):
+        return None
+    q_lora_rank = _get(args, "q_lora_rank")
+    return LatentAttention(
+        q_lora_rank=None if q_lora_rank is None else whole_number(q_lora_rank, "q_lora_rank", source),
+        **{name: _whole(args, source, name, default=default) for name, default in (
+            ("kv_lora_rank", 32), ("qk_head_dim", 128), ("qk_pos_emb_head_dim", 64), ("v_head_dim", 128))})
+
+
+def _latent_attention_args(arch: ModelArch) -> dict[str, Any]:
+    """Megatron-LM's multi-latent attention fields, and its YaRN fields (MLA's ``rope_type``) for a
+    Hugging Face ``yarn`` rope scaling (HEAD spells the YaRN range fields with a ``yarn_`` prefix)."""
+    if arch.mla is None:
+        return {"multi_latent_attention": False}
+    rope = arch.rope_scaling or {}
+    yarn = rope.get("rope_type") == "yarn"
+    original = rope.get("original_max_position_embeddings") if yarn else None
+    beta_fast, beta_slow = (rope.get("beta_fast") or 32.0, rope.get("beta_slow") or 1.0) if yarn else (None, None)
+    return dict(
+        multi_latent_attention=True, q_lora_rank=arch.mla.q_lora_rank, kv_lora_rank=arch.mla.kv_lora_rank,
+        qk_head_dim=arch.mla.qk_head_dim, qk_pos_emb_head_dim=arch.mla.qk_pos_emb_head_dim,
+        v_head_dim=arch.mla.v_head_dim, rope_type="yarn" if yarn else "rope",
+        rotary_scaling_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
+        mscale=float(rope.get("mscale") or 1.0) if yarn else 1.0,
+        mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0) if yarn else 0.0,
+        original_max_position_embeddings=original, yarn_original_max_position_embeddings=original,
+        beta_fast=beta_fast, beta_slow=beta_slow, yarn_beta_fast=beta_fast, yarn_beta_slow=beta_slow,
+    )
+
+
+def _yarn_scaling(args: Any, source: str) -> dict | None:
+    """Hugging Face's ``yarn`` rope scaling of a multi-latent attention model's Megatron YaRN fields."""
+    if not _get(args, "multi_latent_attention", default=False) or _get(args, "rope_type", default="yarn") != "yarn":
+        return None
+    return {"rope_type": "yarn", "factor": _real(args, source, "rotary_scaling_factor", default=1.0),
+            "original_max_position_embeddings": _whole(args, source, "yarn_original_max_position_embeddings",
+                                                       "original_max_position_embeddings", default=4096),
+            "beta_fast": _real(args, source, "yarn_beta_fast", "beta_fast", default=32.0),
+            "beta_slow": _real(args, source, "yarn_beta_slow", "beta_slow", default=1.0),
+            "mscale": _real(args, source, "mscale", default=1.0),
+            "mscale_all_dim": _real(args, source, "mscale_all_dim", default=0.0)}
 
 
 def _sliding_window(args: Any, num_layers: int, source: str) -> dict[str, Any]:
@@ -228,6 +274,8 @@ def _rope_scaling(args: Any, source: str) -> dict | None:
     (1 and 4) and an original context of 8192 tokens; only the factor is an argument.
     """
     recorded = _get(args, "hf_rope_scaling")
+    if not recorded and _yarn_scaling(args, source):
+        return _yarn_scaling(args, source)
     if recorded or not _get(args, "use_rope_scaling", default=False):
         return _mapping(recorded, "hf_rope_scaling", source) or None
     return {"rope_type": "llama3", "factor": _real(args, source, "rope_scaling_factor", default=8.0),
@@ -409,7 +457,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         add_bias_linear=arch.add_bias_linear, disable_bias_linear=not arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,
         attention_dropout=arch.attention_dropout, hidden_dropout=arch.hidden_dropout,
-        qk_layernorm=arch.qk_layernorm, **_window_args(arch),
+        qk_layernorm=arch.qk_layernorm, **_window_args(arch), **_latent_attention_args(arch),
         hf_extra_config=dict(arch.extra), hf_family=arch.family,
     )
 

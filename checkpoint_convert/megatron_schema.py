@@ -7,7 +7,7 @@ other schemas and recognises the older spellings legacy checkpoints used.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 LEGACY = "legacy"
 MCORE_LOCAL = "local"
@@ -34,13 +34,21 @@ _LEGACY_ALIASES = (
     ("post_attention_norm.", "post_attention_layernorm."),
     ("final_norm.", "final_layernorm."),
 )
-# Transformer Engine fuses norms into the following linear layer.
+# Transformer Engine fuses a norm into the linear layer after it, when the layer has that linear layer
+# (multi-latent attention: its q and kv latent norms into the up projections, its input norm stays apart).
 _TE_NORMS = (
     ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
     ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
     ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
     ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+    ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight"),
+    ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight"),
 )
+# A standard layer's weights as far as the fused norms go (callers that do not say which weights a layer has)
+STANDARD_LAYER = frozenset({"self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"})
+# megatron-core's local spec names the standard layer's norms as Transformer Engine does in torch_dist
+# (its ``sharded_state_dict_keys_map``); its multi-latent attention layer has no such map.
+_LOCAL_DIST_NORMS = _TE_NORMS[:4]
 _LEGACY_GLOBAL = {
     EMBEDDING: "language_model.embedding.word_embeddings.weight",
     POSITION_EMBEDDING: "language_model.embedding.position_embeddings.weight",
@@ -137,9 +145,20 @@ def canonical_name(stored: str, schema: str) -> tuple[int | None, str]:
     return None, stored
 
 
+def te_name(rel: str, layer_weights: Collection[str]) -> str:
+    """A layer tensor's Transformer Engine name: a norm fused into the linear layer after it, if the layer has it."""
+    for local_name, fused in _TE_NORMS:
+        if rel == local_name and fused.rsplit(".", 1)[0] + ".weight" in layer_weights:
+            return fused
+    return rel
+
+
 def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool = False,
-                layer_has_dense_fc1: bool = True, grouped_experts: bool = False) -> tuple[str, ...]:
-    """Where a canonical tensor goes inside a rank file's ``model`` dict (a path of dict keys)."""
+                layer_weights: Collection[str] = STANDARD_LAYER, grouped_experts: bool = False) -> tuple[str, ...]:
+    """Where a canonical tensor goes inside a rank file's ``model`` dict (a path of dict keys).
+
+    ``layer_weights``: the canonical names of the layer's weights (which linear layers Transformer Engine
+    fuses norms into)."""
     if schema == LEGACY:
         if tied_copy:
             return ("word_embeddings_for_head", "weight")
@@ -154,9 +173,7 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     if expert and grouped_experts:
         rel = f"mlp.experts.{expert.group(2)}.{expert.group(3)}{expert.group(1)}"
     if schema == MCORE_TE:
-        for local_name, te_name in _TE_NORMS:
-            if rel == local_name and (layer_has_dense_fc1 or local_name.startswith("input_")):
-                rel = te_name
+        rel = te_name(rel, layer_weights)
     return (f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
@@ -175,19 +192,24 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
         if last.startswith("linear_") and module not in modules:
             modules.append(module)
     if schema == MCORE_TE:
-        modules += sorted({m.replace("linear_qkv", "core_attention") for m in modules if m.endswith("linear_qkv")})
+        modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
+                           if m.endswith("self_attention.linear_proj")})
     if last_stage:
         modules.append("output_layer")
     return [f"{module}._extra_state" for module in modules]
 
 
-def torch_dist_key(canonical: str, layer: int | None, fused_pre_mlp_norm: bool, stacked: bool = True) -> str:
-    """The torch_dist key of a canonical tensor: TE norm names, experts on a stacked ``experts.experts`` key.
+def torch_dist_key(canonical: str, layer: int | None, layer_weights: Collection[str], transformer_engine: bool,
+                   stacked: bool = True) -> str:
+    """The torch_dist key of a canonical tensor: experts on a stacked ``experts.experts`` key, norms as
+    megatron-core names them there.
 
     ``stacked``: the key carries no layer index (layers are the leading axis of one global tensor); else each
-    layer has keys of its own, ``decoder.layers.N.…`` (see :func:`layers_stored_apart`). A MoE layer's pre-MLP
-    norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and ``pre_mlp_layernorm.weight`` for
-    Transformer Engine (measured on megatron-core 0.16.1).
+    layer has keys of its own, ``decoder.layers.N.…`` (see :func:`layers_stored_apart`). Transformer Engine
+    names norms fused into the linear after them (:func:`te_name`: an expert layer's pre-MLP norm is
+    ``pre_mlp_layernorm.weight``); the local spec maps a standard layer's norms to those names
+    (``mlp.linear_fc1.layer_norm_weight`` even in an expert layer) and keeps a multi-latent attention
+    layer's own names (measured on megatron-core 0.16.1).
     """
     if layer is None:
         return canonical
@@ -195,8 +217,11 @@ def torch_dist_key(canonical: str, layer: int | None, fused_pre_mlp_norm: bool, 
     expert = SEQUENTIAL_EXPERT.match(canonical)
     if expert:
         return f"{prefix}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
-    path = stored_path(canonical, 0, MCORE_TE, layer_has_dense_fc1=fused_pre_mlp_norm)
-    return path[0].replace(f"{LAYER_PREFIX}0.", prefix, 1)
+    if transformer_engine:
+        return prefix + te_name(canonical, layer_weights)
+    if "self_attention.linear_qkv.weight" in layer_weights:
+        canonical = dict(_LOCAL_DIST_NORMS).get(canonical, canonical)
+    return prefix + canonical
 
 
 def layers_stored_apart(moe_layers: tuple[int, ...] | None) -> bool:

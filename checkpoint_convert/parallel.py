@@ -64,6 +64,16 @@ class Style(enum.Enum):
     ROW = "row"  # split along dim 1 (proj, fc2 weights)
     VOCAB = "vocab"  # column split of a vocab-padded tensor (embedding, output layer)
     GLU_COLUMN = "glu_column"  # [gate; up] halves, each split along dim 0, fused per rank
+    # column-parallel in megatron-core's local spec, a full copy on every rank under Transformer Engine
+    # (multi-latent attention's down projections: ColumnParallelLinear there, a duplicated TELinear here)
+    COLUMN_UNLESS_TE = "column_unless_te"
+
+
+def style_in_schema(style: Style, transformer_engine: bool) -> Style:
+    """The style a tensor has in rank files of one key schema (only ``COLUMN_UNLESS_TE`` depends on it)."""
+    if style is not Style.COLUMN_UNLESS_TE:
+        return style
+    return Style.REPLICATED if transformer_engine else Style.COLUMN
 
 
 def split_for_tp(full: torch.Tensor, style: Style, tp: int) -> list[torch.Tensor]:

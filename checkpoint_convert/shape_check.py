@@ -139,6 +139,28 @@ def _moe_ffn(arch: ModelArch) -> int:
     return arch.moe_ffn_hidden_size or arch.ffn_hidden_size
 
 
+def _value_width(arch: ModelArch) -> int:
+    """Width of the attention output (heads x value head size) that ``linear_proj`` reads."""
+    return arch.num_attention_heads * (arch.mla.v_head_dim if arch.mla else arch.kv_channels)
+
+
+def _q_norm_width(arch: ModelArch) -> int:
+    """A query norm's width: each head (qk_layernorm), or multi-latent attention's query latent."""
+    return arch.mla.q_lora_rank if arch.mla and arch.mla.q_lora_rank else arch.kv_channels
+
+
+# multi-latent attention (``arch.mla`` is set wherever these modules exist)
+_MLA_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = (
+    (r"linear_q_down_proj\.weight", lambda a: (a.mla.q_lora_rank, a.hidden_size)),
+    (r"linear_q_up_proj\.weight", lambda a: (a.num_attention_heads * a.mla.q_head_dim, a.mla.q_lora_rank)),
+    (r"linear_q_proj\.weight", lambda a: (a.num_attention_heads * a.mla.q_head_dim, a.hidden_size)),
+    (r"linear_kv_down_proj\.weight", lambda a: (a.mla.kv_lora_rank + a.mla.qk_pos_emb_head_dim, a.hidden_size)),
+    (r"linear_kv_up_proj\.weight",
+     lambda a: (a.num_attention_heads * (a.mla.qk_head_dim + a.mla.v_head_dim), a.mla.kv_lora_rank)),
+    (r"kv_layernorm\.weight", lambda a: (a.mla.kv_lora_rank,)),
+)
+
+
 def _shared_ffn(arch: ModelArch, multiple: int = 1) -> int | None:
     """A shared expert's ffn size (times ``multiple``); None (left to the walk) when the architecture has none."""
     size = arch.moe_shared_expert_intermediate_size
@@ -146,13 +168,14 @@ def _shared_ffn(arch: ModelArch, multiple: int = 1) -> int | None:
 
 
 # megatron-core module name (end of the canonical key) -> full (un-parallel) shape; None: not known here.
-_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = (
+_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = _MLA_SHAPES + (
     (r"embedding\.word_embeddings\.weight|output_layer\.weight", lambda a: (a.vocab_size, a.hidden_size)),
     (r"embedding\.position_embeddings\.weight", lambda a: (a.max_position_embeddings, a.hidden_size)),
     (r"linear_qkv\.weight", lambda a: (_qkv_rows(a), a.hidden_size)),
     (r"linear_qkv\.bias", lambda a: (_qkv_rows(a),)),
-    (r"linear_proj\.weight", lambda a: (a.hidden_size, a.num_attention_heads * a.kv_channels)),
-    (r"(?:q|k)_layernorm\.(?:weight|bias)", lambda a: (a.kv_channels,)),
+    (r"linear_proj\.weight", lambda a: (a.hidden_size, _value_width(a))),
+    (r"q_layernorm\.(?:weight|bias)", lambda a: (_q_norm_width(a),)),
+    (r"k_layernorm\.(?:weight|bias)", lambda a: (a.kv_channels,)),
     (r"linear_proj\.bias|\w*(?:layernorm|_norm)\.(?:weight|bias)", lambda a: (a.hidden_size,)),
     (r"router\.weight", lambda a: (a.num_experts, a.hidden_size)),
     (r"router\.expert_bias", lambda a: (a.num_experts,)),

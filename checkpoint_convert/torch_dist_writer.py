@@ -60,8 +60,8 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
             layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
-            if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = tuple(shape[:layer_axes]) or (1,)
+            if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one
+                modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:layer_axes]) or (1,)
     names = []
     for module, shape in modules.items():
         for index in itertools.product(*(range(n) for n in shape)):

@@ -83,7 +83,7 @@ def is_llama_like(arch: ModelArch, qk_norm: bool = False, experts: bool = False)
     """A Llama-shaped Megatron model, with or without query/key norms and experts (sliding windows are each
     family's to accept)."""
     return (arch.normalization == "RMSNorm" and arch.activation == "swiglu" and arch.position_embedding_type == "rope"
-            and bool(arch.num_experts) == experts and arch.qk_layernorm == qk_norm)
+            and bool(arch.num_experts) == experts and arch.qk_layernorm == qk_norm and arch.mla is None)
 
 
 def _no_window(arch: ModelArch) -> bool:

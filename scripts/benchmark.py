@@ -20,6 +20,9 @@ moment of the disk or page cache does not set its ratio. Rows:
                             after the conversion in each round; its ratio is to that conversion
   naive tp2pp2->hf          the same conversion with every source file loaded fully and the
                             output assembled in memory before saving (what most converters do)
+  deepseek fp8 ...          ``--deepseek_layers N``: a DeepSeek-V3-shaped model (MLA, dense layers of its
+                            real shapes, FP8 blocks as shipped, embedding 1.85 GB) converted to bf16
+                            Megatron TP2 and back; ``report`` then checks its memory budget too
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ class Shapes(NamedTuple):
 
 SIZED = Shapes(hidden=2048, ffn=5632, heads=16, groups=4, vocab=32000)  # --sizes: layers added to reach a size
 LLAMA3_8B = Shapes(hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256)  # the real-shapes model
+DEEPSEEK_V3 = Shapes(hidden=7168, ffn=18432, heads=128, groups=128, vocab=129280)  # its dense layers, FP8 as shipped
+# DeepSeek-V3's multi-latent attention: q_lora_rank, kv_lora_rank, nope / rope / value head sizes
+DEEPSEEK_MLA = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
 
 
 def _layer_shapes(shapes: Shapes, experts: int) -> dict[str, tuple[int, ...]]:
@@ -109,6 +115,55 @@ def build_synthetic(path: Path, shapes: Shapes, layers: int, experts: int = 0) -
                             **common)
               if experts else LlamaConfig(intermediate_size=shapes.ffn, **common))
     config.save_pretrained(path)
+
+
+def _deepseek_layer_shapes(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """A dense DeepSeek-V3 layer (multi-latent attention, SwiGLU MLP) of real shapes."""
+    mla, hidden, heads = DEEPSEEK_MLA, shapes.hidden, shapes.heads
+    q_head = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
+    return {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+            "self_attn.q_a_proj.weight": (mla["q_lora_rank"], hidden),
+            "self_attn.q_a_layernorm.weight": (mla["q_lora_rank"],),
+            "self_attn.q_b_proj.weight": (heads * q_head, mla["q_lora_rank"]),
+            "self_attn.kv_a_proj_with_mqa.weight": (mla["kv_lora_rank"] + mla["qk_rope_head_dim"], hidden),
+            "self_attn.kv_a_layernorm.weight": (mla["kv_lora_rank"],),
+            "self_attn.kv_b_proj.weight": (heads * (mla["qk_nope_head_dim"] + mla["v_head_dim"]), mla["kv_lora_rank"]),
+            "self_attn.o_proj.weight": (hidden, heads * mla["v_head_dim"]),
+            "mlp.gate_proj.weight": (shapes.ffn, hidden), "mlp.up_proj.weight": (shapes.ffn, hidden),
+            "mlp.down_proj.weight": (hidden, shapes.ffn)}
+
+
+def build_synthetic_deepseek(path: Path, shapes: Shapes, layers: int) -> None:
+    """A DeepSeek-V3-shaped checkpoint stored as DeepSeek ships it: 2-D layer weights in FP8 (E4M3) with a float32
+    scale per 128 x 128 block (``weight_scale_inv``), everything else bf16; one safetensors shard per layer."""
+    from safetensors.torch import save_file
+    from transformers import DeepseekV3Config
+
+    path.mkdir(parents=True)
+    generator, weight_map = torch.Generator().manual_seed(0), {}
+    shards = [{"model.embed_tokens.weight": (shapes.vocab, shapes.hidden), "model.norm.weight": (shapes.hidden,),
+               "lm_head.weight": (shapes.vocab, shapes.hidden)}]
+    shards += [{f"model.layers.{i}.{name}": shape for name, shape in _deepseek_layer_shapes(shapes).items()}
+               for i in range(layers)]
+    for index, shard in enumerate(shards):
+        tensors = {}
+        for name, shape in shard.items():
+            weight = torch.randn(shape, generator=generator) * 0.02
+            if ".layers." in name and len(shape) == 2:
+                grid = [-(-size // 128) for size in shape]
+                tensors[name] = (weight * 448 / 0.1).clamp(-448, 448).to(torch.float8_e4m3fn)
+                tensors[name + "_scale_inv"] = torch.full(grid, 0.1 / 448)
+            else:
+                tensors[name] = weight.to(torch.bfloat16)
+        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    DeepseekV3Config(vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.ffn,
+                     num_hidden_layers=layers, num_attention_heads=shapes.heads, num_key_value_heads=shapes.heads,
+                     first_k_dense_replace=layers, max_position_embeddings=4096, tie_word_embeddings=False,
+                     quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}, **DEEPSEEK_MLA).save_pretrained(path)
 
 
 # Runs one command and prints its wall time and peak RSS. It is started as a small process of its own
@@ -273,6 +328,19 @@ def run_real_shapes(work: Path, layers: int, repeats: int) -> list[Row]:
     return steps.rows
 
 
+def run_deepseek(work: Path, layers: int, repeats: int) -> list[Row]:
+    """The rows of a DeepSeek-V3-shaped FP8 model (``layers`` dense layers): dequantized while streaming."""
+    hf = work / "hf"
+    build_synthetic_deepseek(hf, DEEPSEEK_V3, layers)
+    steps = Steps(work, repeats)
+    steps.row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
+    steps.row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
+    steps.conversion("deepseek fp8 hf -> megatron tp2 (bf16)", hf, work / "tp2", "--to", "megatron",
+                     "--target_tensor_model_parallel_size", "2")
+    steps.conversion("deepseek megatron tp2 -> hf", work / "tp2", work / "back", "--to", "hf")
+    return steps.rows
+
+
 def _tree_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
 
@@ -304,6 +372,8 @@ def main() -> int:
     parser.add_argument("--real_shapes_layers", type=int, default=16,
                         help="layers of the Llama-3-8B-shaped model (default 16: 9.1 GB; 0: no such model)")
     parser.add_argument("--only_real_shapes", action="store_true", help="only the Llama-3-8B-shaped model's rows")
+    parser.add_argument("--deepseek_layers", type=int, default=0,
+                        help="dense layers of a DeepSeek-V3-shaped FP8 model (0: no such model; 2: 4.8 GB)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
@@ -326,7 +396,13 @@ def main() -> int:
             rows = run_real_shapes(work, args.real_shapes_layers, args.repeats)
             report(f"Llama-3-8B shapes, {args.real_shapes_layers} layers, HF source {_tree_gb(work / 'hf'):.2f} GB",
                    LLAMA3_8B, rows)
-    print(json.dumps({"sizes": list(peaks), "real_shapes_layers": args.real_shapes_layers}))
+    if args.deepseek_layers:
+        with _workdir(args.workdir) as work:
+            rows = run_deepseek(work, args.deepseek_layers, args.repeats)
+            report(f"DeepSeek-V3 shapes (FP8 source), {args.deepseek_layers} layers, HF source "
+                   f"{_tree_gb(work / 'hf'):.2f} GB", DEEPSEEK_V3, rows)
+    print(json.dumps({"sizes": list(peaks), "real_shapes_layers": args.real_shapes_layers,
+                      "deepseek_layers": args.deepseek_layers}))
     return 0
 
 

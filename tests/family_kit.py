@@ -81,6 +81,15 @@ def qwen_moe(family: str, seed: int, **config: Any) -> Callable:
                                  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}[family]
     return hf_model(config_class, model_class, seed, **{**QWEN_MOE, **config})
 
+
+# multi-latent attention: 4 heads of 16 key rows without rotary + 8 rotary rows, 12 value rows; every layer
+# dense (first_k_dense_replace = num_hidden_layers); YaRN with mscale on the q_lora variant
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+           first_k_dense_replace=4, n_routed_experts=4, moe_intermediate_size=32, n_group=2, topk_group=1,
+           num_experts_per_tok=2)
+DEEPSEEK_YARN = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
 VARIANTS = (
     Variant("gpt2_tied", "gpt2", gpt2(0)),
     Variant("gpt2_untied_gelu", "gpt2", gpt2(1, tied=False, activation="gelu")),
@@ -121,4 +130,13 @@ VARIANTS = (
                                                       mlp_only_layers=[3], attention_bias=True, zero=("o_proj.bias",),
                                                       use_sliding_window=True, sliding_window=4),
             legacy=False, experts=True),
+    Variant("deepseek_v3_mla", "deepseek_v3", hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", 9, q_lora_rank=32,
+                                                       rope_parameters=DEEPSEEK_YARN, **MLA), legacy=False),
+    # rotary rows stored as halves (rope_interleave false): permuted to megatron-core's interleaved pairs
+    Variant("deepseek_v3_halves_tied", "deepseek_v3", hf_model(
+        "DeepseekV3Config", "DeepseekV3ForCausalLM", 10, q_lora_rank=24, rope_interleave=False, tie_word_embeddings=True,
+        rope_parameters=QWEN_ROPE, **MLA), legacy=False),
+    # DeepSeek-V2-Lite's shape: no query latent (q_proj), a softmax router's keys
+    Variant("deepseek_v2_lite", "deepseek_v2", hf_model("DeepseekV2Config", "DeepseekV2ForCausalLM", 11, q_lora_rank=None,
+                                                        rope_parameters=QWEN_ROPE, **MLA), legacy=False),
 )

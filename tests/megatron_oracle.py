@@ -48,7 +48,10 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp
       Transformer Engine;
     - with pipeline stages, tied output weights are all-reduced between the first and last stage
       after ``.cuda()``: keep them on the CPU;
-    - the sliding-window attention mask is built on device "cuda": build the same mask on the CPU.
+    - the sliding-window attention mask is built on device "cuda": build the same mask on the CPU;
+    - without Transformer Engine, 0.16.1's ``megatron.core.extensions.transformer_engine`` imports with mock
+      classes, so ``multi_latent_attention`` believes it has TE and calls ``isinstance(linear_proj, TELinear)``
+      with a mock: tell it there is none (its ``HAVE_TE`` only guards that FP8 check).
     """
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
@@ -60,6 +63,8 @@ def _init_cpu_megatron(rank: int = 0, tp: int = 1, ep: int = 1, pp: int = 1, vpp
         moe_utils.te_general_gemm = None  # the router's gating linear checks it before using torch
     from megatron.core.fusions import fused_softmax
     fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+    from megatron.core.transformer import multi_latent_attention
+    multi_latent_attention.HAVE_TE = False
 
 
 def _init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, vpp: int | None = None) -> None:
@@ -111,6 +116,39 @@ def _pipeline_fields(args) -> dict:
                 pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None))
 
 
+def _latent_attention_fields(args) -> dict:
+    """MLATransformerConfig's multi-latent attention and YaRN fields from Megatron-LM's args (HEAD spells the
+    YaRN range fields with a ``yarn_`` prefix), as Megatron-LM's ``core_transformer_config_from_args`` maps them."""
+    if not getattr(args, "multi_latent_attention", False):
+        return {}
+    def first(*names, default=None):
+        return next((getattr(args, name) for name in names if getattr(args, name, None) is not None), default)
+    return dict(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
+                qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
+                rope_type=first("rope_type", default="yarn"), rotary_base=args.rotary_base,
+                rotary_scaling_factor=first("rotary_scaling_factor", default=1.0), mscale=first("mscale", default=1.0),
+                mscale_all_dim=first("mscale_all_dim", default=0.0),
+                original_max_position_embeddings=first("yarn_original_max_position_embeddings",
+                                                       "original_max_position_embeddings", default=4096),
+                beta_fast=first("yarn_beta_fast", "beta_fast", default=32.0),
+                beta_slow=first("yarn_beta_slow", "beta_slow", default=1.0))
+
+
+def _mla_core_attention():
+    """megatron-core 0.16.1's local ``DotProductAttention``, taking the ``k_channels``/``v_channels`` that
+    ``MultiLatentAttention`` passes to its core attention (only Transformer Engine's ``TEDotProductAttention``
+    accepts them, and it needs CUDA): its math already takes a key head size from the tensors, and its
+    output width is ``kv_channels`` x heads, so the config's ``kv_channels`` is the value head size."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LatentDotProductAttention(DotProductAttention):
+        def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+            assert v_channels in (None, config.kv_channels), (v_channels, config.kv_channels)  # None: Attention's own
+            super().__init__(config, *args, **kwargs)
+
+    return LatentDotProductAttention
+
+
 def _moe_fields(args) -> dict:
     """TransformerConfig's mixture-of-experts fields: the args of the same name (as Megatron-LM's
     ``core_transformer_config_from_args`` copies them): which layers have experts, the router's semantics,
@@ -133,21 +171,30 @@ def _layer_spec(args, config, vp_stage: int | None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     if config.num_moe_experts:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
                                           vp_stage=vp_stage)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=args.normalization)
+        layer_specs = spec.layer_specs
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=args.normalization,
+                                        multi_latent_attention=config.multi_latent_attention)
+        layer_specs = [spec]
+    if config.multi_latent_attention:
+        for layer_spec in layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+    return spec
 
 
 def build_model(args, vp_stage: int | None = None):
     """The GPTModel (or, with pipeline stages, the model chunk of this rank and ``vp_stage``) of ``args``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    config = TransformerConfig(
+    mla = _latent_attention_fields(args)
+    config = (MLATransformerConfig if mla else TransformerConfig)(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
-        kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, normalization=args.normalization,
+        kv_channels=args.v_head_dim if mla else args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, normalization=args.normalization,
         layernorm_epsilon=args.layernorm_epsilon, gated_linear_unit=bool(getattr(args, "swiglu", False)),
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)), hidden_dropout=0.0, attention_dropout=0.0,
@@ -156,7 +203,7 @@ def build_model(args, vp_stage: int | None = None):
         params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
-        **_pipeline_fields(args), **_moe_fields(args),
+        **_pipeline_fields(args), **_moe_fields(args), **mla,
     )
     rope = args.position_embedding_type == "rope"
     return GPTModel(
@@ -217,7 +264,9 @@ def _te_to_local(state: dict) -> dict:
     renames = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
                "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+               "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+               "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+               "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight"}
     out = {}
     for key, value in state.items():
         for te, local in renames.items():

@@ -222,15 +222,24 @@ def _truncated_distcp(root):
     data.write_bytes(data.read_bytes()[:5000])
 
 
-def _unknown_dist_tensor(root):
-    """A model tensor no family table knows (e.g. multi-token-prediction layers): an error, not dropped."""
+def _extra_dist_tensor(root, name):
+    """A copy of the final norm under ``name``: a model tensor no family table reads, an error, not dropped."""
     file = root / "dist" / "release" / ".metadata"
     metadata = pickle.loads(file.read_bytes())
-    metadata.state_dict_metadata["mtp.final_layernorm.weight"] = metadata.state_dict_metadata["decoder.final_layernorm.weight"]
+    metadata.state_dict_metadata[name] = metadata.state_dict_metadata["decoder.final_layernorm.weight"]
     for index, info in list(metadata.storage_data.items()):
         if index.fqn == "decoder.final_layernorm.weight":
-            metadata.storage_data[type(index)("mtp.final_layernorm.weight", index.offset)] = info
+            metadata.storage_data[type(index)(name, index.offset)] = info
     file.write_bytes(pickle.dumps(metadata))
+
+
+def _unknown_dist_tensor(root):
+    _extra_dist_tensor(root, "decoder.unknown_norm.weight")
+
+
+def _mtp_dist_tensor(root):
+    """Multi-token prediction layers are refused unless --drop_mtp_layers leaves them out."""
+    _extra_dist_tensor(root, "mtp.final_layernorm.weight")
 
 
 def _nothing(root):
@@ -292,7 +301,9 @@ CASES = [  # (id, source, damage, flags, expected message)
      ".metadata: inconsistent torch_dist metadata: AttributeError: 'TensorStorageMetadata' object has no attribute "
      "'chunks'"),
     ("torch-dist-unknown-model-tensor", "dist", _unknown_dist_tensor, MEGATRON_TO_HF,
-     "source tensors no conversion rule reads: __0_0.distcp:mtp.final_layernorm.weight"),
+     "source tensors no conversion rule reads: __0_0.distcp:decoder.unknown_norm.weight"),
+    ("torch-dist-mtp-tensor", "dist", _mtp_dist_tensor, MEGATRON_TO_HF,
+     "multi-token prediction layers are not converted (mtp.final_layernorm.weight); pass --drop_mtp_layers"),
     ("torch-dist-legacy-schema", "dist", _nothing, (*HF_TO_MEGATRON, "--megatron_format", "legacy"),
      "--megatron_format legacy needs --megatron_ckpt_format torch"),
     ("tp-not-dividing-heads", "megatron", _nothing, ("--to", "megatron", "--target_tensor_model_parallel_size", "3"),

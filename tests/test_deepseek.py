@@ -1,0 +1,207 @@
+"""DeepSeek beyond the family kit: FP8 block-quantized sources, the down projections' tensor-parallel layout per
+key schema, and what is refused.
+
+The kit (``tests/family_kit.py``: ``deepseek_v3_mla``, ``deepseek_v3_halves_tied``, ``deepseek_v2_lite``) runs
+multi-latent attention through every direction with megatron-core's logits.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.family_kit import VARIANTS
+from tests.helpers import assert_logits_close, convert, logits_of
+
+VARIANT = {variant.name: variant for variant in VARIANTS}
+E4M3_MAX = 448.0
+
+
+def _quantized(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 ``weight_scale_inv``): each block x block tile scaled so its largest value is
+    E4M3's largest (the last tiles of a side not a multiple of ``block`` are partial)."""
+    rows, cols = weight.shape
+    grid = (-(-rows // block), -(-cols // block))
+    padded = torch.zeros(grid[0] * block, grid[1] * block)
+    padded[:rows, :cols] = weight
+    tiles = padded.reshape(grid[0], block, grid[1], block)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    quantized = (tiles / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols].to(torch.float8_e4m3fn)
+    return quantized, scale
+
+
+def reference_dequantized(quantized: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """The format's definition, written here independently: element (i, j) times scale[i // block, j // block]."""
+    rows, cols = quantized.shape
+    full = scale.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)[:rows, :cols]
+    return quantized.float() * full
+
+
+def _is_quantized(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and name.endswith(("proj.weight", "proj_with_mqa.weight")) and ".layers." in name
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory):
+    """A tiny DeepSeek-V3 quantized the way DeepSeek ships V3 (FP8 E4M3 weights, one float32 scale per block),
+    with blocks of 8 (every side a multiple) and 16 (kv_a_proj_with_mqa's 24 rows end in a partial block);
+    for each: the directory and the logits of the original model holding the reference dequantization."""
+    root = tmp_path_factory.mktemp("fp8")
+    model = VARIANT["deepseek_v3_mla"].build(root / "original")
+    original = load_file(root / "original" / "model.safetensors")
+    made = {}
+    for block in (8, 16):
+        stored, dequantized = {}, {}
+        for name, tensor in original.items():
+            if _is_quantized(name, tensor):
+                stored[name], stored[name + "_scale_inv"] = _quantized(tensor, block)
+                dequantized[name] = reference_dequantized(stored[name], stored[name + "_scale_inv"], block)
+            else:
+                stored[name] = tensor
+        path = root / f"fp8_block{block}"
+        path.mkdir()
+        save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((root / "original" / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [block, block]}
+        (path / "config.json").write_text(json.dumps(config))
+        model.load_state_dict(dequantized, strict=False)
+        made[block] = path, logits_of(model)
+    return root, made
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_fp8_source_dequantizes_while_streaming(fp8_models, block):
+    """FP8 -> Megatron (fp32) -> Hugging Face computes the logits of the reference dequantization; no scale
+    reaches the output; without --target_params_dtype the dequantized weights come out bf16."""
+    root, made = fp8_models
+    path, expected = made[block]
+    megatron, back = root / f"megatron{block}", root / f"back{block}"
+    assert convert("--load_path", path, "--save_path", megatron, "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_params_dtype", "fp32") == 0
+    assert convert("--load_path", megatron, "--save_path", back, "--to", "hf") == 0
+    assert_logits_close(logits_of(back), expected)
+    written = load_file(back / "model.safetensors")
+    assert not [name for name in written if "scale" in name]
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    assert convert("--load_path", path, "--save_path", root / f"bf16_{block}", "--to", "megatron") == 0
+    rank = torch.load(root / f"bf16_{block}" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    kv_down = rank["model"]["decoder.layers.0.self_attention.linear_kv_down_proj.weight"]
+    assert kv_down.dtype == torch.bfloat16  # this test model's other tensors are float32 (DeepSeek's are bf16)
+
+
+def test_partial_blocks_on_both_sides():
+    """Rows and columns that are not multiples of the block: the last blocks are partial, as defined."""
+    from checkpoint_convert.hf_io import dequantize_blocks
+
+    weight = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))
+    quantized, scale = _quantized(weight, 16)
+    expected = reference_dequantized(quantized, scale, 16)
+    assert torch.equal(dequantize_blocks(quantized, scale, (16, 16), torch.float32), expected)
+
+
+def test_inspect_shows_fp8_as_stored(fp8_models, capsys):
+    """inspect lists FP8 weights and their scales as the files hold them; --check reads every one, dequantized."""
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    path, _ = fp8_models[1][16]
+    assert run_inspect_cli([str(path), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtypes"] == ["float32", "float8_e4m3fn"] and report["problems"] == []
+    assert report["bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors")) - _header_bytes(path)
+
+
+def _header_bytes(path: Path) -> int:
+    file = path / "model.safetensors"
+    return 8 + int.from_bytes(file.read_bytes()[:8], "little")
+
+
+def test_fp8_dequantization_agrees_with_transformers(fp8_models):
+    """Where every side is a multiple of the block, transformers' own FP8 loader (``dequantize=True``) reads
+    the same model: its logits are the reference's."""
+    import transformers
+
+    root, made = fp8_models
+    path, expected = made[8]
+    quantization = transformers.FineGrainedFP8Config(dequantize=True, weight_block_size=(8, 8))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                              dtype=torch.float32)
+    assert_logits_close(logits_of(model), expected)
+
+
+def test_down_projections_per_schema(tmp_path):
+    """megatron-core splits the down projections over TP ranks in its local spec (ColumnParallelLinear) and
+    keeps a whole copy per rank under Transformer Engine (TELinear, parallel_mode "duplicated"), which also
+    fuses the latent norms into the up projections and keeps the input norm apart."""
+    source = tmp_path / "hf"
+    VARIANT["deepseek_v3_mla"].build(source)
+    shapes = {}
+    for impl in ("local", "transformer_engine"):
+        out = tmp_path / impl
+        assert convert("--load_path", source, "--save_path", out, "--to", "megatron", "--transformer_impl", impl,
+                       "--target_tensor_model_parallel_size", "2") == 0
+        state = torch.load(out / "release" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)["model"]
+        shapes[impl] = {key.split("layers.0.", 1)[1]: tuple(value.shape) for key, value in state.items()
+                        if "layers.0." in key and value is not None}
+    assert shapes["local"]["self_attention.linear_q_down_proj.weight"] == (16, 64)
+    assert shapes["local"]["self_attention.linear_kv_down_proj.weight"] == (12, 64)
+    assert shapes["local"]["self_attention.q_layernorm.weight"] == (32,)
+    te = shapes["transformer_engine"]
+    assert te["self_attention.linear_q_down_proj.weight"] == (32, 64)
+    assert te["self_attention.linear_kv_down_proj.weight"] == (24, 64)
+    assert te["self_attention.linear_q_up_proj.layer_norm_weight"] == (32,)
+    assert te["self_attention.linear_kv_up_proj.layer_norm_weight"] == (16,)
+    assert te["input_layernorm.weight"] == (64,) and "self_attention.q_layernorm.weight" not in te
+
+
+def test_moe_layers_are_refused_for_now(tmp_path, capsys):
+    VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
+    capsys.readouterr()
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mixture-of-experts layers" in err and not (tmp_path / "out").exists()
+
+
+def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
+    """DeepSeek-V3 stores its multi-token prediction layer as decoder layer num_hidden_layers (enorm, hnorm,
+    eh_proj, shared_head and a whole decoder layer): refused with one line, or left out with a warning."""
+    model = VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    expected = logits_of(model)
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    mtp = {name.replace("layers.3.", "layers.4."): tensor.clone() for name, tensor in tensors.items()
+           if name.startswith("model.layers.3.")}
+    mtp.update({"model.layers.4.enorm.weight": torch.ones(64), "model.layers.4.hnorm.weight": torch.ones(64),
+                "model.layers.4.eh_proj.weight": torch.zeros(64, 128),
+                "model.layers.4.shared_head.norm.weight": torch.ones(64)})
+    save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "refused", "--to", "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--drop_mtp_layers" in err and not (tmp_path / "refused").exists()
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron",
+                   "--drop_mtp_layers") == 0
+    assert f"left out {len(mtp)} tensors of multi-token prediction layers" in capsys.readouterr().err
+    assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), expected)
+
+
+def test_megatron_lm_args_without_our_records(tmp_path):
+    """Args as Megatron-LM writes them (no ``hf_rope_scaling``, ``hf_extra_config`` or ``hf_family``): the YaRN
+    scaling is read back from MLA's own fields (``rope_type``, ``rotary_scaling_factor``, ``mscale``...) and the
+    model is DeepSeek-V3's, with its logits."""
+    model = VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron") == 0
+    rank_file = tmp_path / "megatron" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    for name in ("hf_rope_scaling", "hf_extra_config", "hf_family"):
+        delattr(state["args"], name)
+    torch.save(state, rank_file)
+    assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["rope_parameters"]["rope_type"] == "yarn"
+    assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
