@@ -570,12 +570,14 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     share = team.share(plan)
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
+    # The leader alone writes config.json: under torchrun, the others do not import transformers to check it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
-        config_task = pool.submit(_checked_hf_config, plan.planned, source.family, plan.out_arch)
+        config_task = pool.submit(_checked_hf_config, plan.planned, source.family, plan.out_arch) if team.leader \
+            else None
         with team.staged_directory(options.save_path, plan.nbytes) as staging:
             def fill(writer: Any) -> None:
                 _stream(share, source, plan.target, dtype, writer, options.quiet, config_task)
-            write_output(plan, staging, DISK, fill, config_task.result, share)
+            write_output(plan, staging, DISK, fill, config_task and config_task.result, share)
     return _finish_summary(Summary(), plan.planned, start)
 
 

@@ -24,6 +24,7 @@ progress bar shows the sum, for the whole conversion.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import resource
 import shutil
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from .errors import EXIT_INTERNAL, BadInputError, ProcessesFailed, internal_error_line
 from .output import new_staging, put_in_place, staged_directory
+from .provenance import tool_version
 from .shares import Split, split_outputs
 
 if TYPE_CHECKING:
@@ -76,7 +78,6 @@ class Share:
     files: frozenset[Hashable] | None = None  # None: every file
     keys: frozenset[Hashable] | None = None  # the outputs' keys; None: every output
     process: int = 0
-    split: Split | None = None
 
     @property
     def writes_objects(self) -> bool:
@@ -229,6 +230,7 @@ class Team:
         self.done = False  # the output is in place
         self.progress_shared: _Progress | None = None
         self.split: Split | None = None
+        self.plan_digest = ""
         self.peaks_mb: list[float] = []
         self._warnings: list[warnings.WarningMessage] = []
         self._warned: list[tuple[str, type]] = []  # the followers' warnings, for the leader
@@ -276,8 +278,9 @@ class Team:
         mine = [owner == self.rank for owner in split.entry_owner]
         by_item = [entry for entry, kept in zip(plan.by_item, mine) if kept]
         items = [item for item, readers in zip(plan.items, split.item_readers) if self.rank in readers]
+        self.plan_digest = _digest(plan, split)
         return Share(self, by_item, items, split.files(self.rank), frozenset(entry[1] for entry in by_item),
-                     self.rank, split)
+                     self.rank)
 
     @contextlib.contextmanager
     def staged_directory(self, save_path: Path, needed_bytes: int) -> Iterator[Path]:
@@ -285,10 +288,9 @@ class Team:
         staging: Path | None = None
         try:
             made = new_staging(save_path, needed_bytes) if self.leader else None
-            staging = Path(self._meet(None, made and str(made))[0])
-            if not staging.is_dir():
-                raise BadInputError("the save path's directory, made by process 0, is not here: every process "
-                                    "must see the same filesystem", staging)
+            sent = self._meet(None, (made and str(made), self.plan_digest))
+            staging = Path(sent[0][0])
+            _check_same_conversion(staging, [digest for _, digest in sent])
             yield staging
             if self.leader:
                 put_in_place(staging, save_path)
@@ -400,6 +402,24 @@ class Team:
         seen = dict.fromkeys([(str(w.message), w.category) for w in self._warnings] + self._warned)
         for message, category in seen:
             warnings.warn(message, category, stacklevel=2)
+
+
+def _digest(plan: Plan, split: Split) -> str:
+    """A fingerprint of what this process is about to do: the tool's version, every planned output, the split."""
+    text = repr((tool_version(), [(key, tuple(shape), str(dtype)) for _, key, shape, dtype in plan.by_item],
+                 split.entry_owner))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_same_conversion(staging: Path, digests: list[str]) -> None:
+    """Every process must plan the same conversion, in the staging directory the leader made."""
+    if not staging.is_dir():
+        raise BadInputError("the save path's directory, made by process 0, is not here: every process must see "
+                            "the same filesystem", staging)
+    differing = [process for process, digest in enumerate(digests) if digest != digests[0]]
+    if differing:
+        raise BadInputError(f"process {differing[0]} planned another conversion than process 0: every machine "
+                            "needs the same version of this tool and the same source")
 
 
 def _stop_on_signal(signum: int, frame: Any) -> None:
