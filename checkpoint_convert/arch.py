@@ -21,6 +21,14 @@ class ModelArch:
     over each head (``kv_channels`` wide) before rotary embedding. ``window_size``: sliding-window
     attention in Hugging Face's sense (a query sees itself and the ``window_size - 1`` tokens before
     it); ``window_layers`` then says which layers slide (1) and which attend fully (0), None for all.
+
+    Mixture of experts (``num_experts`` set): ``moe_layers`` says which layers route to experts (1) and
+    which have a dense MLP of ``ffn_hidden_size`` (0), None for all, as megatron-core's ``moe_layer_freq``
+    list. The router scores experts with ``moe_router_score_function`` (``softmax`` or ``sigmoid``); with
+    ``moe_router_pre_softmax`` the softmax runs over every expert before the top-k (the k weights are not
+    renormalised), else over the k chosen logits (renormalised); ``moe_router_topk_scaling_factor``
+    multiplies the k weights. Shared experts: one always-on MLP of ``moe_shared_expert_intermediate_size``
+    beside the routed ones, its output scaled by sigmoid(gate . x) when ``moe_shared_expert_gate``.
     """
 
     family: str
@@ -45,6 +53,12 @@ class ModelArch:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_aux_loss_coeff: float = 0.0
+    moe_layers: tuple[int, ...] | None = None
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
     attention_dropout: float = 0.0  # training settings Megatron-LM takes from a checkpoint's args
     hidden_dropout: float = 0.0
     qk_layernorm: bool = False
@@ -56,6 +70,10 @@ class ModelArch:
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer`` (global index) routes to experts rather than running a dense MLP."""
+        return bool(self.num_experts) and (self.moe_layers is None or bool(self.moe_layers[layer]))
 
     def replace(self, **changes: Any) -> "ModelArch":
         return dataclasses.replace(self, **changes)

@@ -50,6 +50,8 @@ SAME_AS_ARGS = (
     "moe_grouped_gemm", "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
     "virtual_pipeline_model_parallel_size", "make_vocab_size_divisible_by", "seq_length", "vocab_size",
     "fp16", "bf16", "hidden_dropout", "attention_dropout", "window_size", "window_attn_skip_freq",
+    "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
 )
 # Written when the args lack them: TransformerConfig's own defaults (dropout 0.1) are training choices.
 _WRITE_DEFAULTS = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "qk_layernorm": False}
@@ -62,11 +64,9 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "n
 NEUTRAL = {
     "rotary_interleaved": False, "rotary_percent": 1.0,
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
-    "softmax_scale": None, "softmax_type": "vanilla", "moe_router_score_function": "softmax",
-    "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": None, "moe_layer_freq": 1,
-    "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "no_rope_freq": None,
+    "softmax_scale": None, "softmax_type": "vanilla", "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "no_rope_freq": None,
     "multi_latent_attention": False, "experimental_attention_variant": None, "heterogeneous_block_specs": False,
-    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False,
+    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False, "moe_router_group_topk": None,
 }
 # torch.nn.functional.gelu is the builtin torch._C._nn.gelu, the name Megatron-Bridge's YAML writer gives it
 _ACTIVATION_FUNCS = {"torch.nn.functional.silu": "silu", "torch.nn.functional.gelu": "gelu",
@@ -279,8 +279,7 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
         num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None),
-        context_parallel_size=1, sequence_parallel=False, moe_router_pre_softmax=False,
-        moe_router_score_function="softmax", transformer_impl=args.transformer_impl,
+        context_parallel_size=1, sequence_parallel=False, transformer_impl=args.transformer_impl,
         transformer_layer_spec=_callable(_LAYER_SPECS + ("local_layer_spec" if local else "default_layer_spec")),
         # fused kernels: Transformer Engine's (as Megatron-Bridge's Llama bridge enables them); the local
         # spec's torch norms refuse persist_layer_norm, and rope fusion needs Transformer Engine

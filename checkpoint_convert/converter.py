@@ -235,9 +235,12 @@ def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
 
 
 def _require_legacy_features(arch: ModelArch) -> None:
-    """The legacy (``language_model.*``) models have no query/key norm and no sliding-window attention."""
+    """The legacy (``language_model.*``) models have no query/key norm, no sliding-window attention, no shared
+    experts and experts in every layer or none."""
     missing = [name for name, used in (("query/key norms (qk_layernorm)", arch.qk_layernorm),
-                                       ("sliding-window attention", arch.window_size is not None)) if used]
+                                       ("sliding-window attention", arch.window_size is not None),
+                                       ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
+                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -299,9 +302,10 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
         raise BadInputError(f"expert parallel size {layout.ep} needs a mixture-of-experts model")
     if arch.num_experts and (layout.ep < 1 or arch.num_experts % layout.ep):
         raise BadInputError(f"expert parallel size {layout.ep} does not divide the {arch.num_experts} experts")
-    moe_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
-    if arch.num_experts and moe_ffn % layout.tp:
-        raise BadInputError(f"tensor parallel size {layout.tp} does not divide the expert ffn size {moe_ffn}")
+    for what, size in (("expert", arch.moe_ffn_hidden_size or arch.ffn_hidden_size),
+                       ("shared expert", arch.moe_shared_expert_intermediate_size or 0)):
+        if arch.num_experts and size % layout.tp:
+            raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {what} ffn size {size}")
 
 
 def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
@@ -572,8 +576,7 @@ def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: f
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
     # The leader alone writes config.json: under torchrun, the others do not import transformers to check it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
-        config_task = pool.submit(_checked_hf_config, plan.planned, source.family, plan.out_arch) if team.leader \
-            else None
+        config_task = pool.submit(checked_hf_config, plan) if team.leader else None
         with team.staged_directory(options.save_path, plan.nbytes) as staging:
             def fill(writer: Any) -> None:
                 _stream(share, source, plan.target, dtype, writer, options.quiet, config_task)
@@ -589,12 +592,13 @@ def _refuse_megatron_only_options(options: Options) -> None:
         raise BadInputError(f"{' and '.join(given)} only apply to Megatron output (--to megatron)")
 
 
-def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> Any:
-    """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
+def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
+    """The transformers config of ``arch``, once the planned tensors are checked to fit its model; a refusal
+    of the architecture names the file it was read from."""
     try:
         config = family.hf_config_from_arch(arch)
-    except BadInputError:
-        raise
+    except BadInputError as error:
+        raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
     _validate_hf_plan(planned, family, config)
@@ -603,7 +607,7 @@ def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch) -> An
 
 def checked_hf_config(plan: Plan) -> Any:
     """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check)."""
-    return _checked_hf_config(plan.planned, plan.source.family, plan.out_arch)
+    return _checked_hf_config(plan.planned, plan.source.family, plan.out_arch, plan.source.numbers_file)
 
 
 def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None,

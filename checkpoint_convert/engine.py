@@ -41,7 +41,7 @@ class Item:
 def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
     items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
     for layer in range(arch.num_layers):
-        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch)]
+        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
     return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
 
 
@@ -222,9 +222,11 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
-def has_dense_fc1(family: FamilySpec, arch: ModelArch) -> bool:
-    """Whether layers have a dense MLP: Transformer Engine then fuses the pre-MLP norm into its fc1."""
-    return any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch))
+def dense_fc1_layers(family: FamilySpec, arch: ModelArch) -> frozenset[int]:
+    """The layers with a dense MLP: Transformer Engine fuses their pre-MLP norm into its fc1 (an expert layer
+    keeps a norm of its own)."""
+    return frozenset(layer for layer in range(arch.num_layers)
+                     if any(p.megatron == "mlp.linear_fc1.weight" for p in family.params_for(LAYER, arch, layer)))
 
 
 class MegatronTarget:
@@ -232,7 +234,7 @@ class MegatronTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
         self.family, self.arch, self.layout = family, arch, layout
-        self.dense_fc1 = has_dense_fc1(family, arch)
+        self.dense_fc1 = dense_fc1_layers(family, arch)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -259,7 +261,7 @@ class MegatronTarget:
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
         name = item.param.megatron.format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=self.dense_fc1,
+        path = schema.stored_path(name, local, self.layout.schema, layer_has_dense_fc1=item.layer in self.dense_fc1,
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, item.param.style, self.layout.tp)
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
@@ -275,7 +277,8 @@ class DistKey:
 
 
 class TorchDistTarget:
-    """Global tensors as torch_dist chunks: one chunk per layer, one per tensor outside the layers.
+    """Global tensors as torch_dist chunks: one chunk per layer (or, for layers stored apart, per layer key), one
+    per tensor outside the layers.
 
     The engine's full tensors are already what torch_dist stores (un-split, fc1 as [all gate; all
     up], experts stacked); only the vocab is padded, for the tensor-parallel size training will use.
@@ -283,7 +286,8 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        self.fused_pre_mlp_norm = has_dense_fc1(family, arch) or not transformer_engine
+        self.dense_fc1, self.transformer_engine = dense_fc1_layers(family, arch), transformer_engine
+        self.stacked = not schema.layers_stored_apart(arch.moe_layers)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -291,8 +295,9 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, self.fused_pre_mlp_norm)
-        if item.layer is None:
+        fused_pre_mlp_norm = item.layer in self.dense_fc1 or not self.transformer_engine
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer, fused_pre_mlp_norm, self.stacked)
+        if item.layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
         return [(key, full.unsqueeze(0))]

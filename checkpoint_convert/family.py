@@ -7,14 +7,17 @@ parallel splits, pipeline stages, vocab padding, files.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import Enum
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .arch import ModelArch
 from .errors import BadInputError
-from .parallel import Style, cat
+from .parallel import Style, cat, stack
 
 Tensors = Sequence[torch.Tensor]
 
@@ -33,6 +36,21 @@ def always(arch: ModelArch) -> bool:
     return True
 
 
+class Layers(Enum):
+    """Which layers hold a table entry: every layer, the layers that route to experts, or those with a dense MLP.
+
+    A mixture-of-experts model may keep dense MLPs in some layers (``ModelArch.moe_layers``, megatron-core's
+    ``moe_layer_freq`` list); a dense model's layers are all dense.
+    """
+
+    EVERY = "every"
+    MOE = "moe"
+    DENSE = "dense"
+
+    def holds(self, arch: ModelArch, layer: int) -> bool:
+        return self is Layers.EVERY or arch.is_moe_layer(layer) == (self is Layers.MOE)
+
+
 @dataclass(frozen=True)
 class Param:
     """One Megatron tensor and the Hugging Face tensor(s) it is made of.
@@ -40,7 +58,8 @@ class Param:
     ``megatron``: mcore local-spec key, relative to ``decoder.layers.N.`` for layer params.
     ``hf``: Hugging Face names, relative to the family's layer prefix for layer params.
     ``to_hf`` / ``to_megatron``: pure transforms between the full (un-parallel) Megatron tensor and
-    the Hugging Face tensors. ``when``: whether the architecture has this tensor at all.
+    the Hugging Face tensors. ``when``: whether the architecture has this tensor at all; ``layers``: in
+    which of its layers (dense MLP entries in dense layers, router and experts in expert layers).
     """
 
     megatron: str
@@ -51,6 +70,7 @@ class Param:
     when: Callable[[ModelArch], bool] = always
     zero_in_megatron: Callable[[ModelArch], tuple[int, ...]] | None = None
     experts: bool = False
+    layers: Layers = Layers.EVERY
 
     # ``experts``: one tensor per MoE expert in Megatron (``{expert}`` in ``megatron`` is the index
     # local to the expert-parallel rank), stacked on a leading expert axis on the Hugging Face side
@@ -115,9 +135,11 @@ class FamilySpec:
     # Megatron-Bridge's provider for this family; None: Megatron-Bridge output is refused for it
     bridge: BridgeProvider | None = None
 
-    def params_for(self, group: str, arch: ModelArch) -> list[Param]:
+    def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
+        """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,
+        dense or expert); without, every entry some layer may hold."""
         table = {"first": self.first_stage, "layer": self.layer, "last": self.last_stage}[group]
-        return [param for param in table if param.when(arch)]
+        return [param for param in table if param.when(arch) and (layer is None or param.layers.holds(arch, layer))]
 
     def hf_names(self, param: Param, layer: int | None) -> list[str]:
         prefix = self.hf_layer_prefix.format(layer=layer) if layer is not None else ""
@@ -248,3 +270,93 @@ def per_layer_window_kwargs(arch: ModelArch) -> dict[str, Any]:
     if pattern == (0,) * full_prefix + (1,) * (arch.num_layers - full_prefix) and arch.window_size is not None:
         kwargs["max_window_layers"] = full_prefix  # what the config class would derive layer_types from
     return kwargs
+
+
+# ---- mixture-of-experts conventions of transformers configs and checkpoints --------------------
+
+def moe_layers_from_hf_config(cfg: Any, num_layers: int) -> tuple[int, ...] | None:
+    """``ModelArch.moe_layers`` of ``decoder_sparse_step`` and ``mlp_only_layers``: layer i routes to experts
+    when (i + 1) % step == 0 and i is not listed (transformers' Qwen2-MoE / Qwen3-MoE decoder layers);
+    None when every layer does."""
+    step = getattr(cfg, "decoder_sparse_step", None)
+    step = 1 if step is None else step
+    dense = getattr(cfg, "mlp_only_layers", None) or []
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise BadInputError(f"decoder_sparse_step is {step!r}, not a whole number of at least 1")
+    if not isinstance(dense, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense):
+        raise BadInputError(f"mlp_only_layers is {dense!r}, not a list of layer indices below {num_layers}")
+    pattern = tuple(int((layer + 1) % step == 0 and layer not in dense) for layer in range(num_layers))
+    if not any(pattern):
+        raise BadInputError(f"decoder_sparse_step {step} and mlp_only_layers {list(dense)} leave no layer with experts")
+    return None if all(pattern) else pattern
+
+
+def sparse_step_kwargs(arch: ModelArch) -> dict[str, Any]:
+    """``decoder_sparse_step`` and ``mlp_only_layers`` describing ``arch.moe_layers``: the values the source's
+    config recorded (``arch.extra``) when they still describe it, else a sparse step alone when one does,
+    else step 1 and the dense layers listed."""
+    recorded = {"decoder_sparse_step": arch.extra.get("decoder_sparse_step") or 1,
+                "mlp_only_layers": arch.extra.get("mlp_only_layers") or []}
+    dense = [layer for layer in range(arch.num_layers) if not arch.is_moe_layer(layer)]
+    candidates = [recorded, *({"decoder_sparse_step": step, "mlp_only_layers": []}
+                              for step in range(1, arch.num_layers + 1)),
+                  {"decoder_sparse_step": 1, "mlp_only_layers": dense}]
+    for kwargs in candidates:
+        try:
+            if moe_layers_from_hf_config(SimpleNamespace(**kwargs), arch.num_layers) == arch.moe_layers:
+                return kwargs
+        except BadInputError:
+            continue
+    raise BadInputError(f"no decoder_sparse_step and mlp_only_layers describe the expert layers {arch.moe_layers}")
+
+
+def softmax_routing(renormalise: bool) -> dict[str, Any]:
+    """``ModelArch`` router fields of transformers' softmax router: softmax over every expert, top-k, and with
+    ``norm_topk_prob`` the k weights divided by their sum. Unrenormalised that is megatron-core's
+    ``moe_router_pre_softmax``; renormalised, its default top-k of the logits then softmax over the k, which
+    gives the same weights (softmax(x)_i / sum over the k of softmax(x)_j = exp(x_i) / sum over the k of exp(x_j))."""
+    return {"moe_router_score_function": "softmax", "moe_router_pre_softmax": not renormalise,
+            "moe_router_topk_scaling_factor": None}
+
+
+def norm_topk_prob(arch: ModelArch) -> bool:
+    """transformers' ``norm_topk_prob`` of the architecture's router; refuses a router a softmax router with or
+    without renormalisation does not compute (sigmoid scores, scaled weights)."""
+    scaling = arch.moe_router_topk_scaling_factor
+    if arch.moe_router_score_function != "softmax" or scaling not in (None, 1.0):
+        raise BadInputError(f"the router scores experts with {arch.moe_router_score_function}"
+                            f"{f' and scales them by {scaling}' if scaling not in (None, 1.0) else ''}; a {arch.family} "
+                            "router takes a softmax and does not scale")
+    return not arch.moe_router_pre_softmax
+
+
+def _gate_up_per_expert(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[gate_0, up_0, gate_1, up_1, ...] -> [experts, 2*ffn, hidden] with gate rows then up rows."""
+    return stack([cat(pair, dim=0) for pair in zip(tensors[0::2], tensors[1::2])])
+
+
+def _down_per_expert(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return stack(tensors)
+
+
+_LAYER_NAME = r"^(model\.layers\.\d+\.)"
+
+
+def per_expert_aliases(names: list[str], experts: str, gate: str, up: str, down: str) -> dict[str, tuple[list[str], Callable]]:
+    """transformers 5's fused expert tensors (``mlp.experts.gate_up_proj`` [experts, 2*ffn, hidden], gate rows
+    then up rows, and ``mlp.experts.down_proj`` [experts, hidden, ffn]) as aliases of the per-expert tensors
+    older versions wrote: ``model.layers.N.{experts}{E}.{gate,up,down}.weight``."""
+    pattern = re.compile(_LAYER_NAME + re.escape(experts) + r"(\d+)\." + re.escape(gate) + r"\.weight$")
+    counts: dict[str, int] = {}
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            counts[match.group(1)] = max(counts.get(match.group(1), 0), int(match.group(2)) + 1)
+    aliases: dict[str, tuple[list[str], Callable]] = {}
+    for prefix, count in counts.items():
+        stored = f"{prefix}{experts}"
+        aliases[prefix + "mlp.experts.gate_up_proj"] = (
+            [f"{stored}{e}.{part}.weight" for e in range(count) for part in (gate, up)], _gate_up_per_expert)
+        aliases[prefix + "mlp.experts.down_proj"] = ([f"{stored}{e}.{down}.weight" for e in range(count)],
+                                                     _down_per_expert)
+    return aliases

@@ -137,6 +137,7 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         moe_router_topk=_whole(args, source, "moe_router_topk", default=2),
         moe_ffn_hidden_size=_whole(args, source, "moe_ffn_hidden_size"),
         moe_aux_loss_coeff=_real(args, source, "moe_aux_loss_coeff", default=0.0),
+        **_moe_routing(args, _whole(args, source, "num_layers"), source),
         attention_dropout=_real(args, source, "attention_dropout", default=0.1),  # Megatron-LM's defaults
         hidden_dropout=_real(args, source, "hidden_dropout", default=0.1),
         qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
@@ -168,6 +169,42 @@ def _sliding_window(args: Any, num_layers: int, source: str) -> dict[str, Any]:
     if skip is not None and (not isinstance(skip, (list, tuple)) or len(skip) != num_layers):
         raise BadInputError(f"window_attn_skip_freq is {skip!r}, not a list of num_layers={num_layers} entries", source)
     return {"window_size": left + 1, "window_layers": tuple(int(bool(x)) for x in skip) if skip is not None else None}
+
+
+def _moe_layer_pattern(args: Any, num_layers: int, source: str) -> tuple[int, ...] | None:
+    """``moe_layer_freq``: an int N (layer i has experts when i % N == 0, megatron-core's
+    ``get_gpt_decoder_layer_specs``) or a per-layer list (1: experts); None when every layer has experts."""
+    freq = _get(args, "moe_layer_freq", default=1)
+    if isinstance(freq, numbers.Integral):
+        freq = whole_number(freq, "moe_layer_freq", source)
+        freq = [int(layer % freq == 0) for layer in range(num_layers)]
+    if not isinstance(freq, (list, tuple)) or len(freq) != num_layers or not set(freq) <= {0, 1} or not any(freq):
+        raise BadInputError(f"moe_layer_freq is {freq!r}, not a whole number or a list of num_layers={num_layers} "
+                            "0s and 1s with at least one 1", source)
+    return None if all(freq) else tuple(int(x) for x in freq)
+
+
+def _moe_routing(args: Any, num_layers: int, source: str) -> dict[str, Any]:
+    """Which layers have experts, how the router weighs them and the shared experts beside them."""
+    if not _get(args, "num_experts"):
+        return {}
+    if _get(args, "moe_router_group_topk"):
+        raise BadInputError(f"group-limited routing (moe_router_group_topk={_get(args, 'moe_router_group_topk')}) "
+                            "is not converted", source)
+    score = _get(args, "moe_router_score_function", default="softmax")
+    if score not in ("softmax", "sigmoid"):
+        raise BadInputError(f"moe_router_score_function is {score!r}, not softmax or sigmoid", source)
+    scaling = _get(args, "moe_router_topk_scaling_factor")
+    shared = _get(args, "moe_shared_expert_intermediate_size")
+    return dict(
+        moe_layers=_moe_layer_pattern(args, num_layers, source), moe_router_score_function=score,
+        moe_router_pre_softmax=bool(_get(args, "moe_router_pre_softmax", default=False)),
+        moe_router_topk_scaling_factor=None if scaling is None else real_number(scaling, "moe_router_topk_scaling_factor",
+                                                                                 source),
+        moe_shared_expert_intermediate_size=None if shared is None else whole_number(
+            shared, "moe_shared_expert_intermediate_size", source),
+        moe_shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)) and shared is not None,
+    )
 
 
 def _window_args(arch: ModelArch) -> dict[str, Any]:
@@ -378,16 +415,20 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
 
 
 def _moe_fields(arch: ModelArch, grouped_gemm: bool) -> dict[str, Any]:
-    """Mixture-of-experts fields: a softmax router over every layer's experts, top-k then softmax (what
-    Mixtral's softmax, top-k and renormalisation compute), no shared expert, no expert bias."""
+    """Mixture-of-experts fields: which layers have experts (``moe_layer_freq``: 1, or a per-layer list), the
+    router's score function, softmax before or after the top-k and scaling (megatron-core's
+    ``topk_routing_with_score_function``), shared experts and their gate; no expert bias."""
     return dict(
-        num_experts=arch.num_experts, moe_layer_freq=1, moe_router_topk=arch.moe_router_topk,
+        num_experts=arch.num_experts, moe_layer_freq=list(arch.moe_layers) if arch.moe_layers else 1,
+        moe_router_topk=arch.moe_router_topk,
         moe_ffn_hidden_size=(arch.moe_ffn_hidden_size or arch.ffn_hidden_size) if arch.num_experts else None,
         moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
         moe_router_load_balancing_type="aux_loss" if arch.num_experts else "none",
-        moe_token_dispatcher_type="allgather", moe_router_pre_softmax=False, moe_router_score_function="softmax",
-        moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None,
-        moe_shared_expert_intermediate_size=None, moe_grouped_gemm=grouped_gemm,
+        moe_token_dispatcher_type="allgather", moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_score_function=arch.moe_router_score_function, moe_router_enable_expert_bias=False,
+        moe_router_topk_scaling_factor=arch.moe_router_topk_scaling_factor,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=arch.moe_shared_expert_gate, moe_grouped_gemm=grouped_gemm,
         moe_single_grouped_weight=False, moe_single_grouped_bias=False,
     )
 

@@ -181,17 +181,29 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     return [f"{module}._extra_state" for module in modules]
 
 
-def torch_dist_key(canonical: str, layer: int | None, fused_pre_mlp_norm: bool) -> str:
+def torch_dist_key(canonical: str, layer: int | None, fused_pre_mlp_norm: bool, stacked: bool = True) -> str:
     """The torch_dist key of a canonical tensor: TE norm names, experts on a stacked ``experts.experts`` key.
 
-    torch_dist keys carry no layer index (layers are the leading axis of one global tensor). A MoE
-    layer's pre-MLP norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and
-    ``pre_mlp_layernorm.weight`` for Transformer Engine (measured on megatron-core 0.16.1).
+    ``stacked``: the key carries no layer index (layers are the leading axis of one global tensor); else each
+    layer has keys of its own, ``decoder.layers.N.…`` (see :func:`layers_stored_apart`). A MoE layer's pre-MLP
+    norm is ``mlp.linear_fc1.layer_norm_weight`` for the local spec and ``pre_mlp_layernorm.weight`` for
+    Transformer Engine (measured on megatron-core 0.16.1).
     """
     if layer is None:
         return canonical
+    prefix = LAYER_PREFIX if stacked else f"{LAYER_PREFIX}{layer}."
     expert = SEQUENTIAL_EXPERT.match(canonical)
     if expert:
-        return f"{LAYER_PREFIX}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+        return f"{prefix}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
     path = stored_path(canonical, 0, MCORE_TE, layer_has_dense_fc1=fused_pre_mlp_norm)
-    return path[0].replace(f"{LAYER_PREFIX}0.", LAYER_PREFIX, 1)
+    return path[0].replace(f"{LAYER_PREFIX}0.", prefix, 1)
+
+
+def layers_stored_apart(moe_layers: tuple[int, ...] | None) -> bool:
+    """Whether torch_dist stores each layer under keys of its own: megatron-core 0.16.1 does when its layers
+    differ (``TransformerBlock.sharded_state_dict``: a ``moe_layer_freq`` list, or an int above 1, which this
+    tool writes as a list), and stacks every layer's tensor on a leading layer axis otherwise."""
+    return moe_layers is not None
+
+
+PER_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # torch_dist keys of layers stored apart

@@ -39,13 +39,15 @@ HF_NAMES = {
     "vocab_size": ("vocab_size",), "max_position_embeddings": ("max_position_embeddings", "n_positions"),
     "num_experts": ("num_local_experts", "num_experts"), "moe_router_topk": ("num_experts_per_tok",),
     "moe_ffn_hidden_size": ("moe_intermediate_size", "intermediate_size"),
+    "moe_shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
     "norm_epsilon": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"), "rotary_base": ("rope_theta",),
 }
 HF_SIZE_KEYS = tuple(sorted({name for field, names in HF_NAMES.items() for name in names
-                             if field not in ("norm_epsilon", "rotary_base")} | {"shared_expert_intermediate_size", "n_ctx"}))
+                             if field not in ("norm_epsilon", "rotary_base")} | {"n_ctx"}))
 SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
          "vocab_size", "max_position_embeddings")
-MOE_SIZES = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
+MOE_SIZES = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+OPTIONAL_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")  # None: ffn_hidden_size / none
 _MAX_REREADS = 20000  # bounds the search for the wrong field on very large inputs
 
 
@@ -94,7 +96,7 @@ def arch_problem(arch: ModelArch, experts: bool = False) -> tuple[str, str] | No
     sizes = SIZES + (MOE_SIZES if arch.num_experts or experts else ())
     for field in sizes:
         value = getattr(arch, field)
-        if field == "moe_ffn_hidden_size" and value is None:
+        if field in OPTIONAL_SIZES and value is None:
             continue
         if not _whole(value) or value < 1:
             return field, f"is {value!r}, not a whole number of at least 1"
@@ -137,6 +139,12 @@ def _moe_ffn(arch: ModelArch) -> int:
     return arch.moe_ffn_hidden_size or arch.ffn_hidden_size
 
 
+def _shared_ffn(arch: ModelArch, multiple: int = 1) -> int | None:
+    """A shared expert's ffn size (times ``multiple``); None (left to the walk) when the architecture has none."""
+    size = arch.moe_shared_expert_intermediate_size
+    return None if size is None else multiple * size
+
+
 # megatron-core module name (end of the canonical key) -> full (un-parallel) shape; None: not known here.
 _SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = (
     (r"embedding\.word_embeddings\.weight|output_layer\.weight", lambda a: (a.vocab_size, a.hidden_size)),
@@ -148,8 +156,9 @@ _SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] =
     (r"linear_proj\.bias|\w*(?:layernorm|_norm)\.(?:weight|bias)", lambda a: (a.hidden_size,)),
     (r"router\.weight", lambda a: (a.num_experts, a.hidden_size)),
     (r"router\.expert_bias", lambda a: (a.num_experts,)),
-    (r"shared_experts\.linear_fc1\.weight", lambda a: (None, a.hidden_size)),
-    (r"shared_experts\.linear_fc2\.weight", lambda a: (a.hidden_size, None)),
+    (r"shared_experts\.linear_fc1\.weight", lambda a: (_shared_ffn(a, _glu(a)), a.hidden_size)),
+    (r"shared_experts\.linear_fc2\.weight", lambda a: (a.hidden_size, _shared_ffn(a))),
+    (r"shared_experts\.gate_weight", lambda a: (1, a.hidden_size)),
     (r"experts\..*linear_fc1\.weight", lambda a: (_glu(a) * _moe_ffn(a), a.hidden_size)),
     (r"experts\..*linear_fc2\.weight", lambda a: (a.hidden_size, _moe_ffn(a))),
     (r"linear_fc1\.weight", lambda a: (_glu(a) * a.ffn_hidden_size, a.hidden_size)),
@@ -219,11 +228,18 @@ def _item_misfit(source: Any, tensors: Any, item: Item, arch: ModelArch) -> None
         raise Misfit(f"{where}'{item.param.megatron}' is {_show(full.shape)}, not {_show(expected)}", item)
 
 
+def _has_item(family: Any, arch: ModelArch, item: Item) -> bool:
+    """Whether the architecture has ``item`` (its layer, and the entry in that layer's kind)."""
+    if item.layer is not None and item.layer >= arch.num_layers:
+        return False
+    return item.param in family.params_for(item.group, arch, item.layer)
+
+
 def first_misfit(source: Any, arch: ModelArch, first: Item | None = None) -> Misfit | None:
     """The first place the source's tensors do not fit ``arch`` (``first`` is tried before the walk)."""
     try:
         tensors = type(source.tensors)(source.reader, source.family, arch)
-        if first is not None and (first.layer is None or first.layer < arch.num_layers):
+        if first is not None and _has_item(source.family, arch, first):
             _item_misfit(source, tensors, first, arch)
         for item in walk(source.family, arch):
             _item_misfit(source, tensors, item, arch)
@@ -254,7 +270,8 @@ def check_against_tensors(source: Any, reread: Callable[[dict[str, Any]], ModelA
 
 
 def _shape_numbers(arch: ModelArch) -> tuple:
-    return tuple(getattr(arch, field) for field in SIZES + MOE_SIZES)
+    """The sizes, and which layers have experts (which decides the tensors each layer holds)."""
+    return (*(getattr(arch, field) for field in SIZES + MOE_SIZES), arch.moe_layers)
 
 
 def _reread_or_none(reread: Callable[[dict[str, Any]], ModelArch], values: dict[str, Any],

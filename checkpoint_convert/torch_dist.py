@@ -242,28 +242,40 @@ class TorchDistTree:
                 yield fqn, entry
 
     def _index(self) -> dict[tuple[int | None, str], _Stored]:
-        """Canonical (layer, name) -> stored key and slice, for every model tensor."""
+        """Canonical (layer, name) -> stored key and slice, for every model tensor: a layer-stacked key
+        (``decoder.layers.<rel>``, the layer its leading axis) or a key of one layer stored apart
+        (``decoder.layers.N.<rel>``, see ``megatron_schema.layers_stored_apart``)."""
         table: dict[tuple[int | None, str], _Stored] = {}
         for fqn, entry in self._tensor_keys():
             if not fqn.startswith(schema.LAYER_PREFIX):
                 table[(None, fqn)] = _Stored(fqn, ())
                 continue
-            rel = fqn[len(schema.LAYER_PREFIX):]
+            apart = schema.PER_LAYER_KEY.match(fqn)
+            if apart:
+                places = [(int(apart.group(1)), ())]
+                rel = apart.group(2)
+            else:
+                places = [(layer, (layer,)) for layer in range(entry.size[0])]
+                rel = fqn[len(schema.LAYER_PREFIX):]
             expert = _STACKED_EXPERT.match(rel)
-            for layer in range(entry.size[0]):
+            for layer, index in places:
                 if expert:
-                    for e in range(entry.size[1]):
+                    for e in range(entry.size[len(index)]):
                         name = f"mlp.experts.local_experts.{e}.{expert.group(1)}.{expert.group(2)}"
-                        table[(layer, name)] = _Stored(fqn, (layer, e))
+                        table[(layer, name)] = _Stored(fqn, (*index, e))
                 else:
                     table[(layer, schema.canonical_name(f"{schema.LAYER_PREFIX}0.{rel}", self.schema)[1])] = \
-                        _Stored(fqn, (layer,))
+                        _Stored(fqn, index)
         return table
 
     def stage_layer_counts(self) -> list[int]:
-        counts = {entry.size[0] for fqn, entry in self._tensor_keys() if fqn.startswith(schema.LAYER_PREFIX)}
-        if len(counts) > 1:
-            raise BadInputError(f"layer-stacked tensors disagree on the number of layers: {sorted(counts)}",
+        """The model's layers: the leading axis of layer-stacked keys, else the layers stored apart."""
+        counts = {entry.size[0] for fqn, entry in self._tensor_keys()
+                  if fqn.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(fqn)}
+        apart = {int(match.group(1)) for fqn, _ in self._tensor_keys() if (match := schema.PER_LAYER_KEY.match(fqn))}
+        counts = counts or ({max(apart) + 1} if apart else set())
+        if len(counts) > 1 or (apart and max(apart) >= min(counts)):
+            raise BadInputError(f"layer-stacked tensors disagree on the number of layers: {sorted(counts | apart)}",
                                 self.iter_dir / METADATA_FILE)
         return [counts.pop() if counts else 0]
 

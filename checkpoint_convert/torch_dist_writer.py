@@ -49,15 +49,18 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool) -> list[str]:
     """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
 
-    ``shapes``: (key, global shape) of every tensor written."""
-    modules: dict[str, tuple[int, ...]] = {}
+    ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
+    leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
+    per expert beside."""
+    modules: dict[str, tuple[int, ...]] = {}  # module -> the shape of its objects
     for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules[module] = tuple(shape[:2] if ".experts.experts." in fqn else shape[:1])
+            layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
+            modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_qkv"):
-                modules[module.replace("linear_qkv", "core_attention")] = tuple(shape[:1])
+                modules[module.replace("linear_qkv", "core_attention")] = tuple(shape[:layer_axes]) or (1,)
     names = []
     for module, shape in modules.items():
         for index in itertools.product(*(range(n) for n in shape)):

@@ -15,14 +15,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Param, every_layer_window_kwargs,
-                                       gate_up_to_hf, gate_up_to_megatron, qkv_to_hf, qkv_to_megatron, register)
+from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Layers, Param,
+                                       every_layer_window_kwargs, gate_up_to_hf, gate_up_to_megatron, qkv_to_hf,
+                                       qkv_to_megatron, register)
 from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 
 from .hf_config import arch_from_llama_config, config_kwargs
 
 COLUMN, ROW, REPLICATED, VOCAB, GLU = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB, Style.GLU_COLUMN
+DENSE = Layers.DENSE
 
 
 def _biased(arch: ModelArch) -> bool:
@@ -62,13 +64,13 @@ OUT_BIAS = (  # Hugging Face's attention_bias also biases o_proj
 )
 PRE_MLP_NORM = (Param("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),)
 ATTENTION = SELF_ATTENTION + OUT_BIAS + PRE_MLP_NORM
-DENSE_MLP = (
+DENSE_MLP = (  # in every layer of a dense model; in the dense layers of a mixture of experts
     Param("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GLU,
-          gate_up_to_hf, gate_up_to_megatron),
+          gate_up_to_hf, gate_up_to_megatron, layers=DENSE),
     Param("mlp.linear_fc1.bias", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), GLU,
-          gate_up_to_hf, gate_up_to_megatron, when=_biased),
-    Param("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW),
-    Param("mlp.linear_fc2.bias", ("mlp.down_proj.bias",), REPLICATED, when=_biased),
+          gate_up_to_hf, gate_up_to_megatron, when=_biased, layers=DENSE),
+    Param("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW, layers=DENSE),
+    Param("mlp.linear_fc2.bias", ("mlp.down_proj.bias",), REPLICATED, when=_biased, layers=DENSE),
 )
 FIRST = (Param("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),)
 LAST = (
@@ -92,15 +94,18 @@ def llama_like_family(name: str, config_class: str, architecture: str, extra_key
                       config_extras: Callable[[ModelArch], dict] = lambda arch: {},
                       layer: tuple[Param, ...] = ATTENTION + DENSE_MLP, fixed: dict[str, Any] | None = None,
                       matches: Callable[[ModelArch], bool] = _no_window,
-                      bridge: BridgeProvider | None = None) -> FamilySpec:
-    """A dense Llama-shaped family: its transformers config class, extra config keys and layer table.
+                      bridge: BridgeProvider | None = None, arch_extras: Callable[[Any], dict] = lambda cfg: {},
+                      hf_aliases: Callable | None = None) -> FamilySpec:
+    """A Llama-shaped family: its transformers config class, extra config keys and layer table.
 
     ``fixed``: architecture fields the family always has whatever its config says (e.g. biased qkv);
+    ``arch_extras``: architecture fields read from the config beyond the Llama ones (e.g. experts);
     ``config_extras``: the config class's keyword arguments for what ``config_kwargs`` does not cover;
-    ``bridge``: the Megatron-Bridge provider class the family's models are recorded as.
+    ``bridge``: the Megatron-Bridge provider class the family's models are recorded as; ``hf_aliases``:
+    older Hugging Face layouts (``FamilySpec.hf_aliases``).
     """
     def from_config(cfg: Any) -> ModelArch:
-        return arch_from_llama_config(cfg, name, extra_keys).replace(**(fixed or {}))
+        return arch_from_llama_config(cfg, name, extra_keys).replace(**{**arch_extras(cfg), **(fixed or {})})
 
     def to_config(arch: ModelArch) -> Any:
         cls = transformers_attr(config_class)
@@ -110,7 +115,7 @@ def llama_like_family(name: str, config_class: str, architecture: str, extra_key
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.",
         first_stage=FIRST, layer=layer, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
-        hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
+        hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge, hf_aliases=hf_aliases,
     )
 
 

@@ -16,18 +16,20 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, FamilySpec, Param, every_layer_window_kwargs, register
-from checkpoint_convert.parallel import Style, cat, stack
+from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Layers, Param,
+                                       every_layer_window_kwargs, norm_topk_prob, per_expert_aliases, register)
+from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, is_llama_like
 
-MOE = (
-    Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED),
+ROUTER = (Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED, layers=Layers.MOE),)
+EXPERTS = (
     Param("mlp.experts.local_experts.{expert}.linear_fc1.weight", ("mlp.experts.gate_up_proj",),
-          Style.GLU_COLUMN, experts=True),
+          Style.GLU_COLUMN, experts=True, layers=Layers.MOE),
     Param("mlp.experts.local_experts.{expert}.linear_fc2.weight", ("mlp.experts.down_proj",),
-          Style.ROW, experts=True),
+          Style.ROW, experts=True, layers=Layers.MOE),
 )
+MOE = ROUTER + EXPERTS
 EXTRA_KEYS = ("router_jitter_noise",)
 
 
@@ -40,6 +42,9 @@ def arch_from_hf_config(cfg: Any) -> ModelArch:
 def hf_config_from_arch(arch: ModelArch) -> Any:
     if arch.add_bias_linear or arch.add_qkv_bias:
         raise BadInputError("Mixtral has no biases, but the source's linear layers are biased")
+    if not norm_topk_prob(arch):
+        raise BadInputError("the router does not renormalise its top-k weights (moe_router_pre_softmax), which "
+                            "Mixtral always does")
     kwargs = {**config_kwargs(arch), **every_layer_window_kwargs(arch)}
     kwargs["intermediate_size"] = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
     return transformers_attr("MixtralConfig")(architectures=["MixtralForCausalLM"], num_local_experts=arch.num_experts,
@@ -48,20 +53,11 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
 
 
 def matches_megatron(arch: ModelArch) -> bool:
-    return is_llama_like(arch, experts=True) and arch.window_layers is None
+    return (is_llama_like(arch, experts=True) and arch.window_layers is None and arch.moe_layers is None
+            and arch.moe_shared_expert_intermediate_size is None)
 
 
 _OLD_GATE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.gate\.weight$")
-
-
-def _stack_gate_up(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[w1_0, w3_0, w1_1, w3_1, ...] -> [experts, 2*ffn, hidden] with gate (w1) rows then up (w3) rows."""
-    pairs = zip(tensors[0::2], tensors[1::2])
-    return stack([cat(pair, dim=0) for pair in pairs])
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return stack(tensors)
 
 
 def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -70,19 +66,11 @@ def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def old_layout_aliases(names: list[str]) -> dict[str, tuple[list[str], Callable]]:
     """Current names for the per-expert layout older transformers versions wrote."""
-    aliases: dict[str, tuple[list[str], Callable]] = {}
-    present = set(names)
+    aliases = per_expert_aliases(names, "block_sparse_moe.experts.", "w1", "w3", "w2")
     for name in names:
         match = _OLD_GATE.match(name)
-        if not match:
-            continue
-        prefix = match.group(1)
-        experts = prefix + "block_sparse_moe.experts."
-        count = len({n.split(".")[5] for n in present if n.startswith(experts)})
-        gate_up = [f"{experts}{e}.{w}.weight" for e in range(count) for w in ("w1", "w3")]
-        aliases[prefix + "mlp.gate.weight"] = ([name], _first)
-        aliases[prefix + "mlp.experts.gate_up_proj"] = (gate_up, _stack_gate_up)
-        aliases[prefix + "mlp.experts.down_proj"] = ([f"{experts}{e}.w2.weight" for e in range(count)], _stack)
+        if match:
+            aliases[match.group(1) + "mlp.gate.weight"] = ([name], _first)
     return aliases
 
 

@@ -4,7 +4,7 @@ A new family gets the whole kit (``tests/test_family_kit.py``: every direction a
 torch_dist, megatron-core's own logits, inspect and verify) by adding its variants here; the kit
 fails while a registered family has none. A variant builds a tiny random model from the family's
 transformers classes (fp32, 4 layers, hidden 64, 4 heads): keep sizes divisible by TP 2 (heads,
-query groups, ffn) and, for mixture-of-experts families, the experts by EP 2.
+query groups, ffn, expert and shared expert ffn) and, for mixture-of-experts families, the experts by EP 4.
 """
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ def llama(seed: int, **config: Any) -> Callable:
 LLAMA3_ROPE = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # megatron-core's fixed 8192
 QWEN_ROPE = {"rope_theta": 1000000.0, "rope_type": "default"}
+# top-2 of 4 experts of 32 (renormalising the two weights or not changes the logits); a variant overrides any
+QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.02,
+                rope_parameters=QWEN_ROPE)
+
+
+def qwen_moe(family: str, seed: int, **config: Any) -> Callable:
+    config_class, model_class = {"qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+                                 "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}[family]
+    return hf_model(config_class, model_class, seed, **{**QWEN_MOE, **config})
 
 VARIANTS = (
     Variant("gpt2_tied", "gpt2", gpt2(0)),
@@ -96,4 +105,20 @@ VARIANTS = (
             legacy=False),
     Variant("qwen3_mha_tied", "qwen3", hf_model("Qwen3Config", "Qwen3ForCausalLM", 8, head_dim=32, num_key_value_heads=4,
                                                 tie_word_embeddings=True, rope_parameters=QWEN_ROPE), legacy=False),
+    # experts in layers 1 and 3 (decoder_sparse_step 2), dense MLPs in 0 and 2; top-2 weights as the softmax gave
+    # them (norm_topk_prob false); a gated shared expert of 48
+    Variant("qwen2_moe_sparse_step", "qwen2_moe", qwen_moe("qwen2_moe", 9, decoder_sparse_step=2, norm_topk_prob=False,
+                                                           shared_expert_intermediate_size=48),
+            legacy=False, experts=True),
+    # 8 experts renormalised, layer 0 dense (mlp_only_layers), no qkv bias, tied, windows of 4 on layers 0 and 2
+    Variant("qwen2_moe_window_tied", "qwen2_moe", qwen_moe("qwen2_moe", 10, num_experts=8, mlp_only_layers=[0],
+                                                           norm_topk_prob=True, shared_expert_intermediate_size=32,
+                                                           qkv_bias=False, tie_word_embeddings=True,
+                                                           use_sliding_window=True, sliding_window=4, max_window_layers=4),
+            legacy=False, experts=True),
+    # head_dim 24, top-2 renormalised, layer 3 dense, biased q/k/v (o_proj bias zero), a window of 4 on every layer
+    Variant("qwen3_moe_window", "qwen3_moe", qwen_moe("qwen3_moe", 11, head_dim=24, norm_topk_prob=True,
+                                                      mlp_only_layers=[3], attention_bias=True, zero=("o_proj.bias",),
+                                                      use_sliding_window=True, sliding_window=4),
+            legacy=False, experts=True),
 )

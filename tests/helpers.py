@@ -57,6 +57,39 @@ def convert(*argv: str) -> int:
 
 
 
+def per_expert_layout(source: Path, out: Path, rename: dict[str, str], gate: str, up: str, down: str) -> Path:
+    """A copy of a Hugging Face model whose fused expert tensors (``mlp.experts.gate_up_proj`` [experts, 2*ffn,
+    hidden], ``mlp.experts.down_proj``) are written per expert as older transformers versions did:
+    ``{experts}{E}.{gate|up|down}.weight`` with ``experts`` what ``rename`` makes of 'mlp.experts.'; ``rename``
+    also renames other layer tensors (e.g. Mixtral's 'mlp.gate.' -> 'block_sparse_moe.gate.')."""
+    from safetensors.torch import load_file, save_file
+
+    def renamed(name: str) -> str:
+        return next((name.replace(old, new) for old, new in rename.items() if old in name), name)
+
+    old = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            for e, fused in enumerate(tensor):
+                for part, half in zip((gate, up), fused.chunk(2)):
+                    old[renamed(name.replace("gate_up_proj", f"{e}.{part}.weight"))] = half.clone()
+        elif name.endswith("mlp.experts.down_proj"):
+            for e, weight in enumerate(tensor):
+                old[renamed(name.replace("down_proj", f"{e}.{down}.weight"))] = weight.clone()
+        else:
+            old[renamed(name)] = tensor
+    out.mkdir(parents=True)
+    save_file(old, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text((source / "config.json").read_text())
+    return out
+
+
+def stored_names(model_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", "pt") as handle:
+        return set(handle.keys())
+
 
 def as_virtual_pipeline(tree: Path, out: Path, pp: int, vpp: int) -> Path:
     """Regroup a ``release/`` tree of ``pp * vpp`` pipeline stages into ``pp`` rank files of ``vpp`` model

@@ -111,14 +111,39 @@ def _pipeline_fields(args) -> dict:
                 pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None))
 
 
+def _moe_fields(args) -> dict:
+    """TransformerConfig's mixture-of-experts fields: the args of the same name (as Megatron-LM's
+    ``core_transformer_config_from_args`` copies them): which layers have experts, the router's semantics,
+    the shared experts and their gate."""
+    experts = getattr(args, "num_experts", None)
+    if not experts:
+        return {}
+    same = ("moe_layer_freq", "moe_router_pre_softmax", "moe_router_score_function", "moe_router_topk_scaling_factor",
+            "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+    return dict(num_moe_experts=experts, moe_router_topk=getattr(args, "moe_router_topk", 2),
+                moe_token_dispatcher_type="allgather",
+                moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+                **{name: getattr(args, name) for name in same if getattr(args, name, None) is not None})
+
+
+def _layer_spec(args, config, vp_stage: int | None):
+    """Megatron-LM's choice (``pretrain_gpt``'s model provider, local spec): a mixture of experts gets a block spec
+    with an expert or a dense layer spec for each layer of this stage (``moe_layer_freq``), a dense model one layer
+    spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+
+    if config.num_moe_experts:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
+                                          vp_stage=vp_stage)
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=args.normalization)
+
+
 def build_model(args, vp_stage: int | None = None):
     """The GPTModel (or, with pipeline stages, the model chunk of this rank and ``vp_stage``) of ``args``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    experts = getattr(args, "num_experts", None)
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
@@ -126,20 +151,16 @@ def build_model(args, vp_stage: int | None = None):
         layernorm_epsilon=args.layernorm_epsilon, gated_linear_unit=bool(getattr(args, "swiglu", False)),
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)), hidden_dropout=0.0, attention_dropout=0.0,
-        num_moe_experts=experts, moe_router_topk=getattr(args, "moe_router_topk", 2),
-        moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or (args.ffn_hidden_size if experts else None),
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
-        **_pipeline_fields(args),
+        **_pipeline_fields(args), **_moe_fields(args),
     )
     rope = args.position_embedding_type == "rope"
-    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
-                                    normalization=args.normalization)
     return GPTModel(
-        config, spec,
+        config, _layer_spec(args, config, vp_stage),
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,

@@ -550,7 +550,8 @@ def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path):
 
 def test_expected_shapes_come_from_megatron_module_names_alone():
     """The shape check knows megatron-core's modules, not families: a family's qk norms (head size wide) and
-    shared experts (hidden wide, their own ffn size left open) get checked without a rule of their own."""
+    shared experts (hidden wide, of their own ffn size, left open when the architecture has none) get checked
+    without a rule of their own."""
     from checkpoint_convert.arch import ModelArch
     from checkpoint_convert.engine import Item
     from checkpoint_convert.family import Param
@@ -571,4 +572,7 @@ def test_expected_shapes_come_from_megatron_module_names_alone():
     assert shape("mlp.experts.local_experts.{expert}.linear_fc1.weight", experts=True) == (8, 2 * 32, 64)
     assert shape("mlp.shared_experts.linear_fc1.weight") == (None, 64)
     assert shape("mlp.shared_experts.linear_fc2.weight") == (64, None)
+    arch = arch.replace(moe_shared_expert_intermediate_size=48)
+    assert shape("mlp.shared_experts.linear_fc1.weight") == (2 * 48, 64)
+    assert shape("mlp.shared_experts.linear_fc2.weight") == (64, 48) and shape("mlp.shared_experts.gate_weight") == (1, 64)
     assert shape("mtp.some_new_module.weight") is None  # unknown: left to the walk

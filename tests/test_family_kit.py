@@ -1,11 +1,12 @@
 """The family kit: every registered family, in every variant of ``tests/family_kit.py``, through the whole tool.
 
 For each variant: Hugging Face -> Megatron (TP2 PP2, Transformer Engine and local naming, legacy where
-the family allows it, else its refusal; EP2 PP2 for mixture-of-experts) -> Hugging Face logits and
-config; a Megatron reshape; torch_dist round trips; megatron-core's own logits of our rank files (TP2
-PP2 local, TP1 Transformer Engine, EP2 PP2) and of our torch_dist (loaded at TP2); a torch_dist that
-megatron-core saved from the args we write, converted to Hugging Face; ``inspect --check`` and
-``verify``. Converted trees are made once per module and shared; megatron-core runs every job of
+the family allows it, else its refusal; EP2 PP2 and TP2 x EP2 for mixture-of-experts) -> Hugging Face logits
+and config; Megatron reshapes (for experts also to EP2, and to TEGroupedMLP at EP4); torch_dist round trips;
+megatron-core's own logits of our rank files (TP2 PP2 local, TP1 Transformer Engine, EP2 PP2, TP2 x EP2) and
+of our torch_dist (loaded at TP2), and for experts the miss when its args name the other routing; a
+torch_dist that megatron-core saved from the args we write, converted to Hugging Face; ``inspect --check``
+and ``verify``. Converted trees are made once per module and shared; megatron-core runs every job of
 every variant in one set of four processes.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 ORACLE = Path(__file__).with_name("megatron_oracle.py")
 MEGATRON_CORE_ATOL = 2e-5
 TP2_PP2 = ["--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2"]
+TP2_EP2 = ["--target_tensor_model_parallel_size", "2", "--target_expert_model_parallel_size", "2"]
 # name -> (source tree, or None for the Hugging Face model; flags)
 TREES = {
     "te_tp2pp2": (None, TP2_PP2),
@@ -37,6 +39,7 @@ TREES = {
     "legacy_tp2pp2": (None, [*TP2_PP2, "--megatron_format", "legacy"]),
     "local_ep2pp2": (None, ["--target_expert_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2",
                             "--transformer_impl", "local"]),
+    "local_tp2ep2": (None, [*TP2_EP2, "--transformer_impl", "local"]),
     "te_tp1": (None, []),
     "dist": (None, ["--megatron_ckpt_format", "torch_dist", "--target_tensor_model_parallel_size", "2",
                     "--transformer_impl", "local"]),  # megatron-core's local spec loads it
@@ -45,7 +48,12 @@ TREES = {
     "reshaped_ep2": ("te_tp2pp2", ["--target_tensor_model_parallel_size", "1", "--target_expert_model_parallel_size",
                                    "2", "--target_pipeline_layers", "3,1"]),
     "dist_from_ranks": ("te_tp2pp2", ["--megatron_ckpt_format", "torch_dist"]),
+    # TP2 x EP2 SequentialMLP -> TP1 EP4 TEGroupedMLP (Transformer Engine naming)
+    "grouped_ep4": ("local_tp2ep2", ["--target_tensor_model_parallel_size", "1", "--target_expert_model_parallel_size",
+                                     "4", "--moe_grouped_gemm", "--transformer_impl", "transformer_engine"]),
 }
+# (TP, EP) megatron-core runs a tree at; PP from its args; others TP2
+ORACLE_LAYOUTS = {"te_tp1": (1, 1), "local_ep2pp2": (1, 2), "local_tp2ep2": (2, 2)}
 BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 
@@ -55,16 +63,17 @@ def _cases(for_variant) -> list:
 
 
 def _hf_round_trips(variant: Variant) -> list[str]:
-    return ["te_tp2pp2", "local_tp2pp2", "legacy_tp2pp2"] + (["local_ep2pp2"] if variant.experts else [])
+    return ["te_tp2pp2", "local_tp2pp2", "legacy_tp2pp2"] + (["local_ep2pp2", "local_tp2ep2"] if variant.experts else [])
 
 
 def _reshapes(variant: Variant) -> list[str]:
-    return ["reshaped"] + (["reshaped_ep2"] if variant.experts else [])
+    return ["reshaped"] + (["reshaped_ep2", "grouped_ep4"] if variant.experts else [])
 
 
 def _oracle_runs(variant: Variant) -> list[str]:
-    """Megatron-core loads: our TP2 PP2 local rank files, TP1 Transformer Engine ones, our torch_dist at TP2."""
-    return ["local_tp2pp2", "te_tp1", "dist"] + (["local_ep2pp2"] if variant.experts else [])
+    """Megatron-core loads: our TP2 PP2 local rank files, TP1 Transformer Engine ones, our torch_dist at TP2
+    (and for experts EP2 PP2 and TP2 x EP2 rank files)."""
+    return ["local_tp2pp2", "te_tp1", "dist"] + (["local_ep2pp2", "local_tp2ep2"] if variant.experts else [])
 
 
 class Kit:
@@ -185,15 +194,30 @@ def _made_spec(kit: Kit, name: str) -> Path:
     return path
 
 
+def _other_routing(kit: Kit, name: str) -> Path:
+    """Our TP1 rank files with the args telling megatron-core the other routing: ``moe_router_pre_softmax``
+    flipped (softmax over every expert before the top-k, not renormalised, or the reverse)."""
+    tree = kit.root / name / "other_routing"
+    shutil.copytree(kit.tree(name, "te_tp1"), tree)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["args"].moe_router_pre_softmax = not state["args"].moe_router_pre_softmax
+    torch.save(state, rank_file)
+    return tree
+
+
 def _oracle_jobs(kit: Kit, tokens: Path, variants: list[Variant]) -> list[dict]:
     jobs = []
     for variant in variants:
         out = kit.root / variant.name
         for tree in _oracle_runs(variant):
             kind = "dist-logits" if tree == "dist" else "logits"
-            tp, ep = (1, 2) if tree == "local_ep2pp2" else (1, 1) if tree == "te_tp1" else (2, 1)
+            tp, ep = ORACLE_LAYOUTS.get(tree, (2, 1))
             jobs.append(dict(kind=kind, name=f"{variant.name}-{tree}", ckpt=str(kit.tree(variant.name, tree)),
                              tokens=str(tokens), out=str(out / f"megatron_core_{tree}.pt"), tp=tp, ep=ep))
+        if variant.experts:
+            jobs.append(dict(kind="logits", name=f"{variant.name}-other-routing", ckpt=str(_other_routing(kit, variant.name)),
+                             tokens=str(tokens), out=str(out / "megatron_core_other_routing.pt"), tp=1, ep=1))
         jobs.append(dict(kind="dist-make", name=f"{variant.name}-made", spec=str(_made_spec(kit, variant.name)),
                          tokens=str(tokens), out=str(out / "made"), logits_out=str(out / "made_logits.pt"), tp=2))
     return jobs
@@ -222,6 +246,15 @@ def test_megatron_core_logits_of_our_output(kit, megatron_core, name, tree):
     assert not megatron_core, megatron_core
     logits = torch.load(kit.root / name / f"megatron_core_{tree}.pt")
     assert_logits_close(logits, kit.hf(name)[1], atol=MEGATRON_CORE_ATOL)
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS if variant.experts])
+def test_megatron_core_routes_as_hugging_face_only_with_the_router_args_we_write(kit, megatron_core, name):
+    """The routing is part of the conversion: told the other routing (softmax before or after the top-k, the k
+    weights renormalised or not), megatron-core misses the original's logits by far more than the tolerance."""
+    assert not megatron_core, megatron_core
+    logits = torch.load(kit.root / name / "megatron_core_other_routing.pt")
+    assert (logits - kit.hf(name)[1]).abs().max() > 100 * MEGATRON_CORE_ATOL
 
 
 @pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])

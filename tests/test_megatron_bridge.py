@@ -17,10 +17,13 @@ from checkpoint_convert.bridge_config import args_from_run_config, run_config_fo
 from checkpoint_convert.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
 from checkpoint_convert.megatron_formats import open_megatron_tree
 from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from tests.family_kit import VARIANTS
 from tests.helpers import assert_logits_close, convert, logits_of, tiny_gpt2
 from tests.test_errors import snapshot
 from tests.test_llama import tiny_llama
 from tests.test_mixtral import tiny_mixtral
+
+KIT = {variant.name: variant for variant in VARIANTS}
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "megatron_bridge_llama"
 BRIDGE_TREE = FIXTURE / "bridge"
@@ -83,6 +86,9 @@ FAMILIES = {  # family -> (builder, the provider Megatron-Bridge writes for it)
     "mistral": (lambda path: tiny_llama(path, family="mistral", seed=2, sliding_window=8),
                 "megatron.bridge.models.mistral.mistral_provider.MistralModelProvider"),
     "mixtral": (tiny_mixtral, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
+    # shared experts behind a gate, dense layers among expert layers, top-k not renormalised
+    "qwen2_moe": (KIT["qwen2_moe_sparse_step"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
+    "qwen3_moe": (KIT["qwen3_moe_window"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
 }
 
 
@@ -124,10 +130,14 @@ def _arch(**changes) -> ModelArch:
     _arch(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
                         "beta_slow": 1.0}),
     _arch(family="mixtral", num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=96, moe_aux_loss_coeff=0.02),
+    _arch(family="qwen2_moe", num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layers=(0, 1),
+          moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True,
+          add_qkv_bias=True),
     *(_arch(family="gpt2", normalization="LayerNorm", activation=act, position_embedding_type="learned_absolute",
             num_query_groups=4, add_bias_linear=True, add_qkv_bias=True, tie_embeddings=True)
       for act in ("gelu", "gelu_new", "gelu_fast")),
-], ids=["llama", "llama3-rope-tied", "linear-rope-qkv-bias-fp16", "yarn", "mixtral", "gelu", "gelu_new", "gelu_fast"])
+], ids=["llama", "llama3-rope-tied", "linear-rope-qkv-bias-fp16", "yarn", "mixtral", "qwen2_moe", "gelu", "gelu_new",
+        "gelu_fast"])
 def test_architecture_survives_run_config_yaml(arch):
     """The provider written for an architecture, dumped and read back as YAML, is the same architecture."""
     layout = ParallelLayout(tp=2, pp=2, ep=1, stages=(1, 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_logits_close, convert, logits_of, randomize
+from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, randomize, stored_names
 
 
 def tiny_mixtral(path: Path, seed: int = 0):
@@ -120,27 +120,12 @@ def test_expert_parallel_not_dividing_experts_is_rejected(mixtral, tmp_path, cap
 
 def test_old_per_expert_hf_layout_converts(mixtral, tmp_path):
     """block_sparse_moe.experts.E.w1/w2/w3 and block_sparse_moe.gate, as older transformers wrote them."""
-    from safetensors.torch import load_file, save_file
     path, _, expected = mixtral
-    weights, old = load_file(path / "model.safetensors"), {}
-    for name, tensor in weights.items():
-        prefix, _, rest = name.partition("mlp.")
-        if rest == "gate.weight":
-            old[prefix + "block_sparse_moe.gate.weight"] = tensor
-        elif rest == "experts.gate_up_proj":
-            for e, fused in enumerate(tensor):
-                gate, up = fused.chunk(2)
-                old[f"{prefix}block_sparse_moe.experts.{e}.w1.weight"] = gate.clone()
-                old[f"{prefix}block_sparse_moe.experts.{e}.w3.weight"] = up.clone()
-        elif rest == "experts.down_proj":
-            for e, down in enumerate(tensor):
-                old[f"{prefix}block_sparse_moe.experts.{e}.w2.weight"] = down.clone()
-        else:
-            old[name] = tensor
-    (tmp_path / "old").mkdir()
-    save_file(old, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "old" / "config.json").write_text((path / "config.json").read_text())
-    assert convert("--load_path", tmp_path / "old", "--save_path", tmp_path / "m", "--to", "megatron",
+    old = per_expert_layout(path, tmp_path / "old", {"mlp.experts.": "block_sparse_moe.experts.",
+                                                     "mlp.gate.": "block_sparse_moe.gate."}, "w1", "w3", "w2")
+    assert {"model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.block_sparse_moe.experts.3.w3.weight"} \
+        <= stored_names(old)
+    assert convert("--load_path", old, "--save_path", tmp_path / "m", "--to", "megatron",
                    "--target_expert_model_parallel_size", "2") == 0
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "hf"), expected)
