@@ -4,17 +4,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TextIO
 
 from .cli_settings import add_settings_flags, invocation, parse_with_settings, print_settings
 from .converter import Options, convert
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, reason
+from .distributed import DEFAULT_TIMEOUT_MINUTES, follower
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, ProcessesFailed, internal_error_line
 from .megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
 from .memory import return_large_allocations_to_the_system
-from .runtime import reader_gone
+from .runtime import reader_gone, silence_output
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -43,6 +43,16 @@ def _size(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of minutes above 0")
     return value
 
 
@@ -93,15 +103,17 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     """
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return_large_allocations_to_the_system()
+    # one of several processes (torchrun): the leader speaks for all of them
+    voice = silence_output() if follower() and not args.debug else sys.stderr
     with warnings.catch_warnings(record=True) as held:
-        code = _run(main, args)
+        code = _run(main, args, voice)
     if code != EXIT_BAD_INPUT:
         for warning in held:
             print(f"warning: {warning.message}", file=sys.stderr)
     return code
 
 
-def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace, voice: TextIO) -> int:
     try:
         code = main(args)
         sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
@@ -111,6 +123,12 @@ def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ProcessesFailed as failure:  # one of several processes (torchrun) failed; every one exits so
+        if args.debug and failure.cause is not None:
+            raise failure.cause
+        if failure.speaks:
+            print(failure.line, file=voice, flush=True)
+        return failure.code
     except KeyboardInterrupt:
         print("interrupted; no output was left behind", file=sys.stderr)
         return 130
@@ -119,9 +137,7 @@ def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     except Exception as error:  # an internal error: short message, traceback only on request
         if args.debug:
             raise
-        where = traceback.extract_tb(error.__traceback__)[-1]
-        print(f"internal error: {reason(error)} "
-              f"(at {Path(where.filename).name}:{where.lineno}; rerun with --debug)", file=sys.stderr)
+        print(internal_error_line(error), file=sys.stderr)
         return EXIT_INTERNAL
 
 
@@ -149,6 +165,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         trust_checkpoint=args.trust_checkpoint, overwrite=getattr(args, "overwrite", False), quiet=args.quiet,
         drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
+        distributed_timeout=getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_MINUTES),
     )
     fields.update(overrides)
     return Options(**fields)
@@ -198,6 +215,9 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     add_flag(parser, "vocab_size", type=_size, default=None,
              help="true vocab size when the Megatron args do not record it")
     add_flag(parser, "overwrite", action="store_true", help="replace a non-empty save path")
+    add_flag(parser, "distributed_timeout", type=_minutes, default=DEFAULT_TIMEOUT_MINUTES,
+             help="under torchrun: fail when no process has written anything for this many minutes while one waits "
+                  f"for the others (default {DEFAULT_TIMEOUT_MINUTES:g}); a process that dies is noticed at once")
     parser.add_argument("--hash", action="store_true",
                         help="record every source file's SHA-256 in the output's conversion.json (reads the source "
                              "once more)")

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 from typing import Any, Callable, Hashable, Iterator
 
 import torch
-from tqdm import tqdm
 
 from . import megatron_schema as schema
 from .arch import ModelArch
 from .bridge_config import bridge_vocab_divisor, run_config_for, write_bridge_files
+from .distributed import DEFAULT_TIMEOUT_MINUTES, Share, Solo, Team, processes_of_this_run
 from .engine import (HFSource, HFTarget, Item, MegatronLayoutSpec, MegatronSource, MegatronTarget, TorchDistTarget,
                      plan_with_items, release_all, run, walk, warn_if_not_finite)
 from .errors import BadInputError, reason
@@ -29,7 +29,7 @@ from .megatron_args import (CheckpointFacts, ParallelLayout, arch_from_args, arg
 from .megatron_formats import is_megatron_checkpoint, open_megatron_tree
 from .megatron_io import MegatronTree, MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
-from .output import check_paths, staged_directory
+from .output import check_paths
 from .parallel import layers_per_stage, padded_vocab_size
 from .provenance import write_record
 from .runtime import collector_paused, transformers_attr
@@ -75,6 +75,7 @@ class Options:
     drop_mtp_layers: bool = False  # leave multi-token prediction layers out instead of refusing the source
     hash_source: bool = False  # provenance: SHA-256 of every source file (reads each once more)
     invocation: dict[str, Any] | None = None  # provenance: the command line and effective settings
+    distributed_timeout: float = DEFAULT_TIMEOUT_MINUTES  # under torchrun: minutes without progress before failing
 
 
 @dataclass
@@ -109,10 +110,12 @@ class Summary:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     planned: list = field(default_factory=list)  # (key, shape, dtype) of every output tensor
+    split: str = ""  # under torchrun: how the processes shared the work
 
     def line(self, save_path: Path) -> str:
+        split = f"; {self.split}" if self.split else ""
         return (f"wrote {self.tensors} tensors, {self.bytes_written / 1e9:.3f} GB in {self.seconds:.1f} s "
-                f"(peak RSS {self.peak_rss_mb:.0f} MB) to {save_path}")
+                f"(peak RSS {self.peak_rss_mb:.0f} MB) to {save_path}{split}")
 
 
 def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None) -> FamilySpec:
@@ -381,20 +384,27 @@ def convert(options: Options) -> Summary:
     reading, so the output is always the one the config class describes.
     """
     start = time.time()
+    with processes_of_this_run(options.distributed_timeout) as team:
+        return team.summarized(_convert(options, team, start))
+
+
+def _convert(options: Options, team: Solo | Team, start: float) -> Summary:
+    """:func:`convert` in one process, or in one of the processes torchrun started (then without the early
+    reading of config.json, whose misreading would make every process start over at a different time)."""
     check_paths(options.load_path, options.save_path, options.overwrite)
     if options.to not in ("hf", "megatron"):
         raise BadInputError(f"--to must be 'hf' or 'megatron', not '{options.to}'")
     dtype = dtype_from_name(options.params_dtype)
     convert_to = _to_hf if options.to == "hf" else _to_megatron
     with read_only_file_mappings(), ThreadPoolExecutor(1, thread_name_prefix="hf-config") as pool:
-        source = open_source(options, pool if options.to == "megatron" else None)
+        source = open_source(options, pool if options.to == "megatron" and team.alone else None)
         try:
-            return convert_to(options, source, dtype, start)
+            return convert_to(options, source, dtype, start, team)
         except BaseException as error:
             if not misread(source, error):
                 raise
         # ``source`` stays referenced: its mappings, registered read-only in this scope, stay mapped
-        return convert_to(options, open_source(options), dtype, start)
+        return convert_to(options, open_source(options), dtype, start, team)
 
 
 def misread(source: Source, error: BaseException) -> bool:
@@ -410,9 +420,10 @@ def misread(source: Source, error: BaseException) -> bool:
     return False
 
 
-def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, by_item: list,
-            quiet: bool, beside: Future | None = None) -> None:
-    """Produce each output tensor and write it behind, with a progress bar in bytes.
+def _stream(share: Share, source: Source, target: Any, dtype: torch.dtype | None, writer: Any, quiet: bool,
+            beside: Future | None = None) -> None:
+    """Produce each output tensor of ``share`` (all of them, or one process's) and write it behind, with a
+    progress bar in bytes.
 
     The producing thread reads, merges and casts; the write-behind thread writes, then checks each
     distinct output for NaN/Inf (it waits for the producer more often than the producer waits for it).
@@ -421,6 +432,7 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
     must have finished before the last item: the output is never complete without it, and the peak
     memory (its imports plus the last item, often the largest) does not depend on how they interleave.
     """
+    items, by_item = share.items, share.by_item
     tensors = source.tensors
     tensors.release_on_next_item = False
     item_bytes = _output_bytes_per_item(by_item)
@@ -432,18 +444,19 @@ def _stream(items: list, source: Source, target: Any, dtype: torch.dtype | None,
         if check_as is not None:
             warn_if_not_finite(tensor, check_as)
 
-    with tqdm(total=sum(item_bytes.values()), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
-              desc="converting", dynamic_ncols=True) as bar, WriteBehind(write_and_check, largest) as behind:
+    with share.team.progress(sum(item_bytes.values()), quiet) as bar, WriteBehind(write_and_check, largest) as behind:
         def paced(items: list[Item]) -> Iterator[Item]:
             """Each item for run() to produce once its outputs fit; the last once ``beside`` succeeded."""
             for position, item in enumerate(items, 1):
                 if beside is not None and (beside.done() or position == len(items)):
                     beside.result()  # raises its error; before the last item, waits for it
+                share.team.check()
                 behind.wait_for_room(item_bytes.get(id(item), 0))
                 yield item
 
         previous, read, seen, outputs, left = None, [], {}, [], _outputs_per_item(by_item)
-        for item, key, tensor in run(paced(items), tensors, target, False, dtype, check_finite=False):
+        produced = run(paced(items), tensors, target, False, dtype, check_finite=False, keep=share.keys)
+        for item, key, tensor in produced:
             if item is not previous:
                 behind.call(release_all, read)  # an item whose outputs never reached its planned count
                 previous, read, seen, outputs = item, tensors.take_read(), {}, []
@@ -540,16 +553,16 @@ class Plan:
     def output_dtype(self) -> torch.dtype:
         return _output_dtype(self.planned, self.dtype)
 
-    def writer(self, root: Path, sink: DiskSink) -> Any:
-        """The writer of the output's tensor files (and, for Megatron, of everything but the provenance record)."""
-        options = self.options
+    def writer(self, root: Path, sink: DiskSink, share: Share | None = None) -> Any:
+        """The writer of the output's tensor files (and, for Megatron, of everything but the provenance record);
+        with a ``share``, of that process's tensor files."""
+        options, files = self.options, share.files if share else None
         if self.to_hf:
-            return HFWriter(root, self.planned, options.max_shard_size, options.safe_serialization, sink)
+            return HFWriter(root, self.planned, options.max_shard_size, options.safe_serialization, sink, files)
         if self.ckpt_format == "torch_dist":
-            return _torch_dist_writer(root, self.args, options, self.source, self.target_schema == schema.MCORE_TE,
-                                      self.bridge, sink)
+            return _torch_dist_writer(root, self, sink, share)
         return MegatronWriter(root, self.planned, self.args, self.target_schema, self.layout,
-                              options.use_distributed_optimizer, options.zip_crc32, sink=sink)
+                              options.use_distributed_optimizer, options.zip_crc32, sink=sink, files=files)
 
 
 def plan_conversion(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
@@ -558,20 +571,27 @@ def plan_conversion(options: Options, source: Source, dtype: torch.dtype | None)
 
 
 def write_output(plan: Plan, root: Path, sink: DiskSink, fill: Callable[[Any], None],
-                 hf_config: Callable[[], Any] | None) -> None:
+                 hf_config: Callable[[], Any] | None, share: Share | None = None) -> None:
     """Write every output file under ``root`` in order: ``fill(writer)`` writes the tensors, then the metadata,
-    the provenance record (inside the Megatron iteration directory), and for Megatron the tracker last."""
-    writer = plan.writer(root, sink)
+    the provenance record (inside the Megatron iteration directory), and for Megatron the tracker last.
+
+    With a ``share`` (one of several processes), this process's tensor files; the leader writes the rest once
+    every process's are written.
+    """
+    writer = plan.writer(root, sink, share)
     fill(writer)
+    parts = share.all_written(writer.close_files()) if share else [writer.close_files()]
+    if parts is None:
+        return
     if plan.to_hf:
-        writer.finish()
+        writer.finish(parts)
         tokenizer = _tokenizer_source(plan.options, plan.source) if plan.source.kind == "megatron" \
             else plan.options.tokenizer_name
         _write_hf_metadata(root, hf_config(), plan.source.family, tokenizer, sink)
         write_record(root, sink, plan)
     else:
         write_record(writer.iteration_dir, sink, plan)
-        writer.finish()
+        writer.finish(parts)
 
 
 def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
@@ -586,16 +606,18 @@ def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Pla
     return Plan(options, source, dtype, items, target, by_item, out_arch)
 
 
-def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float, team: Solo | Team) -> Summary:
     plan = _plan_hf(options, source, dtype)
+    share = team.share(plan)
     # Importing transformers is seconds of Python on one core; the stream spends its time in torch
     # kernels and file writes, which release the GIL, so the config is built and checked beside it.
+    # The leader alone writes config.json: under torchrun, the others do not import transformers to check it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-config") as pool:
-        config_task = pool.submit(checked_hf_config, plan)
-        with staged_directory(options.save_path, plan.nbytes) as staging:
+        config_task = pool.submit(checked_hf_config, plan) if team.leader else None
+        with team.staged_directory(options.save_path, plan.nbytes) as staging:
             def fill(writer: Any) -> None:
-                _stream(plan.items, source, plan.target, dtype, writer, plan.by_item, options.quiet, config_task)
-            write_output(plan, staging, DISK, fill, config_task.result)
+                _stream(share, source, plan.target, dtype, writer, options.quiet, config_task)
+            write_output(plan, staging, DISK, fill, config_task and config_task.result, share)
     return _finish_summary(Summary(), plan.planned, start)
 
 
@@ -658,17 +680,21 @@ def _bridge_output(options: Options, source: Source, ckpt_format: str) -> bool:
     return options.megatron_bridge
 
 
-def _torch_dist_writer(staging: Path, args: Any, options: Options, source: Source, transformer_engine: bool,
-                       bridge: bool, sink: DiskSink) -> Any:
-    """A torch_dist writer; as Megatron-Bridge saves, the data goes to iter_0000000 with its files beside it."""
-    from .torch_dist_writer import TorchDistWriter
+def _torch_dist_writer(staging: Path, plan: Plan, sink: DiskSink, share: Share | None) -> Any:
+    """A torch_dist writer (of one process's data file, with a ``share``); as Megatron-Bridge saves, the data goes
+    to iter_0000000 with its files beside it."""
+    from .torch_dist_writer import TorchDistWriter, data_file_name
+    options, source, args = plan.options, plan.source, plan.args
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 0}
-    if not bridge:
-        return TorchDistWriter(staging, common, transformer_engine, sink=sink)
+    own = {"data_file": data_file_name(share.process), "writes_objects": share.writes_objects} if share else {}
+    transformer_engine = plan.target_schema == schema.MCORE_TE
+    if not plan.bridge:
+        return TorchDistWriter(staging, common, transformer_engine, plan.planned, sink=sink, **own)
     tokenizer = _tokenizer_source(options, source)
     run_config = run_config_for(args, source.arch, source.family, options.save_path.resolve(), tokenizer is not None)
     files = functools.partial(write_bridge_files, staging, run_config, tokenizer and Path(tokenizer))
-    return TorchDistWriter(staging, common, transformer_engine, iteration=0, before_tracker=files, sink=sink)
+    return TorchDistWriter(staging, common, transformer_engine, plan.planned, iteration=0, before_tracker=files,
+                           sink=sink, **own)
 
 
 def _megatron_args(options: Options, source: Source, layout: ParallelLayout, padded: int, target_schema: str,
@@ -709,10 +735,12 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     return Plan(options, source, dtype, items, target, by_item, arch, layout, ckpt_format, target_schema, bridge, args)
 
 
-def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float) -> Summary:
+def _to_megatron(options: Options, source: Source, dtype: torch.dtype | None, start: float,
+                 team: Solo | Team) -> Summary:
     plan = _plan_megatron(options, source, dtype)
-    with staged_directory(options.save_path, plan.nbytes) as staging:
+    share = team.share(plan)
+    with team.staged_directory(options.save_path, plan.nbytes) as staging:
         def fill(writer: Any) -> None:
-            _stream(plan.items, source, plan.target, dtype, writer, plan.by_item, options.quiet, source.arch_check)
-        write_output(plan, staging, DISK, fill, None)
+            _stream(share, source, plan.target, dtype, writer, options.quiet, source.arch_check)
+        write_output(plan, staging, DISK, fill, None, share)
     return _finish_summary(Summary(), plan.planned, start)

@@ -25,12 +25,14 @@ import torch
 
 from .cli import options_from_args
 from .converter import Options, Plan, checked_hf_config, open_source, plan_conversion, write_output
+from .distributed import launched
 from .errors import EXIT_BAD_INPUT, BadInputError
 from .hf_io import tensor_nbytes
 from .megatron_args import dtype_from_name
 from .memory import read_only_file_mappings
 from .output import DISK_MARGIN, check_paths, check_free_space
 from .provenance import describe_source, describe_target
+from .shares import split_outputs
 from .sinks import SizingSink
 
 HEADROOM = 100 * 2**20  # README's streaming bound: start-up + 2 x largest tensor + 100 MB
@@ -100,9 +102,20 @@ def plan_report(options: Options) -> dict[str, Any]:
         "memory": {"startup_bytes": startup, "largest_tensor_bytes": largest, "headroom_bytes": HEADROOM,
                    "peak_bytes": startup + 2 * largest + HEADROOM},
         "megatron_args": None if plan.to_hf else {key: _plain(value) for key, value in sorted(vars(plan.args).items())},
+        "processes": _processes(plan),
         "warnings": warned,
         "problems": problems,
     }
+
+
+def _processes(plan: Plan) -> list[dict[str, Any]] | None:
+    """Under torchrun (more than one process): what each process would write and read (see ``shares``)."""
+    placed = launched()
+    if placed is None:
+        return None
+    split = split_outputs(plan, placed[1])
+    return [{"process": process, "files": len(split.files(process)), "bytes_written": split.written[process],
+             "source_bytes_read": split.read[process]} for process in range(split.processes)]
 
 
 def _gb(count: int | None) -> str:
@@ -137,6 +150,9 @@ def as_text(report: dict[str, Any]) -> str:
     if report["megatron_args"] is not None:
         lines.append(f"megatron args ({len(report['megatron_args'])} fields):")
         lines += [f"  {key} = {value!r}" for key, value in report["megatron_args"].items()]
+    for share in report["processes"] or []:
+        lines.append(f"process {share['process']}: {share['files']} files, {_gb(share['bytes_written'])} written, "
+                     f"{_gb(share['source_bytes_read'])} of the source read")
     lines += [f"warning: {text}" for text in report["warnings"]]
     lines += [f"problem: {text}" for text in report["problems"]]
     lines.append("dry run: nothing was written")

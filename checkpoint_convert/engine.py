@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Container, Hashable, Iterable, Iterator
 
 import torch
 
@@ -315,10 +315,12 @@ def _require_zero(tensor: torch.Tensor, item: Item) -> None:
 
 
 def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
-        check_finite: bool = True) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
+        check_finite: bool = True,
+        keep: Container[Hashable] | None = None) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
     """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning.
 
     ``check_finite=False``: the caller checks the outputs (which hold every value of the full tensor).
+    ``keep``: only the outputs with these keys (a process writing some of the files), none of the others cast.
     """
     for item in items:
         try:
@@ -331,7 +333,8 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
         if check_finite and not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
-            yield item, key, cast(tensor, dtype)
+            if keep is None or key in keep:
+                yield item, key, cast(tensor, dtype)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

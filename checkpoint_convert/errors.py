@@ -6,6 +6,8 @@ exits with code 2, leaving the source untouched. Any other exception is an inter
 from __future__ import annotations
 
 import os
+import traceback
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -33,3 +35,20 @@ def reason(error: BaseException, limit: int = 200) -> str:
     """A library error in one short line for a message: its type and the first line of its text."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
+
+
+def internal_error_line(error: BaseException) -> str:
+    """The one line an internal error (a bug) is reported with: what went wrong and where."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"at {Path(frames[-1].filename).name}:{frames[-1].lineno}; " if frames else ""
+    return f"internal error: {reason(error)} ({where}rerun with --debug)"
+
+
+class ProcessesFailed(Exception):
+    """A conversion shared by several processes failed: ``line`` is what to print (by the one process that
+    ``speaks``), ``code`` the exit code, the same in every process; ``cause`` is this process's own error when it
+    was the one reported (``--debug`` shows its traceback)."""
+
+    def __init__(self, line: str, code: int, cause: BaseException | None = None, speaks: bool = True) -> None:
+        super().__init__(line)
+        self.line, self.code, self.cause, self.speaks = line, code, cause, speaks

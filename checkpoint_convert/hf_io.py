@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 import torch
 from huggingface_hub import constants, split_state_dict_into_shards_factory
@@ -364,25 +364,36 @@ def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
+def shard_split(planned: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: str | int,
+                safe_serialization: bool = True) -> Any:
+    """The shards ``save_pretrained`` would cut the planned tensors into (huggingface_hub's ``StateDictSplit``)."""
+    pattern = (constants.SAFETENSORS_WEIGHTS_FILE_PATTERN if safe_serialization
+               else constants.PYTORCH_WEIGHTS_FILE_PATTERN)
+    # The generic splitter on (shape, dtype) entries: the torch one imports torch.distributed.tensor
+    # (about 1 s) to recognise DTensors, which planned entries never are.
+    entries = {name: (shape, dtype) for name, shape, dtype in planned}
+    return split_state_dict_into_shards_factory(entries, get_storage_size=lambda entry: tensor_nbytes(*entry),
+                                                filename_pattern=pattern, max_shard_size=max_shard_size)
+
+
 class HFWriter:
-    """Writes planned tensors into shards named and indexed as ``save_pretrained`` does."""
+    """Writes planned tensors into shards named and indexed as ``save_pretrained`` does.
+
+    ``files``: the shards this process writes when several processes share a conversion (None: all of them).
+    """
 
     def __init__(self, root: Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_size: str | int, safe_serialization: bool = True, sink: DiskSink = DISK) -> None:
+                 max_shard_size: str | int, safe_serialization: bool = True, sink: DiskSink = DISK,
+                 files: Container[str] | None = None) -> None:
         self.root, self.sink = root, sink
         self.safe = safe_serialization
-        pattern = (constants.SAFETENSORS_WEIGHTS_FILE_PATTERN if safe_serialization
-                   else constants.PYTORCH_WEIGHTS_FILE_PATTERN)
-        # The generic splitter on (shape, dtype) entries: the torch one imports torch.distributed.tensor
-        # (about 1 s) to recognise DTensors, which planned entries never are.
-        entries = {name: (shape, dtype) for name, shape, dtype in planned}
-        self.split = split_state_dict_into_shards_factory(
-            entries, get_storage_size=lambda entry: tensor_nbytes(*entry), filename_pattern=pattern,
-            max_shard_size=max_shard_size)
+        self.split = shard_split(planned, max_shard_size, safe_serialization)
         self.file_of = self.split.tensor_to_filename
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._writers: dict[str, SafetensorsStreamWriter] = {}
         for file_name in self.split.filename_to_tensors:
+            if files is not None and file_name not in files:
+                continue
             entries = [(name, shape, dtype) for name, shape, dtype in planned if self.file_of[name] == file_name]
             if safe_serialization:
                 self._writers[file_name] = SafetensorsStreamWriter(root / file_name, entries, sink)
@@ -400,11 +411,15 @@ class HFWriter:
             self.sink.torch_save(shard, self.root / file_name)
             shard.clear()
 
-    def finish(self) -> None:
+    def close_files(self) -> None:
+        """Close this writer's shards, each of which must hold every tensor planned for it."""
         for writer in self._writers.values():
             writer.close()
             if not writer.complete:
                 raise RuntimeError(f"{writer.path}: not every planned tensor was written")
+
+    def finish(self, parts: list[Any] | None = None) -> None:
+        """The index of every shard (whichever process wrote them), when there are several."""
         if self.split.is_sharded:
             index_name = constants.SAFETENSORS_INDEX_FILE if self.safe else PYTORCH_INDEX_FILE
             index = {"metadata": dict(self.split.metadata), "weight_map": dict(sorted(self.file_of.items()))}

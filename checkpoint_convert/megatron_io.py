@@ -13,7 +13,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 import torch
 
@@ -390,33 +390,41 @@ def rank_file_path(root: Path, iteration: str | int, rank: RankKey, pp_size: int
 
 
 
+def rank_file_of(stage: RankKey, pp_size: int) -> RankKey:
+    """The rank file (by pipeline rank) holding a pipeline stage's shard (a model chunk of it, with a virtual
+    pipeline)."""
+    return RankKey(stage.tp, stage_place(stage.pp, pp_size)[0], stage.ep)
+
+
 class MegatronWriter:
     """Streams every planned tensor straight into its rank file; each file's pickle is written once
     the file has all its tensors. Memory holds one tensor at a time, whatever the layout.
 
     Planned keys name pipeline stages; with a virtual pipeline (``layout.vpp`` > 1), stage ``s`` is
     the model chunk ``model{s // PP}`` of pipeline rank ``s % PP``'s file, which stays open until
-    its last chunk is written."""
+    its last chunk is written. ``files``: the rank files this process writes when several processes
+    share a conversion (None: all of them); the files holding no tensor are written by ``finish``."""
 
     def __init__(self, root: Path, planned: list[tuple[tuple[RankKey, tuple[str, ...]], tuple, torch.dtype]],
                  args: Any, schema_name: str, layout: Any, distributed_optimizer: bool = False,
-                 zip_crc32: bool = False, iteration: str | int = "release", sink: DiskSink = DISK) -> None:
+                 zip_crc32: bool = False, iteration: str | int = "release", sink: DiskSink = DISK,
+                 files: Container[RankKey] | None = None) -> None:
         self.root, self.args, self.schema, self.layout, self.sink = root, args, schema_name, layout, sink
         self.pp_size, self.ep_size, self.iteration = layout.pp, layout.ep, iteration
         self.distributed_optimizer, self.zip_crc32 = distributed_optimizer, zip_crc32
         self.file_name = model_file_name(distributed_optimizer)
         self._expected: dict[RankKey, int] = {}
         for (stage, _), _, _ in planned:
-            rank = self._placement(stage)[0]
+            rank = rank_file_of(stage, self.pp_size)
             self._expected[rank] = self._expected.get(rank, 0) + 1
-        self._entries: dict[RankKey, list[tuple[str, tuple[str, ...], Any]]] = {rank: [] for rank in self._expected}
+        self._entries: dict[RankKey, list[tuple[str, tuple[str, ...], Any]]] = {
+            rank: [] for rank in self._expected if files is None or rank in files}
         self._files: dict[RankKey, StreamingTorchFile] = {}
         self.files_written: list[Path] = []
 
     def _placement(self, stage: RankKey) -> tuple[RankKey, str]:
         """The rank file (by pipeline rank) and the model key inside it of a pipeline stage."""
-        pp_rank, chunk = stage_place(stage.pp, self.pp_size)
-        return RankKey(stage.tp, pp_rank, stage.ep), model_key(chunk, self.layout.vpp)
+        return rank_file_of(stage, self.pp_size), model_key(stage_place(stage.pp, self.pp_size)[1], self.layout.vpp)
 
     def write(self, key: tuple[RankKey, tuple[str, ...]], tensor: torch.Tensor) -> None:
         (rank, chunk), path = self._placement(key[0]), key[1]
@@ -453,9 +461,14 @@ class MegatronWriter:
         file.close({"args": self.args, "checkpoint_version": 3.0, "iteration": 0, **models})
         self.files_written.append(file.path)
 
-    def finish(self) -> None:
+    def close_files(self) -> None:
+        """Every rank file of this writer's must be complete (each is closed by its last tensor)."""
         if self._entries:
             raise RuntimeError(f"rank files left incomplete: {sorted(map(str, self._entries))}")
+
+    def finish(self, parts: list[Any] | None = None) -> None:
+        """The files beside the tensors' rank files: those of ranks holding no tensor, the distributed
+        optimizer's, and the tracker, last."""
         self._write_empty_ranks()
         if self.distributed_optimizer:
             write_dummy_optimizer_files(self.iteration_dir, self.layout.tp, self.pp_size, self.layout.dp, self.sink)

@@ -104,18 +104,30 @@ def check_free_space(directory: Path, needed_bytes: int) -> int:
 @contextlib.contextmanager
 def staged_directory(save_path: Path, needed_bytes: int) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``save_path`` only if the block completes."""
+    staging = new_staging(save_path, needed_bytes)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    put_in_place(staging, save_path)
+
+
+def new_staging(save_path: Path, needed_bytes: int) -> Path:
+    """A new hidden sibling of ``save_path`` to write the output into, once stale ones and the free space are
+    checked (see :func:`staged_directory`, and ``distributed``, where several processes share one)."""
     save = save_path.resolve()
     save.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(save.parent, save.name)
     check_free_space(save.parent, needed_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{save.name}.partial-", dir=save.parent))
     staging.chmod(_mkdir_mode())  # mkdtemp's 0700 would make the finished output private to this user
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _replace(staging, save)
+    return staging
+
+
+def put_in_place(staging: Path, save_path: Path) -> None:
+    """Rename the finished ``staging`` directory to ``save_path`` (replacing an old checkpoint there)."""
+    _replace(staging, save_path.resolve())
 
 
 def _mkdir_mode() -> int:

@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn, TextIO
 
 
 def tune_torch_for_streaming() -> None:
@@ -85,10 +85,25 @@ def reader_gone() -> int:
     Python turns SIGPIPE into ``BrokenPipeError``; stdout is pointed at ``/dev/null`` so that no later
     flush (at exit) fails again and prints a second complaint.
     """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    _to_devnull(sys.stdout)
     return EXIT_READER_GONE
+
+
+def silence_output() -> TextIO:
+    """Send this process's stdout and stderr (Python's and the libraries') to ``/dev/null`` from now on; returns
+    the stderr it had, for a line it must still print."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    voice = os.fdopen(os.dup(sys.stderr.fileno()), "w", encoding=sys.stderr.encoding, errors="backslashreplace")
+    _to_devnull(sys.stdout, sys.stderr)
+    return voice
+
+
+def _to_devnull(*streams: Any) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in streams:
+        os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -23,6 +23,12 @@ moment of the disk or page cache does not set its ratio. Rows:
   deepseek fp8 ...          ``--deepseek_layers N``: a DeepSeek-V3-shaped model (MLA, dense layers of its
                             real shapes, FP8 blocks as shipped, embedding 1.85 GB) converted to bf16
                             Megatron TP2 and back; ``report`` then checks its memory budget too
+
+``--nproc 1,2`` measures instead how a conversion scales with processes: for each model size, four
+conversions (HF -> TP2 PP2, TP2 PP2 -> HF, HF -> torch_dist, torch_dist -> HF; HF output in 1 GB shards, so
+there are shards to share), each run in every round with one plain process and under ``torchrun
+--standalone --nproc-per-node N`` for every other N, right after `cp -r` of its source; and torchrun's own
+start-up (an empty script). Peak RSS is the largest of any one process.
 """
 from __future__ import annotations
 
@@ -174,12 +180,18 @@ import json, os, subprocess, sys, time
 start = time.perf_counter()
 child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
 _, status, usage = os.wait4(child.pid, 0)
-print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)]))
+print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status),
+                  usage.ru_utime + usage.ru_stime]))
 """
 
 
 def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process.
+    """(wall seconds, peak RSS in MB) of one child process (see :func:`measure_cpu`)."""
+    return measure_cpu(command)[:2]
+
+
+def measure_cpu(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system) of one child process and those it waited for.
 
     Every step starts with no dirty pages pending: earlier steps' gigabytes of output still being
     flushed to disk would otherwise throttle this step's writes (``balance_dirty_pages``) by an amount
@@ -187,10 +199,10 @@ def measure(command: list[str]) -> tuple[float, float]:
     """
     os.sync()
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
-    seconds, rss, code = json.loads(result.stdout.strip().splitlines()[-1])
+    seconds, rss, code, cpu = json.loads(result.stdout.strip().splitlines()[-1])
     if code != 0:
         raise SystemExit(f"benchmark step failed: {' '.join(command)}")
-    return seconds, rss
+    return seconds, rss, cpu
 
 
 def _convert(source: Path, target: Path, *flags: str) -> list[str]:
@@ -319,6 +331,76 @@ def run_size(work: Path, gigabytes: float, repeats: int) -> list[Row]:
     return steps.rows
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+# (name, source: the HF model or a tree built from it, flags); HF output in shards processes can share
+PROCESS_CASES = (
+    ("hf -> megatron tp2pp2", "hf", ("--to", "megatron", "--target_tensor_model_parallel_size", "2",
+                                     "--target_pipeline_model_parallel_size", "2")),
+    ("megatron tp2pp2 -> hf", "tp2pp2", ("--to", "hf", "--max_shard_size", "1GB")),
+    ("hf -> megatron torch_dist", "hf", ("--to", "megatron", "--megatron_ckpt_format", "torch_dist")),
+    ("megatron torch_dist -> hf", "dist", ("--to", "hf", "--max_shard_size", "1GB")),
+)
+
+
+class ProcessRow(NamedTuple):
+    name: str
+    copy_seconds: float  # median of `cp -r` of its source, measured before it in each round
+    seconds: dict[int, float]  # processes -> median wall time
+    cpu_seconds: dict[int, float]  # processes -> median CPU time of all of them (and torchrun's)
+    peak_mb: dict[int, float]  # processes -> highest peak RSS of one process
+
+
+def _launched(processes: int, source: Path, target: Path, *flags: str) -> list[str]:
+    """The conversion in one plain process, or under torchrun in ``processes`` processes."""
+    command = _convert(source, target, *flags)
+    return command if processes == 1 else TORCHRUN + [str(processes)] + command[1:]
+
+
+def run_processes(work: Path, gigabytes: float, counts: list[int],
+                  repeats: int) -> tuple[list[ProcessRow], dict[str, float]]:
+    """Each of ``PROCESS_CASES`` at every process count, side by side in each round; and torchrun's start-up."""
+    hf = work / "hf"
+    build_synthetic(hf, SIZED, layers_for_size(gigabytes, SIZED))
+    for tree, flags in (("tp2pp2", PROCESS_CASES[0][2]), ("dist", PROCESS_CASES[2][2])):
+        subprocess.run(_convert(hf, work / tree, *flags), check=True)
+    steps, rows = Steps(work, repeats), []
+    (work / "empty.py").write_text("")
+    startup = {"torchrun": statistics.median(measure(TORCHRUN + [str(max(counts)), str(work / "empty.py")])[0]
+                                             for _ in range(repeats)),
+               "import": statistics.median(measure([sys.executable, "-c", IMPORT_ONLY.format(
+                   repo=str(REPO), scripts=str(REPO / "scripts"))])[0] for _ in range(repeats))}
+    for name, source, flags in PROCESS_CASES:
+        copies, runs = [], {count: [] for count in counts}
+        for _ in range(repeats):
+            copies.append(steps._copy(work / source))
+            for count in counts:
+                shutil.rmtree(work / "out", ignore_errors=True)
+                runs[count].append(measure_cpu(_launched(count, work / source, work / "out", *flags)))
+        rows.append(ProcessRow(name, statistics.median(copies),
+                               {count: statistics.median(run[0] for run in times) for count, times in runs.items()},
+                               {count: statistics.median(run[2] for run in times) for count, times in runs.items()},
+                               {count: max(run[1] for run in times) for count, times in runs.items()}))
+    shutil.rmtree(work / "copy", ignore_errors=True)
+    return rows, startup
+
+
+def report_processes(title: str, rows: list[ProcessRow], startup: dict[str, float]) -> None:
+    counts = sorted(rows[0].seconds)
+    print(f"\n## {title}: wall seconds (and CPU seconds of all processes) by processes; 1: one plain process, more: "
+          f"torchrun --standalone. Start-up: the tool's imports {startup['import']:.1f} s; torchrun of an empty "
+          f"script, {max(counts)} processes, {startup['torchrun']:.1f} s")
+    print("| conversion | cp -r of its source | " + " | ".join(f"{n} proc. s (CPU s)" for n in counts)
+          + " | " + " | ".join(f"speed-up at {n}" for n in counts[1:]) + " | peak RSS MB per process |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in counts) + " | " + " | ".join("---:" for _ in counts[1:])
+          + " | ---: |")
+    for row in rows:
+        base = row.seconds[counts[0]]
+        print(f"| {row.name} | {row.copy_seconds:.1f} | "
+              + " | ".join(f"{row.seconds[n]:.1f} ({row.cpu_seconds[n]:.1f})" for n in counts)
+              + " | " + " | ".join(f"{base / row.seconds[n]:.2f}" for n in counts[1:]) + " | "
+              + " / ".join(f"{row.peak_mb[n]:.0f}" for n in counts) + " |")
+
+
 def run_real_shapes(work: Path, layers: int, repeats: int) -> list[Row]:
     """The rows of a model of Llama-3-8B's layer and vocab shapes (largest tensor 1 GB), ``layers`` layers."""
     hf = work / "hf"
@@ -377,9 +459,13 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
+    parser.add_argument("--nproc", default=None,
+                        help="comma-separated process counts, e.g. 1,2: only the scaling rows, for every --sizes model")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}; "
           f"median of {args.repeats} runs per step")
+    if args.nproc:
+        return scaling(args)
     peaks = {}
     for size in [] if args.only_real_shapes else [float(s) for s in args.sizes.split(",")]:
         with _workdir(args.workdir) as work:
@@ -403,6 +489,16 @@ def main() -> int:
                    f"{_tree_gb(work / 'hf'):.2f} GB", DEEPSEEK_V3, rows)
     print(json.dumps({"sizes": list(peaks), "real_shapes_layers": args.real_shapes_layers,
                       "deepseek_layers": args.deepseek_layers}))
+    return 0
+
+
+def scaling(args: argparse.Namespace) -> int:
+    """``--nproc``: every size's conversions at every process count."""
+    counts = sorted({int(count) for count in args.nproc.split(",")})
+    for size in [float(s) for s in args.sizes.split(",")]:
+        with _workdir(args.workdir) as work:
+            rows, startup = run_processes(work, size, counts, args.repeats)
+            report_processes(f"{size} GB requested, HF source {_tree_gb(work / 'hf'):.2f} GB", rows, startup)
     return 0
 
 
