@@ -115,8 +115,8 @@ def _with_args(source, out, **changes):
                                                "softmax and does not scale"),
     ({"moe_router_topk_scaling_factor": 2.5}, "scales them by 2.5"),
     ({"moe_layer_freq": [1, 1, 0]}, "moe_layer_freq is [1, 1, 0], not a whole number or a list of num_layers=4"),
-    ({"moe_router_group_topk": 2, "moe_router_num_groups": 2}, "group-limited routing (moe_router_group_topk=2) is "
-                                                               "not converted"),
+    ({"moe_router_group_topk": 1, "moe_router_num_groups": 2}, "the router limits each token to 1 of 2 groups of "
+                                                               "experts, which a qwen3_moe router does not"),
 ])
 def test_routing_a_hugging_face_model_cannot_express_is_refused(qwen_moe, tmp_path, capsys, changes, message):
     root, _ = qwen_moe
