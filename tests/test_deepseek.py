@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.family_kit import VARIANTS
-from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names
+from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names, with_args
 from tests.test_errors import snapshot
 
 VARIANT = {variant.name: variant for variant in VARIANTS}
@@ -206,15 +206,6 @@ def test_routing_megatron_core_cannot_compute_is_refused(moe_models, tmp_path, c
     _refused(capsys, source, tmp_path / "out", message, "config.json")
 
 
-def _with_args(source: Path, out: Path, **changes) -> Path:
-    tree = shutil.copytree(source, out)
-    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    vars(state["args"]).update(changes)
-    torch.save(state, rank_file)
-    return tree
-
-
 @pytest.mark.parametrize("name, changes, message", [
     ("deepseek_v3_moe_halves_tied", {"moe_router_group_topk": 1}, "megatron-core by their best num_experts_per_tok "
                                                                   "// topk_group = 4"),
@@ -226,14 +217,14 @@ def _with_args(source: Path, out: Path, **changes) -> Path:
                                                                  "moe_router_score_function softmax"),
 ], ids=["v3-group-ranking", "groups-not-dividing", "v2-renormalised", "softmax-expert-bias"])
 def test_megatron_routing_no_deepseek_router_computes_is_refused(moe_models, tmp_path, capsys, name, changes, message):
-    source = _with_args(moe_models[name][1], tmp_path / "src", **changes)
+    source = with_args(moe_models[name][1], tmp_path / "src", **changes)
     _refused(capsys, source, tmp_path / "out", message, "model_optim_rng.pt")
 
 
 def test_dense_layers_must_come_first(moe_models, tmp_path, capsys):
     """A Megatron model whose dense layers are not the first ones has no DeepSeek config (first_k_dense_replace)."""
     source = moe_models["deepseek_v3_moe_halves_tied"][1]
-    tree = _with_args(source, tmp_path / "src", moe_layer_freq=[1, 0, 1, 1])
+    tree = with_args(source, tmp_path / "src", moe_layer_freq=[1, 0, 1, 1])
     rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(rank_file, weights_only=False)
     model = state["model"]
