@@ -336,3 +336,22 @@ def test_megatron_lm_args_without_our_records(tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["rope_parameters"]["rope_type"] == "yarn"
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
+def test_megatron_sigmoid_router_without_expert_bias(moe_models, tmp_path):
+    """A Megatron sigmoid router without expert bias is DeepSeek-V3's with ``e_score_correction_bias`` zero."""
+    from transformers import AutoModelForCausalLM
+
+    hf, megatron, _ = moe_models["deepseek_v3_moe_halves_tied"]
+    tree = with_args(megatron, tmp_path / "src", moe_router_enable_expert_bias=False)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["model"] = {key: value for key, value in state["model"].items() if not key.endswith("router.expert_bias")}
+    torch.save(state, rank_file)
+    assert convert("--load_path", tree, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.zero_()
+    written = load_file(tmp_path / "hf" / "model.safetensors")["model.layers.2.mlp.gate.e_score_correction_bias"]
+    assert written.dtype == torch.float32 and not written.any()
+    assert_logits_close(logits_of(tmp_path / "hf"), logits_of(model))
