@@ -50,7 +50,10 @@ class ModelArch:
     list. The router scores experts with ``moe_router_score_function`` (``softmax`` or ``sigmoid``); with
     ``moe_router_pre_softmax`` the softmax runs over every expert before the top-k (the k weights are not
     renormalised), else over the k chosen logits (renormalised); ``moe_router_topk_scaling_factor``
-    multiplies the k weights. Shared experts: one always-on MLP of ``moe_shared_expert_intermediate_size``
+    multiplies the k weights. Group-limited routing: the experts form ``moe_router_num_groups`` equal groups,
+    and the k experts come from the ``moe_router_group_topk`` groups whose best k / group_topk scores sum
+    highest. ``moe_router_enable_expert_bias`` (sigmoid only): a per-expert bias is added to the scores for
+    choosing the k experts, not to their weights (sigmoid weights of k > 1 are always renormalised). Shared experts: one always-on MLP of ``moe_shared_expert_intermediate_size``
     beside the routed ones, its output scaled by sigmoid(gate . x) when ``moe_shared_expert_gate``.
     """
 
@@ -80,6 +83,9 @@ class ModelArch:
     moe_router_score_function: str = "softmax"
     moe_router_pre_softmax: bool = False
     moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+    moe_router_enable_expert_bias: bool = False
     moe_shared_expert_intermediate_size: int | None = None
     moe_shared_expert_gate: bool = False
     attention_dropout: float = 0.0  # training settings Megatron-LM takes from a checkpoint's args

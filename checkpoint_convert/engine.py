@@ -334,7 +334,7 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
             if keep is None or key in keep:
-                yield item, key, cast(tensor, dtype)
+                yield item, key, cast(tensor, torch.float32 if item.param.float32 and dtype is not None else dtype)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

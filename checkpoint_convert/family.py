@@ -71,6 +71,10 @@ class Param:
     zero_in_megatron: Callable[[ModelArch], tuple[int, ...]] | None = None
     experts: bool = False
     layers: Layers = Layers.EVERY
+    float32: bool = False
+
+    # ``float32``: written in float32 whatever the output dtype (a router's expert bias, which megatron-core and
+    # transformers both keep in float32: rounded to bf16 it would choose other experts).
 
     # ``experts``: one tensor per MoE expert in Megatron (``{expert}`` in ``megatron`` is the index
     # local to the expert-parallel rank), stacked on a leading expert axis on the Hugging Face side
@@ -324,12 +328,15 @@ def softmax_routing(renormalise: bool) -> dict[str, Any]:
 
 def norm_topk_prob(arch: ModelArch) -> bool:
     """transformers' ``norm_topk_prob`` of the architecture's router; refuses a router a softmax router with or
-    without renormalisation does not compute (sigmoid scores, scaled weights)."""
+    without renormalisation does not compute (sigmoid scores, scaled weights, groups of experts)."""
     scaling = arch.moe_router_topk_scaling_factor
     if arch.moe_router_score_function != "softmax" or scaling not in (None, 1.0):
         raise BadInputError(f"the router scores experts with {arch.moe_router_score_function}"
                             f"{f' and scales them by {scaling}' if scaling not in (None, 1.0) else ''}; a {arch.family} "
                             "router takes a softmax and does not scale")
+    if arch.moe_router_group_topk:
+        raise BadInputError(f"the router limits each token to {arch.moe_router_group_topk} of "
+                            f"{arch.moe_router_num_groups} groups of experts, which a {arch.family} router does not")
     return not arch.moe_router_pre_softmax
 
 

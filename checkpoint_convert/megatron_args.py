@@ -234,12 +234,13 @@ def _moe_routing(args: Any, num_layers: int, source: str) -> dict[str, Any]:
     """Which layers have experts, how the router weighs them and the shared experts beside them."""
     if not _get(args, "num_experts"):
         return {}
-    if _get(args, "moe_router_group_topk"):
-        raise BadInputError(f"group-limited routing (moe_router_group_topk={_get(args, 'moe_router_group_topk')}) "
-                            "is not converted", source)
     score = _get(args, "moe_router_score_function", default="softmax")
     if score not in ("softmax", "sigmoid"):
         raise BadInputError(f"moe_router_score_function is {score!r}, not softmax or sigmoid", source)
+    expert_bias = bool(_get(args, "moe_router_enable_expert_bias", default=False))
+    if expert_bias and score != "sigmoid":  # megatron-core's TransformerConfig refuses it too
+        raise BadInputError(f"moe_router_enable_expert_bias with moe_router_score_function {score}: the expert bias "
+                            "is a sigmoid router's", source)
     scaling = _get(args, "moe_router_topk_scaling_factor")
     shared = _get(args, "moe_shared_expert_intermediate_size")
     return dict(
@@ -247,10 +248,25 @@ def _moe_routing(args: Any, num_layers: int, source: str) -> dict[str, Any]:
         moe_router_pre_softmax=bool(_get(args, "moe_router_pre_softmax", default=False)),
         moe_router_topk_scaling_factor=None if scaling is None else real_number(scaling, "moe_router_topk_scaling_factor",
                                                                                  source),
+        moe_router_enable_expert_bias=expert_bias, **_router_groups(args, source),
         moe_shared_expert_intermediate_size=None if shared is None else whole_number(
             shared, "moe_shared_expert_intermediate_size", source),
         moe_shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)) and shared is not None,
     )
+
+
+def _router_groups(args: Any, source: str) -> dict[str, Any]:
+    """Group-limited routing (``moe_router_num_groups`` groups, ``moe_router_group_topk`` of them chosen), checked as
+    megatron-core's TransformerConfig checks it; none without ``moe_router_group_topk``."""
+    if not _get(args, "moe_router_group_topk"):
+        return {}
+    chosen = _whole(args, source, "moe_router_group_topk")
+    groups = _whole(args, source, "moe_router_num_groups")
+    experts = _whole(args, source, "num_experts")
+    if groups is None or experts % groups or chosen > groups:
+        raise BadInputError(f"moe_router_group_topk {chosen} needs moe_router_num_groups (now {groups}) dividing the "
+                            f"{experts} experts and at least {chosen}", source)
+    return {"moe_router_num_groups": groups, "moe_router_group_topk": chosen}
 
 
 def _window_args(arch: ModelArch) -> dict[str, Any]:
@@ -464,8 +480,8 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
 
 def _moe_fields(arch: ModelArch, grouped_gemm: bool) -> dict[str, Any]:
     """Mixture-of-experts fields: which layers have experts (``moe_layer_freq``: 1, or a per-layer list), the
-    router's score function, softmax before or after the top-k and scaling (megatron-core's
-    ``topk_routing_with_score_function``), shared experts and their gate; no expert bias."""
+    router's score function, softmax before or after the top-k, groups, expert bias and scaling (megatron-core's
+    ``topk_routing_with_score_function``), shared experts and their gate."""
     return dict(
         num_experts=arch.num_experts, moe_layer_freq=list(arch.moe_layers) if arch.moe_layers else 1,
         moe_router_topk=arch.moe_router_topk,
@@ -473,7 +489,9 @@ def _moe_fields(arch: ModelArch, grouped_gemm: bool) -> dict[str, Any]:
         moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
         moe_router_load_balancing_type="aux_loss" if arch.num_experts else "none",
         moe_token_dispatcher_type="allgather", moe_router_pre_softmax=arch.moe_router_pre_softmax,
-        moe_router_score_function=arch.moe_router_score_function, moe_router_enable_expert_bias=False,
+        moe_router_score_function=arch.moe_router_score_function,
+        moe_router_enable_expert_bias=arch.moe_router_enable_expert_bias,
+        moe_router_num_groups=arch.moe_router_num_groups, moe_router_group_topk=arch.moe_router_group_topk,
         moe_router_topk_scaling_factor=arch.moe_router_topk_scaling_factor,
         moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=arch.moe_shared_expert_gate, moe_grouped_gemm=grouped_gemm,

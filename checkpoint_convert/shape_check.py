@@ -37,7 +37,7 @@ HF_NAMES = {
     "num_attention_heads": ("num_attention_heads", "n_head"), "num_query_groups": ("num_key_value_heads",),
     "kv_channels": ("head_dim",), "ffn_hidden_size": ("intermediate_size", "n_inner"),
     "vocab_size": ("vocab_size",), "max_position_embeddings": ("max_position_embeddings", "n_positions"),
-    "num_experts": ("num_local_experts", "num_experts"), "moe_router_topk": ("num_experts_per_tok",),
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"), "moe_router_topk": ("num_experts_per_tok",),
     "moe_ffn_hidden_size": ("moe_intermediate_size", "intermediate_size"),
     "moe_shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
     "norm_epsilon": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"), "rotary_base": ("rope_theta",),
@@ -55,7 +55,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-_MAY_BE_ZERO = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+_MAY_BE_ZERO = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "shared_expert_intermediate_size")  # a dense model's config may say 0 experts
 
 

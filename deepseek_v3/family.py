@@ -1,4 +1,5 @@
-"""DeepSeek-V3 and DeepSeek-V2 (and the models built on them): multi-latent attention (MLA).
+"""DeepSeek-V3 and DeepSeek-V2 (and the models built on them): multi-latent attention (MLA); the expert layers
+(DeepSeekMoE) are in ``moe.py``.
 
 transformers' ``self_attn`` and megatron-core's ``MLASelfAttention`` (``multi_latent_attention``) hold the
 same projections with the same row layouts, so each maps one to one:
@@ -32,7 +33,10 @@ from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_config, config_kwargs
 
+from qwen2_moe.family import old_layout_aliases
+
 from .hf_config import SHARED_KEYS, check_supported
+from .moe import MOE_LAYER, moe_config_kwargs, moe_fields
 
 COLUMN, ROW, REPLICATED = Style.COLUMN, Style.ROW, Style.REPLICATED
 
@@ -102,36 +106,44 @@ def is_mtp_tensor(arch: ModelArch, name: str) -> bool:
     return len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= arch.num_layers
 
 
+def _is_v2(arch: ModelArch) -> bool:
+    """V2's config keys (recorded in the args) tell V2 from V3; without our records, a softmax router is V2's."""
+    if {"topk_method", "rope_interleave"} & set(arch.extra):
+        return "topk_method" in arch.extra
+    return bool(arch.num_experts) and arch.moe_router_score_function == "softmax"
+
+
 def deepseek_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...]) -> FamilySpec:
-    """A DeepSeek family (V2 or V3 config class): MLA layers with dense SwiGLU MLPs."""
+    """A DeepSeek family (V2 or V3 config class): MLA layers, dense SwiGLU MLPs in the first layers, then experts."""
+    v2 = "topk_method" in extra_keys
+
     def from_config(cfg: Any) -> ModelArch:
         arch = arch_from_llama_config(cfg, name, SHARED_KEYS + extra_keys)
         check_supported(cfg, arch)
         mla = LatentAttention(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
                               qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
                               v_head_dim=cfg.v_head_dim)
-        return arch.replace(mla=mla, kv_channels=mla.q_head_dim, qk_layernorm=True)
+        return arch.replace(mla=mla, kv_channels=mla.q_head_dim, qk_layernorm=True, **moe_fields(cfg, v2))
 
     def to_config(arch: ModelArch) -> Any:
         if arch.mla is None:
             raise BadInputError(f"a {name} model has multi-latent attention; this source has none")
         kwargs = {key: value for key, value in config_kwargs(arch).items() if key != "head_dim"}
-        # every layer dense (a Megatron-LM source records no first_k_dense_replace; the class default has MoE layers)
-        kwargs["first_k_dense_replace"] = max(kwargs.get("first_k_dense_replace") or 0, arch.num_layers)
+        kwargs.update(moe_config_kwargs(arch, v2))
         mla = arch.mla
         return transformers_attr(config_class)(
             architectures=[architecture], q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
             qk_nope_head_dim=mla.qk_head_dim, qk_rope_head_dim=mla.qk_pos_emb_head_dim, v_head_dim=mla.v_head_dim,
             attention_bias=False, **kwargs)
 
-    def matches(arch: ModelArch) -> bool:  # V2's config keys (recorded in the args) tell V2 from V3
-        return arch.mla is not None and ("topk_method" in arch.extra) == ("topk_method" in extra_keys)
+    def matches(arch: ModelArch) -> bool:
+        return arch.mla is not None and _is_v2(arch) == v2
 
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
-        layer=MLA + PRE_MLP_NORM + DENSE_MLP, last_stage=LAST, hf_config_class=config_class,
+        layer=MLA + PRE_MLP_NORM + DENSE_MLP + MOE_LAYER, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
-        hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor)
+        hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor, hf_aliases=old_layout_aliases)
 
 
 DEEPSEEK_V3 = register(deepseek_family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",

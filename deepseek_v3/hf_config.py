@@ -1,5 +1,6 @@
 """DeepSeek transformers configs: what megatron-core's multi-latent attention can hold, and the keys carried as
-they are (mixture-of-experts routing and multi-token prediction, kept in the args' ``hf_extra_config``)."""
+they are (the expert layers' keys, as the source spelled them, and multi-token prediction, kept in the args'
+``hf_extra_config``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,9 +8,11 @@ from typing import Any
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 
-# config values carried as they are (MoE routing and multi-token prediction: converted later, kept meanwhile)
-SHARED_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
-               "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob")
+from .moe import MOE_KEYS
+
+# config values carried as they are: a round trip writes the source's spelling of its expert layers (moe.py), and a
+# dense model's (first_k_dense_replace = num_hidden_layers) unused expert keys
+SHARED_KEYS = MOE_KEYS
 YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
              "mscale_all_dim"}
 
@@ -26,17 +29,13 @@ def _check_sizes(cfg: Any) -> None:
 
 
 def check_supported(cfg: Any, arch: ModelArch) -> None:
-    """What megatron-core's MLA (or this converter, for now) cannot hold, refused with one line."""
+    """What megatron-core's MLA cannot hold, refused with one line."""
     _check_sizes(cfg)
     if arch.add_qkv_bias or arch.add_bias_linear:
         raise BadInputError("attention_bias/mlp_bias: megatron-core's multi-latent attention has no biases")
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         raise BadInputError(f"num_key_value_heads {cfg.num_key_value_heads} differs from num_attention_heads "
                             f"{cfg.num_attention_heads}: multi-latent attention has one key and value per head")
-    first_dense = getattr(cfg, "first_k_dense_replace", None)
-    if getattr(cfg, "n_routed_experts", None) and (first_dense or 0) < cfg.num_hidden_layers:
-        raise BadInputError(f"mixture-of-experts layers (first_k_dense_replace={first_dense} < num_hidden_layers="
-                            f"{cfg.num_hidden_layers}) are not converted yet")
     scaling = arch.rope_scaling or {}
     if scaling and (scaling.get("rope_type") != "yarn" or set(scaling) - YARN_KEYS):
         raise BadInputError(f"rope scaling {scaling} is not one megatron-core's MLA applies (yarn with factor, "

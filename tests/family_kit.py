@@ -29,7 +29,8 @@ class Variant:
     legacy Megatron model can hold it (else the kit checks that ``--megatron_format legacy`` is refused).
     ``experts``: a mixture-of-experts model (the kit adds expert-parallel layouts). ``detected_as``: the
     family a Megatron checkpoint of it is taken for when its args do not name one (a Megatron-LM run's);
-    None: its own.
+    None: its own. ``routing``: the routing features its experts' logits depend on (the kit checks that
+    megatron-core misses them without each: ``tests/test_family_kit.py`` ``WRONG_ROUTINGS``).
     """
 
     name: str
@@ -38,23 +39,30 @@ class Variant:
     legacy: bool = True
     experts: bool = False
     detected_as: str | None = None
+    routing: tuple[str, ...] = ("softmax_order",)
 
 
-def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (), **config: Any) -> Callable:
+def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (),
+             random_buffers: tuple[str, ...] = (), **config: Any) -> Callable:
     """A builder of a random transformers model of ``config_class`` (``TINY`` values, then ``config``).
 
     ``zero``: parameter name suffixes set to zero, for tensors Megatron's architecture fixes at zero
-    (e.g. the o_proj bias of a model that Megatron biases on qkv only).
+    (e.g. the o_proj bias of a model that Megatron biases on qkv only). ``random_buffers``: buffer name
+    suffixes of weights kept as buffers (a router's expert bias), drawn from N(0, 0.5^2) instead of their zeros.
     """
     def build(path: Path):
         import transformers
 
         cfg = getattr(transformers, config_class)(**{**TINY, **config})
         model = randomize(getattr(transformers, model_class)(cfg), seed).eval()
+        generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(zero):
                     param.zero_()
+            for name, buffer in model.named_buffers():
+                if random_buffers and name.endswith(random_buffers):
+                    buffer.copy_(0.5 * torch.randn(buffer.shape, generator=generator))
         model.save_pretrained(path)
         return model
     return build
@@ -87,6 +95,13 @@ def qwen_moe(family: str, seed: int, **config: Any) -> Callable:
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
            first_k_dense_replace=4, n_routed_experts=4, moe_intermediate_size=32, n_group=2, topk_group=1,
            num_experts_per_tok=2)
+# DeepSeekMoE: layer 0 dense, then 8 experts of 16 and 2 shared experts; V3: sigmoid scores plus a random expert bias,
+# 2 of 4 groups chosen by their best two scores (top-4: 4 // 2 = 2, as megatron-core ranks them), weights
+# renormalised then scaled by 2.5; V2: softmax over every expert, 2 of 4 groups by their best score (top-3: 3 // 2 = 1), x 2.0
+DEEPSEEK_MOE = dict(MLA, first_k_dense_replace=1, n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=2,
+                    n_group=4, topk_group=2)
+DEEPSEEK_V3_MOE = dict(DEEPSEEK_MOE, num_experts_per_tok=4, routed_scaling_factor=2.5, norm_topk_prob=True)
+DEEPSEEK_V2_MOE = dict(DEEPSEEK_MOE, num_experts_per_tok=3, routed_scaling_factor=2.0, topk_method="group_limited_greedy")
 DEEPSEEK_YARN = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
@@ -132,11 +147,14 @@ VARIANTS = (
             legacy=False, experts=True),
     Variant("deepseek_v3_mla", "deepseek_v3", hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", 9, q_lora_rank=32,
                                                        rope_parameters=DEEPSEEK_YARN, **MLA), legacy=False),
-    # rotary rows stored as halves (rope_interleave false): permuted to megatron-core's interleaved pairs
-    Variant("deepseek_v3_halves_tied", "deepseek_v3", hf_model(
+    # DeepSeekMoE (V3 routing); rotary rows stored as halves (rope_interleave false): permuted to megatron-core's
+    # interleaved pairs
+    Variant("deepseek_v3_moe_halves_tied", "deepseek_v3", hf_model(
         "DeepseekV3Config", "DeepseekV3ForCausalLM", 10, q_lora_rank=24, rope_interleave=False, tie_word_embeddings=True,
-        rope_parameters=QWEN_ROPE, **MLA), legacy=False),
-    # DeepSeek-V2-Lite's shape: no query latent (q_proj), a softmax router's keys
-    Variant("deepseek_v2_lite", "deepseek_v2", hf_model("DeepseekV2Config", "DeepseekV2ForCausalLM", 11, q_lora_rank=None,
-                                                        rope_parameters=QWEN_ROPE, **MLA), legacy=False),
+        rope_parameters=QWEN_ROPE, random_buffers=("e_score_correction_bias",), **DEEPSEEK_V3_MOE),
+            legacy=False, experts=True, routing=("groups", "scaling", "expert_bias")),
+    # DeepSeek-V2-Lite's attention (no query latent: q_proj), DeepSeekMoE with V2's group-limited softmax router
+    Variant("deepseek_v2_moe", "deepseek_v2", hf_model("DeepseekV2Config", "DeepseekV2ForCausalLM", 11, q_lora_rank=None,
+                                                       rope_parameters=QWEN_ROPE, **DEEPSEEK_V2_MOE),
+            legacy=False, experts=True, routing=("softmax_order", "groups", "scaling")),
 )

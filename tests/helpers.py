@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -112,3 +113,13 @@ def as_virtual_pipeline(tree: Path, out: Path, pp: int, vpp: int) -> Path:
             torch.save(state, out / "release" / f"mp_rank_{tp:02d}_{rank:03d}" / "model_optim_rng.pt")
     (out / "latest_checkpointed_iteration.txt").write_text("release")
     return out
+
+
+def with_args(source: Path, out: Path, **changes: Any) -> Path:
+    """A copy of a TP1 Megatron tree (``mp_rank_00``) whose args have ``changes``."""
+    tree = shutil.copytree(source, out)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    vars(state["args"]).update(changes)
+    torch.save(state, rank_file)
+    return tree

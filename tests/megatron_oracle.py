@@ -152,12 +152,13 @@ def _mla_core_attention():
 def _moe_fields(args) -> dict:
     """TransformerConfig's mixture-of-experts fields: the args of the same name (as Megatron-LM's
     ``core_transformer_config_from_args`` copies them): which layers have experts, the router's semantics,
-    the shared experts and their gate."""
+    the shared experts and their gate, the expert bias and groups."""
     experts = getattr(args, "num_experts", None)
     if not experts:
         return {}
     same = ("moe_layer_freq", "moe_router_pre_softmax", "moe_router_score_function", "moe_router_topk_scaling_factor",
-            "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+            "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
+            "moe_router_num_groups", "moe_router_group_topk")
     return dict(num_moe_experts=experts, moe_router_topk=getattr(args, "moe_router_topk", 2),
                 moe_token_dispatcher_type="allgather",
                 moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,

@@ -1,12 +1,14 @@
 """DeepSeek beyond the family kit: FP8 block-quantized sources, the down projections' tensor-parallel layout per
-key schema, and what is refused.
+key schema, expert layers from Megatron-LM's args, older per-expert layouts, the expert bias's dtype, multi-token
+prediction layers, and the routing megatron-core cannot compute, refused.
 
-The kit (``tests/family_kit.py``: ``deepseek_v3_mla``, ``deepseek_v3_halves_tied``, ``deepseek_v2_lite``) runs
-multi-latent attention through every direction with megatron-core's logits.
+The kit (``tests/family_kit.py``: ``deepseek_v3_mla``, ``deepseek_v3_moe_halves_tied``, ``deepseek_v2_moe``) runs
+multi-latent attention and DeepSeekMoE through every direction and layout with megatron-core's logits.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.family_kit import VARIANTS
-from tests.helpers import assert_logits_close, convert, logits_of
+from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names, with_args
+from tests.test_errors import snapshot
 
 VARIANT = {variant.name: variant for variant in VARIANTS}
 E4M3_MAX = 448.0
@@ -157,26 +160,154 @@ def test_down_projections_per_schema(tmp_path):
     assert te["input_layernorm.weight"] == (64,) and "self_attention.q_layernorm.weight" not in te
 
 
-def test_moe_layers_are_refused_for_now(tmp_path, capsys):
-    VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
-    capsys.readouterr()
-    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 2
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """The kit's DeepSeekMoE variants (V3 and V2 routing): Hugging Face, their logits, and Megatron TP1 rank files."""
+    root = tmp_path_factory.mktemp("deepseek_moe")
+    made = {}
+    for name in ("deepseek_v3_moe_halves_tied", "deepseek_v2_moe"):
+        expected = logits_of(VARIANT[name].build(root / name))
+        assert convert("--load_path", root / name, "--save_path", root / f"{name}_megatron", "--to", "megatron") == 0
+        made[name] = root / name, root / f"{name}_megatron", expected
+    return made
+
+
+def _refused(capsys, source: Path, out: Path, message: str, file: str, *flags: str) -> None:
+    before, _ = snapshot(source), capsys.readouterr()
+    to = "megatron" if file == "config.json" else "hf"
+    assert convert("--load_path", source, "--save_path", out, "--to", to, *flags) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "mixture-of-experts layers" in err and not (tmp_path / "out").exists()
+    assert message in err and file in err and "\n" not in err, err
+    assert snapshot(source) == before and not out.exists()
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("deepseek_v3_moe_halves_tied", {"num_experts_per_tok": 2},
+     "num_experts_per_tok 2 with topk_group 2: transformers' DeepseekV3 router ranks groups by their best 2 scores, "
+     "megatron-core by their best num_experts_per_tok // topk_group = 1"),
+    ("deepseek_v3_moe_halves_tied", {"norm_topk_prob": False}, "norm_topk_prob is False with num_experts_per_tok 4: "
+     "megatron-core's sigmoid router renormalises the weights exactly when it chooses more than one expert"),
+    ("deepseek_v3_moe_halves_tied", {"moe_layer_freq": 2}, "moe_layer_freq is 2: transformers' DeepSeek models have"),
+    ("deepseek_v3_moe_halves_tied", {"n_shared_experts": 3}, "n_shared_experts is 3, but the tensors fit "
+                                                             "n_shared_experts=2"),
+    ("deepseek_v3_moe_halves_tied", {"n_shared_experts": 0}, "n_shared_experts is 0, not a whole number of at least 1"),
+    ("deepseek_v2_moe", {"topk_method": "noaux_tc"}, "topk_method is 'noaux_tc', not one transformers' DeepseekV2 "
+                                                     "router computes (greedy, group_limited_greedy)"),
+    ("deepseek_v2_moe", {"num_experts_per_tok": 4}, "ranks groups by their best 1 score, megatron-core by their best "
+                                                    "num_experts_per_tok // topk_group = 2"),
+    ("deepseek_v2_moe", {"norm_topk_prob": True}, "norm_topk_prob is true, but transformers' DeepseekV2 router never "
+                                                  "renormalises"),
+], ids=["v3-group-ranking", "v3-not-renormalised", "moe-layer-freq", "shared-size", "no-shared", "v2-topk-method",
+        "v2-group-ranking", "v2-renormalised"])
+def test_routing_megatron_core_cannot_compute_is_refused(moe_models, tmp_path, capsys, name, changes, message):
+    source = shutil.copytree(moe_models[name][0], tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **changes}))
+    _refused(capsys, source, tmp_path / "out", message, "config.json")
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("deepseek_v3_moe_halves_tied", {"moe_router_group_topk": 1}, "megatron-core by their best num_experts_per_tok "
+                                                                  "// topk_group = 4"),
+    ("deepseek_v3_moe_halves_tied", {"moe_router_group_topk": 3, "moe_router_num_groups": 3},
+     "moe_router_group_topk 3 needs moe_router_num_groups (now 3) dividing the 8 experts"),
+    ("deepseek_v2_moe", {"moe_router_pre_softmax": False}, "the router (softmax scores, pre-softmax False) is not a "
+                                                           "deepseek_v2 router"),
+    ("deepseek_v2_moe", {"moe_router_enable_expert_bias": True}, "moe_router_enable_expert_bias with "
+                                                                 "moe_router_score_function softmax"),
+], ids=["v3-group-ranking", "groups-not-dividing", "v2-renormalised", "softmax-expert-bias"])
+def test_megatron_routing_no_deepseek_router_computes_is_refused(moe_models, tmp_path, capsys, name, changes, message):
+    source = with_args(moe_models[name][1], tmp_path / "src", **changes)
+    _refused(capsys, source, tmp_path / "out", message, "model_optim_rng.pt")
+
+
+def test_dense_layers_must_come_first(moe_models, tmp_path, capsys):
+    """A Megatron model whose dense layers are not the first ones has no DeepSeek config (first_k_dense_replace)."""
+    source = moe_models["deepseek_v3_moe_halves_tied"][1]
+    tree = with_args(source, tmp_path / "src", moe_layer_freq=[1, 0, 1, 1])
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    model = state["model"]
+    layer0 = {k: v for k, v in model.items() if k.startswith("decoder.layers.0.")}
+    layer1 = {k: v for k, v in model.items() if k.startswith("decoder.layers.1.")}
+    for key in (*layer0, *layer1):
+        del model[key]
+    model.update({k.replace("layers.0.", "layers.1."): v for k, v in layer0.items()})
+    model.update({k.replace("layers.1.", "layers.0."): v for k, v in layer1.items()})
+    torch.save(state, rank_file)
+    _refused(capsys, tree, tmp_path / "out", "expert layers [1, 0, 1, 1]: a DeepSeek model has its dense layers first",
+             "model_optim_rng.pt")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_moe_halves_tied", "deepseek_v2_moe"])
+def test_megatron_lm_args_of_expert_layers_without_our_records(moe_models, tmp_path, name):
+    """Megatron-LM's args (no ``hf_extra_config``, ``hf_family``): the router tells V3 (sigmoid) from V2 (softmax),
+    and the expert layers' config keys are spelled from megatron-core's fields, with the original's logits."""
+    hf, megatron, expected = moe_models[name]
+    tree = shutil.copytree(megatron, tmp_path / "megatron")
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    for field in ("hf_rope_scaling", "hf_extra_config", "hf_family"):
+        delattr(state["args"], field)
+    torch.save(state, rank_file)
+    assert convert("--load_path", tree, "--save_path", tmp_path / "back", "--to", "hf") == 0
+    config, original = (json.loads((path / "config.json").read_text()) for path in (tmp_path / "back", hf))
+    keys = ("model_type", "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+            "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor", "topk_method")
+    assert {key: config.get(key) for key in keys} == {key: original.get(key) for key in keys}
+    assert_logits_close(logits_of(tmp_path / "back"), expected)
+
+
+def test_greedy_v2_router_and_older_per_expert_layout(moe_models, tmp_path):
+    """DeepSeek-V2-Lite's router (``topk_method: greedy``, one group) with the experts stored one by one
+    (``mlp.experts.E.{gate,up,down}_proj``, as DeepSeek's own checkpoints and older transformers hold them)."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "greedy"
+    config = json.loads((moe_models["deepseek_v2_moe"][0] / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(moe_models["deepseek_v2_moe"][0], dtype=torch.float32)
+    model.config.topk_method, model.config.n_group, model.config.topk_group = "greedy", 1, 1
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.topk_method = "greedy"
+    model.save_pretrained(source)
+    old = per_expert_layout(source, tmp_path / "old", {}, "gate_proj", "up_proj", "down_proj")
+    assert "model.layers.3.mlp.experts.7.up_proj.weight" in stored_names(old)
+    assert convert("--load_path", old, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_expert_model_parallel_size", "2", "--target_tensor_model_parallel_size", "2") == 0
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["topk_method"], written["n_group"], written["topk_group"]) == ("greedy", 1, 1)
+    assert config["topk_method"] == "group_limited_greedy"
+    assert_logits_close(logits_of(tmp_path / "hf"), logits_of(model))
+
+
+def test_expert_bias_stays_float32(moe_models, tmp_path):
+    """megatron-core keeps ``router.expert_bias`` in float32 (and transformers ``e_score_correction_bias``): a bf16
+    conversion keeps it so, on both sides."""
+    hf, _, _ = moe_models["deepseek_v3_moe_halves_tied"]
+    assert convert("--load_path", hf, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_params_dtype", "bf16") == 0
+    model = torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert model["decoder.layers.1.mlp.router.expert_bias"].dtype == torch.float32
+    assert model["decoder.layers.1.mlp.router.weight"].dtype == torch.bfloat16
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    assert written["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert torch.equal(written["model.layers.1.mlp.gate.e_score_correction_bias"],
+                       load_file(hf / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"])
 
 
 def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
     """DeepSeek-V3 stores its multi-token prediction layer as decoder layer num_hidden_layers (enorm, hnorm,
     eh_proj, shared_head and a whole decoder layer): refused with one line, or left out with a warning."""
-    model = VARIANT["deepseek_v3_mla"].build(tmp_path / "hf")
+    model = VARIANT["deepseek_v3_moe_halves_tied"].build(tmp_path / "hf")  # V3's MTP layer is an expert layer
     expected = logits_of(model)
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     mtp = {name.replace("layers.3.", "layers.4."): tensor.clone() for name, tensor in tensors.items()
            if name.startswith("model.layers.3.")}
     mtp.update({"model.layers.4.enorm.weight": torch.ones(64), "model.layers.4.hnorm.weight": torch.ones(64),
                 "model.layers.4.eh_proj.weight": torch.zeros(64, 128),
+                "model.layers.4.shared_head.head.weight": torch.zeros(1000, 64),
                 "model.layers.4.shared_head.norm.weight": torch.ones(64)})
     save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     capsys.readouterr()
@@ -205,3 +336,22 @@ def test_megatron_lm_args_without_our_records(tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["rope_parameters"]["rope_type"] == "yarn"
     assert_logits_close(logits_of(tmp_path / "back"), logits_of(model))
+
+
+def test_megatron_sigmoid_router_without_expert_bias(moe_models, tmp_path):
+    """A Megatron sigmoid router without expert bias is DeepSeek-V3's with ``e_score_correction_bias`` zero."""
+    from transformers import AutoModelForCausalLM
+
+    hf, megatron, _ = moe_models["deepseek_v3_moe_halves_tied"]
+    tree = with_args(megatron, tmp_path / "src", moe_router_enable_expert_bias=False)
+    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["model"] = {key: value for key, value in state["model"].items() if not key.endswith("router.expert_bias")}
+    torch.save(state, rank_file)
+    assert convert("--load_path", tree, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.zero_()
+    written = load_file(tmp_path / "hf" / "model.safetensors")["model.layers.2.mlp.gate.e_score_correction_bias"]
+    assert written.dtype == torch.float32 and not written.any()
+    assert_logits_close(logits_of(tmp_path / "hf"), logits_of(model))

@@ -4,7 +4,7 @@ For each variant: Hugging Face -> Megatron (TP2 PP2, Transformer Engine and loca
 the family allows it, else its refusal; EP2 PP2 and TP2 x EP2 for mixture-of-experts) -> Hugging Face logits
 and config; Megatron reshapes (for experts also to EP2, and to TEGroupedMLP at EP4); torch_dist round trips;
 megatron-core's own logits of our rank files (TP2 PP2 local, TP1 Transformer Engine, EP2 PP2, TP2 x EP2) and
-of our torch_dist (loaded at TP2), and for experts the miss when its args name the other routing; a
+of our torch_dist (loaded at TP2), and for experts the miss when the rank files lose a routing feature; a
 torch_dist that megatron-core saved from the args we write, converted to Hugging Face; ``inspect --check``
 and ``verify``. Converted trees are made once per module and shared; megatron-core runs every job of
 every variant in one set of four processes.
@@ -194,14 +194,37 @@ def _made_spec(kit: Kit, name: str) -> Path:
     return path
 
 
-def _other_routing(kit: Kit, name: str) -> Path:
-    """Our TP1 rank files with the args telling megatron-core the other routing: ``moe_router_pre_softmax``
-    flipped (softmax over every expert before the top-k, not renormalised, or the reverse)."""
-    tree = kit.root / name / "other_routing"
+def _flip_softmax_order(state: dict) -> None:
+    state["args"].moe_router_pre_softmax = not state["args"].moe_router_pre_softmax
+
+
+def _no_groups(state: dict) -> None:
+    state["args"].moe_router_group_topk = state["args"].moe_router_num_groups = None
+
+
+def _no_scaling(state: dict) -> None:
+    state["args"].moe_router_topk_scaling_factor = None
+
+
+def _zero_expert_bias(state: dict) -> None:
+    for key, value in state["model"].items():
+        if key.endswith("router.expert_bias"):
+            value.zero_()
+
+
+# a routing feature -> how a rank file loses it: softmax before or after the top-k (the k weights renormalised or
+# not) swapped, the group limit, the weights' scaling or the expert bias dropped
+WRONG_ROUTINGS = {"softmax_order": _flip_softmax_order, "groups": _no_groups, "scaling": _no_scaling,
+                  "expert_bias": _zero_expert_bias}
+
+
+def _other_routing(kit: Kit, name: str, feature: str) -> Path:
+    """Our TP1 rank files telling megatron-core a routing without ``feature`` (:data:`WRONG_ROUTINGS`)."""
+    tree = kit.root / name / f"without_{feature}"
     shutil.copytree(kit.tree(name, "te_tp1"), tree)
     rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(rank_file, weights_only=False)
-    state["args"].moe_router_pre_softmax = not state["args"].moe_router_pre_softmax
+    WRONG_ROUTINGS[feature](state)
     torch.save(state, rank_file)
     return tree
 
@@ -215,9 +238,10 @@ def _oracle_jobs(kit: Kit, tokens: Path, variants: list[Variant]) -> list[dict]:
             tp, ep = ORACLE_LAYOUTS.get(tree, (2, 1))
             jobs.append(dict(kind=kind, name=f"{variant.name}-{tree}", ckpt=str(kit.tree(variant.name, tree)),
                              tokens=str(tokens), out=str(out / f"megatron_core_{tree}.pt"), tp=tp, ep=ep))
-        if variant.experts:
-            jobs.append(dict(kind="logits", name=f"{variant.name}-other-routing", ckpt=str(_other_routing(kit, variant.name)),
-                             tokens=str(tokens), out=str(out / "megatron_core_other_routing.pt"), tp=1, ep=1))
+        for feature in variant.routing if variant.experts else ():
+            jobs.append(dict(kind="logits", name=f"{variant.name}-without-{feature}",
+                             ckpt=str(_other_routing(kit, variant.name, feature)), tokens=str(tokens),
+                             out=str(out / f"megatron_core_without_{feature}.pt"), tp=1, ep=1))
         jobs.append(dict(kind="dist-make", name=f"{variant.name}-made", spec=str(_made_spec(kit, variant.name)),
                          tokens=str(tokens), out=str(out / "made"), logits_out=str(out / "made_logits.pt"), tp=2))
     return jobs
@@ -248,12 +272,14 @@ def test_megatron_core_logits_of_our_output(kit, megatron_core, name, tree):
     assert_logits_close(logits, kit.hf(name)[1], atol=MEGATRON_CORE_ATOL)
 
 
-@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS if variant.experts])
-def test_megatron_core_routes_as_hugging_face_only_with_the_router_args_we_write(kit, megatron_core, name):
-    """The routing is part of the conversion: told the other routing (softmax before or after the top-k, the k
-    weights renormalised or not), megatron-core misses the original's logits by far more than the tolerance."""
+@pytest.mark.parametrize("name, feature", [pytest.param(variant.name, feature, id=f"{variant.name}-{feature}")
+                                           for variant in VARIANTS if variant.experts for feature in variant.routing])
+def test_megatron_core_routes_as_hugging_face_only_with_the_router_args_we_write(kit, megatron_core, name, feature):
+    """The routing is part of the conversion: without any one of the variant's routing features (softmax before or
+    after the top-k, groups, scaling, expert bias), megatron-core misses the original's logits by far more than the
+    tolerance."""
     assert not megatron_core, megatron_core
-    logits = torch.load(kit.root / name / "megatron_core_other_routing.pt")
+    logits = torch.load(kit.root / name / f"megatron_core_without_{feature}.pt")
     assert (logits - kit.hf(name)[1]).abs().max() > 100 * MEGATRON_CORE_ATOL
 
 

@@ -15,7 +15,7 @@ from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.family import sparse_step_kwargs
 from checkpoint_convert.megatron_args import arch_from_args
 from tests.family_kit import VARIANTS
-from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names
+from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names, with_args
 from tests.test_errors import snapshot
 
 BY_NAME = {variant.name: variant for variant in VARIANTS}
@@ -101,26 +101,17 @@ def test_bad_expert_layers_in_config_are_refused(qwen_moe, tmp_path, capsys, nam
     _refused(capsys, source, tmp_path / "out", message, "config.json")
 
 
-def _with_args(source, out, **changes):
-    tree = shutil.copytree(source, out)
-    rank_file = tree / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    vars(state["args"]).update(changes)
-    torch.save(state, rank_file)
-    return tree
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"moe_router_score_function": "sigmoid"}, "the router scores experts with sigmoid; a qwen3_moe router takes a "
                                                "softmax and does not scale"),
     ({"moe_router_topk_scaling_factor": 2.5}, "scales them by 2.5"),
     ({"moe_layer_freq": [1, 1, 0]}, "moe_layer_freq is [1, 1, 0], not a whole number or a list of num_layers=4"),
-    ({"moe_router_group_topk": 2, "moe_router_num_groups": 2}, "group-limited routing (moe_router_group_topk=2) is "
-                                                               "not converted"),
+    ({"moe_router_group_topk": 1, "moe_router_num_groups": 2}, "the router limits each token to 1 of 2 groups of "
+                                                               "experts, which a qwen3_moe router does not"),
 ])
 def test_routing_a_hugging_face_model_cannot_express_is_refused(qwen_moe, tmp_path, capsys, changes, message):
     root, _ = qwen_moe
-    source = _with_args(root / "qwen3_moe_window_megatron", tmp_path / "src", **changes)
+    source = with_args(root / "qwen3_moe_window_megatron", tmp_path / "src", **changes)
     _refused(capsys, source, tmp_path / "out", message, "model_optim_rng.pt")
 
 
@@ -128,5 +119,5 @@ def test_mixtral_router_that_does_not_renormalise_is_refused(tmp_path, capsys):
     """Mixtral always renormalises its top-k weights: Megatron's softmax before the top-k has no Mixtral config."""
     BY_NAME["mixtral"].build(tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
-    source = _with_args(tmp_path / "m", tmp_path / "src", moe_router_pre_softmax=True)
+    source = with_args(tmp_path / "m", tmp_path / "src", moe_router_pre_softmax=True)
     _refused(capsys, source, tmp_path / "out", "the router does not renormalise its top-k weights", "model_optim_rng.pt")
