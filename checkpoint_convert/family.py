@@ -128,7 +128,7 @@ class FamilySpec:
     last_stage: tuple[Param, ...]  # final norm, output layer: global names
     hf_config_class: str  # the transformers config class, e.g. "LlamaConfig"
     # reads an instance of that class; the core may first pass config.json's values as plain
-    # attributes (see converter.open_checkpoint), so a key config.json lacks raises AttributeError
+    # attributes (see sources.open_checkpoint), so a key config.json lacks raises AttributeError
     arch_from_hf_config: Callable[[Any], ModelArch]
     hf_config_from_arch: Callable[[ModelArch], Any]
     matches_megatron: Callable[[ModelArch], bool]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import megatron_schema as schema
-from .converter import Source
+from .sources import Source
 from .blockwise import max_abs_diff
 from .engine import Item, all_finite, locate, release_all, walk
 from .hf_io import tensor_nbytes

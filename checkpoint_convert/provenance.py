@@ -30,7 +30,8 @@ from .sinks import DiskSink
 from .torch_dist_layout import TRAIN_STATE_TRACKER
 
 if TYPE_CHECKING:
-    from .converter import Plan, Source
+    from .converter import Plan
+    from .sources import Source
 
 RECORD_FILE = "conversion.json"
 RECORD_VERSION = 1

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli import add_flag, guarded
-from .converter import Source, open_checkpoint
+from .sources import Source, open_checkpoint
 from .errors import EXIT_MISMATCH
 from .inspection import as_text, check, describe
 from .memory import read_only_file_mappings

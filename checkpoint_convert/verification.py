@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from .blockwise import max_abs_diff
-from .converter import Source, misread
+from .sources import Source, misread
 from .engine import HFTarget, Item, plan_with_items, run, walk
 from .memory import Arena, release_file_pages
 

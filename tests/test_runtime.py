@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from tests.helpers import REPO, assert_logits_close, convert, logits_of, tiny_gpt2
 
-from checkpoint_convert import converter, memory
+from checkpoint_convert import converter, memory, sources
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.hf_io import SafetensorsReader
 from checkpoint_convert.write_behind import WriteBehind
@@ -180,9 +180,9 @@ def test_config_json_written_by_transformers_is_read_before_transformers_is_need
               "mistral": lambda path: tiny_llama(path, family="mistral", sliding_window=8)}
     makers[family](tmp_path)
     with ThreadPoolExecutor(1) as pool:
-        early = converter.open_checkpoint(tmp_path, speculate=pool)
+        early = sources.open_checkpoint(tmp_path, speculate=pool)
         assert early.arch_check is not None and early.arch_check.result() == early.arch
-    assert early.arch == converter.open_checkpoint(tmp_path).arch
+    assert early.arch == sources.open_checkpoint(tmp_path).arch
 
 
 def test_a_transformers_class_already_imported_is_returned_without_freezing_anything():
