@@ -111,7 +111,8 @@ def test_run_config_as_bridge_writes_deepseek_v3_is_read(trees, tmp_path):
             "_args_": [], "use_transformer_engine": False})
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["model_type"] == "deepseek_v3" and config.get("rope_scaling") in (None, {})
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    assert config["model_type"] == "deepseek_v3" and rope.get("rope_type", "default") == "default", rope  # factor 1
     assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_moe_halves_tied")[1])
 
 
