@@ -19,6 +19,7 @@ Megatron-Bridge 0.6.2: ``models/gpt_provider.py``, ``models/conversion/model_bri
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,8 +52,18 @@ SAME_AS_ARGS = (
     "virtual_pipeline_model_parallel_size", "make_vocab_size_divisible_by", "seq_length", "vocab_size",
     "fp16", "bf16", "hidden_dropout", "attention_dropout", "window_size", "window_attn_skip_freq",
     "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
-    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
+    "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers",
 )
+# MLATransformerConfig's multi-latent attention sizes, Megatron-LM's arguments of the same names
+MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+# MLATransformerConfig's rope: its own rope_type ('rope' or 'yarn') and YaRN fields, not GPTModelProvider's yarn_*
+# ones: Hugging Face yarn key -> field (model_bridge.MLA_ROPE_SCALING_MAPPING)
+_MLA_YARN = (("factor", "rotary_scaling_factor"), ("original_max_position_embeddings", "original_max_position_embeddings"),
+             ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
+             ("mscale_all_dim", "mscale_all_dim"))
+# megatron-core's own layer specs: the per-layer block spec is the one that builds MLA and dense-then-expert layers
+_BLOCK_SPEC = "megatron.core.models.gpt.gpt_layer_specs.get_gpt_decoder_block_spec"
 # Written when the args lack them: TransformerConfig's own defaults (dropout 0.1) are training choices.
 _WRITE_DEFAULTS = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "qk_layernorm": False}
 # Without these, a provider class's own defaults would decide the architecture.
@@ -66,7 +77,7 @@ NEUTRAL = {
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "softmax_scale": None, "softmax_type": "vanilla", "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "no_rope_freq": None,
     "multi_latent_attention": False, "experimental_attention_variant": None, "heterogeneous_block_specs": False,
-    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False, "moe_router_group_topk": None,
+    "use_mup": False, "attention_output_gate": False, "qk_l2_norm": False, "moe_router_topk_limited_devices": None,
 }
 # torch.nn.functional.gelu is the builtin torch._C._nn.gelu, the name Megatron-Bridge's YAML writer gives it
 _ACTIVATION_FUNCS = {"torch.nn.functional.silu": "silu", "torch.nn.functional.gelu": "gelu",
@@ -150,6 +161,14 @@ def _target_of(value: Any) -> Any:
     return value.get("_target_") if isinstance(value, dict) else value
 
 
+def _local_spec(spec: Any) -> bool:
+    """Whether a layer spec builds megatron-core's local (torch) modules: Megatron-Bridge's ``local_layer_spec``, or
+    megatron-core's block spec as a partial with ``use_transformer_engine: false``."""
+    if isinstance(spec, dict) and _target_of(spec) == _BLOCK_SPEC:
+        return spec.get("use_transformer_engine") is False
+    return str(_target_of(spec) or "").endswith(".local_layer_spec")
+
+
 def _activation(model: dict[str, Any], file: Path) -> str:
     """ModelArch.activation of a provider: its activation function, gating and fused bias activation."""
     function = _target_of(model["activation_func"])
@@ -188,8 +207,46 @@ def _rope_args(model: dict[str, Any]) -> dict[str, Any]:
             "rope_scaling_factor": float(model.get("rope_scaling_factor") or 1.0), "hf_rope_scaling": scaling}
 
 
-def _refuse_unconverted(model: dict[str, Any], family: FamilySpec | None, file: Path) -> None:
-    claimed = family.bridge.fields if family else ()
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention scale for a context ``factor`` (megatron-core's ``_yarn_get_mscale``, DeepSeek's own)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _mla_rope_args(model: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Position embedding args of an MLA provider: rotary rows always (position_embedding_type 'rope'), scaled by
+    MLA's own YaRN fields when rope_type is 'yarn'. A YaRN factor of 1 changes nothing (frequencies and attention
+    scale stay), which is how Megatron-Bridge records a DeepSeek model without rope scaling."""
+    kind, factor = model.get("rope_type", "yarn"), float(model.get("rotary_scaling_factor") or 1.0)
+    if model["position_embedding_type"] != "rope" or kind not in ("rope", "yarn"):
+        raise BadInputError(f"model.position_embedding_type {model['position_embedding_type']} with rope_type {kind}: "
+                            "multi-latent attention takes rotary rows ('rope') and rope_type 'rope' or 'yarn'", file)
+    if kind == "rope" and _yarn_mscale(factor, float(model.get("mscale_all_dim") or 0.0)) != 1.0:
+        raise BadInputError(f"model.rope_type is 'rope' but rotary_scaling_factor {factor} and mscale_all_dim "
+                            f"{model.get('mscale_all_dim')} scale the attention: no Hugging Face model does that", file)
+    scaling = None
+    if kind == "yarn" and factor != 1.0:
+        scaling = {"rope_type": "yarn", **{hf: model[field] for hf, field in _MLA_YARN if model.get(field) is not None}}
+    return {"position_embedding_type": "rope", "use_rotary_position_embeddings": True, "use_rope_scaling": False,
+            "rope_type": "yarn" if scaling else "rope", "hf_rope_scaling": scaling}
+
+
+def _latent_attention_args(model: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Multi-latent attention args (Megatron-LM's names are the provider's); ``kv_channels`` is the query head, as
+    this tool records it (Megatron-Bridge writes Hugging Face's ``head_dim``, which MLA does not read)."""
+    if not model.get("multi_latent_attention"):
+        return {"multi_latent_attention": False}
+    sizes = {name: model.get(name) for name in MLA_SIZES}
+    return {"multi_latent_attention": True, **sizes, **_mla_rope_args(model, file),
+            "kv_channels": int(sizes["qk_head_dim"]) + int(sizes["qk_pos_emb_head_dim"])}
+
+
+def _claimed_fields(provider: str) -> set[str]:
+    """The fields the families declaring this provider class convert (any of them: the architecture then decides)."""
+    return {name for spec in provider_families().get(provider, []) for name in spec.bridge.fields}
+
+
+def _refuse_unconverted(model: dict[str, Any], file: Path) -> None:
+    claimed = _claimed_fields(model["_target_"])
     for name, neutral in NEUTRAL.items():
         value = model.get(name, neutral)
         if name not in claimed and value != neutral:
@@ -203,12 +260,11 @@ def args_from_run_config(config: dict[str, Any], file: Path) -> argparse.Namespa
     if missing:
         raise BadInputError(f"model: lacks {', '.join(missing)}", file)
     family = family_for_provider(model["_target_"])
-    _refuse_unconverted(model, family, file)
+    _refuse_unconverted(model, file)
     heads = int(model["num_attention_heads"])
     groups = int(model.get("num_query_groups") or heads)
     activation = _activation(model, file)
-    spec = str(_target_of(model.get("transformer_layer_spec")) or "")
-    local = spec.endswith(".local_layer_spec") or model.get("transformer_impl") == "local"
+    local = _local_spec(model.get("transformer_layer_spec")) or model.get("transformer_impl") == "local"
     fields = {name: model[name] for name in SAME_AS_ARGS if model.get(name) is not None}
     fields.update(
         num_query_groups=groups, group_query_attention=groups != heads, num_experts=model.get("num_moe_experts"),
@@ -218,6 +274,7 @@ def args_from_run_config(config: dict[str, Any], file: Path) -> argparse.Namespa
         params_dtype=_dtype(model, file), transformer_impl="local" if local else "transformer_engine",
         ckpt_format="torch_dist", hf_family=family.name if family else None,
         hf_extra_config=family.bridge.from_provider(model) if family else {}, **_rope_args(model))
+    fields.update(_latent_attention_args(model, file))
     return argparse.Namespace(**fields)
 
 
@@ -264,6 +321,20 @@ def _rope_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _latent_attention_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """MLAModelProvider's attention and rope fields, from the args of the same names: rotary rows scaled by MLA's
+    own YaRN fields (rope_type), megatron-core's block spec (the one building MLA layers, and dense layers before
+    expert layers), and no rope fusion (megatron-core allows it for MLA with YaRN only)."""
+    rope = {field: getattr(args, field, None) for field in ("rope_type", *(field for _, field in _MLA_YARN))}
+    spec = {"_target_": _BLOCK_SPEC, "_partial_": True, "_args_": [],
+            "use_transformer_engine": args.transformer_impl != "local"}
+    return {"multi_latent_attention": True, **{name: getattr(args, name) for name in MLA_SIZES},
+            **{field: value for field, value in rope.items() if value is not None},
+            "position_embedding_type": "rope", "rotary_base": args.rotary_base, "rotary_percent": 1.0,
+            "rope_scaling": False, "rope_scaling_factor": 1.0, "seq_len_interpolation_factor": None,
+            "transformer_layer_spec": spec, "apply_rope_fusion": False}
+
+
 def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The family-independent provider fields, from the args written beside them in ``common.pt``."""
     function, gated, fused_bias = _ACTIVATION_PROVIDER[_activation_of_args(args)]
@@ -284,7 +355,8 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         # fused kernels: Transformer Engine's (as Megatron-Bridge's Llama bridge enables them); the local
         # spec's torch norms refuse persist_layer_norm, and rope fusion needs Transformer Engine
         persist_layer_norm=not local, apply_rope_fusion=not local, bias_dropout_fusion=not local,
-        masked_softmax_fusion=True, gradient_accumulation_fusion=False, **_rope_fields(args))
+        masked_softmax_fusion=True, gradient_accumulation_fusion=False, mtp_num_layers=None)  # no MTP layers written
+    fields.update(_latent_attention_fields(args) if getattr(args, "multi_latent_attention", False) else _rope_fields(args))
     return fields
 
 

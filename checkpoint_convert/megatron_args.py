@@ -424,7 +424,7 @@ class CheckpointFacts:
 # the values a converted model means (no sequence parallelism, no query-key layer scaling, no BERT binary
 # head); a Megatron source's own values are kept.
 _RUN_DEFAULTS = {"sequence_parallel": False, "apply_query_key_layer_scaling": False, "bert_binary_head": False,
-                 "data_parallel_random_init": False, "spec": None, "mtp_num_layers": None}
+                 "data_parallel_random_init": False, "spec": None}
 
 
 def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFacts,
@@ -445,7 +445,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
         ckpt_format=facts.ckpt_format, use_dist_ckpt=facts.ckpt_format != "torch",
         use_distributed_optimizer=facts.distributed_optimizer,
         # nothing but model weights is written: no optimizer or RNG state, no samples consumed
-        no_save_optim=True, no_save_rng=True, iteration=0,
+        no_save_optim=True, no_save_rng=True, iteration=0, mtp_num_layers=None,  # MTP layers are never written
         consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
     )
     if fields["seq_length"] > fields["max_position_embeddings"]:  # arguments.validate_args asserts it

@@ -161,6 +161,10 @@ def mtp_tensors(source: Source) -> list[str]:
 def leave_out_mtp_layers(source: Source, drop: bool) -> None:
     """Multi-token prediction layers are not converted: left out, with a warning, when asked; else refused."""
     found = mtp_tensors(source)
+    declared = source.numbers.get("mtp_num_layers") if source.kind == "megatron" else None
+    if declared and not found and not drop:  # the tensors name the layers when there are some
+        raise BadInputError(f"mtp_num_layers is {declared}: multi-token prediction layers are not converted; pass "
+                            "--drop_mtp_layers to convert the model without them", source.numbers_file)
     if not found:
         return
     if not drop:

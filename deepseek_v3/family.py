@@ -28,7 +28,7 @@ import torch
 
 from checkpoint_convert.arch import LatentAttention, ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import FamilySpec, Param, register
+from checkpoint_convert.family import BridgeProvider, FamilySpec, Param, register
 from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_config, config_kwargs
@@ -113,7 +113,20 @@ def _is_v2(arch: ModelArch) -> bool:
     return bool(arch.num_experts) and arch.moe_router_score_function == "softmax"
 
 
-def deepseek_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...]) -> FamilySpec:
+# Megatron-Bridge 0.4 and later write V2 and V3 (and Kimi K2) as MLAModelProvider, its fields read by the core as
+# any provider's (MLA sizes and YaRN, experts and routing: checkpoint_convert/bridge_config.py); the architecture
+# tells V2 from V3. 0.2-0.3 wrote per-model subclasses (deepseek/deepseek_provider.py; the *Provider names their
+# deprecated aliases); Moonlight is a DeepSeek-V3 model.
+MLA_PROVIDER = "megatron.bridge.models.mla_provider.MLAModelProvider"
+_OLD_PROVIDERS = "megatron.bridge.models.deepseek.deepseek_provider."
+_OLD_V3_PROVIDERS = tuple(_OLD_PROVIDERS + name for name in (
+    "DeepSeekV3ModelProvider", "DeepSeekV3Provider", "MoonlightModelProvider16B", "MoonlightProvider"))
+_OLD_V2_PROVIDERS = tuple(_OLD_PROVIDERS + name for name in (
+    "DeepSeekV2ModelProvider", "DeepSeekV2Provider", "DeepSeekV2LiteModelProvider", "DeepSeekV2LiteProvider"))
+
+
+def deepseek_family(name: str, config_class: str, architecture: str, extra_keys: tuple[str, ...],
+                    old_providers: tuple[str, ...]) -> FamilySpec:
     """A DeepSeek family (V2 or V3 config class): MLA layers, dense SwiGLU MLPs in the first layers, then experts."""
     v2 = "topk_method" in extra_keys
 
@@ -143,10 +156,11 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
         layer=MLA + PRE_MLP_NORM + DENSE_MLP + MOE_LAYER, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
-        hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor, hf_aliases=old_layout_aliases)
+        hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor, hf_aliases=old_layout_aliases,
+        bridge=BridgeProvider(writes=MLA_PROVIDER, reads=old_providers, fields=("multi_latent_attention",)))
 
 
 DEEPSEEK_V3 = register(deepseek_family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
-                                       ("rope_interleave", "num_nextn_predict_layers")))
+                                       ("rope_interleave", "num_nextn_predict_layers"), _OLD_V3_PROVIDERS))
 DEEPSEEK_V2 = register(deepseek_family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
-                                       ("topk_method", "mlp_bias")))
+                                       ("topk_method", "mlp_bias"), _OLD_V2_PROVIDERS))

@@ -429,13 +429,32 @@ def dist_logits_command(rank: int, tp: int, ckpt: Path, tokens: Path, out: Path)
     _dist_logits(tp, ckpt, tokens, out)
 
 
+def _dist_args(ckpt: Path):
+    """The iteration directory and args of a torch_dist tree: common.pt's, or for a Megatron-Bridge tree the
+    Megatron-LM args of the model its run_config.yaml describes, as this tool reads that file (megatron-core's
+    loader still wants common.pt, but not its args)."""
+    from checkpoint_convert.entry import load_families
+    from checkpoint_convert.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
+    from checkpoint_convert.megatron_formats import open_megatron_tree
+
+    load_families()  # the provider classes run_config.yaml may name
+    registered = torch.serialization.get_safe_globals()  # megatron-core's; leaving safe_load's context removes
+    tree = open_megatron_tree(ckpt)                      # the globals it allowed (argparse.Namespace) from them
+    torch.serialization.add_safe_globals(registered)
+    if tree.args_file.name != "run_config.yaml":
+        return tree.iter_dir, torch.load(tree.iter_dir / "common.pt", weights_only=False)["args"]
+    arch = arch_from_args(tree.args, str(tree.args_file))
+    facts = CheckpointFacts(padded_vocab=arch.vocab_size, dtype=arch.params_dtype, divisible_by=1,
+                            impl=tree.args.transformer_impl, ckpt_format="torch_dist")
+    return tree.iter_dir, args_from_arch(arch, ParallelLayout(stages=(arch.num_layers,)), facts)
+
+
 def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
     """Each of ``tp`` ranks loads its shards of a torch_dist checkpoint with ``dist_checkpointing.load`` into
     a GPTModel (every key it asks for must exist, strict ``load_state_dict``); rank 0 saves the logits."""
     from megatron.core import dist_checkpointing
 
-    iter_dir = ckpt / (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
-    args = torch.load(iter_dir / "common.pt", weights_only=False)["args"]
+    iter_dir, args = _dist_args(ckpt)
     args.tensor_model_parallel_size = tp
     model = build_model(args)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
