@@ -323,16 +323,13 @@ def _rope_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _latent_attention_fields(args: argparse.Namespace) -> dict[str, Any]:
     """MLAModelProvider's attention and rope fields, from the args of the same names: rotary rows scaled by MLA's
-    own YaRN fields (rope_type), megatron-core's block spec (the one building MLA layers, and dense layers before
-    expert layers), and no rope fusion (megatron-core allows it for MLA with YaRN only)."""
+    own YaRN fields (rope_type), and no rope fusion (megatron-core allows it for MLA with YaRN only)."""
     rope = {field: getattr(args, field, None) for field in ("rope_type", *(field for _, field in _MLA_YARN))}
-    spec = {"_target_": _BLOCK_SPEC, "_partial_": True, "_args_": [],
-            "use_transformer_engine": args.transformer_impl != "local"}
     return {"multi_latent_attention": True, **{name: getattr(args, name) for name in MLA_SIZES},
             **{field: value for field, value in rope.items() if value is not None},
             "position_embedding_type": "rope", "rotary_base": args.rotary_base, "rotary_percent": 1.0,
             "rope_scaling": False, "rope_scaling_factor": 1.0, "seq_len_interpolation_factor": None,
-            "transformer_layer_spec": spec, "apply_rope_fusion": False}
+            "apply_rope_fusion": False}
 
 
 def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -351,13 +348,23 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None),
         context_parallel_size=1, sequence_parallel=False, transformer_impl=args.transformer_impl,
-        transformer_layer_spec=_callable(_LAYER_SPECS + ("local_layer_spec" if local else "default_layer_spec")),
+        transformer_layer_spec=_layer_spec(args),
         # fused kernels: Transformer Engine's (as Megatron-Bridge's Llama bridge enables them); the local
         # spec's torch norms refuse persist_layer_norm, and rope fusion needs Transformer Engine
         persist_layer_norm=not local, apply_rope_fusion=not local, bias_dropout_fusion=not local,
         masked_softmax_fusion=True, gradient_accumulation_fusion=False, mtp_num_layers=None)  # no MTP layers written
     fields.update(_latent_attention_fields(args) if getattr(args, "multi_latent_attention", False) else _rope_fields(args))
     return fields
+
+
+def _layer_spec(args: argparse.Namespace) -> Any:
+    """The provider's layer spec. Megatron-Bridge's ``default_layer_spec`` / ``local_layer_spec`` build one layer
+    for every layer (experts in all when there are experts) and no MLA; megatron-core's block spec, written as the
+    partial Megatron-Bridge's DeepSeek bridges write, builds each layer as ``moe_layer_freq`` and MLA say."""
+    local = args.transformer_impl == "local"
+    if getattr(args, "multi_latent_attention", False) or isinstance(getattr(args, "moe_layer_freq", 1), list):
+        return {"_target_": _BLOCK_SPEC, "_partial_": True, "_args_": [], "use_transformer_engine": not local}
+    return _callable(_LAYER_SPECS + ("local_layer_spec" if local else "default_layer_spec"))
 
 
 def _activation_of_args(args: argparse.Namespace) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from checkpoint_convert import family as family_registry
 from checkpoint_convert.arch import ModelArch
@@ -201,3 +204,40 @@ def test_family_without_bridge_provider_is_refused(tmp_path, capsys, monkeypatch
                    "--megatron_bridge") == 2
     assert "the gpt2 family declares no Megatron-Bridge provider (FamilySpec.bridge)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# Which MLP megatron-core builds for each layer from the layer spec a run_config.yaml names, called with the
+# config as Megatron-Bridge's GPTModelProvider calls it (local modules and pipeline rank 0 here: which MLP a layer
+# gets depends on neither). In a process of its own: importing megatron-core changes torch's safe-loading
+# allowlist for the whole process. A spec of Megatron-Bridge's own (not installed here) fails to import.
+_MLP_PER_LAYER = r"""
+import importlib, sys, yaml
+from megatron.core.transformer.transformer_config import TransformerConfig
+model = yaml.safe_load(open(sys.argv[1]))["model"]
+spec = model["transformer_layer_spec"]
+module, name = spec["_target_"].rsplit(".", 1)
+fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+          "num_moe_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk",
+          "moe_shared_expert_intermediate_size", "gated_linear_unit", "normalization")
+config = TransformerConfig(**{field: model[field] for field in fields if model.get(field) is not None})
+block = getattr(importlib.import_module(module), name)(config, use_transformer_engine=False, pp_rank=0)
+print(" ".join(layer.submodules.mlp.module.__name__ for layer in block.layer_specs))
+"""
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe_sparse_step", "deepseek_v3_moe_halves_tied"])
+def test_bridge_layer_spec_builds_dense_layers_where_the_model_has_them(tmp_path, variant):
+    """Megatron-Bridge builds the model from run_config.yaml's layer spec: its GPT provider's default spec gives
+    every layer experts, so a model with dense layers among expert layers must name megatron-core's block spec."""
+    KIT[variant].build(tmp_path / "hf")
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "b", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    layers = json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"]
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as hf:
+        expert_layers = {int(key.split(".")[2]) for key in hf.keys() if ".mlp.experts." in key}
+    expected = " ".join("MoELayer" if layer in expert_layers else "MLP" for layer in range(layers))
+    run_config = tmp_path / "b" / "iter_0000000" / "run_config.yaml"
+    built = subprocess.run([sys.executable, "-c", _MLP_PER_LAYER, run_config], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert built.stdout.split() == expected.split() and "MLP" in expected and "MoELayer" in expected
