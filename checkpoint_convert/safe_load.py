@@ -148,7 +148,10 @@ def is_zip_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _load_with(path: str | os.PathLike, allow: list, mmap: bool) -> Any:
-    with torch.serialization.safe_globals(allow):
+    # torch's context removes on exit every entry it was given: leave alone those the process had allowed
+    # already (megatron-core allows argparse.Namespace on import, and loads common.pt with it later)
+    present = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([entry for entry in allow if entry not in present]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

@@ -521,6 +521,21 @@ def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
     assert convert("--load_path", tmp_path / "src" / "megatron", "--save_path", tmp_path / "out", "--to", "hf") == 0
 
 
+def test_safe_loading_leaves_the_process_allowlist_as_it_found_it(tmp_path):
+    """A library in the same process (megatron-core allows argparse.Namespace on import) keeps what it allowed:
+    our loads add their entries for the call only."""
+    from checkpoint_convert.safe_load import safe_torch_load
+    from tests.helpers import plain_torch_allowlist
+    torch.save({"args": argparse.Namespace(x=1)}, tmp_path / "f.pt")
+    with plain_torch_allowlist():
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        assert safe_torch_load(tmp_path / "f.pt")["args"].x == 1
+        assert torch.serialization.get_safe_globals() == [argparse.Namespace]
+        torch.serialization.clear_safe_globals()
+        assert safe_torch_load(tmp_path / "f.pt")["args"].x == 1
+        assert torch.serialization.get_safe_globals() == []
+
+
 def test_nan_weights_warn_but_convert(pristine, tmp_path, capsys):
     shutil.copytree(pristine, tmp_path / "src")
     key = "decoder.layers.0.mlp.linear_fc2.weight"
