@@ -54,26 +54,32 @@ def fp8_models(tmp_path_factory):
     for each: the directory and the logits of the original model holding the reference dequantization."""
     root = tmp_path_factory.mktemp("fp8")
     model = VARIANT["deepseek_v3_mla"].build(root / "original")
-    original = load_file(root / "original" / "model.safetensors")
     made = {}
     for block in (8, 16):
-        stored, dequantized = {}, {}
-        for name, tensor in original.items():
-            if _is_quantized(name, tensor):
-                stored[name], stored[name + "_scale_inv"] = _quantized(tensor, block)
-                dequantized[name] = reference_dequantized(stored[name], stored[name + "_scale_inv"], block)
-            else:
-                stored[name] = tensor
         path = root / f"fp8_block{block}"
-        path.mkdir()
-        save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
-        config = json.loads((root / "original" / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                         "weight_block_size": [block, block]}
-        (path / "config.json").write_text(json.dumps(config))
-        model.load_state_dict(dequantized, strict=False)
+        model.load_state_dict(fp8_copy(root / "original", path, block), strict=False)
         made[block] = path, logits_of(model)
     return root, made
+
+
+def fp8_copy(original: Path, path: Path, block: int) -> dict[str, torch.Tensor]:
+    """Save ``original`` (a single-file Hugging Face model) at ``path`` quantized as DeepSeek ships V3: FP8
+    weights with ``weight_scale_inv`` per block and a ``quantization_config``; returns the reference
+    dequantization of every quantized weight (what a converter must compute from the copy)."""
+    stored, dequantized = {}, {}
+    for name, tensor in load_file(original / "model.safetensors").items():
+        if _is_quantized(name, tensor):
+            stored[name], stored[name + "_scale_inv"] = _quantized(tensor, block)
+            dequantized[name] = reference_dequantized(stored[name], stored[name + "_scale_inv"], block)
+        else:
+            stored[name] = tensor
+    path.mkdir()
+    save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((original / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized
 
 
 @pytest.mark.parametrize("block", [8, 16])
