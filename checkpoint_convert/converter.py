@@ -21,7 +21,7 @@ from .engine import (HFTarget, Item, MegatronLayoutSpec, MegatronTarget, TorchDi
 from .errors import BadInputError, reason
 from .family import FamilySpec
 from .hf_io import CONFIG, GENERATION_CONFIG, HFWriter, copy_tokenizer, tensor_nbytes
-from .megatron_args import (CheckpointFacts, ParallelLayout, args_from_arch, dtype_from_name, plain_fields,
+from .megatron_args import (CheckpointFacts, ParallelLayout, args_from_arch, carried_fields, dtype_from_name,
                             tokenizer_for, with_context_length)
 from .megatron_io import MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
@@ -195,7 +195,18 @@ def validate_layout(arch: ModelArch, layout: ParallelLayout) -> None:
             raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {what} ffn size {size}")
 
 
-def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
+def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -> Any:
+    """transformers' model of ``config``, built by the model's own code. Values its config class lets through
+    but the model cannot compute with (a yarn ``beta_slow`` of -1, a string for ``mscale_all_dim``) come from
+    the source: bad input naming the file they were read from, not an internal error."""
+    try:
+        return transformers_attr("AutoModelForCausalLM").from_config(config, **kwargs)
+    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise BadInputError(f"transformers cannot build the {type(config).__name__} model it describes "
+                            f"({reason(error)})", source_file)
+
+
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
     """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
@@ -203,7 +214,7 @@ def _validate_hf_plan(planned: list, family: FamilySpec, config: Any) -> None:
     # Parameters on meta, buffers on the CPU: computing buffers (rotary frequencies) or initialising
     # weights on meta runs torch's Python reference kernels, whose first use costs ~2 s of imports.
     with init_empty_weights(), no_init_weights(), collector_paused():  # imports the model's module
-        model = transformers_attr("AutoModelForCausalLM").from_config(config)
+        model = hf_model_from_config(config, source_file)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
@@ -467,16 +478,20 @@ def _refuse_megatron_only_options(options: Options) -> None:
 
 
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
-    """The transformers config of ``arch``, once the planned tensors are checked to fit its model; a refusal
-    of the architecture names the file it was read from."""
+    """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
+    config = hf_config_of(family, arch, source_file)
+    _validate_hf_plan(planned, family, config, source_file)
+    return config
+
+
+def hf_config_of(family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
+    """The transformers config of ``arch``; a refusal of the architecture names the file it was read from."""
     try:
-        config = family.hf_config_from_arch(arch)
+        return family.hf_config_from_arch(arch)
     except BadInputError as error:
         raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
-    _validate_hf_plan(planned, family, config)
-    return config
 
 
 def checked_hf_config(plan: Plan) -> Any:
@@ -537,7 +552,7 @@ def _torch_dist_writer(staging: Path, plan: Plan, sink: DiskSink, share: Share |
 def _megatron_args(options: Options, source: Source, layout: ParallelLayout, padded: int, target_schema: str,
                    planned: list, dtype: torch.dtype | None, ckpt_format: str) -> Any:
     """The args Megatron-LM reads back: the architecture, this layout, and the source's training settings."""
-    base = plain_fields(source.reader.args) if source.kind == "megatron" else {}
+    base = carried_fields(source.reader.args, source.reader.args_file) if source.kind == "megatron" else {}
     facts = CheckpointFacts(
         padded_vocab=padded, dtype=_output_dtype(planned, dtype), divisible_by=options.make_vocab_size_divisible_by,
         impl="local" if target_schema == schema.MCORE_LOCAL else "transformer_engine", ckpt_format=ckpt_format,

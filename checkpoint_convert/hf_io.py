@@ -181,16 +181,17 @@ SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: ``X.weight_scale_inv`` beside `
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
-def fp8_block_size(config: dict[str, Any]) -> tuple[int, int]:
+def fp8_block_size(config: dict[str, Any], source: Path | None = None) -> tuple[int, int]:
     """The quantization blocks of an FP8 checkpoint: config.json's ``quantization_config.weight_block_size``
-    (DeepSeek-V3's 128 x 128 when it says none)."""
+    (DeepSeek-V3's 128 x 128 when it says none); ``source``: the directory whose config it is, for messages."""
     quantization = config.get("quantization_config") or {}
     block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
     if block is None:
         return 128, 128
     if (not isinstance(block, (list, tuple)) or len(block) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
-        raise BadInputError(f"quantization_config.weight_block_size is {block!r}, not two positive whole numbers")
+        raise BadInputError(f"quantization_config.weight_block_size is {block!r}, not two positive whole numbers",
+                            source / CONFIG if source else None)
     return int(block[0]), int(block[1])
 
 
@@ -256,7 +257,7 @@ class HFCheckpoint:
     def _check_quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scale) ``meta`` tensors of a block-quantized weight, checked against each other."""
         weight, scale = self.stored_meta(name), self.stored_meta(self.scales[name])
-        block = fp8_block_size(self.config)
+        block = fp8_block_size(self.config, self.path)
         grid = tuple(-(-size // edge) for size, edge in zip(weight.shape, block))
         if weight.dtype not in FP8_DTYPES or weight.dim() != 2 or tuple(scale.shape) != grid:
             raise BadInputError(f"'{name}' ({weight.dtype}, {list(weight.shape)}) and its scale "
@@ -286,7 +287,7 @@ class HFCheckpoint:
             return combine([self.meta(source) for source in sources])
         if name in self.scales:
             return torch.empty(self._check_quantized(name)[0].shape, dtype=self.dequantized_dtype, device="meta")
-        return self.stored_meta(name)
+        return self._unscaled(name, self.stored_meta(name))
 
     def stored_meta(self, name: str) -> torch.Tensor:
         """A stored tensor's shape and dtype as the file holds it (an FP8 weight as FP8)."""
@@ -303,8 +304,16 @@ class HFCheckpoint:
         if name in self.scales:
             self._check_quantized(name)
             weight, scale = self._stored(name), self._stored(self.scales[name])
-            return dequantize_blocks(weight, scale, fp8_block_size(self.config), self.dequantized_dtype)
-        return self._stored(name)
+            return dequantize_blocks(weight, scale, fp8_block_size(self.config, self.path), self.dequantized_dtype)
+        return self._unscaled(name, self._stored(name))
+
+    def _unscaled(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor without a scale beside it, as stored; in a block-quantized checkpoint an FP8 one is refused:
+        its scale is missing, and its raw values are not the weights."""
+        if stored.dtype in FP8_DTYPES and self.config.get("quantization_config"):
+            raise BadInputError(f"'{name}' is {stored.dtype} without its '{name}{SCALE_SUFFIX}' beside it, in a "
+                                "checkpoint whose quantization_config says its FP8 weights are block-scaled", self.path)
+        return stored
 
     def _stored(self, name: str) -> torch.Tensor:
         file = self._file_for(name)

@@ -530,3 +530,12 @@ def plain_fields(args: Any) -> dict[str, Any]:
             return all(isinstance(k, str) and plain(v) for k, v in value.items())
         return isinstance(value, PLAIN_TYPES) or isinstance(value, torch.dtype)
     return {name: value for name, value in vars(args).items() if plain(value)}
+
+
+def carried_fields(args: Any, source: Any) -> dict[str, Any]:
+    """The :func:`plain_fields` a Megatron output carries from its source's args, those it computes with checked
+    (a source's ``seq_length`` is compared with the context length it writes)."""
+    fields = plain_fields(args)
+    if fields.get("seq_length") is not None:
+        fields["seq_length"] = whole_number(fields["seq_length"], "seq_length", source)
+    return fields

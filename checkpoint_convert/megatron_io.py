@@ -122,7 +122,11 @@ def parallel_sizes(args: Any, file: Path) -> tuple[int, int, int]:
 
 
 def checkpoint_version(header: dict, file: Path, default: float) -> float:
-    return real_number(header.get("checkpoint_version", default) or default, "checkpoint_version", file)
+    """The file's checkpoint_version: Megatron-LM's are 0 to 3.0; a negative one would be read as version 0."""
+    version = real_number(header.get("checkpoint_version", default) or default, "checkpoint_version", file)
+    if version < 0:
+        raise BadInputError(f"checkpoint_version is {version:g}, not a Megatron-LM checkpoint version (0 or more)", file)
+    return version
 
 
 def _model_chunks(header: dict, args: Any, file: Path) -> int:

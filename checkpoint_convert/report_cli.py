@@ -37,6 +37,7 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 
 def inspect_main(args: argparse.Namespace) -> int:
     source = open_checkpoint(Path(args.path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size)
+    source.check_against_tensors()  # the tensors are laid out by the architecture: refuse one they do not fit
     report = describe(source, args.path)
     record = read_record(source)
     if record is not None:

@@ -17,9 +17,10 @@ from typing import Callable, Iterator
 import torch
 
 from .blockwise import max_abs_diff
-from .sources import Source, misread
+from .converter import hf_config_of, hf_model_from_config
 from .engine import HFTarget, Item, plan_with_items, run, walk
 from .memory import Arena, release_file_pages
+from .sources import Source, misread
 
 
 def hf_tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
@@ -159,10 +160,8 @@ def compare_checkpoints(open_source: Callable[[str, ThreadPoolExecutor | None], 
 
 def hf_model(source: Source) -> torch.nn.Module:
     """The transformers model the source describes, holding the source's weights in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    config = source.family.hf_config_from_arch(source.arch.replace(params_dtype=torch.float32))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = hf_config_of(source.family, source.arch.replace(params_dtype=torch.float32), source.numbers_file)
+    model = hf_model_from_config(config, source.numbers_file, dtype=torch.float32)
     state = {name: tensor.to(torch.float32, copy=True) for name, tensor in hf_tensors(source)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
@@ -178,6 +177,10 @@ def fixed_tokens(vocab_size: int, count: int = 32, seed: int = 0) -> torch.Tenso
 
 
 def compare_logits(a: Source, b: Source) -> float:
+    """The largest difference of the two models' logits on fixed tokens; each source's architecture is first
+    checked against its tensors (as a conversion checks it), so that a model is built only from weights that fit."""
+    for source in (a, b):
+        source.check_against_tensors()
     tokens = fixed_tokens(min(a.arch.vocab_size, b.arch.vocab_size))
     with torch.no_grad():
         logits_a = hf_model(a)(tokens).logits

@@ -49,7 +49,9 @@ import _bootstrap  # noqa: F401
 import torch
 from transformers import LlamaConfig, MixtralConfig
 
+from checkpoint_convert.cli import add_flag, guarded
 from checkpoint_convert.hf_io import SafetensorsStreamWriter
+from checkpoint_convert.runtime import exit_now
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -448,7 +450,14 @@ def report(title: str, shapes: Shapes, rows: list[Row]) -> None:
         print(f"naive / ours peak RSS for tp2pp2 -> hf: {naive / ours:.1f}x")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Each table row as it is measured; a reader of stdout that went away (``| head``) ends the run quietly with
+    141, as every command here does (``guarded``); bad input is one line and exit 2."""
+    sys.stdout.reconfigure(line_buffering=True)
+    return guarded(benchmark, build_parser().parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2", help="comma-separated model sizes in GB (default 2)")
     parser.add_argument("--real_shapes_layers", type=int, default=16,
@@ -461,7 +470,11 @@ def main() -> int:
                         help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
     parser.add_argument("--nproc", default=None,
                         help="comma-separated process counts, e.g. 1,2: only the scaling rows, for every --sizes model")
-    args = parser.parse_args()
+    add_flag(parser, "debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def benchmark(args: argparse.Namespace) -> int:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, python {sys.version.split()[0]}; "
           f"median of {args.repeats} runs per step")
     if args.nproc:
@@ -512,4 +525,4 @@ def _workdir(parent: str | None) -> Iterator[Path]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main(sys.argv[1:]))

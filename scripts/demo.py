@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Demo: a tiny Megatron TP2 PP2 GPT-2 -> Hugging Face, loaded by transformers, logits checked."""
+import argparse
 import sys
 import tempfile
 import time
@@ -10,11 +11,12 @@ import _bootstrap
 import torch
 from transformers import AutoModelForCausalLM
 
-from checkpoint_convert.cli import run_convert_cli
+from checkpoint_convert.cli import add_flag, guarded, run_convert_cli
+from checkpoint_convert.runtime import exit_now
 from megatron_gpt2.reference_writer import reference_megatron_gpt2, tiny_gpt2
 
 
-def main() -> int:
+def demo(args: argparse.Namespace) -> int:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -38,5 +40,14 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def main(argv=None) -> int:
+    """Each step's line as it happens; a reader of stdout that went away ends it quietly with 141, as every
+    command here does (``guarded``)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_flag(parser, "debug", action="store_true", help="show tracebacks")
+    sys.stdout.reconfigure(line_buffering=True)
+    return guarded(demo, parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main(sys.argv[1:]))

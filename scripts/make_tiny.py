@@ -10,11 +10,13 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from checkpoint_convert.cli import add_flag
+from checkpoint_convert.cli import add_flag, guarded
+from checkpoint_convert.errors import BadInputError
+from checkpoint_convert.runtime import exit_now
 from megatron_gpt2.reference_writer import reference_megatron_gpt2, tiny_gpt2
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     add_flag(parser, "out", required=True, help="directory to create")
     parser.add_argument("--format", choices=["hf", "megatron"], default="hf")
@@ -25,11 +27,14 @@ def main(argv=None) -> int:
     add_flag(parser, "vocab_size", type=int, default=1000)
     add_flag(parser, "untied", action="store_true", help="separate output layer")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    add_flag(parser, "debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def make_tiny(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        print(f"error: {out}: exists and is not empty", file=sys.stderr)
-        return 2
+        raise BadInputError("exists and is not empty", out)
     if args.format == "hf":
         tiny_gpt2(out, tied=not args.untied, vocab=args.vocab_size, seed=args.seed)
     else:
@@ -40,5 +45,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """Bad input: one line, exit 2; a reader of stdout that went away: exit 141 quietly (as every command here)."""
+    return guarded(make_tiny, build_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main(sys.argv[1:]))

@@ -54,26 +54,32 @@ def fp8_models(tmp_path_factory):
     for each: the directory and the logits of the original model holding the reference dequantization."""
     root = tmp_path_factory.mktemp("fp8")
     model = VARIANT["deepseek_v3_mla"].build(root / "original")
-    original = load_file(root / "original" / "model.safetensors")
     made = {}
     for block in (8, 16):
-        stored, dequantized = {}, {}
-        for name, tensor in original.items():
-            if _is_quantized(name, tensor):
-                stored[name], stored[name + "_scale_inv"] = _quantized(tensor, block)
-                dequantized[name] = reference_dequantized(stored[name], stored[name + "_scale_inv"], block)
-            else:
-                stored[name] = tensor
         path = root / f"fp8_block{block}"
-        path.mkdir()
-        save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
-        config = json.loads((root / "original" / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                         "weight_block_size": [block, block]}
-        (path / "config.json").write_text(json.dumps(config))
-        model.load_state_dict(dequantized, strict=False)
+        model.load_state_dict(fp8_copy(root / "original", path, block), strict=False)
         made[block] = path, logits_of(model)
     return root, made
+
+
+def fp8_copy(original: Path, path: Path, block: int) -> dict[str, torch.Tensor]:
+    """Save ``original`` (a single-file Hugging Face model) at ``path`` quantized as DeepSeek ships V3: FP8
+    weights with ``weight_scale_inv`` per block and a ``quantization_config``; returns the reference
+    dequantization of every quantized weight (what a converter must compute from the copy)."""
+    stored, dequantized = {}, {}
+    for name, tensor in load_file(original / "model.safetensors").items():
+        if _is_quantized(name, tensor):
+            stored[name], stored[name + "_scale_inv"] = _quantized(tensor, block)
+            dequantized[name] = reference_dequantized(stored[name], stored[name + "_scale_inv"], block)
+        else:
+            stored[name] = tensor
+    path.mkdir()
+    save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((original / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized
 
 
 @pytest.mark.parametrize("block", [8, 16])
@@ -355,3 +361,47 @@ def test_megatron_sigmoid_router_without_expert_bias(moe_models, tmp_path):
     written = load_file(tmp_path / "hf" / "model.safetensors")["model.layers.2.mlp.gate.e_score_correction_bias"]
     assert written.dtype == torch.float32 and not written.any()
     assert_logits_close(logits_of(tmp_path / "hf"), logits_of(model))
+
+
+def _fp8_variant(fp8_models, tmp_path, rename: dict[str, str], keep_quantization_config: bool = True) -> Path:
+    """A copy of the block-16 FP8 source with tensors renamed (and its quantization_config dropped, if asked)."""
+    path, _ = fp8_models[1][16]
+    copy = tmp_path / "fp8"
+    copy.mkdir()
+    tensors = load_file(path / "model.safetensors")
+    save_file({rename.get(name, name): tensor for name, tensor in tensors.items()}, copy / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    if not keep_quantization_config:
+        del config["quantization_config"]
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_fp8_weight_without_its_scale_is_refused(fp8_models, tmp_path, capsys):
+    """A block-quantized weight whose scale is missing (found by tests/test_fuzz.py: one byte of the header
+    flipped in a scale's name) would convert as its raw FP8 values: every command refuses it."""
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    name = "model.layers.3.self_attn.o_proj.weight"
+    copy = _fp8_variant(fp8_models, tmp_path, {f"{name}_scale_inv": f"{name}_scaQe_inv"})
+    before = snapshot(copy)
+    assert convert("--load_path", copy, "--save_path", tmp_path / "out", "--to", "megatron") == 2
+    assert run_inspect_cli([str(copy), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"'{name}' is torch.float8_e4m3fn without its '{name}_scale_inv'" in line
+                                 for line in err), err
+    assert snapshot(copy) == before and not (tmp_path / "out").exists()
+
+
+def test_inspect_check_reads_unscaled_fp8_weights(fp8_models, tmp_path, capsys):
+    """FP8 weights stored plainly (no quantization_config, no scales: the values are the weights) are read and
+    checked for NaN like any other; torch has no min/max kernel for FP8."""
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    path, _ = fp8_models[1][16]
+    scales = [name for name in load_file(path / "model.safetensors") if name.endswith("_scale_inv")]
+    copy = _fp8_variant(fp8_models, tmp_path, {name: name.replace("_scale_inv", "_scale_gone") for name in scales},
+                        keep_quantization_config=False)
+    assert run_inspect_cli([str(copy), "--check", "--json"]) == 3  # the renamed scales: tensors no rule reads
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] and all("no conversion rule reads this tensor" in p for p in report["problems"])

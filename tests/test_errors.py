@@ -474,14 +474,18 @@ def test_the_working_and_home_directories_are_never_replaced(pristine, tmp_path,
     ("scripts/convert.py", ["--load_path", "{hf}", "--to", "hf", "--save_path", "{out}"]),
     ("megatron_gpt2/checkpoint_reshaping_and_interoperability.py",
      ["--load_path", "{megatron}", "--save_path", "{out}", "--convert_checkpoint_from_megatron_to_transformers",
-      "--print-checkpoint-structure", "--quiet"])], ids=["inspect", "verify", "convert", "drop-in"])
+      "--print-checkpoint-structure", "--quiet"]),
+    ("scripts/make_tiny.py", ["--out", "{out}"]), ("scripts/demo.py", []),
+    ("scripts/benchmark.py", ["--sizes", "0.01", "--real_shapes_layers", "0", "--repeats", "1", "--workdir", "{tmp}"])],
+    ids=["inspect", "verify", "convert", "drop-in", "make_tiny", "demo", "benchmark"])
 def test_cli_whose_reader_goes_away_exits_quietly(pristine, tmp_path, script, argv):
     """``inspect_checkpoint.py PATH | head`` where the reader has gone before the first line: no traceback,
     no complaint, the exit status a shell gives a tool stopped by SIGPIPE."""
     import subprocess
 
     from tests.helpers import REPO
-    paths = [arg.format(hf=pristine / "hf", megatron=pristine / "megatron", out=tmp_path / "out") for arg in argv]
+    paths = [arg.format(hf=pristine / "hf", megatron=pristine / "megatron", out=tmp_path / "out", tmp=tmp_path)
+             for arg in argv]
     command = " ".join(f'"{part}"' for part in [sys.executable, REPO / script, *paths])
     result = subprocess.run(["bash", "-c", f'{command} | true; echo "status ${{PIPESTATUS[0]}}" >&2'],
                             capture_output=True, text=True, timeout=300)

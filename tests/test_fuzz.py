@@ -1,30 +1,41 @@
-"""Seeded mutation fuzzing: damaged sources of every input format give exit 0 or 2, never an internal error.
+"""Seeded mutation fuzzing: damaged sources of every input format, through every command that reads them.
 
-Valid tiny sources of every format (Hugging Face single file and sharded; Megatron ``torch`` in the legacy
-schema with PP, megatron-core with TP x PP and with EP; ``torch_dist``) are copied and damaged:
+Valid tiny sources of every format (Hugging Face single file and sharded, and DeepSeek-V3 FP8 with block
+scales; Megatron ``torch`` in the legacy schema with PP, megatron-core with TP x PP and with EP; ``torch_dist``;
+a Megatron-Bridge checkpoint, a copy of ``../shared/fixtures/megatron_bridge_llama``) are copied and damaged:
 
 - file mutations (a seeded loop): truncate a file at a random offset; flip bytes in a safetensors
   header, a pickle, a zip directory, a JSON file or anywhere; delete, duplicate or swap files;
-- field mutations (property-based, ``hypothesis``): set one numeric field of ``config.json``, an index, the
-  Megatron ``args`` (in every rank file, or only the first), a rank file's ``checkpoint_version`` /
-  ``iteration``, ``common.pt``, a safetensors header (header length, shapes, data offsets) or a ``torch_dist``
-  ``.metadata`` (global sizes, chunk offsets and sizes, byte offsets and lengths) to 0, -1, a larger value or
-  a string.
+- field mutations (property-based, ``hypothesis``): set one field of ``config.json`` (nested values such as
+  ``quantization_config.weight_block_size`` too), an index, Megatron-Bridge's ``run_config.yaml`` (any plain
+  value of its model provider: a lie about the model), the Megatron ``args`` (in every rank file, or only the
+  first), a rank file's ``checkpoint_version`` / ``iteration``, ``common.pt``, a safetensors header (header
+  length, shapes, data offsets, dtypes) or a ``torch_dist`` ``.metadata`` (global sizes, chunk offsets and
+  sizes, byte offsets and lengths) to 0, -1, a larger value or a string (a dtype to another of the same or
+  another size; a flag to its opposite or None).
 
-Each damaged copy is converted in-process (Hugging Face or Megatron output, sometimes reshaped) and must
-give exit code 0 or 2, never 1; no traceback; on failure exactly one ``error:`` line (warnings are
-held back then), no output directory that looks complete, and the source byte-identical.
+Each damaged copy is converted in-process (Hugging Face or Megatron output, sometimes reshaped), then read by
+the commands that write nothing: ``convert --dry_run``, ``inspect``, ``inspect --check``, ``verify`` against the
+intact original in both orders and ``verify --logits``. Every command must give exit 0, 2 or its own "found
+a difference / problem" code (3; never 1); no traceback; on failure exactly one ``error:`` line (warnings
+are held back then), no output directory that looks complete (none at all but for a convert that succeeded),
+and the damaged copy and the original byte-identical. CI draws one reading command per damaged copy (verify
+--logits, a quarter of a second, rarely); ``FUZZ_READERS=all`` runs them all.
 
 Reproducible from the printed seed. Environment variables:
 
 - ``FUZZ_SEED`` (default 0): base seed of both tests;
 - ``FUZZ_MUTATIONS`` (default 400): file mutations; ``FUZZ_FIELD_EXAMPLES`` (default 300): field mutations;
 - ``FUZZ_ONLY=N``: run only file mutation number N (what a failure message names);
-- ``FUZZ_EXHAUSTIVE=1``: also try every numeric field with every bad value (thousands of conversions);
+- ``FUZZ_EXHAUSTIVE=1``: also try every field with every bad value (thousands of damaged copies; all readers
+  for each unless ``FUZZ_READERS=one``);
+- ``FUZZ_READERS``: ``one`` (the default without FUZZ_EXHAUSTIVE) or ``all`` reading commands per damaged copy;
 - ``FUZZ_KEEP_GOING=1``: the loops run to the end and report every failure at once.
 
-A long run by hand (``-s`` prints a count of every outcome): ``FUZZ_SEED=23 FUZZ_MUTATIONS=10000
-FUZZ_FIELD_EXAMPLES=3000 FUZZ_EXHAUSTIVE=1 FUZZ_KEEP_GOING=1 python -m pytest -q -s tests/test_fuzz.py`` (15 minutes).
+A long run by hand (``-s`` prints a count of every outcome per command): ``FUZZ_SEED=23 FUZZ_MUTATIONS=2000
+FUZZ_FIELD_EXAMPLES=1000 FUZZ_EXHAUSTIVE=1 FUZZ_READERS=one FUZZ_KEEP_GOING=1 python -m pytest -q -s
+tests/test_fuzz.py`` (about 10 minutes; every field with one reader each took 6 minutes for 7,000 damaged copies;
+with ``FUZZ_READERS=all`` a damaged copy takes about 0.3 s: 1,500 file mutations, 7 minutes).
 """
 from __future__ import annotations
 
@@ -43,9 +54,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+import yaml
 
-from tests.helpers import plain_torch_allowlist, reference_megatron_gpt2, run_convert_cli, tiny_gpt2
+from tests.helpers import _bootstrap, plain_torch_allowlist, reference_megatron_gpt2, run_convert_cli, tiny_gpt2
 from tests.test_errors import snapshot
+
+from checkpoint_convert.errors import EXIT_BAD_INPUT, EXIT_MISMATCH  # noqa: E402  (after tests.helpers: sys.path)
+from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -56,6 +71,7 @@ FIELD_EXAMPLES = int(os.environ.get("FUZZ_FIELD_EXAMPLES", "300"))
 ONLY = os.environ.get("FUZZ_ONLY")
 EXHAUSTIVE = os.environ.get("FUZZ_EXHAUSTIVE") == "1"
 KEEP_GOING = os.environ.get("FUZZ_KEEP_GOING") == "1"
+EVERY_READER = os.environ.get("FUZZ_READERS", "all" if EXHAUSTIVE else "one") == "all"
 
 HF_TARGETS = (("--to", "megatron"), ("--to", "megatron", "--megatron_ckpt_format", "torch_dist"), ("--to", "hf"))
 MEGATRON_TARGETS = (("--to", "hf"), ("--to", "megatron", "--target_tensor_model_parallel_size", "1",
@@ -70,20 +86,34 @@ class Sources(dict):
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> Sources:
-    """Every input format, tiny and valid."""
+def sources(tmp_path_factory) -> Iterator[Sources]:
+    """Every input format, tiny and valid; none of them changed by the runs that read them (verify)."""
+    built = _build_sources(tmp_path_factory.mktemp("fuzz_sources"))
+    before = {name: snapshot(path) for name, path in built.items()}
+    yield built
+    assert {name: snapshot(path) for name, path in built.items()} == before, "an intact source changed"
+
+
+def _build_sources(root: Path) -> Sources:
+    from tests.family_kit import VARIANTS
     from tests.helpers import convert
+    from tests.test_deepseek import fp8_copy
     from tests.test_llama import tiny_llama
+    from tests.test_megatron_bridge import BRIDGE_TREE
     from tests.test_mixtral import tiny_mixtral
 
-    root = tmp_path_factory.mktemp("fuzz_sources")
     gpt2 = tiny_gpt2(root / "hf_single", layers=2)
     llama = tiny_llama(root / "llama_single")
     llama.save_pretrained(root / "hf_sharded", max_shard_size="200KB")
     reference_megatron_gpt2(gpt2, root / "megatron_legacy_pp2", pp=2, version=1.0, schema="legacy")
     tiny_mixtral(root / "mixtral_hf")
-    built = {"hf_single": root / "hf_single", "hf_sharded": root / "hf_sharded",
-             "megatron_legacy_pp2": root / "megatron_legacy_pp2"}
+    next(v for v in VARIANTS if v.name == "deepseek_v3_mla").build(root / "deepseek_v3")
+    fp8_copy(root / "deepseek_v3", root / "hf_deepseek_fp8", block=16)  # partial blocks: 24-row kv_a_proj
+    shutil.copytree(BRIDGE_TREE, root / "megatron_bridge")
+    for path in (root / "megatron_bridge", *(root / "megatron_bridge").rglob("*")):
+        path.chmod(path.stat().st_mode | 0o200)  # the shared fixture is read-only
+    built = {name: root / name for name in ("hf_single", "hf_sharded", "hf_deepseek_fp8", "megatron_legacy_pp2",
+                                            "megatron_bridge")}
     for name, hf, flags in (
             ("megatron_mcore_tp2_pp2", "llama_single", ("--target_tensor_model_parallel_size", "2",
                                                         "--target_pipeline_model_parallel_size", "2")),
@@ -200,7 +230,7 @@ FILE_MUTATIONS = (_truncate, _flip, _flip, _delete, _duplicate, _swap)
 class Field:
     """One numeric field of a source: ``kind`` says how to read and write it, ``path`` where it is."""
 
-    kind: str  # json, args, args_first, top, safetensors, dcp
+    kind: str  # json, yaml, args, args_first, top, safetensors, dcp
     file: str  # relative to the source root
     path: tuple
     value: Any
@@ -210,15 +240,26 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _numbers(node: Any, path: tuple = (), depth: int = 3) -> Iterator[tuple[tuple, Any]]:
+    """(path, value) of every number in JSON data, down to ``depth`` levels of mappings and lists."""
+    if _number(node) and path:
+        yield path, node
+    elif depth and isinstance(node, (dict, list)):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            yield from _numbers(value, (*path, key), depth - 1)
+
+
 def _json_fields(root: Path, file: Path) -> Iterator[Field]:
-    data = json.loads(file.read_text())
-    for key, value in data.items():
-        nested = value.items() if isinstance(value, dict) else ()
-        if _number(value):
-            yield Field("json", str(file.relative_to(root)), (key,), value)
-        for inner, inner_value in nested:
-            if _number(inner_value):
-                yield Field("json", str(file.relative_to(root)), (key, inner), inner_value)
+    for path, value in _numbers(json.loads(file.read_text())):
+        yield Field("json", str(file.relative_to(root)), path, value)
+
+
+def _yaml_fields(root: Path, file: Path) -> Iterator[Field]:
+    """Megatron-Bridge's ``run_config.yaml``: every plain value of its model provider (what it says the model is)."""
+    model = yaml.safe_load(file.read_text()).get("model", {})
+    for key, value in model.items():
+        if isinstance(value, (bool, int, float, str)) and key != "_target_":
+            yield Field("yaml", str(file.relative_to(root)), ("model", key), value)
 
 
 def _torch_fields(root: Path, file: Path) -> Iterator[Field]:
@@ -246,6 +287,7 @@ def _safetensors_fields(root: Path, file: Path) -> Iterator[Field]:
         for key in ("shape", "data_offsets"):
             for i, value in enumerate(entry[key]):
                 yield Field("safetensors", relative, (name, key, i), value)
+        yield Field("safetensors", relative, (name, "dtype"), entry["dtype"])
 
 
 def _dcp_fields(root: Path, file: Path) -> Iterator[Field]:
@@ -268,8 +310,12 @@ def field_sites(root: Path) -> list[Field]:
     fields: list[Field] = []
     args_seen = False
     for file in _files(root):
+        if file.name.startswith("tokenizer"):  # copied as they are, never read
+            continue
         if file.suffix == ".json":
             fields += _json_fields(root, file)
+        elif file.suffix == ".yaml":
+            fields += _yaml_fields(root, file)
         elif file.suffix == ".safetensors":
             fields += _safetensors_fields(root, file)
         elif file.name == ".metadata":
@@ -281,12 +327,27 @@ def field_sites(root: Path) -> list[Field]:
     return fields
 
 
-def bad_values(value: Any) -> list[Any]:
+# safetensors dtypes by item size: another of the same size keeps the data's length right
+_SAFETENSORS_DTYPES = {8: ("F64", "I64", "U64"), 4: ("F32", "I32", "U32"), 2: ("F16", "BF16", "I16", "U16"),
+                       1: ("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")}
+
+
+def bad_values(field: Field) -> list[Any]:
+    """What a damaged or lying file may hold instead of ``field``'s value."""
+    value = field.value
+    if field.kind == "safetensors" and field.path[-1] == "dtype":
+        size = next(size for size, names in _SAFETENSORS_DTYPES.items() if value in names)
+        same = _SAFETENSORS_DTYPES[size]
+        return [same[(same.index(value) + 1) % len(same)], "F16" if size == 4 else "F32", "F4"]
+    if isinstance(value, bool):
+        return [not value, None, "yes"]
+    if isinstance(value, str):
+        return ["", 0]
     larger = value * 2 + 1 if isinstance(value, int) else value * 10 + 1
     return [0, -1, larger, str(value)]
 
 
-def _set_json(data: dict, path: tuple, value: Any) -> None:
+def _set_at(data: dict, path: tuple, value: Any) -> None:
     node = data
     for key in path[:-1]:
         node = node[key]
@@ -297,8 +358,12 @@ def _apply_field(root: Path, field: Field, value: Any) -> None:
     file = root / field.file
     if field.kind == "json":
         data = json.loads(file.read_text())
-        _set_json(data, field.path, value)
+        _set_at(data, field.path, value)
         file.write_text(json.dumps(data))
+    elif field.kind == "yaml":
+        data = yaml.safe_load(file.read_text())
+        _set_at(data, field.path, value)
+        file.write_text(yaml.safe_dump(data))
     elif field.kind in ("args", "args_first", "top"):
         files = [file] if field.kind != "args" else [p for p in _files(root) if p.suffix == ".pt"]
         for each in files:
@@ -325,7 +390,7 @@ def _apply_safetensors(file: Path, path: tuple, value: Any) -> None:
         file.write_bytes(prefix.to_bytes(8, "little") + header + data)
         return
     parsed = json.loads(header)
-    parsed[path[0]][path[1]][path[2]] = value
+    _set_at(parsed, path, value)
     text = json.dumps(parsed).encode()
     text += b" " * (-len(text) % 8)
     file.write_bytes(len(text).to_bytes(8, "little") + text + data)
@@ -350,38 +415,102 @@ def _apply_dcp(file: Path, path: tuple, value: Any) -> None:
     file.write_bytes(pickle.dumps(metadata))
 
 
-# ---- running one damaged source ---------------------------------------------------------------------
+# ---- the commands every damaged source goes through -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command line run on a damaged copy: ``argv(damaged, original, out, flags)``; the exit codes it may give
+    besides 2 (bad input). ``after``: a command that reads exactly as this one does up to where this one goes on
+    (when it refused the copy, this one would refuse it alike, and is not run). ``share``: how often one command
+    drawn for a CI run is this one, relative to the others."""
+
+    name: str
+    run: Callable[[list[str]], int]
+    argv: Callable[[Path, Path, Path, tuple], list[str]]
+    codes: tuple[int, ...]
+    writes: bool = False
+    after: str | None = None
+    share: int = 5
+
+
+def _convert(argv: list[str]) -> int:
+    return run_convert_cli([*argv, "--quiet"], _bootstrap.FAMILIES)
+
+
+CONVERT = Command("convert", _convert, lambda src, original, out, flags: [
+    "--load_path", str(src), "--save_path", str(out), *flags], (0,), writes=True)
+# The commands that read a source and write nothing: convert's dry run, inspect (--check reads every tensor; exit 3
+# reports problems such as NaN), verify with the intact original in either order (exit 3: they differ); with
+# --logits it builds both models (a quarter of a second: drawn rarely in CI).
+READERS = (
+    Command("convert --dry_run", _convert, lambda src, original, out, flags: [
+        "--load_path", str(src), "--save_path", str(out), *flags, "--dry_run"], (0,)),
+    Command("inspect", run_inspect_cli, lambda src, original, out, flags: [str(src)], (0,)),
+    Command("inspect --check", run_inspect_cli, lambda src, original, out, flags: [str(src), "--check"],
+            (0, EXIT_MISMATCH)),
+    Command("verify original damaged", run_verify_cli, lambda src, original, out, flags: [str(original), str(src)],
+            (0, EXIT_MISMATCH)),
+    Command("verify damaged original", run_verify_cli, lambda src, original, out, flags: [str(src), str(original)],
+            (0, EXIT_MISMATCH)),
+    Command("verify damaged original --logits", run_verify_cli, lambda src, original, out, flags: [
+        str(src), str(original), "--logits"], (0, EXIT_MISMATCH), after="verify damaged original", share=1),
+)
+CI_DRAW = tuple(command for command in READERS for _ in range(command.share))
+
 
 def _targets(name: str) -> tuple:
     return HF_TARGETS if name.startswith("hf") else MEGATRON_TARGETS
 
 
-def run_damaged(source: Path, damage: Callable[[Path], str], flags: tuple, label: str) -> str:
-    """Copy, damage and convert one source; assert the outcome; return 'ok' or the error line."""
+def _readers(rng: random.Random) -> tuple[Command, ...]:
+    """Every reader with FUZZ_READERS=all (FUZZ_EXHAUSTIVE's default), else one (the CI budget)."""
+    return READERS if EVERY_READER else (rng.choice(CI_DRAW),)
+
+
+def _invoke(command: Command, argv: list[str]) -> tuple[int, str]:
+    """Run a command in-process as its script would: (exit code, stderr)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), plain_torch_allowlist():
+        code = command.run(argv)
+    return code, stderr.getvalue()
+
+
+def _check(command: Command, code: int, err: str, work: Path, context: str) -> str:
+    """Assert one command's outcome: an accepted exit code, no internal error, one error line on bad input;
+    return 'ok' or the error line."""
+    assert code in (*command.codes, EXIT_BAD_INPUT), context
+    assert "Traceback" not in err and "internal error" not in err, context
+    assert not list(work.glob(".out.partial-*")), f"a partial output was left: {context}"
+    assert code == 0 and command.writes or not (work / "out").exists(), f"an output exists: {context}"
+    lines = err.strip().splitlines()
+    if code != EXIT_BAD_INPUT:
+        assert all(line.startswith("warning: ") for line in lines), context
+        return "ok" if code == 0 else f"exit {code}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line: {context}"
+    return lines[0]
+
+
+def run_damaged(source: Path, damage: Callable[[Path], str], flags: tuple, label: str,
+                readers: tuple[Command, ...]) -> dict[str, str]:
+    """Copy and damage one source, convert it, then run ``readers`` on it; assert every outcome; return each
+    command's 'ok', 'exit N' or error line. The source and its intact original must come out unchanged."""
     work = Path(tempfile.mkdtemp(prefix="fuzz-"))
     try:
         root = work / "src"
         shutil.copytree(source, root)
         what = damage(root)
         before = snapshot(root)
-        stderr, stdout = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout), plain_torch_allowlist():
-            code = run_convert_cli(["--load_path", str(root), "--save_path", str(work / "out"), *flags, "--quiet"],
-                                   ("gpt2", "llama", "mistral", "mixtral"))
-        err = stderr.getvalue()
-        context = f"{label}: {what}; flags {' '.join(flags)}: exit {code}\n{err}"
-        assert code in (0, 2), context
-        assert "Traceback" not in err and "internal error" not in err, context
-        assert snapshot(root) == before, f"the source changed: {context}"
-        assert not list(work.glob(".out.partial-*")), f"a partial output was left: {context}"
-        if code == 0:
-            assert (work / "out").is_dir(), context
-            return "ok"
-        lines = err.strip().splitlines()
-        assert lines and lines[-1].startswith("error: "), context
-        assert all(line.startswith("warning: ") for line in lines[:-1]), context
-        assert not (work / "out").exists(), f"an output exists after a failure: {context}"
-        return lines[-1]
+        results: dict[str, str] = {}
+        for command in (CONVERT, *readers):
+            if command.after in results and results[command.after].startswith("error: "):
+                continue
+            code, err = _invoke(command, command.argv(root, source, work / "out", flags))
+            context = f"{label}: {what}; {command.name} {' '.join(flags)}: exit {code}\n{err}"
+            results[command.name] = _check(command, code, err, work, context)
+            assert snapshot(root) == before, f"the source changed: {context}"
+            assert code != 0 or not command.writes or (work / "out").is_dir(), context
+            shutil.rmtree(work / "out", ignore_errors=True)
+        return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -399,17 +528,23 @@ def outcomes():
         print(f"\nfuzz outcomes (seed {SEED}):", json.dumps(dict(sorted(found.items(), key=lambda kv: -kv[1])), indent=1))
 
 
-def _count(outcomes: dict, result: str) -> None:
-    key = "exit 0" if result == "ok" else result.split(": ", 2)[-1][:90]
-    outcomes[key] = outcomes.get(key, 0) + 1
+def _count(outcomes: dict, results: dict[str, str]) -> None:
+    """Outcomes by command and message (an error line without a path is marked: it names no file)."""
+    for command, result in results.items():
+        key = f"{command}: " + (result if result in ("ok", f"exit {EXIT_MISMATCH}") else result.split(": ", 2)[-1][:90])
+        key += " [names no file]" if result.startswith("error: ") and "/" not in result else ""
+        outcomes[key] = outcomes.get(key, 0) + 1
 
 
-def _runs(outcomes: dict, cases: Iterator[tuple[Path, Callable[[Path], str], tuple, str]]) -> None:
+Case = tuple[Path, Callable[[Path], str], tuple, str, tuple[Command, ...]]
+
+
+def _runs(outcomes: dict, cases: Iterator[Case]) -> None:
     """Run every case; with FUZZ_KEEP_GOING, report all failures at the end instead of the first."""
     failures = []
-    for source, damage, flags, label in cases:
+    for source, damage, flags, label, readers in cases:
         try:
-            _count(outcomes, run_damaged(source, damage, flags, label))
+            _count(outcomes, run_damaged(source, damage, flags, label, readers))
         except AssertionError as failure:
             if not KEEP_GOING:
                 raise
@@ -425,16 +560,17 @@ def test_file_mutations(sources, outcomes):
             rng = random.Random(f"{SEED}-{number}")
             name = rng.choice(sorted(sources))
             mutation, flags = rng.choice(FILE_MUTATIONS), rng.choice(_targets(name))
+            readers = _readers(rng)
             yield (sources[name], lambda root, mutation=mutation, rng=rng: mutation(root, rng), flags,
-                   f"FUZZ_SEED={SEED} FUZZ_ONLY={number} ({name})")
+                   f"FUZZ_SEED={SEED} FUZZ_ONLY={number} ({name})", readers)
     _runs(outcomes, cases())
 
 
 class Sites(dict):
-    """Source name -> its numeric fields (a short repr: hypothesis prints its test's arguments)."""
+    """Source name -> its fields (a short repr: hypothesis prints its test's arguments)."""
 
     def __repr__(self) -> str:
-        return f"<numeric fields of {len(self)} sources>"
+        return f"<fields of {len(self)} sources>"
 
 
 @pytest.fixture(scope="module")
@@ -447,14 +583,15 @@ def sites(sources) -> Sites:
 @hypothesis.seed(SEED)
 @given(data=st.data())
 def test_field_mutations(sources, sites, outcomes, data):
-    """One numeric field of a config, args, header or metadata set to 0, -1, a larger value or a string."""
+    """One field of a config, args, header or metadata set to 0, -1, a larger value, a string or another dtype."""
     name = data.draw(st.sampled_from(sorted(sites)), label="source")
     field = data.draw(st.sampled_from(sites[name]), label="field")
-    value = data.draw(st.sampled_from(bad_values(field.value)), label="value")
+    value = data.draw(st.sampled_from(bad_values(field)), label="value")
     flags = data.draw(st.sampled_from(_targets(name)), label="flags")
+    readers = READERS if EVERY_READER else (data.draw(st.sampled_from(CI_DRAW), label="reader"),)
     label = f"FUZZ_SEED={SEED} ({name}) {field.kind} {field.file} {field.path} = {value!r}"
     _count(outcomes, run_damaged(sources[name], lambda root: (_apply_field(root, field, value), label)[1], flags,
-                                 label))
+                                 label, readers))
 
 
 if EXHAUSTIVE:  # a long run by hand only: the test exists when FUZZ_EXHAUSTIVE=1
@@ -462,9 +599,39 @@ if EXHAUSTIVE:  # a long run by hand only: the test exists when FUZZ_EXHAUSTIVE=
         def cases():
             for name in sorted(sources):
                 for number, field in enumerate(sites[name]):
-                    for value in bad_values(field.value):
+                    for value in bad_values(field):
                         label = f"({name}) {field.kind} {field.file} {field.path} = {value!r}"
                         flags = _targets(name)[number % len(_targets(name))]
                         yield (sources[name], lambda root, field=field, value=value, label=label: (
-                            _apply_field(root, field, value), label)[1], flags, label)
+                            _apply_field(root, field, value), label)[1], flags, label,
+                               _readers(random.Random(f"{SEED}-{label}")))
         _runs(outcomes, cases())
+
+
+# Mutations that once gave an internal error (exit 1), and the line each command now gives. (source, field kind,
+# file, path, value, flags, the command that failed, what its error line says)
+FOUND = [
+    ("megatron_mcore_tp2_pp2", "args", "release/mp_rank_00_000/model_optim_rng.pt", ("seq_length",), "128",
+     MEGATRON_TARGETS[1], "convert", "seq_length is '128', not a whole number"),
+    ("hf_deepseek_fp8", "json", "config.json", ("rope_parameters", "beta_slow"), -1, ("--to", "hf"), "convert",
+     "config.json: transformers cannot build the DeepseekV3Config model it describes (ValueError: math domain"),
+    ("hf_deepseek_fp8", "json", "config.json", ("rope_parameters", "mscale_all_dim"), "1.0", HF_TARGETS[0],
+     "verify damaged original --logits", "config.json: transformers cannot build the DeepseekV3Config model"),
+    ("megatron_legacy_pp2", "args", "release/mp_rank_00_000/model_optim_rng.pt", ("ffn_hidden_size",), 513,
+     MEGATRON_TARGETS[0], "verify damaged original --logits", "ffn_hidden_size is 513, but the tensors fit"),
+    ("torch_dist", "dcp", "release/.metadata", ("size", "decoder.layers.mlp.linear_fc1.weight", 1), 385,
+     MEGATRON_TARGETS[0], "verify damaged original --logits",
+     "common.pt: the architecture it describes does not fit the tensors: layer 0 'mlp.linear_fc1.weight'"),
+    ("megatron_mcore_tp2_pp2", "top", "release/mp_rank_00_000/model_optim_rng.pt", ("checkpoint_version",), -1,
+     MEGATRON_TARGETS[0], "inspect --check", "checkpoint_version is -1, not a Megatron-LM checkpoint version"),
+]
+
+
+@pytest.mark.parametrize("source, kind, file, path, value, flags, command, message", FOUND,
+                         ids=[f"{case[0]}-{case[3][-1]}-{case[6]}" for case in FOUND])
+def test_mutations_that_found_bugs(sources, source, kind, file, path, value, flags, command, message):
+    field = Field(kind, file, path, None)
+    readers = tuple(reader for reader in READERS if reader.name == command)
+    results = run_damaged(sources[source], lambda root: (_apply_field(root, field, value), "")[1], flags,
+                          f"({source}) {path} = {value!r}", readers)
+    assert message in results[command], results

@@ -122,7 +122,7 @@ def test_a_failed_config_check_beside_the_stream_fails_the_conversion(tmp_path, 
     hf = tmp_path / "hf"
     tiny_gpt2(hf)
 
-    def refuse(planned, family, config):
+    def refuse(planned, family, config, source_file):
         raise BadInputError("converted weights do not fit the model the config describes: test")
 
     monkeypatch.setattr(converter, "_validate_hf_plan", refuse)
