@@ -94,7 +94,10 @@ def split_outputs(plan: Plan, processes: int) -> Split:
     owner = min((_assign(wholes, read, processes), _assign(singles, read, processes)), key=lambda pair: pair[1])[0]
     entry_owner = tuple(owner[file] for file, _ in files)
     readers = _item_readers(plan, index_of, entry_owner)
-    return Split(processes, entry_owner, readers, owner, _bytes_written(plan, entry_owner, processes),
+    written = [0] * processes
+    for file, (nbytes, _) in by_file.items():
+        written[owner[file]] += nbytes
+    return Split(processes, entry_owner, readers, owner, tuple(written),
                  tuple(sum(read[i] for i, who in enumerate(readers) if p in who) for p in range(processes)),
                  sum(read[i] * (len(who) - 1) for i, who in enumerate(readers)))
 
@@ -126,9 +129,3 @@ def _item_readers(plan: Plan, index_of: dict[int, int], entry_owner: Sequence[in
         previous = min(who)
     return tuple(frozenset(who) for who in readers)
 
-
-def _bytes_written(plan: Plan, entry_owner: Sequence[int], processes: int) -> tuple[int, ...]:
-    written = [0] * processes
-    for (_, _, shape, dtype), owner in zip(plan.by_item, entry_owner):
-        written[owner] += tensor_nbytes(shape, dtype)
-    return tuple(written)
