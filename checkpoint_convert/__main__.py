@@ -4,7 +4,7 @@ Without a command name the arguments are a conversion's, as ``megatron-hf-conver
 """
 import sys
 
-from .entry import COMMANDS
+from .commands.entry import COMMANDS
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None

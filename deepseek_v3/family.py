@@ -26,11 +26,8 @@ from typing import Any
 
 import torch
 
-from checkpoint_convert.arch import LatentAttention, ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import BridgeProvider, FamilySpec, Param, register
-from checkpoint_convert.parallel import Style
-from checkpoint_convert.runtime import transformers_attr
+from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, LatentAttention, ModelArch, Param,
+                                      Style, register, transformers_attr)
 from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_config, config_kwargs
 
 from qwen2_moe.family import old_layout_aliases
@@ -114,7 +111,7 @@ def _is_v2(arch: ModelArch) -> bool:
 
 
 # Megatron-Bridge 0.4 and later write V2 and V3 (and Kimi K2) as MLAModelProvider, its fields read by the core as
-# any provider's (MLA sizes and YaRN, experts and routing: checkpoint_convert/bridge_config.py); the architecture
+# any provider's (MLA sizes and YaRN, experts and routing: checkpoint_convert/formats/bridge_config.py); the architecture
 # tells V2 from V3. 0.2-0.3 wrote per-model subclasses (deepseek/deepseek_provider.py; the *Provider names their
 # deprecated aliases); Moonlight is a DeepSeek-V3 model.
 MLA_PROVIDER = "megatron.bridge.models.mla_provider.MLAModelProvider"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
+from checkpoint_convert.model import BadInputError, ModelArch
 
 from .moe import MOE_KEYS
 

@@ -25,10 +25,7 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import Layers, Param
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.model import BadInputError, Layers, ModelArch, Param, Style
 from mixtral.family import EXPERTS, ROUTER
 from qwen2_moe.family import shared_expert
 

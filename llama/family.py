@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Layers, Param,
-                                       every_layer_window_kwargs, gate_up_to_hf, gate_up_to_megatron, qkv_to_hf,
-                                       qkv_to_megatron, register)
-from checkpoint_convert.parallel import Style
-from checkpoint_convert.runtime import transformers_attr
+from checkpoint_convert.model import (BridgeProvider, FamilySpec, GPT_PROVIDER, Layers, ModelArch, Param, Style,
+                                      every_layer_window_kwargs, gate_up_to_hf, gate_up_to_megatron, qkv_to_hf,
+                                      qkv_to_megatron, register, transformers_attr)
 
 from .hf_config import arch_from_llama_config, config_kwargs
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import window_from_hf_config
+from checkpoint_convert.model import BadInputError, ModelArch, window_from_hf_config
 
 
 def _rope_from_config(cfg: Any) -> tuple[float, dict | None]:

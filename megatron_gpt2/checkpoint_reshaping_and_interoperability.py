@@ -15,10 +15,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_gpt2  # noqa: E402,F401  (registers gpt2)
-from checkpoint_convert.cli import add_flag, guarded, options_from_args  # noqa: E402
-from checkpoint_convert.converter import convert  # noqa: E402
-from checkpoint_convert.sources import open_checkpoint  # noqa: E402
-from checkpoint_convert.inspection import as_text, describe  # noqa: E402
+from checkpoint_convert.commands.cli import add_flag, guarded, options_from_args  # noqa: E402
+from checkpoint_convert.run.converter import convert  # noqa: E402
+from checkpoint_convert.engine.sources import open_checkpoint  # noqa: E402
+from checkpoint_convert.run.inspection import as_text, describe  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,12 +10,8 @@ from typing import Any
 
 import torch
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Param, Tensors, pack_qkv, register,
-                                       unpack_qkv)
-from checkpoint_convert.parallel import Style, cat
-from checkpoint_convert.runtime import transformers_attr
+from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, GPT_PROVIDER, ModelArch, Param, Style,
+                                      Tensors, cat, pack_qkv, register, transformers_attr, unpack_qkv)
 
 COLUMN, ROW, REPLICATED, VOCAB = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB
 # transformers names for the activations Megatron implements (gelu_pytorch_tanh is gelu_new's math).

@@ -14,12 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, FamilySpec, Layers, Param,
-                                       every_layer_window_kwargs, norm_topk_prob, per_expert_aliases, register)
-from checkpoint_convert.parallel import Style
-from checkpoint_convert.runtime import transformers_attr
+from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, GPT_PROVIDER, Layers, ModelArch, Param,
+                                      Style, every_layer_window_kwargs, norm_topk_prob, per_expert_aliases, register,
+                                      transformers_attr)
 from llama.family import ATTENTION, FIRST, LAST, arch_from_llama_config, config_kwargs, is_llama_like
 
 ROUTER = (Param("mlp.router.weight", ("mlp.gate.weight",), Style.REPLICATED, layers=Layers.MOE),)

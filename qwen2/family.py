@@ -8,8 +8,7 @@ out. Sliding windows (``use_sliding_window``, ``sliding_window``, and ``layer_ty
 """
 from __future__ import annotations
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, per_layer_window_kwargs, register
+from checkpoint_convert.model import BridgeProvider, GPT_PROVIDER, ModelArch, per_layer_window_kwargs, register
 from llama.family import DENSE_MLP, PRE_MLP_NORM, SELF_ATTENTION, is_llama_like, llama_like_family
 
 LAYER = SELF_ATTENTION + PRE_MLP_NORM + DENSE_MLP

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import (GPT_PROVIDER, BridgeProvider, Layers, Param, gate_up_to_hf, gate_up_to_megatron,
-                                       moe_layers_from_hf_config, norm_topk_prob, per_expert_aliases,
-                                       per_layer_window_kwargs, register, softmax_routing, sparse_step_kwargs)
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.model import (BadInputError, BridgeProvider, GPT_PROVIDER, Layers, ModelArch, Param, Style,
+                                      gate_up_to_hf, gate_up_to_megatron, moe_layers_from_hf_config, norm_topk_prob,
+                                      per_expert_aliases, per_layer_window_kwargs, register, softmax_routing,
+                                      sparse_step_kwargs)
 from llama.family import DENSE_MLP, PRE_MLP_NORM, SELF_ATTENTION, is_llama_like, llama_like_family
 from mixtral.family import MOE
 

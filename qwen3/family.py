@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, Param, per_layer_window_kwargs, register
-from checkpoint_convert.parallel import Style
+from checkpoint_convert.model import (BridgeProvider, GPT_PROVIDER, ModelArch, Param, Style, per_layer_window_kwargs,
+                                      register)
 from llama.family import ATTENTION, DENSE_MLP, is_llama_like, llama_like_family
 
 QK_NORM = (

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import GPT_PROVIDER, BridgeProvider, every_layer_window_kwargs, register
+from checkpoint_convert.model import BridgeProvider, GPT_PROVIDER, ModelArch, every_layer_window_kwargs, register
 from llama.family import ATTENTION, DENSE_MLP, is_llama_like, llama_like_family
 from mixtral.family import MOE
 from qwen2_moe.family import SPARSE_KEYS, old_layout_aliases, routed_experts, routed_experts_kwargs

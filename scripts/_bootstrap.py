@@ -4,6 +4,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_convert.entry import load_families  # noqa: E402  (imports no torch)
+from checkpoint_convert.commands.entry import load_families  # noqa: E402  (imports no torch)
 
 FAMILIES = load_families()

@@ -49,9 +49,9 @@ import _bootstrap  # noqa: F401
 import torch
 from transformers import LlamaConfig, MixtralConfig
 
-from checkpoint_convert.cli import add_flag, guarded
-from checkpoint_convert.hf_io import SafetensorsStreamWriter
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.commands.cli import add_flag, guarded
+from checkpoint_convert.formats.hf_io import SafetensorsStreamWriter
+from checkpoint_convert.base.runtime import exit_now
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def _convert(source: Path, target: Path, *flags: str) -> list[str]:
 IMPORT_ONLY = """
 import sys; sys.path[:0] = [{repo!r}, {scripts!r}]
 import _bootstrap, checkpoint_convert.converter, accelerate
-from checkpoint_convert.runtime import exit_now, transformers_attr
+from checkpoint_convert.base.runtime import exit_now, transformers_attr
 for name in ("LlamaConfig", "LlamaForCausalLM", "MixtralConfig", "MixtralForCausalLM", "GenerationConfig"):
     transformers_attr(name)
 exit_now(0)
@@ -227,7 +227,8 @@ NAIVE = """
 import sys; sys.path[:0] = [{repo!r}, {scripts!r}]
 import _bootstrap, functools, torch
 from safetensors.torch import save_file
-from checkpoint_convert import converter, megatron_io, safe_load, hf_io
+from checkpoint_convert.run import converter
+from checkpoint_convert.formats import megatron_io, safe_load, hf_io
 full_load = functools.partial(safe_load.safe_torch_load, lazy=False)
 megatron_io.safe_torch_load = full_load
 class InMemory:

@@ -11,8 +11,8 @@ import _bootstrap
 import torch
 from transformers import AutoModelForCausalLM
 
-from checkpoint_convert.cli import add_flag, guarded, run_convert_cli
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.commands.cli import add_flag, guarded, run_convert_cli
+from checkpoint_convert.base.runtime import exit_now
 from megatron_gpt2.reference_writer import reference_megatron_gpt2, tiny_gpt2
 
 

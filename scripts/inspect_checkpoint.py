@@ -5,7 +5,7 @@ The same command as the installed `megatron-hf-inspect` (see checkpoint_convert.
 """
 import _bootstrap  # noqa: F401  (the repository on sys.path, the families registered)
 
-from checkpoint_convert.entry import inspect_command
+from checkpoint_convert.commands.entry import inspect_command
 
 if __name__ == "__main__":
     inspect_command()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from checkpoint_convert.cli import add_flag, guarded
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.runtime import exit_now
+from checkpoint_convert.commands.cli import add_flag, guarded
+from checkpoint_convert.base.errors import BadInputError
+from checkpoint_convert.base.runtime import exit_now
 from megatron_gpt2.reference_writer import reference_megatron_gpt2, tiny_gpt2
 
 

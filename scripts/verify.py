@@ -5,7 +5,7 @@ The same command as the installed `megatron-hf-verify` (see checkpoint_convert.e
 """
 import _bootstrap  # noqa: F401  (the repository on sys.path, the families registered)
 
-from checkpoint_convert.entry import verify_command
+from checkpoint_convert.commands.entry import verify_command
 
 if __name__ == "__main__":
     verify_command()

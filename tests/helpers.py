@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import _bootstrap  # noqa: E402,F401  (registers the families)
-from checkpoint_convert.cli import run_convert_cli  # noqa: E402
+from checkpoint_convert.commands.cli import run_convert_cli  # noqa: E402
 from megatron_gpt2.reference_writer import randomize, reference_megatron_gpt2, tiny_gpt2  # noqa: E402,F401
 
 TOKENS = torch.tensor([[3, 17, 250, 999, 42, 7, 512, 64, 1, 900, 33, 5], [8, 8, 120, 600, 2, 77, 13, 404, 0, 5, 6, 991]])

@@ -433,9 +433,9 @@ def _dist_args(ckpt: Path):
     """The iteration directory and args of a torch_dist tree: common.pt's, or for a Megatron-Bridge tree the
     Megatron-LM args of the model its run_config.yaml describes, as this tool reads that file (megatron-core's
     loader still wants common.pt, but not its args)."""
-    from checkpoint_convert.entry import load_families
-    from checkpoint_convert.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
-    from checkpoint_convert.megatron_formats import open_megatron_tree
+    from checkpoint_convert.commands.entry import load_families
+    from checkpoint_convert.formats.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
+    from checkpoint_convert.formats.megatron_formats import open_megatron_tree
 
     load_families()  # the provider classes run_config.yaml may name
     registered = torch.serialization.get_safe_globals()  # megatron-core's; leaving safe_load's context removes

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_convert import blockwise, memory
-from checkpoint_convert.blockwise import blocks, cat_blockwise, max_abs_diff
-from checkpoint_convert.hf_io import SafetensorsReader
+from checkpoint_convert.engine import blockwise
+from checkpoint_convert.base import memory
+from checkpoint_convert.engine.blockwise import blocks, cat_blockwise, max_abs_diff
+from checkpoint_convert.formats.hf_io import SafetensorsReader
 
 NAN, INF = float("nan"), float("inf")
 

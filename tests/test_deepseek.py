@@ -104,7 +104,7 @@ def test_fp8_source_dequantizes_while_streaming(fp8_models, block):
 
 def test_partial_blocks_on_both_sides():
     """Rows and columns that are not multiples of the block: the last blocks are partial, as defined."""
-    from checkpoint_convert.hf_io import dequantize_blocks
+    from checkpoint_convert.formats.hf_io import dequantize_blocks
 
     weight = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))
     quantized, scale = _quantized(weight, 16)
@@ -114,7 +114,7 @@ def test_partial_blocks_on_both_sides():
 
 def test_inspect_shows_fp8_as_stored(fp8_models, capsys):
     """inspect lists FP8 weights and their scales as the files hold them; --check reads every one, dequantized."""
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     path, _ = fp8_models[1][16]
     assert run_inspect_cli([str(path), "--json", "--check"]) == 0
@@ -380,7 +380,7 @@ def _fp8_variant(fp8_models, tmp_path, rename: dict[str, str], keep_quantization
 def test_fp8_weight_without_its_scale_is_refused(fp8_models, tmp_path, capsys):
     """A block-quantized weight whose scale is missing (found by tests/test_fuzz.py: one byte of the header
     flipped in a scale's name) would convert as its raw FP8 values: every command refuses it."""
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     name = "model.layers.3.self_attn.o_proj.weight"
     copy = _fp8_variant(fp8_models, tmp_path, {f"{name}_scale_inv": f"{name}_scaQe_inv"})
@@ -396,7 +396,7 @@ def test_fp8_weight_without_its_scale_is_refused(fp8_models, tmp_path, capsys):
 def test_inspect_check_reads_unscaled_fp8_weights(fp8_models, tmp_path, capsys):
     """FP8 weights stored plainly (no quantization_config, no scales: the values are the weights) are read and
     checked for NaN like any other; torch has no min/max kernel for FP8."""
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     path, _ = fp8_models[1][16]
     scales = [name for name in load_file(path / "model.safetensors") if name.endswith("_scale_inv")]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoint_convert import output
-from checkpoint_convert.safe_load import safe_torch_load
+from checkpoint_convert.run import output
+from checkpoint_convert.formats.safe_load import safe_torch_load
 from tests.helpers import convert, reference_megatron_gpt2, tiny_gpt2
 
 HF_LLAMA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "megatron_bridge_llama" / "hf"
@@ -123,7 +123,7 @@ def test_dry_run_refuses_bad_input_like_a_run(sources, tmp_path, capsys):
 
 def test_meta_tensors_never_reach_a_disk_sink(tmp_path):
     """A dry run's meta tensors are sized by its sink; a real writer given one fails instead of writing garbage."""
-    from checkpoint_convert.hf_io import SafetensorsStreamWriter
+    from checkpoint_convert.formats.hf_io import SafetensorsStreamWriter
     writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", (2,), torch.float32)])
     with pytest.raises((RuntimeError, NotImplementedError, TypeError)):
         writer.write("a", torch.empty(2, device="meta"))

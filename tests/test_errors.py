@@ -393,7 +393,7 @@ def test_bad_input_is_one_line_exit_2_and_source_untouched(pristine, tmp_path, c
 
 def test_not_enough_disk_space_fails_before_writing(pristine, tmp_path, capsys, monkeypatch):
     import collections
-    from checkpoint_convert import output
+    from checkpoint_convert.run import output
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(output.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
     assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "megatron") == 2
@@ -414,7 +414,7 @@ def test_save_path_inside_load_path_and_non_empty_save_path(pristine, tmp_path, 
 def test_overwrite_replaces_a_checkpoint_once_the_new_one_is_complete(pristine, tmp_path, monkeypatch):
     assert convert("--load_path", pristine / "hf", "--save_path", tmp_path / "out", "--to", "hf") == 0
     seen_during_the_stream = []
-    from checkpoint_convert import converter
+    from checkpoint_convert.run import converter
     stream = converter._stream
     monkeypatch.setattr(converter, "_stream", lambda *a, **k: (
         seen_during_the_stream.append(sorted(p.name for p in (tmp_path / "out").iterdir())), stream(*a, **k))[1])
@@ -518,7 +518,7 @@ def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
             _rewrite(tmp_path / "src", name, lambda s: setattr(s["args"], "attention_backend", AttnBackendLike(5)))
     finally:
         del sys.modules["megatron.not_installed_here"]
-    from checkpoint_convert.safe_load import ForeignObject, safe_torch_load
+    from checkpoint_convert.formats.safe_load import ForeignObject, safe_torch_load
     args = safe_torch_load(_rank_file(tmp_path / "src"))["args"]
     assert isinstance(args, argparse.Namespace) and isinstance(args.attention_backend, ForeignObject)
     assert args.attention_backend.value == 5 and "megatron.not_installed_here" in repr(args.attention_backend)
@@ -528,7 +528,7 @@ def test_megatron_classes_in_args_load_as_inert_stand_ins(pristine, tmp_path):
 def test_safe_loading_leaves_the_process_allowlist_as_it_found_it(tmp_path):
     """A library in the same process (megatron-core allows argparse.Namespace on import) keeps what it allowed:
     our loads add their entries for the call only."""
-    from checkpoint_convert.safe_load import safe_torch_load
+    from checkpoint_convert.formats.safe_load import safe_torch_load
     from tests.helpers import plain_torch_allowlist
     torch.save({"args": argparse.Namespace(x=1)}, tmp_path / "f.pt")
     with plain_torch_allowlist():
@@ -582,11 +582,11 @@ def test_expected_shapes_come_from_megatron_module_names_alone():
     """The shape check knows megatron-core's modules, not families: a family's qk norms (head size wide) and
     shared experts (hidden wide, of their own ffn size, left open when the architecture has none) get checked
     without a rule of their own."""
-    from checkpoint_convert.arch import ModelArch
-    from checkpoint_convert.engine import Item
-    from checkpoint_convert.family import Param
-    from checkpoint_convert.parallel import Style
-    from checkpoint_convert.shape_check import expected_shape
+    from checkpoint_convert.model.arch import ModelArch
+    from checkpoint_convert.engine.streams import Item
+    from checkpoint_convert.model.family import Param
+    from checkpoint_convert.model.parallel import Style
+    from checkpoint_convert.engine.shape_check import expected_shape
     arch = ModelArch(family="x", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                      kv_channels=24, ffn_hidden_size=96, vocab_size=1000, max_position_embeddings=128,
                      activation="swiglu", num_experts=8, moe_ffn_hidden_size=32)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_convert.family import registered
-from checkpoint_convert.megatron_args import plain_fields
-from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from checkpoint_convert.model.family import registered
+from checkpoint_convert.formats.megatron_args import plain_fields
+from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
 from tests.family_kit import VARIANTS, Variant
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
 

@@ -59,8 +59,8 @@ import yaml
 from tests.helpers import _bootstrap, plain_torch_allowlist, reference_megatron_gpt2, run_convert_cli, tiny_gpt2
 from tests.test_errors import snapshot
 
-from checkpoint_convert.errors import EXIT_BAD_INPUT, EXIT_MISMATCH  # noqa: E402  (after tests.helpers: sys.path)
-from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli  # noqa: E402
+from checkpoint_convert.base.errors import EXIT_BAD_INPUT, EXIT_MISMATCH  # noqa: E402  (after tests.helpers: sys.path)
+from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402

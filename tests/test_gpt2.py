@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from tests.helpers import (as_virtual_pipeline, assert_logits_close, convert, logits_of, reference_megatron_gpt2,
                            tiny_gpt2)
-from checkpoint_convert.report_cli import run_inspect_cli
+from checkpoint_convert.commands.report_cli import run_inspect_cli
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from tests.helpers import REPO, convert, reference_megatron_gpt2, tiny_gpt2
 from tests.test_llama import tiny_llama
 from tests.test_mixtral import tiny_mixtral
-from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
 
 
 def inspect_json(path, capsys, *flags):
@@ -128,7 +128,7 @@ def test_verify_passes_on_converted_pairs(gpt2, capsys, a, b):
 def test_verify_makes_each_entry_once_on_each_side(tmp_path, capsys, monkeypatch):
     """Both sides walk one family table: B's tensors pair up with A's as they come, an entry of several
     tensors (q, k, v; gate, up) is made once and none waits for its partner (memory holds one entry of each side)."""
-    from checkpoint_convert import verification
+    from checkpoint_convert.run import verification
     tiny_llama(tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron",
                    "--target_tensor_model_parallel_size", "2") == 0
@@ -145,7 +145,7 @@ def test_verify_finds_a_change_in_the_last_block_of_merged_tensors(gpt2, tmp_pat
     """Blocks of 64 elements: the last element of the merged embedding (TP rank 1's last true vocab row) and
     of a later layer, where merges reuse the memory of earlier ones."""
     import shutil
-    from checkpoint_convert import blockwise
+    from checkpoint_convert.engine import blockwise
     monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(blockwise, "PIECE_ELEMENTS", 16)
     root, _ = gpt2
@@ -217,7 +217,7 @@ def test_verify_reads_a_config_as_its_config_class_does(tmp_path, capsys, monkey
     """A transformers 4 config (legacy ``rope_scaling``): read as written it has no scaling. verify begins
     on that reading while the config class is imported, then starts over with the class's reading, which
     the logits against the conversion (whose args carry the scaling) prove."""
-    from checkpoint_convert import report_cli
+    from checkpoint_convert.commands import report_cli
     tiny_llama(tmp_path / "hf", seed=4)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     del config["rope_parameters"]

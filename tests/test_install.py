@@ -21,7 +21,7 @@ from tests.helpers import REPO, _bootstrap, reference_megatron_gpt2, tiny_gpt2
 
 PROBE_FAMILY = '''
 import dataclasses
-from checkpoint_convert.family import register
+from checkpoint_convert.model.family import register
 from llama.family import LLAMA
 PROBE = register(dataclasses.replace(LLAMA, name="probe", hf_model_types=("probe",)))
 '''

@@ -119,7 +119,7 @@ def test_virtual_pipeline_output_is_the_interleaved_regrouping_of_its_stages(mod
 
 def test_uneven_virtual_pipeline_with_an_output_only_stage_reads_back(models, tmp_path, capsys):
     """Stages 2,1,1,0 over PP 2 x VPP 2: the last chunk holds no layer, only the final norm and output layer."""
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     path, _, expected = models["gqa_untied"]
     assert convert("--load_path", path, "--save_path", tmp_path / "vpp", "--to", "megatron", "--target_pipeline_layers",
@@ -200,7 +200,7 @@ def test_qkv_only_bias_is_megatron_add_qkv_bias(models, tmp_path, capsys):
 def test_config_the_config_class_reads_differently_is_converted_as_the_class_reads_it(tmp_path, monkeypatch):
     """A transformers 4 config (legacy ``rope_scaling``): read as written, it has no scaling; the
     conversion, begun on that early reading, starts over with the config class's."""
-    from checkpoint_convert import converter
+    from checkpoint_convert.run import converter
 
     tiny_llama(tmp_path / "hf", seed=4)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_convert.megatron_args import tokenizer_fields
-from checkpoint_convert.torch_dist import read_metadata
+from checkpoint_convert.formats.megatron_args import tokenizer_fields
+from checkpoint_convert.formats.torch_dist import read_metadata
 from tests.helpers import convert, reference_megatron_gpt2, tiny_gpt2
 from tests.test_llama import MEGATRON_LM_TREE, tiny_llama
 from tests.test_mixtral import tiny_mixtral

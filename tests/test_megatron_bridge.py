@@ -14,12 +14,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from checkpoint_convert import family as family_registry
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.bridge_config import args_from_run_config, run_config_for
-from checkpoint_convert.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
-from checkpoint_convert.megatron_formats import open_megatron_tree
-from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from checkpoint_convert.model import family as family_registry
+from checkpoint_convert.model.arch import ModelArch
+from checkpoint_convert.formats.bridge_config import args_from_run_config, run_config_for
+from checkpoint_convert.formats.megatron_args import CheckpointFacts, ParallelLayout, arch_from_args, args_from_arch
+from checkpoint_convert.formats.megatron_formats import open_megatron_tree
+from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
 from tests.family_kit import VARIANTS
 from tests.helpers import assert_logits_close, convert, logits_of, tiny_gpt2
 from tests.test_errors import snapshot

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from checkpoint_convert.megatron_formats import open_megatron_tree
+from checkpoint_convert.formats.megatron_formats import open_megatron_tree
 from tests.family_kit import VARIANTS
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
 from tests.test_errors import snapshot

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from checkpoint_convert.provenance import tool_version
-from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+from checkpoint_convert.run.provenance import tool_version
+from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
 from tests.helpers import REPO, assert_logits_close, convert, logits_of, reference_megatron_gpt2, tiny_gpt2
 
 RECORD_PLACES = {  # flags -> where the record goes

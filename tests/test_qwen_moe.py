@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from checkpoint_convert.arch import ModelArch
-from checkpoint_convert.family import sparse_step_kwargs
-from checkpoint_convert.megatron_args import arch_from_args
+from checkpoint_convert.model.arch import ModelArch
+from checkpoint_convert.model.family import sparse_step_kwargs
+from checkpoint_convert.formats.megatron_args import arch_from_args
 from tests.family_kit import VARIANTS
 from tests.helpers import assert_logits_close, convert, logits_of, per_expert_layout, stored_names, with_args
 from tests.test_errors import snapshot

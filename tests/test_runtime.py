@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 
 from tests.helpers import REPO, assert_logits_close, convert, logits_of, tiny_gpt2
 
-from checkpoint_convert import converter, memory, sources
-from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.hf_io import SafetensorsReader
-from checkpoint_convert.write_behind import WriteBehind
+from checkpoint_convert.run import converter
+from checkpoint_convert.base import memory
+from checkpoint_convert.engine import sources
+from checkpoint_convert.base.errors import BadInputError
+from checkpoint_convert.formats.hf_io import SafetensorsReader
+from checkpoint_convert.engine.write_behind import WriteBehind
 
 
 def _slow_recorder(log: list, delay: float = 0.01):
@@ -136,14 +138,14 @@ def test_a_failed_config_check_beside_the_stream_fails_the_conversion(tmp_path, 
 
 def test_exit_now_flushes_output_and_keeps_the_exit_code():
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from checkpoint_convert.runtime import exit_now\n"
+            "from checkpoint_convert.base.runtime import exit_now\n"
             "print('summary line', end='')\nsys.stderr.write('warning')\nexit_now(3)\n") % str(REPO)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (result.returncode, result.stdout, result.stderr) == (3, "summary line", "warning")
 
 
 def test_streaming_settings_are_defaults_a_user_setting_overrides(monkeypatch):
-    from checkpoint_convert import runtime
+    from checkpoint_convert.base import runtime
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
@@ -157,7 +159,7 @@ def test_objects_made_while_the_collector_is_paused_are_never_scanned_again():
     """What a heavy import leaves behind is frozen; the collector runs again afterwards."""
     import gc
 
-    from checkpoint_convert.runtime import collector_paused
+    from checkpoint_convert.base.runtime import collector_paused
 
     before = gc.get_freeze_count()
     with collector_paused():
@@ -188,7 +190,7 @@ def test_config_json_written_by_transformers_is_read_before_transformers_is_need
 def test_a_transformers_class_already_imported_is_returned_without_freezing_anything():
     import gc
 
-    from checkpoint_convert.runtime import transformers_attr
+    from checkpoint_convert.base.runtime import transformers_attr
 
     first = transformers_attr("LlamaConfig")
     frozen = gc.get_freeze_count()

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_convert.converter import Options, open_source, plan_conversion
-from checkpoint_convert.dry_run import as_text, plan_report
-from checkpoint_convert.hf_io import tensor_nbytes
-from checkpoint_convert.shares import output_files, source_bytes, split_outputs
+from checkpoint_convert.run.converter import Options, open_source, plan_conversion
+from checkpoint_convert.run.dry_run import as_text, plan_report
+from checkpoint_convert.formats.hf_io import tensor_nbytes
+from checkpoint_convert.run.shares import output_files, source_bytes, split_outputs
 from tests.family_kit import VARIANTS
 from tests.helpers import convert
 

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from checkpoint_convert.hf_io import SafetensorsStreamWriter
-from checkpoint_convert.torch_zip_writer import StreamingTorchFile
+from checkpoint_convert.formats.hf_io import SafetensorsStreamWriter
+from checkpoint_convert.formats.torch_zip_writer import StreamingTorchFile
 
 TENSORS = {
     "f32": torch.randn(7, 5),
@@ -51,7 +51,7 @@ def test_streamed_torch_file_loads_like_torch_save(tmp_path, options, crc):
 
 def test_safetensors_reader_maps_privately_and_reads_what_safetensors_reads(tmp_path):
     from safetensors.torch import save_file
-    from checkpoint_convert.hf_io import SafetensorsReader
+    from checkpoint_convert.formats.hf_io import SafetensorsReader
 
     tensors = {name: t.contiguous() for name, t in TENSORS.items()}
     save_file(tensors, tmp_path / "model.safetensors")
@@ -85,8 +85,8 @@ def test_file_backed_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kern
     import os
 
     from safetensors.torch import save_file
-    from checkpoint_convert.hf_io import SafetensorsReader
-    from checkpoint_convert.memory import read_only_file_mappings
+    from checkpoint_convert.formats.hf_io import SafetensorsReader
+    from checkpoint_convert.base.memory import read_only_file_mappings
 
     save_file({"a": torch.randn(64, 32), "b": torch.randn(8, 1024)}, tmp_path / "source.safetensors")
     copies = []
@@ -120,8 +120,8 @@ def test_read_only_registrations_name_live_mappings(tmp_path):
     then wipe and the writers would copy from the file instead: every registration must stay mapped."""
     import gc
 
-    from checkpoint_convert import memory
-    from checkpoint_convert.megatron_formats import open_megatron_tree
+    from checkpoint_convert.base import memory
+    from checkpoint_convert.formats.megatron_formats import open_megatron_tree
     from tests.helpers import reference_megatron_gpt2, tiny_gpt2
 
     tree_path = reference_megatron_gpt2(tiny_gpt2(None), tmp_path / "m", tp=2, pp=2)
@@ -149,7 +149,7 @@ def test_streamed_safetensors_refuses_unplanned_order(tmp_path):
 
 def test_cat_joins_adjacent_pieces_of_one_storage_without_a_copy():
     """Experts read from one torch_dist chunk are stacked as a view; anything else is copied by torch.cat."""
-    from checkpoint_convert.parallel import cat, stack
+    from checkpoint_convert.model.parallel import cat, stack
 
     chunk = torch.randn(4, 6, 5)
     experts = [chunk[e] for e in range(4)]

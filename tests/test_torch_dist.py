@@ -61,7 +61,7 @@ def test_torch_dist_saved_by_megatron_core_converts_to_hf(tmp_path, megatron_dis
 def test_torch_dist_saved_at_tensor_parallel_2_converts_to_hf(tmp_path, megatron_dist, family):
     """Chunks split by TP rank (vocab rows, qkv rows, fc1 as four gate/up fragments, row-parallel columns)."""
     source, expected = megatron_dist(family, tp=2)
-    from checkpoint_convert.torch_dist import read_metadata
+    from checkpoint_convert.formats.torch_dist import read_metadata
 
     common = torch.load(source / "iter_0000001" / "common.pt", weights_only=False)
     assert common["args"].tensor_model_parallel_size == 2
@@ -115,7 +115,7 @@ def test_chunks_are_saved_without_zip_checksums_and_load(tmp_path):
     import io
     import zipfile
 
-    from checkpoint_convert.torch_dist import read_metadata
+    from checkpoint_convert.formats.torch_dist import read_metadata
 
     model = tiny_llama(tmp_path / "hf", seed=6)
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",
@@ -137,8 +137,8 @@ _WRITES_WITHOUT_DCP = """
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/scripts"]
 import _bootstrap
-from checkpoint_convert import torch_dist_writer
-from checkpoint_convert.cli import run_convert_cli
+from checkpoint_convert.formats import torch_dist_writer
+from checkpoint_convert.commands.cli import run_convert_cli
 
 imported_during_writes = []
 write = torch_dist_writer.TorchDistWriter.write
@@ -172,7 +172,7 @@ def test_torch_dist_output_streams_before_torch_distributed_checkpoint_is_import
 
 
 def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megatron_dist, capsys):
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     source, _ = megatron_dist("mixtral")
     assert run_inspect_cli([str(source), "--json", "--check"]) == 0
@@ -189,7 +189,7 @@ def test_inspect_shows_what_a_torch_dist_checkpoint_holds_beside_the_model(megat
 
 def test_torch_dist_reads_one_layer_at_a_time(megatron_dist):
     """A layer slice is read from the chunks of that layer only (torch_dist data is never loaded whole)."""
-    from checkpoint_convert.megatron_formats import open_megatron_tree
+    from checkpoint_convert.formats.megatron_formats import open_megatron_tree
 
     source, _ = megatron_dist("llama")
     tree = open_megatron_tree(source)
@@ -224,7 +224,7 @@ def _file_mapped_at(address: int) -> str:
 
 def test_experts_stored_in_one_chunk_per_layer_are_loaded_once(tmp_path):
     """Our torch_dist output keeps a layer's experts in one chunk; reading each expert must not reload it."""
-    from checkpoint_convert.megatron_formats import open_megatron_tree
+    from checkpoint_convert.formats.megatron_formats import open_megatron_tree
 
     model = tiny_mixtral(tmp_path / "hf")
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "dist", "--to", "megatron",

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_convert.cli import run_convert_cli
-from checkpoint_convert.converter import Options, open_source, plan_conversion
-from checkpoint_convert.provenance import RECORD_FILE
-from checkpoint_convert.report_cli import run_verify_cli
-from checkpoint_convert.shares import split_outputs
+from checkpoint_convert.commands.cli import run_convert_cli
+from checkpoint_convert.run.converter import Options, open_source, plan_conversion
+from checkpoint_convert.run.provenance import RECORD_FILE
+from checkpoint_convert.commands.report_cli import run_verify_cli
+from checkpoint_convert.run.shares import split_outputs
 from tests.family_kit import VARIANTS
 from tests.helpers import REPO, assert_logits_close, convert, logits_of
 

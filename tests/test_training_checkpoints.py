@@ -86,7 +86,7 @@ def test_training_checkpoint_reshaped_runs_in_megatron_core(tmp_path, training_r
 
 
 def test_inspect_shows_extra_state_with_its_size(training_run, capsys):
-    from checkpoint_convert.report_cli import run_inspect_cli
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
 
     source, _ = training_run("llama_tp2_te_bytesio")
     rank_files = sorted((source / "iter_0000200").glob("mp_rank_*/model_optim_rng.pt"))
@@ -110,7 +110,7 @@ def test_inspect_shows_extra_state_with_its_size(training_run, capsys):
 
 def test_bytesio_extra_state_is_kept_as_bytes_and_never_unpickled(tmp_path):
     """The inner pickle would run a command if unpickled: loading keeps its bytes and runs nothing."""
-    from checkpoint_convert.safe_load import safe_torch_load
+    from checkpoint_convert.formats.safe_load import safe_torch_load
 
     class Payload:
         def __reduce__(self):
@@ -124,7 +124,7 @@ def test_bytesio_extra_state_is_kept_as_bytes_and_never_unpickled(tmp_path):
 
 
 def _bytes_of(value) -> bytes:
-    from checkpoint_convert.safe_load import InertBytes
+    from checkpoint_convert.formats.safe_load import InertBytes
 
     assert isinstance(value, InertBytes), type(value)
     return value.data
@@ -136,7 +136,7 @@ def test_other_inert_data_megatron_stores_loads_safely(tmp_path):
     import pathlib
     import types
 
-    from checkpoint_convert.safe_load import ForeignObject, safe_torch_load
+    from checkpoint_convert.formats.safe_load import ForeignObject, safe_torch_load
 
     args = argparse.Namespace(data_cache_path=pathlib.PosixPath("/data/cache"), config=types.SimpleNamespace(a=1))
     torch.save({"args": args, "rng_state": [{"rng_tracker_states": {"model-parallel-rng": torch.Generator()}}]},

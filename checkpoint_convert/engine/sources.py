@@ -1,0 +1,188 @@
+"""Opening a source checkpoint: detect its format (Hugging Face, or one of the Megatron formats through
+``megatron_formats``' one dispatch) and family, and describe its architecture, reading no tensor data.
+
+Every command opens its sources here (convert, inspect, verify), so a checkpoint means the same to all of them.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from ..base.errors import BadInputError, reason
+from ..base.runtime import transformers_attr
+from ..formats.hf_io import HFCheckpoint, is_hf_checkpoint
+from ..formats.megatron_args import arch_from_args
+from ..formats.megatron_formats import is_megatron_checkpoint, open_megatron_tree
+from ..formats.megatron_io import MegatronTree
+from ..model.arch import ModelArch
+from ..model.family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
+from .streams import HFSource, MegatronSource
+
+
+@dataclass
+class Source:
+    kind: str  # "megatron" or "hf"
+    family: FamilySpec
+    arch: ModelArch
+    reader: Any  # MegatronTree, TorchDistTree or HFCheckpoint
+    tensors: Any = None  # MegatronSource or HFSource
+    # for an ``arch`` read from config.json before transformers was imported: the check that the
+    # config class reads the same (raises MisreadArchitecture otherwise)
+    arch_check: Future | None = None
+    # where the architecture's numbers come from (config.json's object, or the args' fields), and how
+    # they are read: what the check against the tensors needs to name a wrong field
+    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers_file: Path | None = None
+    reread: Callable[[dict[str, Any]], ModelArch] | None = None
+
+    def check_against_tensors(self) -> None:
+        """Refuse an architecture the tensors do not fit (see ``shape_check``), before anything is written."""
+        check_against_tensors(self, self.reread, self.numbers, self.numbers_file)
+
+
+class MisreadArchitecture(Exception):
+    """config.json's values, read as plain attributes, describe another model than its config class does."""
+
+
+def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None) -> FamilySpec:
+    recorded = getattr(tree.args, "hf_family", None)
+    if requested:
+        spec = family_named(requested)
+        if not spec.matches_megatron(arch):
+            detected = family_for_megatron(arch, str(tree.iter_dir)).name
+            raise BadInputError(f"--model {requested} does not match this checkpoint, which looks like {detected}",
+                                tree.iter_dir)
+        return spec
+    if recorded in registered() and registered()[recorded].matches_megatron(arch):
+        return registered()[recorded]
+    return family_for_megatron(arch, str(tree.iter_dir))
+
+
+def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = False, model: str | None = None,
+                    vocab_size: int | None = None, speculate: ThreadPoolExecutor | None = None) -> Source:
+    """Detect a checkpoint's format and family, and describe its architecture; reads no tensor data.
+
+    With ``speculate``, a Hugging Face architecture is read from config.json's values as they are,
+    and transformers' config class (seconds of imports) reads them again on that executor
+    (``Source.arch_check``): a conversion streams meanwhile and must not finish before the check.
+    """
+    if not path.is_dir():
+        raise BadInputError("load path is not a directory", path)
+    if is_megatron_checkpoint(path):
+        return _open_megatron(path, iteration, trust, model, vocab_size)
+    if is_hf_checkpoint(path):
+        return _open_hf(path, trust, model, speculate)
+    raise BadInputError("neither a Megatron checkpoint (tracker file, mp_rank_* dirs or torch_dist files) nor a "
+                        "Hugging Face model directory (config.json)", path)
+
+
+def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | None,
+                   vocab_size: int | None) -> Source:
+    tree = open_megatron_tree(path, iteration, trust)
+    arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
+    family = _megatron_family(tree, arch, model)
+    arch.family = family.name
+    validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
+
+    def reread(values: dict[str, Any]) -> ModelArch:
+        return arch_from_args(argparse.Namespace(**values), str(tree.args_file), vocab_size)
+    return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch), None,
+                  dict(vars(tree.args)), tree.args_file, reread)
+
+
+def _open_hf(path: Path, trust: bool, model: str | None, speculate: ThreadPoolExecutor | None) -> Source:
+    checkpoint = HFCheckpoint(path, trust)
+    config_file = path / "config.json"
+    family = family_for_hf_model_type(checkpoint.config.get("model_type"), str(config_file))
+    if model and model != family.name:
+        raise BadInputError(f"--model {model} does not match config.json's model_type "
+                            f"'{checkpoint.config.get('model_type')}'", config_file)
+    if family.hf_aliases:
+        checkpoint.add_aliases(family.hf_aliases(checkpoint.names()))
+    check_config_sizes(checkpoint.config, config_file)
+    arch = _arch_as_written(family, checkpoint.config) if speculate else None
+    check = speculate.submit(_confirm_arch, family, checkpoint.config, arch, config_file) if arch else None
+    arch = arch or _arch_from_config_class(family, checkpoint.config, config_file)
+    validate_arch(arch, family, config_file, checkpoint.config, HF_NAMES)
+
+    def reread(values: dict[str, Any]) -> ModelArch:
+        return _arch_as_written(family, values) or _arch_from_config_class(family, values, config_file)
+    return Source("hf", family, arch, checkpoint, HFSource(checkpoint, family, arch), check,
+                  checkpoint.config, config_file, reread)
+
+
+def _arch_from_config_class(family: FamilySpec, values: dict[str, Any], file: Path) -> ModelArch:
+    """The architecture config.json describes, read through the family's transformers config class.
+
+    Whatever the class or the family's reading raises is the file's fault: bad input naming it.
+    """
+    try:
+        return family.arch_from_hf_config(transformers_attr(family.hf_config_class)(**values))
+    except BadInputError as error:
+        raise error if error.path else BadInputError(str(error), file)
+    except Exception as error:  # the config class's own validation (ValueError, TypeError, ZeroDivisionError...)
+        raise BadInputError(f"{family.hf_config_class} cannot read it ({reason(error)})", file)
+
+
+def _arch_as_written(family: FamilySpec, values: dict[str, Any]) -> ModelArch | None:
+    """The architecture read from config.json's values as plain attributes (no class defaults).
+
+    None when that reading fails (a key left to the class's defaults, a value the class would
+    convert): the conversion then waits for the config class, as without speculation.
+    """
+    try:
+        return family.arch_from_hf_config(SimpleNamespace(**values))
+    except Exception:  # any failure only means no head start; the config class reports real errors
+        return None
+
+
+def _confirm_arch(family: FamilySpec, values: dict[str, Any], guess: ModelArch, file: Path) -> ModelArch:
+    arch = _arch_from_config_class(family, values, file)
+    if arch != guess:
+        raise MisreadArchitecture(arch)
+    return arch
+
+
+def mtp_tensors(source: Source) -> list[str]:
+    """The source's multi-token prediction tensors: megatron-core's ``mtp.*``, or what the family names so."""
+    if source.kind == "megatron":
+        return sorted({name for rank in source.reader.files for _, name in source.reader.all_weight_names(rank)
+                       if name.startswith("mtp.")})
+    test = source.family.hf_mtp_tensor
+    return [name for name in source.reader.names() if test and test(source.arch, name)]
+
+
+def leave_out_mtp_layers(source: Source, drop: bool) -> None:
+    """Multi-token prediction layers are not converted: left out, with a warning, when asked; else refused."""
+    found = mtp_tensors(source)
+    declared = source.numbers.get("mtp_num_layers") if source.kind == "megatron" else None
+    if declared and not found and not drop:  # the tensors name the layers when there are some
+        raise BadInputError(f"mtp_num_layers is {declared}: multi-token prediction layers are not converted; pass "
+                            "--drop_mtp_layers to convert the model without them", source.numbers_file)
+    if not found:
+        return
+    if not drop:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise BadInputError(f"multi-token prediction layers are not converted ({found[0]}{more}); pass "
+                            "--drop_mtp_layers to convert the model without them", source.numbers_file)
+    warnings.warn(f"left out {len(found)} tensors of multi-token prediction layers (--drop_mtp_layers)")
+    source.tensors.left_out.update(found)
+
+
+def misread(source: Source, error: BaseException) -> bool:
+    """Whether ``error`` may come from a wrong early reading of config.json (then the config class decides)."""
+    if isinstance(error, MisreadArchitecture):
+        return True
+    if source.arch_check is None or isinstance(error, KeyboardInterrupt):
+        return False
+    try:
+        source.arch_check.result()
+    except Exception:  # a misreading, or the config class's own error, which a fresh start reports
+        return True
+    return False

@@ -1,0 +1,387 @@
+"""The conversion engine: sources produce full Megatron-layout tensors, targets consume them.
+
+A conversion walks the family table in file order (embeddings, each layer, final norm / output
+layer). For each entry the source builds the full (un-parallel, unpadded) tensor in Megatron's
+layout and the target turns it into output tensors keyed by where they go. Running the same walk on
+``meta`` tensors first yields the complete plan (every output's shape and dtype, grouped by file)
+and validates shapes before anything is read or written.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Container, Hashable, Iterable, Iterator
+
+import torch
+
+from ..base.errors import BadInputError, reason
+from ..base.memory import Arena, release_file_pages, release_pages, shares_storage
+from ..formats import megatron_schema as schema
+from ..formats.hf_io import HFCheckpoint
+from ..formats.megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
+from ..model.arch import ModelArch
+from ..model.family import FamilySpec, Param
+from ..model.parallel import (
+    Style,
+    cast,
+    cat,
+    expert_placement,
+    merge_from_tp,
+    pad_vocab,
+    split_for_tp,
+    stack,
+    stage_offsets,
+    style_in_schema,
+    trim_vocab,
+)
+from .blockwise import cat_blockwise
+
+FIRST, LAYER, LAST = "first", "layer", "last"
+QKV = "self_attention.linear_qkv."
+
+
+@dataclass(frozen=True)
+class Item:
+    """One family-table entry at one place in the model (layer is None outside the layers)."""
+
+    group: str
+    param: Param
+    layer: int | None
+
+
+def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
+    items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
+    for layer in range(arch.num_layers):
+        items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
+    return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
+
+
+def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
+    """(pipeline stage, stage-local layer) of an item."""
+    if group == FIRST:
+        return 0, None
+    if group == LAST:
+        return len(stages) - 1, None
+    for stage, start in enumerate(stage_offsets(stages)):
+        if layer < start + stages[stage]:
+            return stage, layer - start
+    raise BadInputError(f"layer {layer} is beyond the pipeline's {sum(stages)} layers")
+
+
+class _ReleasesReadPages:
+    """Remembers the source tensors read for the current item and hands their mapped pages back.
+
+    By default the pages of an item are handed back when the next item is read: ``run()`` resumes
+    only after the previous item's outputs were consumed. A caller that writes outputs later (on
+    another thread) sets ``release_on_next_item = False`` and releases what ``take_read`` returns.
+    """
+
+    def __init__(self) -> None:
+        self._read: list[torch.Tensor] = []
+        self.release_on_next_item = True
+
+    def release(self) -> None:
+        """Return the memory-mapped pages of the tensors read since the last call."""
+        release_all(self._read)
+        self._read.clear()
+
+    def take_read(self) -> list[torch.Tensor]:
+        """The tensors read since the last call, now the caller's to release."""
+        read, self._read = self._read, []
+        return read
+
+    def _next_item(self) -> None:
+        if self.release_on_next_item:
+            self.release()
+
+
+def release_all(tensors: list[torch.Tensor]) -> None:
+    """Hand back the mapped pages of every tensor (see ``memory.release_pages``)."""
+    for tensor in tensors:
+        release_pages(tensor)
+
+
+class MegatronSource(_ReleasesReadPages):
+    """Full tensors merged from a Megatron tree's tensor-parallel shards."""
+
+    def __init__(self, tree: MegatronTree, family: FamilySpec, arch: ModelArch) -> None:
+        super().__init__()
+        self.tree, self.family, self.arch = tree, family, arch
+        self.stages = tree.stage_layer_counts()
+        if sum(self.stages) != arch.num_layers:
+            raise BadInputError(f"stages hold {self.stages} layers but args say num_layers={arch.num_layers}",
+                                tree.iter_dir)
+        self.consumed: set[tuple[RankKey, int | None, str]] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
+        self.arena: Arena | None = None  # where merges go, for a caller done with an item before the next
+
+    def full(self, item: Item, meta: bool) -> torch.Tensor:
+        if not meta:
+            self._next_item()
+            if self.arena is not None:
+                self.arena.next_entry()
+        if item.param.zero_in_megatron:
+            shape = item.param.zero_in_megatron(self.arch)
+            return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
+        stage, local = locate(self.stages, item.group, item.layer)
+        if item.param.experts:
+            return stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
+                                             meta) for e in range(self.arch.num_experts)])
+        full = self._merged(item, stage, local, 0, None, meta)
+        for ep in range(1, self.tree.ep):  # non-expert tensors are replicated on every expert-parallel rank
+            for tp in range(self.tree.tp):
+                self.consumed.add((RankKey(tp, stage, ep), local, item.param.megatron))
+        return trim_vocab(full, self.arch.vocab_size) if item.param.style is Style.VOCAB else full
+
+    def _merged(self, item: Item, stage: int, local: int | None, ep: int, expert: int | None,
+                meta: bool) -> torch.Tensor:
+        """One tensor merged over the tensor-parallel ranks of (stage, expert-parallel rank)."""
+        name = item.param.megatron.format(expert=expert)
+        shards = []
+        for tp in range(self.tree.tp):
+            rank = RankKey(tp, stage, ep)
+            shard = self.tree.tensor(rank, name, local, meta)
+            if not meta:
+                self._read.append(shard)
+            if name.startswith(QKV):
+                shard = reorder_legacy_qkv(shard, self.tree.version, self.arch.num_attention_heads // self.tree.tp,
+                                           self.arch.kv_channels)
+            shards.append(shard)
+            self.consumed.add((rank, local, name))
+        self._check_shapes(shards, name, item, stage)
+        style = style_in_schema(item.param.style, self.tree.schema == schema.MCORE_TE)
+        merged = merge_from_tp(shards, style, cat if meta else self._join)
+        if not meta and not any(shares_storage(merged, shard) for shard in shards):
+            self.release()  # the merge copied the shards: their mapped pages are not needed any more
+        return merged
+
+    def _join(self, pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """``cat`` of shards, handing back each block's mapped file pages once copied.
+
+        A merge over tensor-parallel ranks then holds the merged tensor and a block of its shards,
+        not both whole: one largest tensor less for a conversion, and for a verify whose other side
+        holds a merged tensor of its own.
+        """
+        return cat_blockwise(pieces, dim, release_file_pages, self.arena.empty if self.arena is not None else None)
+
+    def _check_shapes(self, shards: list[torch.Tensor], name: str, item: Item, stage: int) -> None:
+        """Shards of one tensor must agree in shape and dtype (the merge copies them into one dtype)."""
+        where = f"layer {item.layer} " if item.layer is not None else ""
+        for what, values in (("shapes", [tuple(s.shape) for s in shards]), ("dtypes", [s.dtype for s in shards])):
+            if len(set(values)) > 1:
+                raise BadInputError(f"{where}'{name}' has different {what} across TP ranks: {values}",
+                                    self.tree.files[RankKey(0, stage, 0)])
+
+    def unconsumed(self) -> list[str]:
+        """Weights in the source that no table entry read (tied-embedding copies excepted)."""
+        left = []
+        for rank in self.tree.files:
+            for layer, name in self.tree.all_weight_names(rank):
+                if (rank, layer, name) in self.consumed:
+                    continue
+                if (name == schema.OUTPUT_LAYER and self.arch.tie_embeddings) or name in self.left_out:
+                    continue
+                holder = self.tree.holders(rank, name, layer)[0]
+                left.append(f"{holder}:{'' if layer is None else f'layer {layer} '}{name}")
+        return left
+
+
+class HFSource(_ReleasesReadPages):
+    """Full Megatron-layout tensors built from a Hugging Face checkpoint's tensors."""
+
+    def __init__(self, checkpoint: HFCheckpoint, family: FamilySpec, arch: ModelArch) -> None:
+        super().__init__()
+        self.checkpoint, self.family, self.arch = checkpoint, family, arch
+        self.consumed: set[str] = set()
+        self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
+
+    def full(self, item: Item, meta: bool) -> torch.Tensor:
+        names = self.family.hf_names(item.param, item.layer)
+        tensors = [self.checkpoint.meta(n) for n in names] if meta else list(self.stored(item).values())
+        for name in names:
+            self.consumed.update(self.checkpoint.stored_names(name))
+        return item.param.to_megatron(tensors, self.arch)
+
+    def stored(self, item: Item) -> dict[str, torch.Tensor]:
+        """An item's tensors under their Hugging Face names, as the checkpoint holds them (no repacking)."""
+        self._next_item()
+        tensors = {name: self.checkpoint.tensor(name) for name in self.family.hf_names(item.param, item.layer)}
+        self._read += self.checkpoint.read  # the stored tensors, not what an older layout's alias combined them into
+        self.checkpoint.read.clear()
+        return tensors
+
+    def unconsumed(self) -> list[str]:
+        ignored = self.family.hf_ignored_suffixes
+        return [n for n in self.checkpoint.names()
+                if n not in self.consumed and n not in self.left_out and not n.endswith(ignored)]
+
+
+class HFTarget:
+    """Hugging Face tensors keyed by their names."""
+
+    def __init__(self, family: FamilySpec, arch: ModelArch) -> None:
+        self.family, self.arch = family, arch
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        names = self.family.hf_names(item.param, item.layer)
+        return list(zip(names, item.param.to_hf(full, self.arch)))
+
+
+@dataclass(frozen=True)
+class MegatronLayoutSpec:
+    tp: int
+    stages: tuple[int, ...]
+    padded_vocab: int
+    schema: str
+    ep: int = 1
+    grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
+
+
+def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[str]]:
+    """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
+    dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
+    latent norms into its up projections)."""
+    return {layer: frozenset(p.megatron for p in family.params_for(LAYER, arch, layer)) for layer in range(arch.num_layers)}
+
+
+class MegatronTarget:
+    """Tensor-parallel shards keyed by (rank, path inside the rank file's ``model`` dict)."""
+
+    def __init__(self, family: FamilySpec, arch: ModelArch, layout: MegatronLayoutSpec) -> None:
+        self.family, self.arch, self.layout = family, arch, layout
+        self.layer_weights = layer_weights(family, arch)
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        if item.param.zero_in_megatron:
+            _require_zero(full, item)
+            return []
+        stages = list(self.layout.stages)
+        stage, local = locate(stages, item.group, item.layer)
+        if item.param.experts:
+            out = []
+            for expert, tensor in enumerate(full):
+                ep, local_expert = expert_placement(expert, self.arch.num_experts, self.layout.ep)
+                out += self._shards(item, tensor, stage, local, [ep], local_expert)
+            return out
+        if item.param.style is Style.VOCAB:
+            full = pad_vocab(full, self.layout.padded_vocab)
+        out = self._shards(item, full, stage, local, range(self.layout.ep), None)
+        if item.param.megatron == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
+            # the last stage holds a copy of each embedding shard for the tied output layer
+            copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
+            out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), copy_path), shard) for (rank, _), shard in out]
+        return out
+
+    def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
+                expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
+        """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
+        name = item.param.megatron.format(expert=expert)
+        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
+                                  grouped_experts=self.layout.grouped_gemm)
+        shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
+                              self.layout.tp)
+        return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
+
+
+@dataclass(frozen=True)
+class DistKey:
+    """One torch_dist chunk of a global key: its offsets and the key's global shape."""
+
+    fqn: str
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+
+class TorchDistTarget:
+    """Global tensors as torch_dist chunks: one chunk per layer (or, for layers stored apart, per layer key), one
+    per tensor outside the layers.
+
+    The engine's full tensors are already what torch_dist stores (un-split, fc1 as [all gate; all
+    up], experts stacked); only the vocab is padded, for the tensor-parallel size training will use.
+    """
+
+    def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
+        self.arch, self.padded_vocab = arch, padded_vocab
+        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
+        self.stacked = not schema.layers_stored_apart(arch.moe_layers)
+
+    def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        if item.param.zero_in_megatron:
+            _require_zero(full, item)
+            return []
+        if item.param.style is Style.VOCAB:
+            full = pad_vocab(full, self.padded_vocab)
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
+                                    self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        if item.layer is None or not self.stacked:
+            return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
+        key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
+        return [(key, full.unsqueeze(0))]
+
+
+def _require_zero(tensor: torch.Tensor, item: Item) -> None:
+    if tensor.device.type != "meta" and bool(tensor.any()):
+        where = f"layer {item.layer} " if item.layer is not None else ""
+        raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")
+
+
+def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torch.dtype | None,
+        check_finite: bool = True,
+        keep: Container[Hashable] | None = None) -> Iterator[tuple[Item, Hashable, torch.Tensor]]:
+    """Produce every output tensor in order (with the item it came from); on ``meta`` tensors when planning.
+
+    ``check_finite=False``: the caller checks the outputs (which hold every value of the full tensor).
+    ``keep``: only the outputs with these keys (a process writing some of the files), none of the others cast.
+    """
+    for item in items:
+        try:
+            full = source.full(item, meta)
+            outputs = target.emit(item, full)
+        except RuntimeError as error:
+            where = f"layer {item.layer} " if item.layer is not None else ""
+            raise BadInputError(f"{where}'{item.param.megatron}' does not fit the architecture "
+                                f"({reason(error, 160)})")
+        if check_finite and not meta:
+            warn_if_not_finite(full, item)
+        for key, tensor in outputs:
+            if keep is None or key in keep:
+                yield item, key, cast(tensor, torch.float32 if item.param.float32 and dtype is not None else dtype)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite: the minimum and maximum are (NaN propagates through both).
+
+    ``aminmax`` reduces in place, without the full-size temporary a cast or ``isfinite`` would
+    allocate (nor a flattening ``reshape``, a copy of a tensor that is not contiguous); with large
+    allocations mapped fresh (see ``memory``), such temporaries cost page faults.
+    """
+    if tensor.numel() == 0:
+        return True
+    if tensor.dtype.itemsize == 1:  # FP8 stored as it is: no aminmax kernel; checked in float32 blocks
+        return all(all_finite(block.float()) for block in tensor.reshape(-1).split(1 << 22))
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
+    """NaN/Inf weights are converted as they are, but the user should know."""
+    if not tensor.is_floating_point() or all_finite(tensor):
+        return
+    where = f"layer {item.layer} " if item.layer is not None else ""
+    warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")
+
+
+def plan(items: list[Item], source: Any, target: Any, dtype: torch.dtype | None) -> list[tuple[Hashable, tuple, torch.dtype]]:
+    """Every output's key, shape and dtype, in production order, computed on ``meta`` tensors."""
+    return [entry[1:] for entry in plan_with_items(items, source, target, dtype)]
+
+
+def plan_with_items(items: list[Item], source: Any, target: Any,
+                    dtype: torch.dtype | None) -> list[tuple[Item, Hashable, tuple, torch.dtype]]:
+    """:func:`plan`, each entry led by the item that produces it; refuses source tensors nothing reads."""
+    planned = [(item, key, tuple(t.shape), t.dtype) for item, key, t in run(items, source, target, True, dtype)]
+    left = source.unconsumed()
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        raise BadInputError(f"source tensors no conversion rule reads: {', '.join(left[:5])}{more}")
+    return planned
