@@ -352,7 +352,8 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         # fused kernels: Transformer Engine's (as Megatron-Bridge's Llama bridge enables them); the local
         # spec's torch norms refuse persist_layer_norm, and rope fusion needs Transformer Engine
         persist_layer_norm=not local, apply_rope_fusion=not local, bias_dropout_fusion=not local,
-        masked_softmax_fusion=True, gradient_accumulation_fusion=False, mtp_num_layers=None)  # no MTP layers written
+        masked_softmax_fusion=True, gradient_accumulation_fusion=False,
+        mtp_num_layers=getattr(args, "mtp_num_layers", None) or None)
     fields.update(_latent_attention_fields(args) if getattr(args, "multi_latent_attention", False) else _rope_fields(args))
     return fields
 

@@ -206,8 +206,10 @@ def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -
                             f"({reason(error)})", source_file)
 
 
-def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
-    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None,
+                      arch: ModelArch | None = None) -> None:
+    """The planned tensors must be exactly the transformers model's parameters, with its shapes (multi-token
+    prediction layers aside: transformers' models have none)."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
@@ -219,7 +221,8 @@ def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_fil
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
         expected = {name: shape for name, shape in expected.items() if name not in tied}
-    produced = {name: shape for name, shape, _ in planned}
+    mtp = family.hf_mtp_tensor if arch is not None and arch.mtp_num_layers else None
+    produced = {name: shape for name, shape, _ in planned if not (mtp and mtp(arch, name))}
     missing = sorted(set(expected) - set(produced))
     unexpected = sorted(set(produced) - set(expected))
     wrong = sorted(n for n in set(expected) & set(produced) if expected[n] != produced[n])
@@ -480,7 +483,7 @@ def _refuse_megatron_only_options(options: Options) -> None:
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
     config = hf_config_of(family, arch, source_file)
-    _validate_hf_plan(planned, family, config, source_file)
+    _validate_hf_plan(planned, family, config, source_file, arch)
     return config
 
 

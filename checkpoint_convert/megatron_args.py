@@ -145,6 +145,7 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
+        mtp_num_layers=_whole(args, source, "mtp_num_layers", default=0) if _get(args, "mtp_num_layers") else 0,
     )
 
 
@@ -445,7 +446,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
         ckpt_format=facts.ckpt_format, use_dist_ckpt=facts.ckpt_format != "torch",
         use_distributed_optimizer=facts.distributed_optimizer,
         # nothing but model weights is written: no optimizer or RNG state, no samples consumed
-        no_save_optim=True, no_save_rng=True, iteration=0, mtp_num_layers=None,  # MTP layers are never written
+        no_save_optim=True, no_save_rng=True, iteration=0, mtp_num_layers=arch.mtp_num_layers or None,
         consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
     )
     if fields["seq_length"] > fields["max_position_embeddings"]:  # arguments.validate_args asserts it

@@ -37,6 +37,7 @@ from qwen2_moe.family import old_layout_aliases
 
 from .hf_config import SHARED_KEYS, check_supported
 from .moe import MOE_LAYER, moe_config_kwargs, moe_fields
+from .mtp import MTP_HEAD, mtp_config_kwargs
 
 COLUMN, ROW, REPLICATED = Style.COLUMN, Style.ROW, Style.REPLICATED
 
@@ -142,7 +143,7 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         if arch.mla is None:
             raise BadInputError(f"a {name} model has multi-latent attention; this source has none")
         kwargs = {key: value for key, value in config_kwargs(arch).items() if key != "head_dim"}
-        kwargs.update(moe_config_kwargs(arch, v2))
+        kwargs.update(moe_config_kwargs(arch, v2), **(mtp_config_kwargs(arch) if not v2 else {}))
         mla = arch.mla
         return transformers_attr(config_class)(
             architectures=[architecture], q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
@@ -157,6 +158,7 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         layer=MLA + PRE_MLP_NORM + DENSE_MLP + MOE_LAYER, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
         hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor, hf_aliases=old_layout_aliases,
+        mtp_head=() if v2 else MTP_HEAD,
         bridge=BridgeProvider(writes=MLA_PROVIDER, reads=old_providers, fields=("multi_latent_attention",)))
 
 
