@@ -5,6 +5,7 @@ written here from DeepSeek-V3's definition (transformers does not run MTP layers
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
 from tests.family_kit import DEEPSEEK_V3_MOE, QWEN_ROPE, hf_model
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+from tests.test_deepseek import fp8_copy
 
 ORACLE = Path(__file__).with_name("megatron_oracle.py")
 ATOL = 2e-5
@@ -155,3 +158,44 @@ def test_drop_mtp_layers_leaves_them_out(mtp_models, tmp_path):
                    "--drop_mtp_layers") == 0
     assert not any(".layers.4." in name for name in load_file(tmp_path / "hf" / "model.safetensors"))
     assert_logits_close(logits_of(tmp_path / "hf"), main, atol=ATOL)
+
+
+def test_inspect_shows_the_mtp_layers_and_verify_compares_them(mtp_models, capsys):
+    root, (main, _), _ = mtp_models
+    capsys.readouterr()
+    assert run_inspect_cli([str(root / "local_tp2ep2"), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {row["name"] for row in report["tensors"]}
+    assert report["problems"] == [] and report["architecture"]["mtp_num_layers"] == 1
+    assert {"mtp.layers.0.eh_proj.weight", "mtp.layers.0.transformer_layer.mlp.router.expert_bias"} <= names
+    for tree in ("local_tp2ep2", "dist"):
+        assert run_verify_cli([str(root / "hf"), str(root / tree)]) == 0
+        assert capsys.readouterr().out.endswith("EQUAL\n")
+
+
+def test_later_megatron_core_mtp_model_layer_name_is_read(mtp_models, tmp_path):
+    """megatron-core after 0.16 names the MTP layer's transformer layer ``mtp_model_layer`` in its state dicts."""
+    root, (main, _), _ = mtp_models
+    tree = tmp_path / "renamed"
+    shutil.copytree(root / "te_pp2", tree)
+    last = tree / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
+    state = torch.load(last, weights_only=False)
+    state["model"] = {name.replace(".transformer_layer.", ".mtp_model_layer."): value
+                      for name, value in state["model"].items()}
+    assert any(".mtp_model_layer." in name for name in state["model"])
+    torch.save(state, last)
+    assert convert("--load_path", tree, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    original, back = load_file(root / "hf" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(back[name], original[name]) for name in original if ".layers.4." in name)
+
+
+def test_fp8_mtp_layers_are_dequantized(mtp_models, tmp_path):
+    """DeepSeek ships its MTP layer's projections in FP8 too: dequantized as every other weight."""
+    root = mtp_models[0]
+    dequantized = fp8_copy(root / "hf", tmp_path / "fp8", 8)
+    assert any(".layers.4." in name for name in dequantized)
+    assert convert("--load_path", tmp_path / "fp8", "--save_path", tmp_path / "dist", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch_dist", "--target_params_dtype", "fp32") == 0
+    assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(back[name], tensor) for name, tensor in dequantized.items() if ".layers.4." in name)
