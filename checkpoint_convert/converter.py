@@ -490,11 +490,22 @@ def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, sourc
 def hf_config_of(family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``; a refusal of the architecture names the file it was read from."""
     try:
-        return family.hf_config_from_arch(arch)
+        config = family.hf_config_from_arch(arch)
+        _require_rotary_percent(config, arch)
+        return config
     except BadInputError as error:
         raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
+
+
+def _require_rotary_percent(config: Any, arch: ModelArch) -> None:
+    """Partial rotary embeddings (megatron-core's ``rotary_percent``) only go to a config that says so."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    written = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    if arch.position_embedding_type == "rope" and abs(float(written) - arch.rotary_percent) > 1e-9:
+        raise BadInputError(f"rotary_percent is {arch.rotary_percent}: a {arch.family} model rotates "
+                            f"{written} of each head")
 
 
 def checked_hf_config(plan: Plan) -> Any:

@@ -223,7 +223,7 @@ def build_model(args, vp_stage: int | None = None):
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        rotary_base=int(args.rotary_base) if rope else 10000,
+        rotary_base=int(args.rotary_base) if rope else 10000, rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
         parallel_output=False,  # gather the vocab-parallel logits on every rank
