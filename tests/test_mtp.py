@@ -1,6 +1,6 @@
-"""Multi-token prediction (MTP) layers: DeepSeek-V3's (Hugging Face decoder layer ``num_hidden_layers``) to
-megatron-core's ``mtp.layers.0`` and back, in Transformer Engine and local rank files, torch_dist and
-Megatron-Bridge; megatron-core computes the MTP head's logits from our output, compared with a reference forward
+"""Multi-token prediction (MTP) layers: DeepSeek-V3's and GLM-4.5's (Hugging Face decoder layer
+``num_hidden_layers``) to megatron-core's ``mtp.layers.0`` and back, in Transformer Engine and local rank files,
+torch_dist and Megatron-Bridge; megatron-core computes the MTP head's logits from our output, compared with a reference forward
 written here from DeepSeek-V3's definition (transformers does not run MTP layers)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
-from tests.family_kit import DEEPSEEK_V3_MOE, QWEN_ROPE, hf_model
+from tests.family_kit import DEEPSEEK_V3_MOE, GLM_MOE, QWEN_ROPE, hf_model
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
 from tests.test_deepseek import fp8_copy
 
@@ -31,18 +31,29 @@ TREES = {
     "dist": (["--megatron_ckpt_format", "torch_dist", "--transformer_impl", "local"], "dist-logits", 2, 1),
     "bridge": (["--megatron_bridge", "--transformer_impl", "local"], "dist-logits", 1, 1),
 }
-CONFIG = dict(q_lora_rank=24, rope_parameters=QWEN_ROPE, num_nextn_predict_layers=1, **DEEPSEEK_V3_MOE)
+# model -> (builder of the original, its trees); GLM-4.5 (q/k norm, partial rotary) at TP 2 x PP 2
+MODELS = {
+    "deepseek_v3": (hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", 12, random_buffers=("e_score_correction_bias",),
+                             q_lora_rank=24, rope_parameters=QWEN_ROPE, num_nextn_predict_layers=1, **DEEPSEEK_V3_MOE),
+                    TREES),
+    "glm4_moe": (hf_model("Glm4MoeConfig", "Glm4MoeForCausalLM", 16, random_buffers=("e_score_correction_bias",),
+                          use_qk_norm=True, num_nextn_predict_layers=1, **GLM_MOE),
+                 {"local_tp2pp2": (["--transformer_impl", "local", "--target_tensor_model_parallel_size", "2",
+                                    "--target_pipeline_model_parallel_size", "2"], "logits", 2, 1)}),
+}
+CASES = [(model, tree) for model, (_, trees) in MODELS.items() for tree in trees]
 
 
 def _with_mtp_layer(path: Path, seed: int) -> None:
-    """Add DeepSeek-V3's MTP layer to a saved model: a random expert layer as decoder layer num_hidden_layers,
-    random norms and projection, and the copies of the embedding and output layer."""
+    """Add an MTP layer to a saved model as DeepSeek-V3 and GLM-4.5 store it: a random expert layer as decoder layer
+    num_hidden_layers, random norms and projection, and the copies of the embedding and output layer."""
     import transformers
 
-    cfg = transformers.DeepseekV3Config(**{**json.loads((path / "config.json").read_text()), "num_hidden_layers": 5})
+    values = json.loads((path / "config.json").read_text())
+    cfg = transformers.AutoConfig.for_model(**{**values, "num_hidden_layers": 5})
     generator = torch.Generator().manual_seed(seed)
     tensors = load_file(path / "model.safetensors")
-    donor = transformers.DeepseekV3ForCausalLM(cfg).state_dict()
+    donor = transformers.AutoModelForCausalLM.from_config(cfg).state_dict()
     for name, tensor in donor.items():
         if name.startswith("model.layers.4."):
             scale = 0.3 if name.endswith("e_score_correction_bias") else 0.2
@@ -62,18 +73,17 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def mtp_reference(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V3's MTP head from the Hugging Face tensors: at position i, the main model's last (normed) hidden
+    """DeepSeek-V3's MTP head (GLM-4.5's is the same) from the Hugging Face tensors: at position i, the main model's last (normed) hidden
     state and the embedding of token i + 1, each normed (hnorm, enorm), concatenated [embedding; hidden],
     projected by eh_proj, through the decoder layer, shared_head.norm and shared_head.head (positions 0..L-2)."""
     import transformers
     from transformers.masking_utils import create_causal_mask
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cfg, n = model.config, model.config.num_hidden_layers
     own = {name[len(f"model.layers.{n}."):]: t for name, t in load_file(path / "model.safetensors").items()
            if name.startswith(f"model.layers.{n}.")}
-    layer = DeepseekV3DecoderLayer(cfg, n).eval()
+    layer = type(model.model.layers[-1])(cfg, n).eval()  # the model's own decoder layer (experts: n >= first dense)
     layer.load_state_dict({k: v for k, v in own.items() if k.split(".")[0] in
                            ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")}, strict=True)
     eps = cfg.rms_norm_eps
@@ -92,39 +102,48 @@ def mtp_reference(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 def mtp_models(tmp_path_factory):
     """The Hugging Face original with its MTP layer, its main and MTP logits, and its conversions; megatron-core's
     logits (main and MTP, stacked) of each Megatron output, from one batch of oracle processes."""
-    root = tmp_path_factory.mktemp("mtp")
-    hf = root / "hf"
-    model = hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", 12, random_buffers=("e_score_correction_bias",),
-                     **CONFIG)(hf)
-    _with_mtp_layer(hf, 13)
-    expected = logits_of(model), mtp_reference(hf, TOKENS)
-    torch.save(TOKENS, root / "tokens.pt")
-    jobs = []
-    for tree, (flags, kind, tp, ep) in TREES.items():
-        assert convert("--load_path", hf, "--save_path", root / tree, "--to", "megatron", *flags) == 0
-        jobs.append(dict(kind=kind, name=tree, ckpt=str(root / tree), tokens=str(root / "tokens.pt"),
-                         out=str(root / f"{tree}.pt"), tp=tp, ep=ep))
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run([sys.executable, str(ORACLE), "batch", root / "jobs.json", "4"], capture_output=True,
+    top = tmp_path_factory.mktemp("mtp")
+    torch.save(TOKENS, top / "tokens.pt")
+    jobs, expected = [], {}
+    for name, (build, trees) in MODELS.items():
+        root = top / name
+        model = build(root / "hf")
+        _with_mtp_layer(root / "hf", 13)
+        expected[name] = logits_of(model), mtp_reference(root / "hf", TOKENS)
+        for tree, (flags, kind, tp, ep) in trees.items():
+            assert convert("--load_path", root / "hf", "--save_path", root / tree, "--to", "megatron", *flags) == 0
+            jobs.append(dict(kind=kind, name=f"{name}-{tree}", ckpt=str(root / tree), tokens=str(top / "tokens.pt"),
+                             out=str(root / f"{tree}.pt"), tp=tp, ep=ep))
+    (top / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, str(ORACLE), "batch", top / "jobs.json", "4"], capture_output=True,
                             text=True, timeout=600)
-    return root, expected, "" if result.returncode == 0 else result.stderr[-4000:]
+    return top, expected, "" if result.returncode == 0 else result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("tree", list(TREES))
-def test_megatron_core_computes_the_mtp_head_of_our_output(mtp_models, tree):
-    root, (main, mtp), failure = mtp_models
+@pytest.fixture
+def deepseek(mtp_models):
+    """(DeepSeek-V3 model directory, its main and MTP logits)."""
+    top, expected, _ = mtp_models
+    return top / "deepseek_v3", expected["deepseek_v3"]
+
+
+@pytest.mark.parametrize("model, tree", CASES)
+def test_megatron_core_computes_the_mtp_head_of_our_output(mtp_models, model, tree):
+    top, expected, failure = mtp_models
     assert not failure, failure
-    logits = torch.load(root / f"{tree}.pt")
+    main, mtp = expected[model]
+    logits = torch.load(top / model / f"{tree}.pt")
     assert logits.shape[0] == 2, "megatron-core built no MTP layer from the args we wrote"
     assert_logits_close(logits[0], main, atol=ATOL)
     assert_logits_close(logits[1][:, :-1], mtp, atol=ATOL)  # the last position embeds a token past the end
 
 
-@pytest.mark.parametrize("tree", list(TREES))
-def test_mtp_layers_back_to_hugging_face(mtp_models, tree):
+@pytest.mark.parametrize("model, tree", CASES)
+def test_mtp_layers_back_to_hugging_face(mtp_models, model, tree):
     """Megatron -> Hugging Face gives back every MTP tensor exactly (the copies from the main embedding and output
     layer) and the config's num_nextn_predict_layers."""
-    root, (main, _), _ = mtp_models
+    top, expected, _ = mtp_models
+    root, main = top / model, expected[model][0]
     out = root / f"{tree}_hf"
     assert convert("--load_path", root / tree, "--save_path", out, "--to", "hf") == 0
     original, back = load_file(root / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
@@ -135,8 +154,8 @@ def test_mtp_layers_back_to_hugging_face(mtp_models, tree):
     assert_logits_close(logits_of(out), main, atol=ATOL)
 
 
-def test_a_copy_that_differs_from_the_main_tensor_is_refused(mtp_models, tmp_path, capsys):
-    root = mtp_models[0]
+def test_a_copy_that_differs_from_the_main_tensor_is_refused(deepseek, tmp_path, capsys):
+    root = deepseek[0]
     source = tmp_path / "hf"
     source.mkdir()
     for file in (root / "hf").iterdir():
@@ -152,16 +171,16 @@ def test_a_copy_that_differs_from_the_main_tensor_is_refused(mtp_models, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_drop_mtp_layers_leaves_them_out(mtp_models, tmp_path):
-    root, (main, _), _ = mtp_models
+def test_drop_mtp_layers_leaves_them_out(deepseek, tmp_path):
+    root, (main, _) = deepseek
     assert convert("--load_path", root / "te_pp2", "--save_path", tmp_path / "hf", "--to", "hf",
                    "--drop_mtp_layers") == 0
     assert not any(".layers.4." in name for name in load_file(tmp_path / "hf" / "model.safetensors"))
     assert_logits_close(logits_of(tmp_path / "hf"), main, atol=ATOL)
 
 
-def test_inspect_shows_the_mtp_layers_and_verify_compares_them(mtp_models, capsys):
-    root, (main, _), _ = mtp_models
+def test_inspect_shows_the_mtp_layers_and_verify_compares_them(deepseek, capsys):
+    root = deepseek[0]
     capsys.readouterr()
     assert run_inspect_cli([str(root / "local_tp2ep2"), "--json", "--check"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -173,9 +192,9 @@ def test_inspect_shows_the_mtp_layers_and_verify_compares_them(mtp_models, capsy
         assert capsys.readouterr().out.endswith("EQUAL\n")
 
 
-def test_later_megatron_core_mtp_model_layer_name_is_read(mtp_models, tmp_path):
+def test_later_megatron_core_mtp_model_layer_name_is_read(deepseek, tmp_path):
     """megatron-core after 0.16 names the MTP layer's transformer layer ``mtp_model_layer`` in its state dicts."""
-    root, (main, _), _ = mtp_models
+    root = deepseek[0]
     tree = tmp_path / "renamed"
     shutil.copytree(root / "te_pp2", tree)
     last = tree / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
@@ -189,9 +208,9 @@ def test_later_megatron_core_mtp_model_layer_name_is_read(mtp_models, tmp_path):
     assert all(torch.equal(back[name], original[name]) for name in original if ".layers.4." in name)
 
 
-def test_fp8_mtp_layers_are_dequantized(mtp_models, tmp_path):
+def test_fp8_mtp_layers_are_dequantized(deepseek, tmp_path):
     """DeepSeek ships its MTP layer's projections in FP8 too: dequantized as every other weight."""
-    root = mtp_models[0]
+    root = deepseek[0]
     dequantized = fp8_copy(root / "hf", tmp_path / "fp8", 8)
     assert any(".layers.4." in name for name in dequantized)
     assert convert("--load_path", tmp_path / "fp8", "--save_path", tmp_path / "dist", "--to", "megatron",
