@@ -40,6 +40,8 @@ class Variant:
     experts: bool = False
     detected_as: str | None = None
     routing: tuple[str, ...] = ("softmax_order",)
+    # the Hugging Face model_type of the variant's config.json when it is not the family's name (Kimi-K2's)
+    model_type: str | None = None
 
 
 def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (),
@@ -110,6 +112,25 @@ GLM_MOE = dict(first_k_dense_replace=1, n_routed_experts=8, moe_intermediate_siz
                topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
                rope_parameters={"rope_theta": 1000000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
 
+
+def kimi_k2(seed: int, **config: Any) -> Callable:
+    """A DeepSeek-V3 model saved as Kimi-K2 ships it: model_type kimi_k2, DeepSeek's own code (auto_map) and its
+    routing keys (transformers has no class for it)."""
+    build_v3 = hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", seed, **config)
+
+    def build(path: Path):
+        import json
+
+        model = build_v3(path)
+        values = json.loads((path / "config.json").read_text())
+        values.update(model_type="kimi_k2", topk_method="noaux_tc", scoring_func="sigmoid", ep_size=1,
+                      auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+        (path / "config.json").write_text(json.dumps(values, indent=2))
+        return model
+    return build
+
+
 VARIANTS = (
     Variant("gpt2_tied", "gpt2", gpt2(0)),
     Variant("gpt2_untied_gelu", "gpt2", gpt2(1, tied=False, activation="gelu")),
@@ -170,4 +191,7 @@ VARIANTS = (
                                                  random_buffers=("e_score_correction_bias",),
                                                  **dict(GLM_MOE, n_group=1, topk_group=1, n_shared_experts=1)),
             legacy=False, experts=True, routing=("scaling", "expert_bias")),
+    # Kimi-K2's config (model_type kimi_k2, DeepSeek's own keys) on a dense multi-latent attention model
+    Variant("kimi_k2_mla", "deepseek_v3", kimi_k2(17, q_lora_rank=32, rope_parameters=DEEPSEEK_YARN, **MLA),
+            legacy=False, model_type="kimi_k2"),
 )

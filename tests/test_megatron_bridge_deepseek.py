@@ -149,3 +149,13 @@ def test_declared_mtp_layers_are_left_out_when_asked(trees, tmp_path):
     source = _copy_with(trees, tmp_path, "deepseek_v3_mla", mtp_num_layers=1)
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf", "--drop_mtp_layers") == 0
     assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_mla")[1])
+
+
+def test_kimi_k2_provider_is_read_as_deepseek_v3(trees, tmp_path):
+    """Megatron-Bridge's KimiK2Provider (models/kimi/kimi_provider.py: MLA and DeepSeek-V3's router) is a
+    DeepSeek-V3 model."""
+    source = _copy_with(trees, tmp_path, "deepseek_v3_moe_halves_tied",
+                        _target_="megatron.bridge.models.kimi.kimi_provider.KimiK2Provider")
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_moe_halves_tied")[1])
