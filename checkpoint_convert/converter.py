@@ -119,7 +119,8 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
-                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
+                                       ("dense layers among expert layers", arch.moe_layers is not None),
+                                       ("multi-token prediction layers", arch.mtp_num_layers > 0)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -206,10 +207,8 @@ def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -
                             f"({reason(error)})", source_file)
 
 
-def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None,
-                      arch: ModelArch | None = None) -> None:
-    """The planned tensors must be exactly the transformers model's parameters, with its shapes (multi-token
-    prediction layers aside: transformers' models have none)."""
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
+    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
@@ -221,8 +220,7 @@ def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_fil
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
         expected = {name: shape for name, shape in expected.items() if name not in tied}
-    mtp = family.hf_mtp_tensor if arch is not None and arch.mtp_num_layers else None
-    produced = {name: shape for name, shape, _ in planned if not (mtp and mtp(arch, name))}
+    produced = {name: shape for name, shape, _ in planned}
     missing = sorted(set(expected) - set(produced))
     unexpected = sorted(set(produced) - set(expected))
     wrong = sorted(n for n in set(expected) & set(produced) if expected[n] != produced[n])
@@ -483,7 +481,8 @@ def _refuse_megatron_only_options(options: Options) -> None:
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
     config = hf_config_of(family, arch, source_file)
-    _validate_hf_plan(planned, family, config, source_file, arch)
+    mtp = family.hf_mtp_tensor if arch.mtp_num_layers else None  # transformers' models have no MTP layers
+    _validate_hf_plan([entry for entry in planned if not (mtp and mtp(arch, entry[0]))], family, config, source_file)
     return config
 
 

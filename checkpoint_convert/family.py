@@ -142,8 +142,8 @@ class FamilySpec:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     # Megatron-Bridge's provider for this family; None: Megatron-Bridge output is refused for it
     bridge: BridgeProvider | None = None
-    # Hugging Face tensors of multi-token prediction layers (not converted): a conversion leaves them out
-    # with --drop_mtp_layers and refuses the source without it
+    # Hugging Face tensors of multi-token prediction layers: a conversion leaves them out with --drop_mtp_layers,
+    # converts them when the family has ``mtp_head`` and refuses the source otherwise
     hf_mtp_tensor: Callable[[ModelArch, str], bool] | None = None
     # Multi-token prediction layers (see ``checkpoint_convert/mtp.py``): the entries of an MTP layer beside its
     # transformer layer, Megatron names relative to ``mtp.layers.i.`` (``shared`` ones global), Hugging Face names

@@ -218,3 +218,12 @@ def test_fp8_mtp_layers_are_dequantized(deepseek, tmp_path):
     assert convert("--load_path", tmp_path / "dist", "--save_path", tmp_path / "hf", "--to", "hf") == 0
     back = load_file(tmp_path / "hf" / "model.safetensors")
     assert all(torch.equal(back[name], tensor) for name, tensor in dequantized.items() if ".layers.4." in name)
+
+
+def test_legacy_megatron_output_is_refused(deepseek, tmp_path, capsys):
+    """The legacy Megatron model has no MTP layers: refused in one line, nothing written."""
+    capsys.readouterr()
+    assert convert("--load_path", deepseek[0] / "hf", "--save_path", tmp_path / "out", "--to", "megatron",
+                   "--megatron_format", "legacy") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "multi-token prediction layers" in err and not (tmp_path / "out").exists()
