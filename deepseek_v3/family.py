@@ -33,7 +33,9 @@ from llama.family import DENSE_MLP, FIRST, LAST, PRE_MLP_NORM, arch_from_llama_c
 from qwen2_moe.family import old_layout_aliases
 
 from .hf_config import SHARED_KEYS, check_supported
+from .kimi import KIMI_MODEL_TYPES, SOURCE_CONFIG, source_config, source_config_kwargs
 from .moe import MOE_LAYER, moe_config_kwargs, moe_fields
+from .mtp import MTP_HEAD, mtp_config_kwargs
 
 COLUMN, ROW, REPLICATED = Style.COLUMN, Style.ROW, Style.REPLICATED
 
@@ -117,7 +119,8 @@ def _is_v2(arch: ModelArch) -> bool:
 MLA_PROVIDER = "megatron.bridge.models.mla_provider.MLAModelProvider"
 _OLD_PROVIDERS = "megatron.bridge.models.deepseek.deepseek_provider."
 _OLD_V3_PROVIDERS = tuple(_OLD_PROVIDERS + name for name in (
-    "DeepSeekV3ModelProvider", "DeepSeekV3Provider", "MoonlightModelProvider16B", "MoonlightProvider"))
+    "DeepSeekV3ModelProvider", "DeepSeekV3Provider", "MoonlightModelProvider16B", "MoonlightProvider")) + (
+    "megatron.bridge.models.kimi.kimi_provider.KimiK2Provider",)  # Kimi-K2: a DeepSeek-V3 model
 _OLD_V2_PROVIDERS = tuple(_OLD_PROVIDERS + name for name in (
     "DeepSeekV2ModelProvider", "DeepSeekV2Provider", "DeepSeekV2LiteModelProvider", "DeepSeekV2LiteProvider"))
 
@@ -133,16 +136,19 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         mla = LatentAttention(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
                               qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
                               v_head_dim=cfg.v_head_dim)
+        arch.extra.update(source_config(cfg))  # Kimi-K2: the source's own model type and keys
         return arch.replace(mla=mla, kv_channels=mla.q_head_dim, qk_layernorm=True, **moe_fields(cfg, v2))
 
     def to_config(arch: ModelArch) -> Any:
         if arch.mla is None:
             raise BadInputError(f"a {name} model has multi-latent attention; this source has none")
-        kwargs = {key: value for key, value in config_kwargs(arch).items() if key != "head_dim"}
-        kwargs.update(moe_config_kwargs(arch, v2))
+        kwargs = {key: value for key, value in config_kwargs(arch).items() if key not in ("head_dim", SOURCE_CONFIG)}
+        kwargs.update(moe_config_kwargs(arch, v2), **(mtp_config_kwargs(arch) if not v2 else {}))
+        source_class, source_kwargs = source_config_kwargs(arch.extra)
+        kwargs = {"architectures": [architecture], **kwargs, **source_kwargs}
         mla = arch.mla
-        return transformers_attr(config_class)(
-            architectures=[architecture], q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+        return (source_class or transformers_attr(config_class))(
+            q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
             qk_nope_head_dim=mla.qk_head_dim, qk_rope_head_dim=mla.qk_pos_emb_head_dim, v_head_dim=mla.v_head_dim,
             attention_bias=False, **kwargs)
 
@@ -150,10 +156,11 @@ def deepseek_family(name: str, config_class: str, architecture: str, extra_keys:
         return arch.mla is not None and _is_v2(arch) == v2
 
     return FamilySpec(
-        name=name, hf_model_types=(name,), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
+        name=name, hf_model_types=(name,) if v2 else (name, *KIMI_MODEL_TYPES), hf_layer_prefix="model.layers.{layer}.", first_stage=FIRST,
         layer=MLA + PRE_MLP_NORM + DENSE_MLP + MOE_LAYER, last_stage=LAST, hf_config_class=config_class,
         arch_from_hf_config=from_config, hf_config_from_arch=to_config, matches_megatron=matches,
         hf_ignored_suffixes=("rotary_emb.inv_freq",), hf_mtp_tensor=is_mtp_tensor, hf_aliases=old_layout_aliases,
+        mtp_head=() if v2 else MTP_HEAD,
         bridge=BridgeProvider(writes=MLA_PROVIDER, reads=old_providers, fields=("multi_latent_attention",)))
 
 

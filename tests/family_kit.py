@@ -40,6 +40,8 @@ class Variant:
     experts: bool = False
     detected_as: str | None = None
     routing: tuple[str, ...] = ("softmax_order",)
+    # the Hugging Face model_type of the variant's config.json when it is not the family's name (Kimi-K2's)
+    model_type: str | None = None
 
 
 def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (),
@@ -104,6 +106,30 @@ DEEPSEEK_V3_MOE = dict(DEEPSEEK_MOE, num_experts_per_tok=4, routed_scaling_facto
 DEEPSEEK_V2_MOE = dict(DEEPSEEK_MOE, num_experts_per_tok=3, routed_scaling_factor=2.0, topk_method="group_limited_greedy")
 DEEPSEEK_YARN = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+# GLM-4.5: biased q/k/v (no o_proj bias), half of each head rotated (partial_rotary_factor 0.5), layer 0 dense, then
+# DeepSeek-V3's experts and router (8 experts of 16, 2 shared; 2 of 4 groups; top-4 renormalised, x 2.5)
+GLM_MOE = dict(first_k_dense_replace=1, n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=2, n_group=4,
+               topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
+               rope_parameters={"rope_theta": 1000000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
+
+
+def kimi_k2(seed: int, **config: Any) -> Callable:
+    """A DeepSeek-V3 model saved as Kimi-K2 ships it: model_type kimi_k2, DeepSeek's own code (auto_map) and its
+    routing keys (transformers has no class for it)."""
+    build_v3 = hf_model("DeepseekV3Config", "DeepseekV3ForCausalLM", seed, **config)
+
+    def build(path: Path):
+        import json
+
+        model = build_v3(path)
+        values = json.loads((path / "config.json").read_text())
+        values.update(model_type="kimi_k2", topk_method="noaux_tc", scoring_func="sigmoid", ep_size=1,
+                      auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+        (path / "config.json").write_text(json.dumps(values, indent=2))
+        return model
+    return build
+
 
 VARIANTS = (
     Variant("gpt2_tied", "gpt2", gpt2(0)),
@@ -157,4 +183,15 @@ VARIANTS = (
     Variant("deepseek_v2_moe", "deepseek_v2", hf_model("DeepseekV2Config", "DeepseekV2ForCausalLM", 11, q_lora_rank=None,
                                                        rope_parameters=QWEN_ROPE, **DEEPSEEK_V2_MOE),
             legacy=False, experts=True, routing=("softmax_order", "groups", "scaling")),
+    # GLM-4.5 (per-head q/k norm, head_dim 24) and GLM-4.5-Air (no q/k norm, every group open, one shared expert)
+    Variant("glm4_moe_qk_norm", "glm4_moe", hf_model("Glm4MoeConfig", "Glm4MoeForCausalLM", 14, use_qk_norm=True,
+                                                     head_dim=24, random_buffers=("e_score_correction_bias",), **GLM_MOE),
+            legacy=False, experts=True, routing=("groups", "scaling", "expert_bias")),
+    Variant("glm4_moe_air", "glm4_moe", hf_model("Glm4MoeConfig", "Glm4MoeForCausalLM", 15,
+                                                 random_buffers=("e_score_correction_bias",),
+                                                 **dict(GLM_MOE, n_group=1, topk_group=1, n_shared_experts=1)),
+            legacy=False, experts=True, routing=("scaling", "expert_bias")),
+    # Kimi-K2's config (model_type kimi_k2, DeepSeek's own keys) on a dense multi-latent attention model
+    Variant("kimi_k2_mla", "deepseek_v3", kimi_k2(17, q_lora_rank=32, rope_parameters=DEEPSEEK_YARN, **MLA),
+            legacy=False, model_type="kimi_k2"),
 )

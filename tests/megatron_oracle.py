@@ -185,6 +185,15 @@ def _layer_spec(args, config, vp_stage: int | None):
     return spec
 
 
+def _mtp_spec(config, spec, vp_stage: int | None):
+    """Megatron-LM's multi-token prediction block (``gpt_builders``): the decoder's last layer spec, on the last stage."""
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage)
+
+
 def build_model(args, vp_stage: int | None = None):
     """The GPTModel (or, with pipeline stages, the model chunk of this rank and ``vp_stage``) of ``args``."""
     from megatron.core import parallel_state
@@ -204,15 +213,17 @@ def build_model(args, vp_stage: int | None = None):
         params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+        mtp_num_layers=getattr(args, "mtp_num_layers", None) or None,
         **_pipeline_fields(args), **_moe_fields(args), **mla,
     )
     rope = args.position_embedding_type == "rope"
+    spec = _layer_spec(args, config, vp_stage)
     return GPTModel(
-        config, _layer_spec(args, config, vp_stage),
+        config, spec, mtp_block_spec=_mtp_spec(config, spec, vp_stage),
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        rotary_base=int(args.rotary_base) if rope else 10000,
+        rotary_base=int(args.rotary_base) if rope else 10000, rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
         parallel_output=False,  # gather the vocab-parallel logits on every rank
@@ -229,7 +240,22 @@ def _run(model, tokens: torch.Tensor) -> torch.Tensor:
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
     positions = torch.arange(length).expand(batch, length)
     with torch.no_grad():
+        if getattr(model, "mtp_process", False) and model.post_process:
+            return _with_mtp(model, tokens, positions, mask)
         return model(tokens, positions, mask)
+
+
+def _with_mtp(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Main and multi-token prediction logits, stacked [1 + mtp_num_layers, b, s, v]: megatron-core computes MTP
+    logits only inside its loss (labels required), so the MTP block's output (the main hidden states, then each
+    MTP layer's, concatenated on the sequence axis) goes through the model's own output layer here."""
+    captured = []
+    handle = model.mtp.register_forward_hook(lambda module, args, output: captured.append(output))
+    model(tokens, positions, mask, labels=tokens)
+    handle.remove()
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    chunks = torch.chunk(captured[0], 1 + model.config.mtp_num_layers, dim=0)
+    return torch.stack([model.output_layer(chunk, weight=weight)[0].transpose(0, 1) for chunk in chunks])
 
 
 def forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:

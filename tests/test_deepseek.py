@@ -303,9 +303,10 @@ def test_expert_bias_stays_float32(moe_models, tmp_path):
                        load_file(hf / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"])
 
 
-def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
+def test_incomplete_mtp_layers_are_refused_or_left_out_when_asked(tmp_path, capsys):
     """DeepSeek-V3 stores its multi-token prediction layer as decoder layer num_hidden_layers (enorm, hnorm,
-    eh_proj, shared_head and a whole decoder layer): refused with one line, or left out with a warning."""
+    eh_proj, shared_head, embed_tokens and a whole decoder layer; converted in tests/test_mtp.py): one without its
+    embed_tokens is refused with one line naming it, or left out with a warning when asked."""
     model = VARIANT["deepseek_v3_moe_halves_tied"].build(tmp_path / "hf")  # V3's MTP layer is an expert layer
     expected = logits_of(model)
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
@@ -319,7 +320,8 @@ def test_mtp_layers_are_left_out_only_when_asked(tmp_path, capsys):
     capsys.readouterr()
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "refused", "--to", "megatron") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--drop_mtp_layers" in err and not (tmp_path / "refused").exists()
+    assert len(err.splitlines()) == 1 and "'model.layers.4.embed_tokens.weight' is missing" in err
+    assert not (tmp_path / "refused").exists()
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron",
                    "--drop_mtp_layers") == 0
     assert f"left out {len(mtp)} tensors of multi-token prediction layers" in capsys.readouterr().err

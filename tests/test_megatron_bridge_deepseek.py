@@ -120,8 +120,7 @@ def test_run_config_as_bridge_writes_deepseek_v3_is_read(trees, tmp_path):
     ("deepseek_v3_mla", dict(rope_type="rope", rotary_scaling_factor=40.0, mscale_all_dim=1.0),
      "model.rope_type is 'rope' but rotary_scaling_factor 40.0 and mscale_all_dim 1.0 scale the attention"),
     ("deepseek_v3_mla", dict(position_embedding_type="yarn"), "model.position_embedding_type yarn with rope_type"),
-    ("deepseek_v3_moe_halves_tied", dict(mtp_num_layers=1),
-     "mtp_num_layers is 1: multi-token prediction layers are not converted; pass --drop_mtp_layers"),
+    ("deepseek_v3_moe_halves_tied", dict(mtp_num_layers=1), "tensor 'mtp.layers.0.enorm.weight' is missing"),
     ("deepseek_v2_moe", dict(moe_router_enable_expert_bias=True),
      "moe_router_enable_expert_bias with moe_router_score_function softmax"),
     ("deepseek_v3_moe_halves_tied", dict(moe_router_topk_limited_devices=2),
@@ -150,3 +149,13 @@ def test_declared_mtp_layers_are_left_out_when_asked(trees, tmp_path):
     source = _copy_with(trees, tmp_path, "deepseek_v3_mla", mtp_num_layers=1)
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf", "--drop_mtp_layers") == 0
     assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_mla")[1])
+
+
+def test_kimi_k2_provider_is_read_as_deepseek_v3(trees, tmp_path):
+    """Megatron-Bridge's KimiK2Provider (models/kimi/kimi_provider.py: MLA and DeepSeek-V3's router) is a
+    DeepSeek-V3 model."""
+    source = _copy_with(trees, tmp_path, "deepseek_v3_moe_halves_tied",
+                        _target_="megatron.bridge.models.kimi.kimi_provider.KimiK2Provider")
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_moe_halves_tied")[1])

@@ -241,3 +241,19 @@ def test_a_process_killed_while_writing_leaves_nothing(larger_model, tmp_path, k
                                     "lost); no output was left behind"], stderr[-3000:]
     assert _leftovers(tmp_path, "out") == []
     assert {path: path.stat().st_mtime_ns for path in larger_model.iterdir()} == before
+
+
+def test_mtp_layers_are_byte_identical_both_ways(tmp_path, capsys):
+    """DeepSeek-V3 with its multi-token prediction layer (on the last stage, with the embedding's copy there) to
+    TP2 PP2 rank files on two processes, and those back to Hugging Face on two processes."""
+    from tests.test_mtp import MODELS, _with_mtp_layer
+
+    build, _ = MODELS["deepseek_v3"]
+    build(tmp_path / "hf")
+    _with_mtp_layer(tmp_path / "hf", 13)
+    single, multi = both_ways(tmp_path / "to_megatron", capsys, 2, tmp_path / "hf", "--to", "megatron", *EP2_PP2)
+    assert_same_output(single, multi)
+    assert any("mtp.layers.0" in key for key in torch.load(multi / "release" / "mp_rank_00_001_000" /
+                                                           "model_optim_rng.pt", weights_only=False)["model"])
+    single_hf, multi_hf = both_ways(tmp_path / "to_hf", capsys, 2, single, "--to", "hf")
+    assert_same_output(single_hf, multi_hf)

@@ -28,7 +28,8 @@ import torch
 from ..base.errors import BadInputError, reason
 from ..formats import megatron_schema as schema
 from ..model.arch import ModelArch
-from .streams import Item, walk
+from .mtp import mtp_layer_params
+from .streams import MTP, Item, walk
 
 # How a number is spelled in config.json (transformers' standard names, and GPT-2's); in Megatron args
 # every number has the architecture's own name.
@@ -187,6 +188,9 @@ _SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] =
     (r"linear_fc1\.weight", lambda a: (_glu(a) * a.ffn_hidden_size, a.hidden_size)),
     (r"linear_fc1\.bias", lambda a: (_glu(a) * a.ffn_hidden_size,)),
     (r"linear_fc2\.weight", lambda a: (a.hidden_size, a.ffn_hidden_size)),
+    # a multi-token prediction layer's own
+    (r"eh_proj\.weight", lambda a: (a.hidden_size, 2 * a.hidden_size)),
+    (r"[eh]norm\.weight", lambda a: (a.hidden_size,)),
 )
 _SHAPE_RULES = [(re.compile(rf"(?:^|\.)(?:{pattern})$"), shape) for pattern, shape in _SHAPES]
 
@@ -253,6 +257,9 @@ def _item_misfit(source: Any, tensors: Any, item: Item, arch: ModelArch) -> None
 
 def _has_item(family: Any, arch: ModelArch, item: Item) -> bool:
     """Whether the architecture has ``item`` (its layer, and the entry in that layer's kind)."""
+    if item.group == MTP:
+        index = item.layer - arch.num_layers
+        return 0 <= index < arch.mtp_num_layers and item.param in mtp_layer_params(family, arch, index)
     if item.layer is not None and item.layer >= arch.num_layers:
         return False
     return item.param in family.params_for(item.group, arch, item.layer)
@@ -262,6 +269,7 @@ def first_misfit(source: Any, arch: ModelArch, first: Item | None = None) -> Mis
     """The first place the source's tensors do not fit ``arch`` (``first`` is tried before the walk)."""
     try:
         tensors = type(source.tensors)(source.reader, source.family, arch)
+        tensors.left_out = source.tensors.left_out
         if first is not None and _has_item(source.family, arch, first):
             _item_misfit(source, tensors, first, arch)
         for item in walk(source.family, arch):

@@ -21,6 +21,7 @@ from ..formats.megatron_formats import is_megatron_checkpoint, open_megatron_tre
 from ..formats.megatron_io import MegatronTree
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .mtp import hf_mtp_layer_count
 from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
 from .streams import HFSource, MegatronSource
 
@@ -110,6 +111,8 @@ def _open_hf(path: Path, trust: bool, model: str | None, speculate: ThreadPoolEx
     check = speculate.submit(_confirm_arch, family, checkpoint.config, arch, config_file) if arch else None
     arch = arch or _arch_from_config_class(family, checkpoint.config, config_file)
     validate_arch(arch, family, config_file, checkpoint.config, HF_NAMES)
+    if family.mtp_head:  # a new object: the speculative check compares the reading of config.json alone
+        arch = arch.replace(mtp_num_layers=hf_mtp_layer_count(arch, checkpoint.names(), config_file))
 
     def reread(values: dict[str, Any]) -> ModelArch:
         return _arch_as_written(family, values) or _arch_from_config_class(family, values, config_file)
@@ -159,7 +162,12 @@ def mtp_tensors(source: Source) -> list[str]:
 
 
 def leave_out_mtp_layers(source: Source, drop: bool) -> None:
-    """Multi-token prediction layers are not converted: left out, with a warning, when asked; else refused."""
+    """Multi-token prediction layers are converted for the families that have them (``FamilySpec.mtp_head``); left
+    out, with a warning, when asked; else refused."""
+    if drop:
+        source.arch.mtp_num_layers = 0  # the arch the source's tensors are read with, too
+    elif source.family.mtp_head:
+        return
     found = mtp_tensors(source)
     declared = source.numbers.get("mtp_num_layers") if source.kind == "megatron" else None
     if declared and not found and not drop:  # the tensors name the layers when there are some

@@ -35,14 +35,16 @@ from ..model.parallel import (
     trim_vocab,
 )
 from .blockwise import cat_blockwise
+from .mtp import check_shared_copy, main_hf_name, mtp_layer_kind, mtp_layer_params
 
-FIRST, LAYER, LAST = "first", "layer", "last"
+FIRST, LAYER, LAST, MTP = "first", "layer", "last", "mtp"
 QKV = "self_attention.linear_qkv."
 
 
 @dataclass(frozen=True)
 class Item:
-    """One family-table entry at one place in the model (layer is None outside the layers)."""
+    """One family-table entry at one place in the model (layer is None outside the layers; a multi-token
+    prediction layer's entries are global Megatron names at Hugging Face layer ``num_layers + i``)."""
 
     group: str
     param: Param
@@ -53,14 +55,17 @@ def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
     items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
     for layer in range(arch.num_layers):
         items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
-    return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
+    items += [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
+    for index in range(arch.mtp_num_layers):
+        items += [Item(MTP, p, arch.num_layers + index) for p in mtp_layer_params(family, arch, index)]
+    return items
 
 
 def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
     """(pipeline stage, stage-local layer) of an item."""
     if group == FIRST:
         return 0, None
-    if group == LAST:
+    if group in (LAST, MTP):
         return len(stages) - 1, None
     for stage, start in enumerate(stage_offsets(stages)):
         if layer < start + stages[stage]:
@@ -179,7 +184,9 @@ class MegatronSource(_ReleasesReadPages):
             for layer, name in self.tree.all_weight_names(rank):
                 if (rank, layer, name) in self.consumed:
                     continue
-                if (name == schema.OUTPUT_LAYER and self.arch.tie_embeddings) or name in self.left_out:
+                copy = (name == schema.OUTPUT_LAYER and self.arch.tie_embeddings) or (name == schema.EMBEDDING
+                                                                                       and rank.pp > 0)
+                if copy or name in self.left_out:
                     continue
                 holder = self.tree.holders(rank, name, layer)[0]
                 left.append(f"{holder}:{'' if layer is None else f'layer {layer} '}{name}")
@@ -200,6 +207,9 @@ class HFSource(_ReleasesReadPages):
         tensors = [self.checkpoint.meta(n) for n in names] if meta else list(self.stored(item).values())
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
+        if item.param.shared and not meta:
+            main = main_hf_name(self.family, self.arch, item.param.megatron)
+            check_shared_copy(names[0], tensors[0], main, self.checkpoint.tensor(main), self.checkpoint.path)
         return item.param.to_megatron(tensors, self.arch)
 
     def stored(self, item: Item) -> dict[str, torch.Tensor]:
@@ -241,7 +251,10 @@ def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[st
     """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
     dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
     latent norms into its up projections)."""
-    return {layer: frozenset(p.megatron for p in family.params_for(LAYER, arch, layer)) for layer in range(arch.num_layers)}
+    weights = {layer: frozenset(p.megatron for p in family.params_for(LAYER, arch, layer)) for layer in range(arch.num_layers)}
+    for index in range(arch.mtp_num_layers):  # an MTP layer's transformer layer, of the last layer's kind
+        weights[arch.num_layers + index] = weights[mtp_layer_kind(arch)]
+    return weights
 
 
 class MegatronTarget:
@@ -254,6 +267,8 @@ class MegatronTarget:
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
             _require_zero(full, item)
+            return []
+        if item.param.shared:  # the main model's embedding or output layer, written with it
             return []
         stages = list(self.layout.stages)
         stage, local = locate(stages, item.group, item.layer)
@@ -270,6 +285,10 @@ class MegatronTarget:
             # the last stage holds a copy of each embedding shard for the tied output layer
             copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
             out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), copy_path), shard) for (rank, _), shard in out]
+        if item.param.megatron == schema.EMBEDDING and self.arch.mtp_num_layers and len(stages) > 1:
+            # megatron-core's MTP layers on the last stage embed with a copy of the embedding of their own
+            out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), path), shard) for (rank, path), shard in out
+                    if rank.pp == 0 and path == (schema.EMBEDDING,)]
         return out
 
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
@@ -309,11 +328,14 @@ class TorchDistTarget:
         if item.param.zero_in_megatron:
             _require_zero(full, item)
             return []
+        if item.param.shared:  # the main model's embedding or output layer: one key
+            return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
+        layer = None if item.group == MTP else item.layer  # an MTP layer's keys are global
+        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
                                     self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
-        if item.layer is None or not self.stacked:
+        if layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
         return [(key, full.unsqueeze(0))]

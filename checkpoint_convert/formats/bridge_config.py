@@ -53,7 +53,7 @@ SAME_AS_ARGS = (
     "fp16", "bf16", "hidden_dropout", "attention_dropout", "window_size", "window_attn_skip_freq",
     "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
-    "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers",
+    "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers", "rotary_percent",
 )
 # MLATransformerConfig's multi-latent attention sizes, Megatron-LM's arguments of the same names
 MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
@@ -73,7 +73,7 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "n
 # nothing. No family table converts another value (a family claims a field through FamilySpec.bridge.fields);
 # features that add tensors (qk norms, shared experts, MTP layers) are refused by the tensors themselves.
 NEUTRAL = {
-    "rotary_interleaved": False, "rotary_percent": 1.0,
+    "rotary_interleaved": False,
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "softmax_scale": None, "softmax_type": "vanilla", "glu_linear_offset": 0.0, "activation_func_clamp_value": None, "no_rope_freq": None,
     "multi_latent_attention": False, "experimental_attention_variant": None, "heterogeneous_block_specs": False,
@@ -313,7 +313,7 @@ def _rope_fields(args: argparse.Namespace) -> dict[str, Any]:
     if kind not in ("default", "llama3", "linear", "yarn"):
         raise BadInputError(f"rope scaling '{kind}' has no Megatron-Bridge provider field")
     fields = {"position_embedding_type": "yarn" if kind == "yarn" else args.position_embedding_type,
-              "rotary_base": args.rotary_base, "rotary_percent": 1.0, "rope_scaling": kind == "llama3",
+              "rotary_base": args.rotary_base, "rotary_percent": getattr(args, "rotary_percent", 1.0), "rope_scaling": kind == "llama3",
               "rope_scaling_factor": float(scaling["factor"]) if kind == "llama3" else 1.0,
               "seq_len_interpolation_factor": float(scaling["factor"]) if kind == "linear" else None}
     if kind == "yarn":
@@ -352,7 +352,8 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         # fused kernels: Transformer Engine's (as Megatron-Bridge's Llama bridge enables them); the local
         # spec's torch norms refuse persist_layer_norm, and rope fusion needs Transformer Engine
         persist_layer_norm=not local, apply_rope_fusion=not local, bias_dropout_fusion=not local,
-        masked_softmax_fusion=True, gradient_accumulation_fusion=False, mtp_num_layers=None)  # no MTP layers written
+        masked_softmax_fusion=True, gradient_accumulation_fusion=False,
+        mtp_num_layers=getattr(args, "mtp_num_layers", None) or None)
     fields.update(_latent_attention_fields(args) if getattr(args, "multi_latent_attention", False) else _rope_fields(args))
     return fields
 

@@ -145,6 +145,10 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
+        mtp_num_layers=_whole(args, source, "mtp_num_layers", default=0) if _get(args, "mtp_num_layers") else 0,
+        # multi-latent attention rotates its own rotary rows (qk_pos_emb_head_dim) whatever rotary_percent says
+        rotary_percent=1.0 if _get(args, "multi_latent_attention") else _real(args, source, "rotary_percent",
+                                                                              default=1.0),
     )
 
 
@@ -445,7 +449,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
         ckpt_format=facts.ckpt_format, use_dist_ckpt=facts.ckpt_format != "torch",
         use_distributed_optimizer=facts.distributed_optimizer,
         # nothing but model weights is written: no optimizer or RNG state, no samples consumed
-        no_save_optim=True, no_save_rng=True, iteration=0, mtp_num_layers=None,  # MTP layers are never written
+        no_save_optim=True, no_save_rng=True, iteration=0, mtp_num_layers=arch.mtp_num_layers or None,
         consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
     )
     if fields["seq_length"] > fields["max_position_embeddings"]:  # arguments.validate_args asserts it
@@ -465,7 +469,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         position_embedding_type=arch.position_embedding_type,
         add_position_embedding=arch.position_embedding_type == "learned_absolute",
         use_rotary_position_embeddings=arch.position_embedding_type == "rope",
-        rotary_base=arch.rotary_base, rotary_percent=1.0, rotary_interleaved=False, hf_rope_scaling=arch.rope_scaling,
+        rotary_base=arch.rotary_base, rotary_percent=arch.rotary_percent, rotary_interleaved=False, hf_rope_scaling=arch.rope_scaling,
         use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
         normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
         apply_layernorm_1p=False, swiglu=arch.activation == "swiglu", squared_relu=False,

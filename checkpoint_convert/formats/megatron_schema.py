@@ -67,6 +67,10 @@ _LEGACY_GLOBAL_PATHS = {
 LEGACY_TIED_COPY = "word_embeddings_for_head.weight"
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LEGACY_LAYER_KEY = re.compile(r"^language_model\.(?:encoder|transformer)\.layers\.(\d+)\.(.+)$")
+# A multi-token prediction layer's transformer layer (megatron-core 0.16.1 names it ``transformer_layer``, later
+# releases ``mtp_model_layer`` in plain state dicts): its tensors are named as a decoder layer's after the prefix.
+MTP_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)(?:transformer_layer|mtp_model_layer)\.(.+)$")
+MTP_TRANSFORMER_LAYER = "transformer_layer."
 IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq", "inv_freq", "attention.bias", "masked_bias")
 
 
@@ -142,6 +146,9 @@ def canonical_name(stored: str, schema: str) -> tuple[int | None, str]:
     match = _LAYER_KEY.match(stored)
     if match:
         return int(match.group(1)), _te_to_canonical(match.group(2))
+    mtp = MTP_LAYER.match(stored)
+    if mtp:
+        return None, mtp.group(1) + MTP_TRANSFORMER_LAYER + _te_to_canonical(mtp.group(2))
     return None, stored
 
 
@@ -166,15 +173,16 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
             rel = _replace_prefix(canonical, _LEGACY_LAYER)
             return ("language_model", "encoder", f"layers.{layer}.{rel}")
         return _LEGACY_GLOBAL_PATHS[canonical]
-    if layer is None:
+    mtp = MTP_LAYER.match(canonical) if layer is None else None
+    if layer is None and not mtp:
         return (canonical,)
-    rel = canonical
+    rel = mtp.group(2) if mtp else canonical
     expert = SEQUENTIAL_EXPERT.match(rel)
     if expert and grouped_experts:
         rel = f"mlp.experts.{expert.group(2)}.{expert.group(3)}{expert.group(1)}"
     if schema == MCORE_TE:
         rel = te_name(rel, layer_weights)
-    return (f"{LAYER_PREFIX}{layer}.{rel}",)
+    return (f"{mtp.group(1)}{MTP_TRANSFORMER_LAYER}{rel}" if mtp else f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
 def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
@@ -189,7 +197,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     for key in weight_keys:
         module = key.rsplit(".", 1)[0]
         last = module.rsplit(".", 1)[-1]
-        if last.startswith("linear_") and module not in modules:
+        if (last.startswith("linear_") or last == "eh_proj") and module not in modules:  # eh_proj: an MTP layer's
             modules.append(module)
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
@@ -211,9 +219,13 @@ def torch_dist_key(canonical: str, layer: int | None, layer_weights: Collection[
     (``mlp.linear_fc1.layer_norm_weight`` even in an expert layer) and keeps a multi-latent attention
     layer's own names (measured on megatron-core 0.16.1).
     """
-    if layer is None:
+    mtp = MTP_LAYER.match(canonical) if layer is None else None
+    if layer is None and not mtp:
         return canonical
-    prefix = LAYER_PREFIX if stacked else f"{LAYER_PREFIX}{layer}."
+    if mtp:  # a multi-token prediction layer: keys of its own, as a layer stored apart
+        prefix, canonical = mtp.group(1) + MTP_TRANSFORMER_LAYER, mtp.group(2)
+    else:
+        prefix = LAYER_PREFIX if stacked else f"{LAYER_PREFIX}{layer}."
     expert = SEQUENTIAL_EXPERT.match(canonical)
     if expert:
         return f"{prefix}mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"

@@ -248,7 +248,7 @@ class TorchDistTree:
         table: dict[tuple[int | None, str], _Stored] = {}
         for fqn, entry in self._tensor_keys():
             if not fqn.startswith(schema.LAYER_PREFIX):
-                table[(None, fqn)] = _Stored(fqn, ())
+                table.update(_global_entries(fqn, entry, self.schema))
                 continue
             apart = schema.PER_LAYER_KEY.match(fqn)
             if apart:
@@ -392,6 +392,18 @@ class TorchDistTree:
             files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
             raise _unreadable(fqn, error, self.iter_dir / files[0])
         return destination
+
+
+def _global_entries(fqn: str, entry: dcp_metadata.TensorStorageMetadata, key_schema: str) -> dict:
+    """A key outside the decoder's layers: itself, or a multi-token prediction layer's tensor by its canonical name
+    (its experts one entry each, on the key's leading expert axis)."""
+    mtp = schema.MTP_LAYER.match(fqn)
+    expert = _STACKED_EXPERT.match(mtp.group(2)) if mtp else None
+    if expert:
+        prefix = mtp.group(1) + schema.MTP_TRANSFORMER_LAYER
+        return {(None, f"{prefix}mlp.experts.local_experts.{e}.{expert.group(1)}.{expert.group(2)}"): _Stored(fqn, (e,))
+                for e in range(entry.size[0])}
+    return {(None, schema.canonical_name(fqn, key_schema)[1]): _Stored(fqn, ())}
 
 
 def _load_window(path: Path, start: int, length: int, map_location: str) -> Any:

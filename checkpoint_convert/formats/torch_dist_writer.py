@@ -56,8 +56,10 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
     for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
-        if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
+        mtp = schema.MTP_LAYER.match(fqn) or fqn.startswith("mtp.layers.")  # an MTP layer's keys are its own
+        linear = module.rsplit(".", 1)[-1].startswith("linear_") or (mtp and module.endswith(".eh_proj"))
+        if (fqn.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
+            layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(fqn) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one
                 modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:layer_axes]) or (1,)

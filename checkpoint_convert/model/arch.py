@@ -96,6 +96,11 @@ class ModelArch:
     mla: LatentAttention | None = None
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
+    # multi-token prediction layers after the decoder (megatron-core's ``mtp_num_layers``; see ``mtp.py``)
+    mtp_num_layers: int = 0
+    # the fraction of each query and key head's rows rotary embeddings rotate (the first ones; megatron-core's
+    # ``rotary_percent``, transformers' ``partial_rotary_factor``)
+    rotary_percent: float = 1.0
 
     @property
     def heads_per_group(self) -> int:

@@ -72,6 +72,10 @@ class Param:
     experts: bool = False
     layers: Layers = Layers.EVERY
     float32: bool = False
+    shared: bool = False
+
+    # ``shared``: a multi-token prediction layer's Hugging Face copy of the main model's tensor ``megatron``
+    # (its embedding or output layer, which megatron-core shares): written from it, checked equal to it on read.
 
     # ``float32``: written in float32 whatever the output dtype (a router's expert bias, which megatron-core and
     # transformers both keep in float32: rounded to bf16 it would choose other experts).
@@ -138,9 +142,13 @@ class FamilySpec:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     # Megatron-Bridge's provider for this family; None: Megatron-Bridge output is refused for it
     bridge: BridgeProvider | None = None
-    # Hugging Face tensors of multi-token prediction layers (not converted): a conversion leaves them out
-    # with --drop_mtp_layers and refuses the source without it
+    # Hugging Face tensors of multi-token prediction layers: a conversion leaves them out with --drop_mtp_layers,
+    # converts them when the family has ``mtp_head`` and refuses the source otherwise
     hf_mtp_tensor: Callable[[ModelArch, str], bool] | None = None
+    # Multi-token prediction layers (see ``checkpoint_convert/mtp.py``): the entries of an MTP layer beside its
+    # transformer layer, Megatron names relative to ``mtp.layers.i.`` (``shared`` ones global), Hugging Face names
+    # relative to the layer prefix of layer ``num_layers + i``; empty: the family converts no MTP layers
+    mtp_head: tuple[Param, ...] = ()
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,

@@ -79,7 +79,8 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
-                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
+                                       ("dense layers among expert layers", arch.moe_layers is not None),
+                                       ("multi-token prediction layers", arch.mtp_num_layers > 0)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -383,18 +384,30 @@ def _refuse_megatron_only_options(options: Options) -> None:
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
     config = hf_config_of(family, arch, source_file)
-    _validate_hf_plan(planned, family, config, source_file)
+    mtp = family.hf_mtp_tensor if arch.mtp_num_layers else None  # transformers' models have no MTP layers
+    _validate_hf_plan([entry for entry in planned if not (mtp and mtp(arch, entry[0]))], family, config, source_file)
     return config
 
 
 def hf_config_of(family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``; a refusal of the architecture names the file it was read from."""
     try:
-        return family.hf_config_from_arch(arch)
+        config = family.hf_config_from_arch(arch)
+        _require_rotary_percent(config, arch)
+        return config
     except BadInputError as error:
         raise error if error.path or source_file is None else BadInputError(str(error), source_file)
     except Exception as error:  # the config class's own validation of values the source holds
         raise BadInputError(f"{family.hf_config_class} refuses the source's architecture ({reason(error)})")
+
+
+def _require_rotary_percent(config: Any, arch: ModelArch) -> None:
+    """Partial rotary embeddings (megatron-core's ``rotary_percent``) only go to a config that says so."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    written = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    if arch.position_embedding_type == "rope" and abs(float(written) - arch.rotary_percent) > 1e-9:
+        raise BadInputError(f"rotary_percent is {arch.rotary_percent}: a {arch.family} model rotates "
+                            f"{written} of each head")
 
 
 def checked_hf_config(plan: Plan) -> Any:

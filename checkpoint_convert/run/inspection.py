@@ -16,7 +16,7 @@ import torch
 from ..base.memory import Arena
 from ..engine.blockwise import max_abs_diff
 from ..engine.sources import Source
-from ..engine.streams import Item, all_finite, locate, release_all, walk
+from ..engine.streams import LAYER, Item, all_finite, locate, release_all, walk
 from ..formats import megatron_schema as schema
 from ..formats.hf_io import tensor_nbytes
 from ..formats.megatron_io import RankKey
@@ -24,9 +24,10 @@ from ..model.parallel import Style, style_in_schema
 
 
 def item_name(item: Item) -> str:
-    """A logical Megatron name with the global layer index (``*`` for the expert axis)."""
+    """A logical Megatron name with the global layer index (``*`` for the expert axis); multi-token prediction
+    layers' names are global (``mtp.layers.i.``)."""
     name = item.param.megatron.replace("{expert}", "*")
-    return f"{schema.LAYER_PREFIX}{item.layer}.{name}" if item.layer is not None else name
+    return f"{schema.LAYER_PREFIX}{item.layer}.{name}" if item.group == LAYER else name
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -38,7 +39,7 @@ def megatron_rows(source: Source) -> list[dict[str, Any]]:
     tensors, tree = source.tensors, source.reader
     rows = []
     for item in walk(source.family, source.arch):
-        if item.param.zero_in_megatron:
+        if item.param.zero_in_megatron or item.param.shared:  # no tensor, or the main embedding / output layer
             continue
         before = set(tensors.consumed)
         full = tensors.full(item, meta=True)
