@@ -21,6 +21,7 @@ from .engine import (HFTarget, Item, MegatronLayoutSpec, MegatronTarget, TorchDi
 from .errors import BadInputError, reason
 from .family import FamilySpec
 from .hf_io import CONFIG, GENERATION_CONFIG, HFWriter, copy_tokenizer, tensor_nbytes
+from .hybrid import require_hybrid_layout
 from .megatron_args import (CheckpointFacts, ParallelLayout, args_from_arch, carried_fields, dtype_from_name,
                             tokenizer_for, with_context_length)
 from .megatron_io import MegatronWriter
@@ -119,7 +120,8 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
-                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
+                                       ("dense layers among expert layers", arch.moe_layers is not None),
+                                       ("Mamba layers (a hybrid model)", arch.layer_pattern is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -569,6 +571,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     layout = target_layout(options, source)
     validate_layout(arch, layout)
     ckpt_format = _ckpt_format(options, source)
+    require_hybrid_layout(arch, layout.stages, layout.vpp, ckpt_format, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)
     if bridge:  # Megatron-Bridge keeps the vocab unpadded (should_pad_vocab false), noting its own multiple
         options = dataclasses.replace(options, make_vocab_size_divisible_by=bridge_vocab_divisor(arch.vocab_size))

@@ -139,7 +139,7 @@ class MegatronSource(_ReleasesReadPages):
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
         style = style_in_schema(item.param.style, self.tree.schema == schema.MCORE_TE)
-        merged = merge_from_tp(shards, style, cat if meta else self._join)
+        merged = merge_from_tp(shards, style, cat if meta else self._join, param_parts(item.param, self.arch))
         if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
@@ -226,6 +226,11 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
+def param_parts(param: Param, arch: ModelArch) -> tuple[int, ...] | None:
+    """The row counts of a ``PARTS_COLUMN`` tensor's fused parts (None for other styles)."""
+    return param.parts(arch) if param.parts is not None else None
+
+
 def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[str]]:
     """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
     dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
@@ -268,7 +273,7 @@ class MegatronTarget:
         path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
-                              self.layout.tp)
+                              self.layout.tp, param_parts(item.param, self.arch))
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 

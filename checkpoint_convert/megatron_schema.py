@@ -43,6 +43,7 @@ _TE_NORMS = (
     ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
     ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight"),
     ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight"),
+    ("norm.weight", "mixer.in_proj.layer_norm_weight"),  # a hybrid model's Mamba layer (megatron-core's MambaLayer)
 )
 # A standard layer's weights as far as the fused norms go (callers that do not say which weights a layer has)
 STANDARD_LAYER = frozenset({"self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"})
@@ -177,6 +178,9 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     return (f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
+_MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
+
+
 def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
     """``_extra_state`` entries megatron-core modules expose in their state dicts (value None).
 
@@ -189,7 +193,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     for key in weight_keys:
         module = key.rsplit(".", 1)[0]
         last = module.rsplit(".", 1)[-1]
-        if last.startswith("linear_") and module not in modules:
+        if (last.startswith("linear_") or last in _MAMBA_LINEARS) and module not in modules:
             modules.append(module)
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
