@@ -15,7 +15,8 @@ layer (``ModelArch.layer_pattern``), so the layer's norm is a different Megatron
 Both sides store a mixer's ``in_proj`` rows as [z, x, B, C, dt] and its convolution channels as [x, B, C]; tensor
 parallelism splits each part on its own (``Style.PARTS_COLUMN``). The router is DeepSeek-V3's (sigmoid scores, a
 float32 ``e_score_correction_bias`` for choosing, groups, renormalised top-k, scaled): ``deepseek_v3.moe``
-translates it. Published checkpoints name the model ``backbone`` and store experts one by one
+translates it. transformers' ``NemotronHForCausalLM`` never ties ``lm_head`` to the embeddings (whatever
+``tie_word_embeddings`` says, kept as the source wrote it), so the Megatron model is untied and a tied one refused. Published checkpoints name the model ``backbone`` and store experts one by one
 (``backbone.layers.N.mixer.experts.J.up_proj.weight``): read through aliases.
 """
 from __future__ import annotations
@@ -50,12 +51,16 @@ def _untied(arch: ModelArch) -> bool:
     return not arch.tie_embeddings
 
 
+def _routed(arch: ModelArch) -> bool:
+    return bool(arch.num_experts)
+
+
 def _expert_bias(arch: ModelArch) -> bool:
-    return arch.moe_router_enable_expert_bias
+    return _routed(arch) and arch.moe_router_enable_expert_bias
 
 
 def _zero_bias(arch: ModelArch) -> bool:
-    return not arch.moe_router_enable_expert_bias
+    return _routed(arch) and not arch.moe_router_enable_expert_bias
 
 
 def _experts(arch: ModelArch) -> tuple[int, ...]:
@@ -63,7 +68,7 @@ def _experts(arch: ModelArch) -> tuple[int, ...]:
 
 
 def _latent(arch: ModelArch) -> bool:
-    return arch.moe_latent_size is not None
+    return _routed(arch) and arch.moe_latent_size is not None
 
 
 MAMBA_LAYER = tuple(Param(megatron, (hf,), style, layers=MAMBA, parts=parts) for megatron, hf, style, parts in (
@@ -89,18 +94,20 @@ MLP_LAYER = (
     Param("mlp.linear_fc2.weight", ("mixer.down_proj.weight",), ROW, layers=DENSE),
 )
 MOE_LAYER = (
-    Param("pre_mlp_layernorm.weight", ("norm.weight",), REPLICATED, layers=MOE),
-    Param("mlp.router.weight", ("mixer.gate.weight",), REPLICATED, layers=MOE, float32=True),
+    Param("pre_mlp_layernorm.weight", ("norm.weight",), REPLICATED, when=_routed, layers=MOE),
+    Param("mlp.router.weight", ("mixer.gate.weight",), REPLICATED, when=_routed, layers=MOE, float32=True),
     Param("mlp.router.expert_bias", ("mixer.gate.e_score_correction_bias",), REPLICATED, when=_expert_bias,
           layers=MOE, float32=True),
     Param("mlp.router.expert_bias", ("mixer.gate.e_score_correction_bias",), REPLICATED, when=_zero_bias,
           layers=MOE, zero_in_megatron=_experts, float32=True),
     Param("mlp.experts.local_experts.{expert}.linear_fc1.weight", ("mixer.experts.up_proj",), COLUMN, experts=True,
-          layers=MOE),
+          when=_routed, layers=MOE),
     Param("mlp.experts.local_experts.{expert}.linear_fc2.weight", ("mixer.experts.down_proj",), ROW, experts=True,
+          when=_routed, layers=MOE),
+    Param("mlp.shared_experts.linear_fc1.weight", ("mixer.shared_experts.up_proj.weight",), COLUMN, when=_routed,
           layers=MOE),
-    Param("mlp.shared_experts.linear_fc1.weight", ("mixer.shared_experts.up_proj.weight",), COLUMN, layers=MOE),
-    Param("mlp.shared_experts.linear_fc2.weight", ("mixer.shared_experts.down_proj.weight",), ROW, layers=MOE),
+    Param("mlp.shared_experts.linear_fc2.weight", ("mixer.shared_experts.down_proj.weight",), ROW, when=_routed,
+          layers=MOE),
     # megatron-core's latent projections are duplicated on every tensor-parallel rank (TELinear "duplicated")
     Param("mlp.fc1_latent_proj.weight", ("mixer.fc1_latent_proj.weight",), REPLICATED, when=_latent, layers=MOE),
     Param("mlp.fc2_latent_proj.weight", ("mixer.fc2_latent_proj.weight",), REPLICATED, when=_latent, layers=MOE),
@@ -115,7 +122,7 @@ EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "num_logits_to_kee
               "mamba_hidden_act", "expand", "time_step_min", "time_step_max", "time_step_limit", "time_step_floor",
               "chunk_size", "mamba_ssm_cache_dtype", "n_shared_experts", "moe_shared_expert_overlap",
               "output_router_logits", "initializer_range", "residual_in_fp32", "rescale_prenorm_residual",
-              "hidden_dropout", "sliding_window", "mtp_layers_block_type")
+              "hidden_dropout", "sliding_window", "mtp_layers_block_type", "tie_word_embeddings")
 # what megatron-core's MambaModel fixes, which a config must say too
 FIXED = {"mlp_hidden_act": "relu2", "mamba_hidden_act": "silu", "use_conv_bias": True, "use_bias": False,
          "mamba_proj_bias": False, "attention_bias": False, "mlp_bias": False, "num_nextn_predict_layers": 0}
@@ -156,7 +163,7 @@ def arch_from_hf_config(cfg: Any) -> ModelArch:
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
         kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.layer_norm_epsilon,
-        tie_embeddings=bool(cfg.tie_word_embeddings), normalization="RMSNorm", activation="squared_relu",
+        tie_embeddings=False, normalization="RMSNorm", activation="squared_relu",
         position_embedding_type="none", add_bias_linear=False, add_qkv_bias=False,
         attention_dropout=float(cfg.attention_dropout), hidden_dropout=0.0, layer_pattern=pattern,
         mamba=MambaSizes(state_dim=cfg.ssm_state_size, head_dim=cfg.mamba_head_dim, num_groups=cfg.n_groups,
@@ -180,6 +187,9 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
     if arch.activation != "squared_relu" or arch.normalization != "RMSNorm" or arch.add_bias_linear:
         raise BadInputError(f"Nemotron-H's MLPs are unbiased squared ReLU behind RMSNorm; this model has "
                             f"{arch.activation}, {arch.normalization}, bias {arch.add_bias_linear}")
+    if arch.tie_embeddings:  # transformers 5.25's NemotronHForCausalLM: _tied_weights_keys = {}
+        raise BadInputError("the output layer is tied to the embeddings; transformers' Nemotron-H never ties them "
+                            "(whatever tie_word_embeddings says), so its lm_head would be left random")
     mamba = arch.mamba
     extra = {key: value for key, value in arch.extra.items() if value is not None}
     return transformers_attr("NemotronHConfig")(
@@ -188,7 +198,7 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
         num_attention_heads=arch.num_attention_heads, num_key_value_heads=arch.num_query_groups,
         head_dim=arch.kv_channels, intermediate_size=arch.ffn_hidden_size,
         max_position_embeddings=arch.max_position_embeddings, layer_norm_epsilon=arch.norm_epsilon,
-        tie_word_embeddings=arch.tie_embeddings, attention_dropout=arch.attention_dropout,
+        attention_dropout=arch.attention_dropout,
         ssm_state_size=mamba.state_dim, mamba_head_dim=mamba.head_dim, n_groups=mamba.num_groups,
         mamba_num_heads=mamba.num_heads, conv_kernel=mamba.conv_kernel,
         dtype=str(arch.params_dtype).replace("torch.", ""), **{**extra, **_moe_kwargs(arch)},
