@@ -103,7 +103,8 @@ def hybrid_args(arch: ModelArch, stages: Sequence[int]) -> dict[str, Any]:
 def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, ckpt_format: str, tp: int) -> None:
     """Refuse Megatron output megatron-core cannot build a hybrid model from: a virtual pipeline, stages other
     than even ones or first/last counts with even middles (``MambaStack._select_layers_for_pipeline_parallel``),
-    Mamba heads or groups the tensor-parallel size does not divide (``MambaMixer``), and torch_dist (whose mixer
+    a convolution other than 4 wide, Mamba heads or groups the tensor-parallel size does not divide
+    (``MambaMixer``), and torch_dist (whose mixer
     tensors megatron-core stores in named parts, not written yet)."""
     if arch.layer_pattern is None:
         return
@@ -117,6 +118,9 @@ def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, ckpt
         raise BadInputError(f"pipeline stages {list(stages)}: megatron-core's hybrid (Mamba) model splits even stages "
                             "or given first and last stages with even ones between, none empty")
     mamba = arch.mamba
+    if mamba is not None and mamba.conv_kernel != MAMBA_CONV_KERNEL:
+        raise BadInputError(f"the Mamba convolution is {mamba.conv_kernel} wide; megatron-core's is "
+                            f"{MAMBA_CONV_KERNEL} (MambaMixer's d_conv)")
     if mamba is not None and (mamba.num_heads % tp or mamba.num_groups % tp):
         raise BadInputError(f"tensor parallel size {tp} does not divide the {mamba.num_heads} Mamba heads and "
                             f"{mamba.num_groups} groups")
