@@ -164,6 +164,19 @@ def test_megatron_lm_018_pattern_spelling():
             hybrid_fields(args(**bad), 4, 64, "args")
 
 
+def test_inspect_shows_the_layer_pattern_by_stage(model, tmp_path, capsys):
+    from checkpoint_convert.report_cli import run_inspect_cli
+
+    assert convert("--load_path", model[0], "--save_path", tmp_path / "pp2", "--to", "megatron",
+                   "--target_pipeline_layers", "3,1") == 0
+    capsys.readouterr()
+    assert run_inspect_cli([str(tmp_path / "pp2")]) == 0
+    assert "layers: M*-|E (M Mamba-2, * attention, - MLP, E experts" in capsys.readouterr().out
+    args = torch.load(tmp_path / "pp2" / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)["args"]
+    assert (args.hybrid_override_pattern, args.hybrid_layer_pattern) == ("M*-E", "M*-|E")
+    assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (3, 1)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--target_pipeline_model_parallel_size", "2", "--target_virtual_pipeline_model_parallel_size", "2"],
      "no virtual pipeline"),
