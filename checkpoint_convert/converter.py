@@ -571,7 +571,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     layout = target_layout(options, source)
     validate_layout(arch, layout)
     ckpt_format = _ckpt_format(options, source)
-    require_hybrid_layout(arch, layout.stages, layout.vpp, ckpt_format, layout.tp)
+    require_hybrid_layout(arch, layout.stages, layout.vpp, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)
     if bridge:  # Megatron-Bridge keeps the vocab unpadded (should_pad_vocab false), noting its own multiple
         options = dataclasses.replace(options, make_vocab_size_divisible_by=bridge_vocab_divisor(arch.vocab_size))

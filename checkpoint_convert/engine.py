@@ -296,8 +296,11 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
-        self.stacked = not schema.layers_stored_apart(arch.moe_layers)
+        # a hybrid model's layers differ in kind: megatron-core stores each apart, its norms under Transformer
+        # Engine's names (MambaStack has only that spec; a local one maps its norm names there, as GPT's does)
+        hybrid = arch.layer_pattern is not None
+        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine or hybrid
+        self.stacked = not (schema.layers_stored_apart(arch.moe_layers) or hybrid)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -307,6 +310,13 @@ class TorchDistTarget:
             full = pad_vocab(full, self.padded_vocab)
         fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
                                     self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        names = schema.NAMED_PARTS.get(item.param.megatron)
+        if names:  # one key per part (megatron_schema.NAMED_PARTS)
+            pieces = torch.split(full, list(param_parts(item.param, self.arch)), dim=0)
+            return [entry for name, piece in zip(names, pieces) for entry in self._chunk(f"{fqn}.{name}", item, piece)]
+        return self._chunk(fqn, item, full)
+
+    def _chunk(self, fqn: str, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))

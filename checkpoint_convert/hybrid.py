@@ -100,17 +100,13 @@ def hybrid_args(arch: ModelArch, stages: Sequence[int]) -> dict[str, Any]:
                 mamba_num_heads=mamba.num_heads, moe_latent_size=arch.moe_latent_size)
 
 
-def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, ckpt_format: str, tp: int) -> None:
+def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, tp: int) -> None:
     """Refuse Megatron output megatron-core cannot build a hybrid model from: a virtual pipeline, stages other
     than even ones or first/last counts with even middles (``MambaStack._select_layers_for_pipeline_parallel``),
     a convolution other than 4 wide, Mamba heads or groups the tensor-parallel size does not divide
-    (``MambaMixer``), and torch_dist (whose mixer
-    tensors megatron-core stores in named parts, not written yet)."""
+    (``MambaMixer``)."""
     if arch.layer_pattern is None:
         return
-    if ckpt_format != "torch":
-        raise BadInputError("a hybrid (Mamba) model is written as torch rank files only for now "
-                            "(--megatron_ckpt_format torch)")
     if vpp > 1:
         raise BadInputError("megatron-core's hybrid (Mamba) model has no virtual pipeline")
     middle = list(stages[1:-1])

@@ -178,7 +178,7 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     return (f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
-_MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
+MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
 
 
 def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
@@ -193,7 +193,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     for key in weight_keys:
         module = key.rsplit(".", 1)[0]
         last = module.rsplit(".", 1)[-1]
-        if (last.startswith("linear_") or last in _MAMBA_LINEARS) and module not in modules:
+        if (last.startswith("linear_") or last in MAMBA_LINEARS) and module not in modules:
             modules.append(module)
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
@@ -236,3 +236,24 @@ def layers_stored_apart(moe_layers: tuple[int, ...] | None) -> bool:
 
 
 PER_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # torch_dist keys of layers stored apart
+
+
+# Tensors megatron-core stores in torch_dist as one key per fused part, ``<key>.<part>`` in this order (a Mamba
+# mixer's, ``MambaMixer.sharded_state_dict``: in_proj rows [z, x, B, C, dt], the convolution's channels [x, B, C]).
+NAMED_PARTS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
+               "mixer.conv1d.bias": ("x", "B", "C")}
+
+
+def named_part(canonical: str) -> tuple[str, str] | None:
+    """(whole tensor, part) of a torch_dist key's canonical name that is one part of a :data:`NAMED_PARTS` tensor."""
+    base, _, part = canonical.rpartition(".")
+    return (base, part) if part in NAMED_PARTS.get(base, ()) else None
+
+
+def without_part(key: str) -> str:
+    """A stored key with the part name of a :data:`NAMED_PARTS` tensor dropped (the whole tensor's key)."""
+    for base, parts in NAMED_PARTS.items():
+        for part in parts:
+            if key.endswith(f".{base}.{part}"):
+                return key[:-len(part) - 1]
+    return key

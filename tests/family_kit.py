@@ -40,7 +40,6 @@ class Variant:
     experts: bool = False
     detected_as: str | None = None
     routing: tuple[str, ...] = ("softmax_order",)
-    torch_dist: bool = True  # False: the kit checks that torch_dist output is refused instead of converting it
 
 
 def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (),
@@ -181,10 +180,9 @@ def nemotron_h(seed: int, pattern: str, **config: Any) -> Callable:
 
 VARIANTS = VARIANTS + (
     # attention (4 heads, no query groups), Mamba, Mamba, MLP
-    Variant("nemotron_h_hybrid_mha", "nemotron_h", nemotron_h(12, "*MM-", num_key_value_heads=4), legacy=False,
-            torch_dist=False),
+    Variant("nemotron_h_hybrid_mha", "nemotron_h", nemotron_h(12, "*MM-", num_key_value_heads=4), legacy=False),
     # expert layers in both pipeline stages (DeepSeek-V3's router, a random expert bias), untied
     Variant("nemotron_h_moe", "nemotron_h", nemotron_h(13, "ME*E", random_buffers=("e_score_correction_bias",),
                                                        **NEMOTRON_H_MOE),
-            legacy=False, experts=True, routing=("groups", "scaling", "expert_bias"), torch_dist=False),
+            legacy=False, experts=True, routing=("groups", "scaling", "expert_bias")),
 )

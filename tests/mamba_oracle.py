@@ -67,6 +67,15 @@ class GatedRMSNorm(nn.Module):
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
         return (grouped.reshape(x.shape) * self.weight.float()).to(dtype)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """As megatron-core's ``ExtendedRMSNorm`` shards it in torch_dist: the weight split along axis 0."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"])
+
 
 _AXES = re.compile(r"\(([^)]*)\)|(\S+)")
 
@@ -136,7 +145,8 @@ def install_cpu_mamba() -> None:
 
 def hybrid_stack_spec(num_experts: int | None):
     """megatron-core's ``mamba_stack_spec`` with local layers: ``norm`` before the mixer (Transformer Engine fuses it
-    into ``in_proj``), local attention, MLP and expert layers with their own norms."""
+    into ``in_proj``), local attention, MLP and expert layers with their own norms; in torch_dist the norms take
+    Transformer Engine's names, as the local GPT spec maps them (``sharded_state_dict_keys_map``)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -163,11 +173,14 @@ def hybrid_stack_spec(num_experts: int | None):
     moe = get_moe_module_spec(use_te=False, num_experts=num_experts or 1, moe_grouped_gemm=False)
     return ModuleSpec(module=MambaStack, submodules=MambaStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
-            norm=WrappedTorchNorm, mixer=mixer, mamba_bda=get_bias_dropout_add)),
+            norm=WrappedTorchNorm, mixer=mixer, mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})),
         attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add)),
+            input_layernorm=WrappedTorchNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})),
         mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=WrappedTorchNorm, mlp=mlp, mlp_bda=get_bias_dropout_add)),
+            pre_mlp_layernorm=WrappedTorchNorm, mlp=mlp, mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})),
         moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=WrappedTorchNorm, mlp=moe, mlp_bda=get_bias_dropout_add)),
     ))

@@ -73,8 +73,7 @@ def _reshapes(variant: Variant) -> list[str]:
 def _oracle_runs(variant: Variant) -> list[str]:
     """Megatron-core loads: our TP2 PP2 local rank files, TP1 Transformer Engine ones, our torch_dist at TP2
     (and for experts EP2 PP2 and TP2 x EP2 rank files)."""
-    return (["local_tp2pp2", "te_tp1"] + (["dist"] if variant.torch_dist else [])
-            + (["local_ep2pp2", "local_tp2ep2"] if variant.experts else []))
+    return ["local_tp2pp2", "te_tp1", "dist"] + (["local_ep2pp2", "local_tp2ep2"] if variant.experts else [])
 
 
 class Kit:
@@ -162,17 +161,8 @@ def test_megatron_reshape(kit, name, tree):
 
 
 @pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
-def test_torch_dist_round_trips(kit, capsys, name):
-    """Hugging Face -> torch_dist -> Hugging Face, and TP2 PP2 rank files -> torch_dist -> Hugging Face (or, for a
-    variant the tool cannot write as torch_dist yet, the one-line refusal of both)."""
-    if not BY_NAME[name].torch_dist:
-        for tree in ("dist", "dist_from_ranks"):
-            source, flags = TREES[tree]
-            load, out = kit.tree(name, source) if source else kit.hf(name)[0], kit.root / name / tree
-            assert convert("--load_path", load, "--save_path", out, "--to", "megatron", *flags) == 2
-            err = capsys.readouterr().err.strip()
-            assert len(err.splitlines()) == 1 and "torch rank files only" in err and not out.exists()
-        return
+def test_torch_dist_round_trips(kit, name):
+    """Hugging Face -> torch_dist -> Hugging Face, and TP2 PP2 rank files -> torch_dist -> Hugging Face."""
     for tree in ("dist", "dist_from_ranks"):
         assert_logits_close(logits_of(kit.back_to_hf(name, tree)), kit.hf(name)[1])
 
@@ -252,9 +242,8 @@ def _oracle_jobs(kit: Kit, tokens: Path, variants: list[Variant]) -> list[dict]:
             jobs.append(dict(kind="logits", name=f"{variant.name}-without-{feature}",
                              ckpt=str(_other_routing(kit, variant.name, feature)), tokens=str(tokens),
                              out=str(out / f"megatron_core_without_{feature}.pt"), tp=1, ep=1))
-        if variant.torch_dist:
-            jobs.append(dict(kind="dist-make", name=f"{variant.name}-made", spec=str(_made_spec(kit, variant.name)),
-                             tokens=str(tokens), out=str(out / "made"), logits_out=str(out / "made_logits.pt"), tp=2))
+        jobs.append(dict(kind="dist-make", name=f"{variant.name}-made", spec=str(_made_spec(kit, variant.name)),
+                         tokens=str(tokens), out=str(out / "made"), logits_out=str(out / "made_logits.pt"), tp=2))
     return jobs
 
 
@@ -294,7 +283,7 @@ def test_megatron_core_routes_as_hugging_face_only_with_the_router_args_we_write
     assert (logits - kit.hf(name)[1]).abs().max() > 100 * MEGATRON_CORE_ATOL
 
 
-@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS if variant.torch_dist])
+@pytest.mark.parametrize("name", [variant.name for variant in VARIANTS])
 def test_torch_dist_saved_by_megatron_core_converts_to_hf(kit, megatron_core, name):
     """megatron-core builds a random model from the args we write, saves it at TP2 with its own
     ``dist_checkpointing.save`` (its own key names), and our Hugging Face conversion computes its logits."""
@@ -313,6 +302,5 @@ def test_inspect_check_and_verify(kit, capsys, name):
     assert report["family"] == BY_NAME[name].family and report["problems"] == []
     assert run_verify_cli([str(kit.hf(name)[0]), str(tree), "--logits"]) == 0
     assert capsys.readouterr().out.endswith("EQUAL\n")
-    if BY_NAME[name].torch_dist:
-        assert run_verify_cli([str(kit.hf(name)[0]), str(kit.tree(name, "dist_from_ranks"))]) == 0
-        assert capsys.readouterr().out.endswith("EQUAL\n")
+    assert run_verify_cli([str(kit.hf(name)[0]), str(kit.tree(name, "dist_from_ranks"))]) == 0
+    assert capsys.readouterr().out.endswith("EQUAL\n")
