@@ -189,3 +189,31 @@ def test_layouts_megatron_core_cannot_build_are_refused(model, tmp_path, capsys,
     assert convert("--load_path", path, "--save_path", tmp_path / "out", "--to", "megatron", *flags) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()
+
+
+def test_latent_expert_projections(tmp_path):
+    """Experts working in a latent space (``moe_latent_size``: ``mixer.fc1_latent_proj`` / ``fc2_latent_proj`` <->
+    megatron-core's ``mlp.fc1_latent_proj`` / ``fc2_latent_proj``, duplicated on every TP rank). megatron-core builds
+    them only with Transformer Engine, so a Hugging Face round trip through TP2 PP2 proves them."""
+    expected = logits_of(nemotron_h(22, "ME*E", moe_latent_size=32, **NEMOTRON_H_MOE)(tmp_path / "hf"))
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "megatron", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
+    state = torch.load(tmp_path / "megatron" / "release" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+    assert state["args"].moe_latent_size == 32 and state["model"]["decoder.layers.1.mlp.fc1_latent_proj.weight"].shape == (32, 64)
+    assert state["model"]["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"].shape == (8, 32)
+    assert convert("--load_path", tmp_path / "megatron", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "back"), expected)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["moe_latent_size"] == 32
+
+
+def test_a_config_whose_mamba_sizes_do_not_fit_the_tensors_is_refused(model, tmp_path, capsys):
+    path, _ = model
+    source = tmp_path / "wrong"
+    source.mkdir()
+    (source / "model.safetensors").symlink_to(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "ssm_state_size": 8}))
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "mixer.in_proj.weight" in err, err
