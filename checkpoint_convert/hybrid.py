@@ -83,21 +83,18 @@ def _whole(value: Any, name: str, source: Any) -> int:
     return value
 
 
-def hybrid_args(arch: ModelArch, stages: Sequence[int]) -> dict[str, Any]:
+def hybrid_args(arch: ModelArch) -> dict[str, Any]:
     """Megatron-LM's fields of a hybrid model: ``is_hybrid_model``, the pattern as 0.16-0.17 read it
-    (``hybrid_override_pattern``, no ratios) and as 0.18 does (``hybrid_layer_pattern``, ``|`` between pipeline
-    stages), and the Mamba sizes; none for another model."""
+    (``hybrid_override_pattern``, no ratios) and the Mamba sizes; none for another model. 0.18's
+    ``hybrid_layer_pattern`` is not written beside it: Megatron-Bridge's providers refuse both at once
+    (``MambaModelProvider.finalize``), and 0.18 still takes the older field, with a deprecation warning."""
     if arch.layer_pattern is None:
         return {}
-    marked, start = [], 0
-    for count in stages or (arch.num_layers,):
-        marked.append(arch.layer_pattern[start:start + count])
-        start += count
     mamba = arch.mamba
-    return dict(is_hybrid_model=True, hybrid_override_pattern=arch.layer_pattern,
-                hybrid_layer_pattern=PIPE.join(marked), hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0,
-                mamba_state_dim=mamba.state_dim, mamba_head_dim=mamba.head_dim, mamba_num_groups=mamba.num_groups,
-                mamba_num_heads=mamba.num_heads, moe_latent_size=arch.moe_latent_size)
+    return dict(is_hybrid_model=True, hybrid_override_pattern=arch.layer_pattern, hybrid_attention_ratio=0.0,
+                hybrid_mlp_ratio=0.0, mamba_state_dim=mamba.state_dim, mamba_head_dim=mamba.head_dim,
+                mamba_num_groups=mamba.num_groups, mamba_num_heads=mamba.num_heads,
+                moe_latent_size=arch.moe_latent_size)
 
 
 def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, tp: int) -> None:

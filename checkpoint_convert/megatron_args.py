@@ -443,7 +443,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
     fields.update({name: value for name, value in _RUN_DEFAULTS.items() if fields.get(name) is None})
     fields.update(_architecture_fields(arch), **_moe_fields(arch, facts.moe_grouped_gemm))
     fields.update(_layout_fields(layout), **_pipeline_fields(layout.stages, layout.vpp))
-    fields.update(hybrid_args(arch, layout.stages))
+    fields.update(hybrid_args(arch))
     fields.update(facts.tokenizer, **_vocab_and_dtype_fields(arch, facts))
     fields.update(
         seq_length=facts.seq_length or fields.get("seq_length") or arch.max_position_embeddings,
