@@ -45,17 +45,18 @@ class Variant:
 
 
 def hf_model(config_class: str, model_class: str, seed: int, zero: tuple[str, ...] = (),
-             random_buffers: tuple[str, ...] = (), **config: Any) -> Callable:
+             random_buffers: tuple[str, ...] = (), base: dict | None = None, **config: Any) -> Callable:
     """A builder of a random transformers model of ``config_class`` (``TINY`` values, then ``config``).
 
     ``zero``: parameter name suffixes set to zero, for tensors Megatron's architecture fixes at zero
     (e.g. the o_proj bias of a model that Megatron biases on qkv only). ``random_buffers``: buffer name
     suffixes of weights kept as buffers (a router's expert bias), drawn from N(0, 0.5^2) instead of their zeros.
+    ``base``: the config values to start from instead of ``TINY``.
     """
     def build(path: Path):
         import transformers
 
-        cfg = getattr(transformers, config_class)(**{**TINY, **config})
+        cfg = getattr(transformers, config_class)(**{**(TINY if base is None else base), **config})
         model = randomize(getattr(transformers, model_class)(cfg), seed).eval()
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -194,4 +195,31 @@ VARIANTS = (
     # Kimi-K2's config (model_type kimi_k2, DeepSeek's own keys) on a dense multi-latent attention model
     Variant("kimi_k2_mla", "deepseek_v3", kimi_k2(17, q_lora_rank=32, rope_parameters=DEEPSEEK_YARN, **MLA),
             legacy=False, model_type="kimi_k2"),
+)
+
+
+# Nemotron-H (hybrid): 8 Mamba-2 heads of 8 channels in 2 groups of 16 state rows, scanned in chunks of 8 (the
+# 12 test tokens span two); attention of 4 heads of 16 (2 query groups) without rotary; squared-ReLU MLPs
+NEMOTRON_H = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=128, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2,
+                  ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, chunk_size=8)
+# experts: 8 of 16 in 2 groups, top-2 from the best group (ranked by its two best biased sigmoid scores),
+# renormalised, x 2.5; a shared expert of 48
+NEMOTRON_H_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+                      routed_scaling_factor=2.5, norm_topk_prob=True, moe_shared_expert_intermediate_size=48)
+
+
+def nemotron_h(seed: int, pattern: str, **config: Any) -> Callable:
+    kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+    return hf_model("NemotronHConfig", "NemotronHForCausalLM", seed, base=NEMOTRON_H,
+                    layers_block_type=[kinds[symbol] for symbol in pattern], **config)
+
+
+VARIANTS = VARIANTS + (
+    # attention (4 heads, no query groups), Mamba, Mamba, MLP
+    Variant("nemotron_h_hybrid_mha", "nemotron_h", nemotron_h(12, "*MM-", num_key_value_heads=4), legacy=False),
+    # expert layers in both pipeline stages (DeepSeek-V3's router, a random expert bias), untied
+    Variant("nemotron_h_moe", "nemotron_h", nemotron_h(13, "ME*E", random_buffers=("e_score_correction_bias",),
+                                                       **NEMOTRON_H_MOE),
+            legacy=False, experts=True, routing=("groups", "scaling", "expert_bias")),
 )

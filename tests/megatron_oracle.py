@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gpt2.reference_writer import random_weight, randomize  # noqa: E402
+from tests.mamba_oracle import build_hybrid_model, hybrid_config_fields  # noqa: E402
 
 
 def _free_port() -> None:
@@ -96,6 +97,9 @@ def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) ->
 def _activation(args):
     if getattr(args, "swiglu", False):
         return F.silu
+    if getattr(args, "squared_relu", False):
+        from megatron.core.activations import squared_relu
+        return squared_relu
     if getattr(args, "openai_gelu", False) or getattr(args, "bias_gelu_fusion", False):
         return lambda x: F.gelu(x, approximate="tanh")  # HF gelu_new / gelu_fast
     return F.gelu
@@ -194,6 +198,10 @@ def _mtp_spec(config, spec, vp_stage: int | None):
     return get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage)
 
 
+def _hybrid_fields(args) -> dict:
+    return hybrid_config_fields(args) if getattr(args, "is_hybrid_model", False) else {}
+
+
 def build_model(args, vp_stage: int | None = None):
     """The GPTModel (or, with pipeline stages, the model chunk of this rank and ``vp_stage``) of ``args``."""
     from megatron.core import parallel_state
@@ -214,8 +222,12 @@ def build_model(args, vp_stage: int | None = None):
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
         mtp_num_layers=getattr(args, "mtp_num_layers", None) or None,
-        **_pipeline_fields(args), **_moe_fields(args), **mla,
+        **_pipeline_fields(args), **_moe_fields(args), **mla, **_hybrid_fields(args),
     )
+    pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if getattr(args, "is_hybrid_model", False):
+        return build_hybrid_model(args, config, pre_process, post_process)
     rope = args.position_embedding_type == "rope"
     spec = _layer_spec(args, config, vp_stage)
     return GPTModel(
@@ -227,9 +239,7 @@ def build_model(args, vp_stage: int | None = None):
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)),
         parallel_output=False,  # gather the vocab-parallel logits on every rank
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        vp_stage=vp_stage,
+        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
     ).eval()
 
 
@@ -293,7 +303,8 @@ def _te_to_local(state: dict) -> dict:
                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
                "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
                "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
-               "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight"}
+               "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+               "mixer.in_proj.layer_norm_weight": "norm.weight"}
     out = {}
     for key, value in state.items():
         for te, local in renames.items():

@@ -168,8 +168,26 @@ def _shared_ffn(arch: ModelArch, multiple: int = 1) -> int | None:
     return None if size is None else multiple * size
 
 
+def _expert_width(arch: ModelArch) -> int:
+    """What routed experts read and write: the latent size when projections surround them, else hidden."""
+    return arch.moe_latent_size or arch.hidden_size
+
+
+# hybrid models' Mamba-2 mixers (``arch.mamba`` is set wherever these modules exist) and latent expert projections
+_HYBRID_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = (
+    (r"mixer\.in_proj\.weight", lambda a: (sum(a.mamba.in_proj_parts()), a.hidden_size)),
+    (r"mixer\.conv1d\.weight", lambda a: (sum(a.mamba.conv_parts()), 1, a.mamba.conv_kernel)),
+    (r"mixer\.conv1d\.bias", lambda a: (sum(a.mamba.conv_parts()),)),
+    (r"mixer\.(?:A_log|D|dt_bias)", lambda a: (a.mamba.num_heads,)),
+    (r"mixer\.norm\.weight", lambda a: (a.mamba.d_inner,)),
+    (r"norm\.weight", lambda a: (a.hidden_size,)),  # a Mamba layer's own norm
+    (r"mixer\.out_proj\.weight", lambda a: (a.hidden_size, a.mamba.d_inner)),
+    (r"fc1_latent_proj\.weight", lambda a: (a.moe_latent_size, a.hidden_size)),
+    (r"fc2_latent_proj\.weight", lambda a: (a.hidden_size, a.moe_latent_size)),
+)
+
 # megatron-core module name (end of the canonical key) -> full (un-parallel) shape; None: not known here.
-_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = _MLA_SHAPES + (
+_SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] = _MLA_SHAPES + _HYBRID_SHAPES + (
     (r"embedding\.word_embeddings\.weight|output_layer\.weight", lambda a: (a.vocab_size, a.hidden_size)),
     (r"embedding\.position_embeddings\.weight", lambda a: (a.max_position_embeddings, a.hidden_size)),
     (r"linear_qkv\.weight", lambda a: (_qkv_rows(a), a.hidden_size)),
@@ -183,8 +201,8 @@ _SHAPES: tuple[tuple[str, Callable[[ModelArch], tuple[int | None, ...]]], ...] =
     (r"shared_experts\.linear_fc1\.weight", lambda a: (_shared_ffn(a, _glu(a)), a.hidden_size)),
     (r"shared_experts\.linear_fc2\.weight", lambda a: (a.hidden_size, _shared_ffn(a))),
     (r"shared_experts\.gate_weight", lambda a: (1, a.hidden_size)),
-    (r"experts\..*linear_fc1\.weight", lambda a: (_glu(a) * _moe_ffn(a), a.hidden_size)),
-    (r"experts\..*linear_fc2\.weight", lambda a: (a.hidden_size, _moe_ffn(a))),
+    (r"experts\..*linear_fc1\.weight", lambda a: (_glu(a) * _moe_ffn(a), _expert_width(a))),
+    (r"experts\..*linear_fc2\.weight", lambda a: (_expert_width(a), _moe_ffn(a))),
     (r"linear_fc1\.weight", lambda a: (_glu(a) * a.ffn_hidden_size, a.hidden_size)),
     (r"linear_fc1\.bias", lambda a: (_glu(a) * a.ffn_hidden_size,)),
     (r"linear_fc2\.weight", lambda a: (a.hidden_size, a.ffn_hidden_size)),

@@ -155,7 +155,7 @@ class MegatronSource(_ReleasesReadPages):
             self.consumed.add((rank, local, name))
         self._check_shapes(shards, name, item, stage)
         style = style_in_schema(item.param.style, self.tree.schema == schema.MCORE_TE)
-        merged = merge_from_tp(shards, style, cat if meta else self._join)
+        merged = merge_from_tp(shards, style, cat if meta else self._join, param_parts(item.param, self.arch))
         if not meta and not any(shares_storage(merged, shard) for shard in shards):
             self.release()  # the merge copied the shards: their mapped pages are not needed any more
         return merged
@@ -247,6 +247,11 @@ class MegatronLayoutSpec:
     grouped_gemm: bool = False  # experts as TEGroupedMLP (``mlp.experts.linear_fc1.weightJ``)
 
 
+def param_parts(param: Param, arch: ModelArch) -> tuple[int, ...] | None:
+    """The row counts of a ``PARTS_COLUMN`` tensor's fused parts (None for other styles)."""
+    return param.parts(arch) if param.parts is not None else None
+
+
 def layer_weights(family: FamilySpec, arch: ModelArch) -> dict[int, frozenset[str]]:
     """The canonical names of each layer's tensors: which linear layers Transformer Engine fuses norms into (a
     dense layer's pre-MLP norm into its fc1, an expert layer keeping a norm of its own; multi-latent attention's
@@ -298,7 +303,7 @@ class MegatronTarget:
         path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
-                              self.layout.tp)
+                              self.layout.tp, param_parts(item.param, self.arch))
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
 
 
@@ -321,8 +326,11 @@ class TorchDistTarget:
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
         self.arch, self.padded_vocab = arch, padded_vocab
-        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
-        self.stacked = not schema.layers_stored_apart(arch.moe_layers)
+        # a hybrid model's layers differ in kind: megatron-core stores each apart, its norms under Transformer
+        # Engine's names (MambaStack has only that spec; a local one maps its norm names there, as GPT's does)
+        hybrid = arch.layer_pattern is not None
+        self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine or hybrid
+        self.stacked = not (schema.layers_stored_apart(arch.moe_layers) or hybrid)
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         if item.param.zero_in_megatron:
@@ -335,9 +343,18 @@ class TorchDistTarget:
         layer = None if item.group == MTP else item.layer  # an MTP layer's keys are global
         fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
                                     self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        names = schema.NAMED_PARTS.get(item.param.megatron)
+        if names:  # one key per part (megatron_schema.NAMED_PARTS)
+            pieces = torch.split(full, list(param_parts(item.param, self.arch)), dim=0)
+            return [entry for name, piece in zip(names, pieces) for entry in self._chunk(f"{fqn}.{name}", layer, piece)]
+        return self._chunk(fqn, layer, full)
+
+    def _chunk(self, fqn: str, layer: int | None, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        """One key for ``full``: on the layer axis of a stacked key, unless it has no layer (an MTP layer's keys
+        are global)."""
         if layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
-        key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
+        key = DistKey(fqn, (layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
         return [(key, full.unsqueeze(0))]
 
 

@@ -44,7 +44,22 @@ def is_hf_checkpoint(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return read_json_object(path / CONFIG, "config")
+    return _special_floats(read_json_object(path / CONFIG, "config"))
+
+
+_FLOAT_TAGS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_floats(value: Any) -> Any:
+    """config.json's floats JSON cannot spell, as transformers writes them (``{"__float__": "Infinity"}``, e.g.
+    Nemotron-H's ``time_step_limit``), back as floats: what ``from_pretrained`` hands its config class."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[value["__float__"]]
+        return {key: _special_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(item) for item in value]
+    return value
 
 
 def read_json_object(file: Path, what: str) -> dict[str, Any]:

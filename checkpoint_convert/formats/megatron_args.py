@@ -18,6 +18,7 @@ import torch
 from ..base.errors import BadInputError
 from ..model.arch import LatentAttention, ModelArch
 from .hf_io import tokenizer_files
+from .hybrid import hybrid_args, hybrid_fields
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -75,6 +76,8 @@ def _real(args: Any, source: str, *names: str, default: float) -> float:
 def _activation(args: Any) -> str:
     if _get(args, "swiglu", default=False):
         return "swiglu"
+    if _get(args, "squared_relu", default=False):
+        return "squared_relu"
     if _get(args, "bias_gelu_fusion", default=False):
         return "gelu_fast"
     if _get(args, "openai_gelu", default=False):
@@ -149,6 +152,8 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         # multi-latent attention rotates its own rotary rows (qk_pos_emb_head_dim) whatever rotary_percent says
         rotary_percent=1.0 if _get(args, "multi_latent_attention") else _real(args, source, "rotary_percent",
                                                                               default=1.0),
+        **hybrid_fields(args, _whole(args, source, "num_layers"), hidden, source),
+        moe_latent_size=_whole(args, source, "moe_latent_size"),
     )
 
 
@@ -442,6 +447,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
     fields.update({name: value for name, value in _RUN_DEFAULTS.items() if fields.get(name) is None})
     fields.update(_architecture_fields(arch), **_moe_fields(arch, facts.moe_grouped_gemm))
     fields.update(_layout_fields(layout), **_pipeline_fields(layout.stages, layout.vpp))
+    fields.update(hybrid_args(arch))
     fields.update(facts.tokenizer, **_vocab_and_dtype_fields(arch, facts))
     fields.update(
         seq_length=facts.seq_length or fields.get("seq_length") or arch.max_position_embeddings,
@@ -472,7 +478,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         rotary_base=arch.rotary_base, rotary_percent=arch.rotary_percent, rotary_interleaved=False, hf_rope_scaling=arch.rope_scaling,
         use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
         normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
-        apply_layernorm_1p=False, swiglu=arch.activation == "swiglu", squared_relu=False,
+        apply_layernorm_1p=False, swiglu=arch.activation == "swiglu", squared_relu=arch.activation == "squared_relu",
         openai_gelu=arch.activation == "gelu_new", bias_gelu_fusion=arch.activation == "gelu_fast",
         add_bias_linear=arch.add_bias_linear, disable_bias_linear=not arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,

@@ -43,6 +43,7 @@ _TE_NORMS = (
     ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
     ("self_attention.q_layernorm.weight", "self_attention.linear_q_up_proj.layer_norm_weight"),
     ("self_attention.kv_layernorm.weight", "self_attention.linear_kv_up_proj.layer_norm_weight"),
+    ("norm.weight", "mixer.in_proj.layer_norm_weight"),  # a hybrid model's Mamba layer (megatron-core's MambaLayer)
 )
 # A standard layer's weights as far as the fused norms go (callers that do not say which weights a layer has)
 STANDARD_LAYER = frozenset({"self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"})
@@ -185,6 +186,9 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     return (f"{mtp.group(1)}{MTP_TRANSFORMER_LAYER}{rel}" if mtp else f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
+MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
+
+
 def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
     """``_extra_state`` entries megatron-core modules expose in their state dicts (value None).
 
@@ -197,7 +201,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     for key in weight_keys:
         module = key.rsplit(".", 1)[0]
         last = module.rsplit(".", 1)[-1]
-        if (last.startswith("linear_") or last == "eh_proj") and module not in modules:  # eh_proj: an MTP layer's
+        if (last.startswith("linear_") or last == "eh_proj" or last in MAMBA_LINEARS) and module not in modules:  # eh_proj: an MTP layer's
             modules.append(module)
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
@@ -244,3 +248,24 @@ def layers_stored_apart(moe_layers: tuple[int, ...] | None) -> bool:
 
 
 PER_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # torch_dist keys of layers stored apart
+
+
+# Tensors megatron-core stores in torch_dist as one key per fused part, ``<key>.<part>`` in this order (a Mamba
+# mixer's, ``MambaMixer.sharded_state_dict``: in_proj rows [z, x, B, C, dt], the convolution's channels [x, B, C]).
+NAMED_PARTS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
+               "mixer.conv1d.bias": ("x", "B", "C")}
+
+
+def named_part(canonical: str) -> tuple[str, str] | None:
+    """(whole tensor, part) of a torch_dist key's canonical name that is one part of a :data:`NAMED_PARTS` tensor."""
+    base, _, part = canonical.rpartition(".")
+    return (base, part) if part in NAMED_PARTS.get(base, ()) else None
+
+
+def without_part(key: str) -> str:
+    """A stored key with the part name of a :data:`NAMED_PARTS` tensor dropped (the whole tensor's key)."""
+    for base, parts in NAMED_PARTS.items():
+        for part in parts:
+            if key.endswith(f".{base}.{part}"):
+                return key[:-len(part) - 1]
+    return key

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ..base.errors import BadInputError, reason
 from ..base.memory import map_for_reading
+from ..model.parallel import cat
 from . import megatron_schema as schema
 from .bridge_config import read_bridge_args
 from .megatron_args import whole_number
@@ -181,6 +182,7 @@ class _Stored:
 
     fqn: str
     index: tuple[int, ...]
+    parts: tuple["_Stored", ...] = ()  # a tensor stored as named parts (``megatron_schema.NAMED_PARTS``), in order
 
 
 def open_torch_dist(iter_dir: Path, trust: bool = False) -> "TorchDistTree":
@@ -246,6 +248,7 @@ class TorchDistTree:
         (``decoder.layers.<rel>``, the layer its leading axis) or a key of one layer stored apart
         (``decoder.layers.N.<rel>``, see ``megatron_schema.layers_stored_apart``)."""
         table: dict[tuple[int | None, str], _Stored] = {}
+        parts: dict[tuple[int | None, str], dict[str, _Stored]] = {}
         for fqn, entry in self._tensor_keys():
             if not fqn.startswith(schema.LAYER_PREFIX):
                 table.update(_global_entries(fqn, entry, self.schema))
@@ -263,10 +266,25 @@ class TorchDistTree:
                     for e in range(entry.size[len(index)]):
                         name = f"mlp.experts.local_experts.{e}.{expert.group(1)}.{expert.group(2)}"
                         table[(layer, name)] = _Stored(fqn, (*index, e))
+                    continue
+                name = schema.canonical_name(f"{schema.LAYER_PREFIX}0.{rel}", self.schema)[1]
+                part = schema.named_part(name)
+                if part:
+                    parts.setdefault((layer, part[0]), {})[part[1]] = _Stored(fqn, index)
                 else:
-                    table[(layer, schema.canonical_name(f"{schema.LAYER_PREFIX}0.{rel}", self.schema)[1])] = \
-                        _Stored(fqn, index)
-        return table
+                    table[(layer, name)] = _Stored(fqn, index)
+        return {**table, **self._joined_parts(parts)}
+
+    def _joined_parts(self, parts: dict[tuple[int | None, str], dict[str, _Stored]]) -> dict:
+        """One entry per tensor stored as named parts, its parts in ``NAMED_PARTS`` order; all must be there."""
+        joined = {}
+        for (layer, name), found in parts.items():
+            order = schema.NAMED_PARTS[name]
+            if set(found) != set(order):
+                missing = ", ".join(f"{name}.{part}" for part in order if part not in found)
+                raise BadInputError(f"layer {layer} '{name}' lacks its parts {missing}", self.iter_dir / METADATA_FILE)
+            joined[(layer, name)] = _Stored(name, (), tuple(found[part] for part in order))
+        return joined
 
     def stage_layer_counts(self) -> list[int]:
         """The model's layers: the leading axis of layer-stacked keys, else the layers stored apart."""
@@ -300,15 +318,26 @@ class TorchDistTree:
 
     def holders(self, rank: Any, canonical: str, layer: int | None) -> list[str]:
         """The data files holding chunks of a tensor's slice."""
-        stored = self._stored(canonical, layer)
+        return sorted({file for stored in self._pieces(self._stored(canonical, layer)) for file in self._files(stored)})
+
+    @staticmethod
+    def _pieces(stored: _Stored) -> tuple[_Stored, ...]:
+        return stored.parts or (stored,)
+
+    def _files(self, stored: _Stored) -> set[str]:
         entry = self.metadata.state_dict_metadata[stored.fqn]
         def overlaps(chunk: ChunkStorageMetadata) -> bool:
             return all(start <= i < start + size for i, start, size in zip(stored.index, chunk.offsets, chunk.sizes))
-        return sorted({self.metadata.storage_data[dcp_metadata.MetadataIndex(stored.fqn, chunk.offsets)].relative_path
-                       for chunk in entry.chunks if overlaps(chunk)})
+        return {self.metadata.storage_data[dcp_metadata.MetadataIndex(stored.fqn, chunk.offsets)].relative_path
+                for chunk in entry.chunks if overlaps(chunk)}
 
     def tensor(self, rank: Any, canonical: str, layer: int | None, meta: bool = False) -> torch.Tensor:
         stored = self._stored(canonical, layer)
+        if stored.parts:  # read part by part, joined along the rows
+            return cat([self._tensor_of(part, meta) for part in stored.parts], dim=0)
+        return self._tensor_of(stored, meta)
+
+    def _tensor_of(self, stored: _Stored, meta: bool) -> torch.Tensor:
         entry = self.metadata.state_dict_metadata[stored.fqn]
         fixed = len(stored.index)
         shape = tuple(entry.size[fixed:])

@@ -46,18 +46,23 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool) -> list[str]:
+def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool,
+                         hybrid: bool = False) -> list[str]:
     """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
 
     ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
     leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
-    per expert beside."""
-    modules: dict[str, tuple[int, ...]] = {}  # module -> the shape of its objects
+    per expert beside. ``hybrid``: megatron-core's MambaModel, whose Mamba mixers' ``in_proj`` / ``out_proj`` are
+    linear layers too and which keeps the output layer's object (GPTModel drops it)."""
+    modules: dict[str, tuple[int, ...]] = {"output_layer": (1,)} if hybrid else {}  # module -> its objects' shape
     for fqn, shape in shapes:
+        fqn = schema.without_part(fqn)
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         mtp = schema.MTP_LAYER.match(fqn) or fqn.startswith("mtp.layers.")  # an MTP layer's keys are its own
-        linear = module.rsplit(".", 1)[-1].startswith("linear_") or (mtp and module.endswith(".eh_proj"))
+        last = module.rsplit(".", 1)[-1]
+        linear = (last.startswith("linear_") or (mtp and last == "eh_proj")
+                  or (hybrid and last in schema.MAMBA_LINEARS))
         if (fqn.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
             layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(fqn) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
@@ -126,7 +131,7 @@ class TorchDistWriter:
 
     def _objects(self) -> list[str]:
         return _extra_state_objects(((fqn, shape) for fqn, (_, shape, _) in self._tensors.items()),
-                                    self.transformer_engine)
+                                    self.transformer_engine, bool(getattr(self.common.get("args"), "is_hybrid_model", False)))
 
     def close_files(self) -> list[tuple[str, tuple[int, ...] | None, str, int, int]]:
         """Store the byte objects (``writes_objects``), close the data file; returns what it holds where."""

@@ -8,7 +8,7 @@ Family packages import only the names this module exports: it is the core's inte
 """
 from ..base.errors import BadInputError
 from ..base.runtime import transformers_attr
-from .arch import LatentAttention, ModelArch
+from .arch import LAYER_KINDS, LatentAttention, MambaSizes, ModelArch
 from .family import (
     GPT_PROVIDER,
     BridgeProvider,
@@ -40,8 +40,10 @@ __all__ = [
     "BridgeProvider",
     "FamilySpec",
     "GPT_PROVIDER",
+    "LAYER_KINDS",
     "LatentAttention",
     "Layers",
+    "MambaSizes",
     "ModelArch",
     "Param",
     "Style",

@@ -29,6 +29,39 @@ class LatentAttention:
         return self.qk_head_dim + self.qk_pos_emb_head_dim
 
 
+@dataclass(frozen=True)
+class MambaSizes:
+    """A Mamba-2 mixer, in megatron-core's names (``TransformerConfig.mamba_*``, ``MambaMixer``).
+
+    ``num_heads`` heads of ``head_dim`` channels (``d_inner`` = their product) share ``num_groups`` groups of
+    ``state_dim`` B and C rows; the causal depthwise convolution is ``conv_kernel`` wide. ``in_proj`` rows are
+    [z, x, B, C, dt], the convolution's channels [x, B, C]: each part splits by its own unit across
+    tensor-parallel ranks (:meth:`in_proj_parts`, :meth:`conv_parts`).
+    """
+
+    state_dim: int
+    head_dim: int
+    num_groups: int
+    num_heads: int
+    conv_kernel: int = 4
+
+    @property
+    def d_inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def in_proj_parts(self) -> tuple[int, ...]:
+        groups = self.num_groups * self.state_dim
+        return (self.d_inner, self.d_inner, groups, groups, self.num_heads)
+
+    def conv_parts(self) -> tuple[int, ...]:
+        groups = self.num_groups * self.state_dim
+        return (self.d_inner, groups, groups)
+
+
+# megatron-core's hybrid layer symbols (``mamba_hybrid_layer_allocation.Symbols``) -> what such a layer holds
+LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "dense", "E": "moe"}
+
+
 @dataclass
 class ModelArch:
     """A decoder-only transformer, in Megatron's vocabulary.
@@ -101,6 +134,13 @@ class ModelArch:
     # the fraction of each query and key head's rows rotary embeddings rotate (the first ones; megatron-core's
     # ``rotary_percent``, transformers' ``partial_rotary_factor``)
     rotary_percent: float = 1.0
+    # hybrid models (megatron-core's MambaModel): ``layer_pattern`` holds one symbol per layer (``LAYER_KINDS``:
+    # a Mamba-2 mixer, attention, a dense MLP or experts, each layer one of them behind its own norm); None: every
+    # layer attention then an MLP. ``mamba``: the mixers' sizes. ``moe_latent_size``: experts work in a latent space
+    # of that size, projected from and back to hidden (``mlp.fc1_latent_proj`` / ``fc2_latent_proj``).
+    layer_pattern: str | None = None
+    mamba: MambaSizes | None = None
+    moe_latent_size: int | None = None
 
     @property
     def heads_per_group(self) -> int:
@@ -108,7 +148,16 @@ class ModelArch:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` (global index) routes to experts rather than running a dense MLP."""
+        if self.layer_pattern is not None:
+            return bool(self.num_experts) and self.layer_pattern[layer] == "E"
         return bool(self.num_experts) and (self.moe_layers is None or bool(self.moe_layers[layer]))
+
+    def layer_parts(self, layer: int) -> frozenset[str]:
+        """What ``layer`` holds (``LAYER_KINDS`` values): one part of a hybrid model's pattern, else attention and
+        an MLP, experts or dense."""
+        if self.layer_pattern is not None:
+            return frozenset({LAYER_KINDS[self.layer_pattern[layer]]})
+        return frozenset({"attention", "moe" if self.is_moe_layer(layer) else "dense"})
 
     def replace(self, **changes: Any) -> "ModelArch":
         return dataclasses.replace(self, **changes)

@@ -37,18 +37,23 @@ def always(arch: ModelArch) -> bool:
 
 
 class Layers(Enum):
-    """Which layers hold a table entry: every layer, the layers that route to experts, or those with a dense MLP.
+    """Which layers hold a table entry: every layer, the layers that route to experts, those with a dense MLP,
+    and in hybrid models those with attention or a Mamba mixer (``ModelArch.layer_parts``).
 
     A mixture-of-experts model may keep dense MLPs in some layers (``ModelArch.moe_layers``, megatron-core's
-    ``moe_layer_freq`` list); a dense model's layers are all dense.
+    ``moe_layer_freq`` list); a dense model's layers are all dense. A hybrid model's layers each hold one of
+    a Mamba mixer, attention, a dense MLP or experts (``ModelArch.layer_pattern``); other models' layers all
+    hold attention.
     """
 
     EVERY = "every"
     MOE = "moe"
     DENSE = "dense"
+    ATTENTION = "attention"
+    MAMBA = "mamba"
 
     def holds(self, arch: ModelArch, layer: int) -> bool:
-        return self is Layers.EVERY or arch.is_moe_layer(layer) == (self is Layers.MOE)
+        return self is Layers.EVERY or self.value in arch.layer_parts(layer)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class Param:
 
     # ``shared``: a multi-token prediction layer's Hugging Face copy of the main model's tensor ``megatron``
     # (its embedding or output layer, which megatron-core shares): written from it, checked equal to it on read.
+    parts: Callable[[ModelArch], tuple[int, ...]] | None = None
+
+    # ``parts`` (``Style.PARTS_COLUMN``): the row counts of the parts fused along dim 0, each split across
+    # tensor-parallel ranks on its own (a Mamba mixer's in_proj [z, x, B, C, dt]).
 
     # ``float32``: written in float32 whatever the output dtype (a router's expert bias, which megatron-core and
     # transformers both keep in float32: rounded to bf16 it would choose other experts).

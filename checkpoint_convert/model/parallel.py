@@ -67,6 +67,9 @@ class Style(enum.Enum):
     # column-parallel in megatron-core's local spec, a full copy on every rank under Transformer Engine
     # (multi-latent attention's down projections: ColumnParallelLinear there, a duplicated TELinear here)
     COLUMN_UNLESS_TE = "column_unless_te"
+    # parts fused along dim 0 (their row counts from the table), each split along dim 0 on its own and fused
+    # again per rank: GLU_COLUMN for parts of any sizes (a Mamba mixer's in_proj [z, x, B, C, dt], conv1d [x, B, C])
+    PARTS_COLUMN = "parts_column"
 
 
 def style_in_schema(style: Style, transformer_engine: bool) -> Style:
@@ -76,34 +79,51 @@ def style_in_schema(style: Style, transformer_engine: bool) -> Style:
     return Style.REPLICATED if transformer_engine else Style.COLUMN
 
 
-def split_for_tp(full: torch.Tensor, style: Style, tp: int) -> list[torch.Tensor]:
-    """Split a full (un-parallel) Megatron tensor into ``tp`` rank shards."""
+def split_for_tp(full: torch.Tensor, style: Style, tp: int, parts: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Split a full (un-parallel) Megatron tensor into ``tp`` rank shards (``parts``: ``PARTS_COLUMN``'s row counts)."""
     if style is Style.REPLICATED or tp == 1:
         return [full] * tp
     if style is Style.ROW:
         return list(torch.chunk(full, tp, dim=1)) if full.dim() > 1 else [full] * tp
-    if style is Style.GLU_COLUMN:
-        gate, up = torch.chunk(full, 2, dim=0)
-        return [cat(pair, dim=0) for pair in zip(torch.chunk(gate, tp), torch.chunk(up, tp))]
+    if style in (Style.GLU_COLUMN, Style.PARTS_COLUMN):
+        pieces = _column_parts(full, style, parts, 1)
+        return [cat([_rank_chunk(piece, tp, rank) for piece in pieces], dim=0) for rank in range(tp)]
     return list(torch.chunk(full, tp, dim=0))
 
 
+def _column_parts(tensor: torch.Tensor, style: Style, parts: Sequence[int] | None, tp: int) -> list[torch.Tensor]:
+    """The fused parts of a full tensor (``tp`` 1) or of one rank's shard: [gate; up] halves, or ``parts``' rows."""
+    if style is Style.GLU_COLUMN:
+        return list(torch.chunk(tensor, 2, dim=0))
+    sizes = [size // tp for size in parts or ()]
+    if sum(sizes) != tensor.shape[0] or any(size % tp for size in parts or ()):
+        raise BadInputError(f"{tensor.shape[0]} rows are not parts of {list(parts or ())} rows split {tp} ways")
+    return list(torch.split(tensor, sizes, dim=0))
+
+
+def _rank_chunk(piece: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    rows = piece.shape[0] // tp
+    return piece[rank * rows:(rank + 1) * rows]
+
+
 def merge_from_tp(shards: Sequence[torch.Tensor], style: Style,
-                  join: Callable[[list[torch.Tensor], int], torch.Tensor] = cat) -> torch.Tensor:
+                  join: Callable[[list[torch.Tensor], int], torch.Tensor] = cat,
+                  parts: Sequence[int] | None = None) -> torch.Tensor:
     """Inverse of :func:`split_for_tp`; ``join`` concatenates the pieces (``cat``'s signature)."""
-    pieces, dim = _tp_pieces(shards, style)
+    pieces, dim = _tp_pieces(shards, style, parts)
     return pieces[0] if len(pieces) == 1 else join(pieces, dim)
 
 
-def _tp_pieces(shards: Sequence[torch.Tensor], style: Style) -> tuple[list[torch.Tensor], int]:
+def _tp_pieces(shards: Sequence[torch.Tensor], style: Style,
+               parts: Sequence[int] | None = None) -> tuple[list[torch.Tensor], int]:
     """What :func:`merge_from_tp` joins, in order, and along which dimension (one piece: nothing to join)."""
     if style is Style.REPLICATED or len(shards) == 1 or (style is Style.ROW and shards[0].dim() < 2):
         return [shards[0]], 0
     if style is Style.ROW:
         return list(shards), 1
-    if style is Style.GLU_COLUMN:
-        halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
-        return [h[0] for h in halves] + [h[1] for h in halves], 0
+    if style in (Style.GLU_COLUMN, Style.PARTS_COLUMN):
+        per_rank = [_column_parts(shard, style, parts, len(shards)) for shard in shards]
+        return [rank[part] for part in range(len(per_rank[0])) for rank in per_rank], 0
     return list(shards), 0
 
 

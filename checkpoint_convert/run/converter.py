@@ -30,6 +30,7 @@ from ..engine.write_behind import WriteBehind
 from ..formats import megatron_schema as schema
 from ..formats.bridge_config import bridge_vocab_divisor
 from ..formats.hf_io import CONFIG, GENERATION_CONFIG, copy_tokenizer, tensor_nbytes
+from ..formats.hybrid import require_hybrid_layout
 from ..formats.megatron_args import (
     CheckpointFacts,
     ParallelLayout,
@@ -80,7 +81,8 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
                                        ("dense layers among expert layers", arch.moe_layers is not None),
-                                       ("multi-token prediction layers", arch.mtp_num_layers > 0)) if used]
+                                       ("multi-token prediction layers", arch.mtp_num_layers > 0),
+                                       ("Mamba layers (a hybrid model)", arch.layer_pattern is not None)) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
@@ -462,6 +464,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     layout = target_layout(options, source)
     validate_layout(arch, layout)
     ckpt_format = _ckpt_format(options, source)
+    require_hybrid_layout(arch, layout.stages, layout.vpp, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)
     if bridge:  # Megatron-Bridge keeps the vocab unpadded (should_pad_vocab false), noting its own multiple
         options = dataclasses.replace(options, make_vocab_size_divisible_by=bridge_vocab_divisor(arch.vocab_size))

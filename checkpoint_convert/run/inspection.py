@@ -169,6 +169,15 @@ def _virtual_stages(vpp: int) -> str:
     return f"  VPP {vpp} (stages in Megatron's interleaved order: chunk 0 of every PP rank, then chunk 1, ...)" if vpp > 1 else ""
 
 
+def _pattern_by_stage(pattern: str, stages: list[int] | None) -> str:
+    """A hybrid model's layer pattern with ``|`` between pipeline stages (Megatron-LM 0.18's spelling)."""
+    parts, start = [], 0
+    for count in stages or [len(pattern)]:
+        parts.append(pattern[start:start + count])
+        start += count
+    return "|".join(parts)
+
+
 def as_text(report: dict[str, Any]) -> str:
     layout = report["layout"]
     stages = ",".join(map(str, layout["layers_per_stage"])) if layout["layers_per_stage"] else "global tensors"
@@ -187,6 +196,9 @@ def as_text(report: dict[str, Any]) -> str:
         f"vocab: {report['vocab']['true']} (padded {report['vocab']['padded']})",
         f"architecture: {arch}",
     ]
+    if report["architecture"].get("layer_pattern"):
+        lines.append(f"layers: {_pattern_by_stage(report['architecture']['layer_pattern'], layout['layers_per_stage'])}"
+                     " (M Mamba-2, * attention, - MLP, E experts; | between pipeline stages)")
     if report["skipped"]:
         lines.append(f"not model weights (ignored): {len(report['skipped'])} entries, e.g. {report['skipped'][0]}")
     return "\n".join(lines + [f"tensors ({len(report['tensors'])}):"] + _tensor_table(report["tensors"])
