@@ -96,6 +96,9 @@ class ModelArch:
     mla: LatentAttention | None = None
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
+    # multimodal rotary embeddings (``position_embedding_type`` "mrope"): the rotary frequencies split into
+    # temporal, height and width sections of these sizes (pairs), each rotated by its own position id
+    mrope_section: tuple[int, ...] | None = None
 
     @property
     def heads_per_group(self) -> int:

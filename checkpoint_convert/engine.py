@@ -24,6 +24,7 @@ from .megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from .memory import Arena, release_file_pages, release_pages, shares_storage
 from .parallel import (Style, cast, cat, expert_placement, merge_from_tp, pad_vocab, split_for_tp, stack, stage_offsets,
                        style_in_schema, trim_vocab)
+from .towers import Tower
 
 FIRST, LAYER, LAST = "first", "layer", "last"
 QKV = "self_attention.linear_qkv."
@@ -36,13 +37,40 @@ class Item:
     group: str
     param: Param
     layer: int | None
+    tower: Tower | None = None  # None: the language model (the family's own table)
+
+
+def tower_items(tower: Tower, arch: ModelArch) -> list[Item]:
+    """A tower's entries in order: before its layers, each layer's, after them."""
+    items = [Item(FIRST, p, None, tower) for p in tower.params_for(FIRST, arch)]
+    for layer in range(tower.num_layers(arch)):
+        items += [Item(LAYER, p, layer, tower) for p in tower.params_for(LAYER, arch)]
+    return items + [Item(LAST, p, None, tower) for p in tower.params_for(LAST, arch)]
 
 
 def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
-    items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
+    """Every entry of the model in file order: the other towers (see ``towers``), then the language model."""
+    items = [item for tower in family.towers for item in tower_items(tower, arch)]
+    items += [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
     for layer in range(arch.num_layers):
         items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
     return items + [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
+
+
+def item_hf_names(family: FamilySpec, item: Item) -> list[str]:
+    """An item's Hugging Face names: its tower's, or the language model's."""
+    return item.tower.hf_names(item.param, item.layer) if item.tower else family.hf_names(item.param, item.layer)
+
+
+def megatron_name(item: Item) -> str:
+    """An item's Megatron name: a tower's whole key, or the language model's canonical (local-spec) name."""
+    return item.tower.megatron_name(item.param, item.layer) if item.tower else item.param.megatron
+
+
+def place(stages: list[int], item: Item) -> tuple[int, int | None]:
+    """(pipeline stage, stage-local layer of the Megatron schema) of an item: a tower other than the language
+    model is stored whole on the first stage, under keys of its own."""
+    return (0, None) if item.tower else locate(stages, item.group, item.layer)
 
 
 def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
@@ -112,7 +140,7 @@ class MegatronSource(_ReleasesReadPages):
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
-        stage, local = locate(self.stages, item.group, item.layer)
+        stage, local = place(self.stages, item)
         if item.param.experts:
             return stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
                                              meta) for e in range(self.arch.num_experts)])
@@ -125,7 +153,7 @@ class MegatronSource(_ReleasesReadPages):
     def _merged(self, item: Item, stage: int, local: int | None, ep: int, expert: int | None,
                 meta: bool) -> torch.Tensor:
         """One tensor merged over the tensor-parallel ranks of (stage, expert-parallel rank)."""
-        name = item.param.megatron.format(expert=expert)
+        name = megatron_name(item).format(expert=expert)
         shards = []
         for tp in range(self.tree.tp):
             rank = RankKey(tp, stage, ep)
@@ -185,7 +213,7 @@ class HFSource(_ReleasesReadPages):
         self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
-        names = self.family.hf_names(item.param, item.layer)
+        names = item_hf_names(self.family, item)
         tensors = [self.checkpoint.meta(n) for n in names] if meta else list(self.stored(item).values())
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
@@ -194,7 +222,7 @@ class HFSource(_ReleasesReadPages):
     def stored(self, item: Item) -> dict[str, torch.Tensor]:
         """An item's tensors under their Hugging Face names, as the checkpoint holds them (no repacking)."""
         self._next_item()
-        tensors = {name: self.checkpoint.tensor(name) for name in self.family.hf_names(item.param, item.layer)}
+        tensors = {name: self.checkpoint.tensor(name) for name in item_hf_names(self.family, item)}
         self._read += self.checkpoint.read  # the stored tensors, not what an older layout's alias combined them into
         self.checkpoint.read.clear()
         return tensors
@@ -212,7 +240,7 @@ class HFTarget:
         self.family, self.arch = family, arch
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
-        names = self.family.hf_names(item.param, item.layer)
+        names = item_hf_names(self.family, item)
         return list(zip(names, item.param.to_hf(full, self.arch)))
 
 
@@ -245,7 +273,7 @@ class MegatronTarget:
             _require_zero(full, item)
             return []
         stages = list(self.layout.stages)
-        stage, local = locate(stages, item.group, item.layer)
+        stage, local = place(stages, item)
         if item.param.experts:
             out = []
             for expert, tensor in enumerate(full):
@@ -264,7 +292,7 @@ class MegatronTarget:
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
-        name = item.param.megatron.format(expert=expert)
+        name = megatron_name(item).format(expert=expert)
         path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
@@ -290,7 +318,7 @@ class TorchDistTarget:
     """
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
-        self.arch, self.padded_vocab = arch, padded_vocab
+        self.arch, self.padded_vocab, self.prefix = arch, padded_vocab, family.megatron_prefix
         self.layer_weights, self.transformer_engine = layer_weights(family, arch), transformer_engine
         self.stacked = not schema.layers_stored_apart(arch.moe_layers)
 
@@ -300,8 +328,11 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
-                                    self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        if item.tower:  # another tower's tensor: one key of its own
+            return [(DistKey(megatron_name(item), (0,) * full.dim(), tuple(full.shape)), full)]
+        fqn = self.prefix + schema.torch_dist_key(item.param.megatron.format(expert=0), item.layer,
+                                                  self.layer_weights.get(item.layer, ()), self.transformer_engine,
+                                                  self.stacked)
         if item.layer is None or not self.stacked:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (item.layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))

@@ -11,13 +11,16 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .arch import ModelArch
 from .errors import BadInputError
 from .parallel import Style, cat, stack
+
+if TYPE_CHECKING:
+    from .towers import Tower
 
 Tensors = Sequence[torch.Tensor]
 
@@ -141,6 +144,11 @@ class FamilySpec:
     # Hugging Face tensors of multi-token prediction layers (not converted): a conversion leaves them out
     # with --drop_mtp_layers and refuses the source without it
     hf_mtp_tensor: Callable[[ModelArch, str], bool] | None = None
+    # ---- multi-tower models (``towers.py``): the table above is the language model's
+    # the other towers (vision encoder, merger), in the order the model runs them
+    towers: tuple["Tower", ...] = ()
+    # the language model's prefix in Megatron names (Megatron-Bridge's vision-language models: "language_model.")
+    megatron_prefix: str = ""
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,

@@ -145,7 +145,18 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
+        mrope_section=_mrope_section(args, source),
     )
+
+
+def _mrope_section(args: Any, source: str) -> tuple[int, ...] | None:
+    """megatron-core's ``mrope_section`` (multimodal rotary sections), for ``position_embedding_type`` mrope."""
+    section = _get(args, "mrope_section")
+    if section is None:
+        return None
+    if not isinstance(section, (list, tuple)) or not all(isinstance(n, int) and n > 0 for n in section):
+        raise BadInputError(f"mrope_section is {section!r}, not a list of positive whole numbers", source)
+    return tuple(section)
 
 
 def _latent_attention(args: Any, source: str) -> LatentAttention | None:
@@ -475,6 +486,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         attention_dropout=arch.attention_dropout, hidden_dropout=arch.hidden_dropout,
         qk_layernorm=arch.qk_layernorm, **_window_args(arch), **_latent_attention_args(arch),
         hf_extra_config=dict(arch.extra), hf_family=arch.family,
+        mrope_section=list(arch.mrope_section) if arch.mrope_section else None,
     )
 
 

@@ -1,0 +1,80 @@
+"""Qwen2.5-VL and Qwen2-VL: a vision tower, its merger and a language model with multimodal rotary embeddings.
+
+Proof by logits on a fixed image+text input (pixel values and image_grid_thw built here): the Hugging Face model
+after each round trip, and megatron-core's GPTModel (mrope) loaded strictly from the language model's tensors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import assert_logits_close, convert
+
+IMAGE, VIDEO, START, END = 100, 101, 102, 103
+GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches: 4 tokens after the 2 x 2 merge
+TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+VISION = {"qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                             patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=8,
+                             fullatt_block_indexes=[1]),
+          "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2)}
+CLASSES = {"qwen2_5_vl": "Qwen2_5_VL", "qwen2_vl": "Qwen2VL"}
+
+
+def tiny_vl(family: str, path: Path, tie: bool = False) -> Path:
+    import transformers
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{CLASSES[family]}Config")(
+        text_config=TEXT, vision_config=VISION[family], image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=tie)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():  # norms away from 1 and biases away from 0: a swapped tensor shows
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def vl_inputs() -> dict[str, torch.Tensor]:
+    """Text, an image's 4 placeholder tokens between its start and end tokens, more text; its 16 patches."""
+    ids = [5, 9, START] + [IMAGE] * 4 + [END, 17, 42, 8, 77]
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(int(GRID.prod()), 3 * 2 * 4 * 4, generator=generator)
+    return {"input_ids": torch.tensor([ids]), "pixel_values": pixels, "image_grid_thw": GRID,
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def vl_logits(path: Path) -> torch.Tensor:
+    import transformers
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**vl_inputs()).logits.float()
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    path = tiny_vl("qwen2_5_vl", tmp_path_factory.mktemp("vl") / "hf")
+    return path, vl_logits(path)
+
+
+def test_bridge_round_trip_gives_the_original_logits(tmp_path, qwen25):
+    source, original = qwen25
+    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    iter_dir = tmp_path / "bridge" / "iter_0000000"
+    model = yaml.safe_load((iter_dir / "run_config.yaml").read_text())["model"]
+    assert model["_target_"].endswith("qwen25_vl_provider.Qwen25VLModelProvider")
+    assert model["position_embedding_type"] == "mrope" and model["mrope_section"] == [2, 3, 3]
+    assert model["vision_config"]["depth"] == 2 and model["image_token_id"] == IMAGE
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(vl_logits(tmp_path / "back"), original)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
+    assert config["vision_config"]["fullatt_block_indexes"] == [1] and config["video_token_id"] == VIDEO
