@@ -56,8 +56,9 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
     for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
-        if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
-            layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
+        start = fqn.find(schema.LAYER_PREFIX)  # after the language model's prefix in a multi-tower model
+        if start >= 0 and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
+            layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn[start:]) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one
                 modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:layer_axes]) or (1,)

@@ -204,9 +204,10 @@ def build_model(args, vp_stage: int | None = None):
         params_dtype=torch.float32, qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+        mrope_section=getattr(args, "mrope_section", None),
         **_pipeline_fields(args), **_moe_fields(args), **mla,
     )
-    rope = args.position_embedding_type == "rope"
+    rope = args.position_embedding_type in ("rope", "mrope")
     return GPTModel(
         config, _layer_spec(args, config, vp_stage),
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
@@ -464,6 +465,29 @@ def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
         torch.save(logits, out)
 
 
+def vl_logits_command(rank: int, tp: int, ckpt: Path, inputs: Path, out: Path) -> None:
+    """The language model of a vision-language Megatron-Bridge checkpoint (``language_model.*``) at ``tp`` ranks,
+    loaded strictly (every key it asks for, strict ``load_state_dict``), fed Hugging Face's merged input embeddings
+    and 3-D position ids (``inputs``: ``embeds`` [b, s, h], ``positions`` [3, b, s]); rank 0 saves the logits."""
+    from megatron.core import dist_checkpointing
+
+    _init_cpu_megatron(rank, tp)
+    iter_dir, args = _dist_args(ckpt)
+    args.tensor_model_parallel_size = tp
+    model = build_model(args)
+    prefix = "language_model."
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix=prefix)}, str(iter_dir),
+                                    strict="raise_unexpected")  # checkpoint keys it does not ask for: the vision tower
+    model.load_state_dict({key[len(prefix):]: value for key, value in state["model"].items()}, strict=True)
+    given = torch.load(inputs)
+    batch, length = given["embeds"].shape[:2]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
+    with torch.no_grad():
+        logits = model(given["ids"], given["positions"], mask, decoder_input=given["embeds"].transpose(0, 1).contiguous())
+    if rank == 0:
+        torch.save(logits[..., :args.vocab_size].float(), out)
+
+
 def batch_command(rank: int, world: int, jobs: list[dict]) -> None:
     """Jobs run one after another in the same ``world`` processes, which pay megatron-core's imports once.
 
@@ -536,6 +560,9 @@ if __name__ == "__main__":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
         torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
+    elif command == "vl-logits":
+        ckpt, inputs, out, tp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3])
+        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, ckpt, inputs, out), nprocs=tp)
     elif command == "batch":
         world, jobs = int(rest[1]), json.loads(Path(rest[0]).read_text())
         torch.multiprocessing.spawn(_ranked, args=(batch_command, world, jobs), nprocs=world)

@@ -6,6 +6,9 @@ after each round trip, and megatron-core's GPTModel (mrope) loaded strictly from
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,9 @@ def vl_inputs() -> dict[str, torch.Tensor]:
     ids = [5, 9, START] + [IMAGE] * 4 + [END, 17, 42, 8, 77]
     generator = torch.Generator().manual_seed(1)
     pixels = torch.randn(int(GRID.prod()), 3 * 2 * 4 * 4, generator=generator)
-    return {"input_ids": torch.tensor([ids]), "pixel_values": pixels, "image_grid_thw": GRID,
-            "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    ids = torch.tensor([ids])
+    return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": GRID,
+            "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == IMAGE).int()}  # text 0, image 1
 
 
 def vl_logits(path: Path) -> torch.Tensor:
@@ -78,3 +82,63 @@ def test_bridge_round_trip_gives_the_original_logits(tmp_path, qwen25):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
     assert config["vision_config"]["fullatt_block_indexes"] == [1] and config["video_token_id"] == VIDEO
+
+
+def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What the Hugging Face model hands its language model on the image+text input (input embeddings with the
+    merged image features scattered in, 3-D position ids from its own get_rope_index), and its logits."""
+    import transformers
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs["position_ids"])
+    model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    inputs = vl_inputs()
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              image_grid_thw=GRID, attention_mask=inputs["attention_mask"])
+    assert torch.equal(seen["positions"][-3:], positions)  # temporal, height, width (after a text row if any)
+    assert not torch.equal(positions[1], positions[2]), "the image must give the rows different positions"
+    return {"ids": inputs["input_ids"], "embeds": seen["embeds"], "positions": positions}, logits
+
+
+def test_megatron_core_mrope_gpt_model_loads_the_language_model(tmp_path, qwen25):
+    source, _ = qwen25
+    inputs, original = language_model_inputs(source)
+    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    torch.save(inputs, tmp_path / "inputs.pt")
+    oracle = Path(__file__).with_name("megatron_oracle.py")
+    subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "bridge"), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "logits.pt"), "2"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
+
+
+def test_older_key_spelling_converts_to_the_same_bridge_tensors(tmp_path, qwen25):
+    """transformers 4 stored ``model.layers.*`` and ``visual.*``: read as transformers 5's names."""
+    source, original = qwen25
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (older / name).write_bytes((source / name).read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    save_file({name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
+               for name, tensor in tensors.items()}, older / "model.safetensors")
+    assert convert("--load_path", older, "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(vl_logits(tmp_path / "back"), original)
+
+
+@pytest.mark.parametrize("family, flags, message", [
+    ("qwen2_5_vl", ["--megatron_ckpt_format", "torch"], "written as Megatron-Bridge saves it"),
+    ("qwen2_vl", ["--megatron_bridge"], "declares no Megatron-Bridge provider"),
+])
+def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, capsys, family, flags, message):
+    source = tiny_vl(family, tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *flags) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
