@@ -149,6 +149,9 @@ class FamilySpec:
     towers: tuple["Tower", ...] = ()
     # the language model's prefix in Megatron names (Megatron-Bridge's vision-language models: "language_model.")
     megatron_prefix: str = ""
+    # the fixed inputs ``verify --logits`` feeds the Hugging Face model (a vision-language family: an image and text);
+    # None: fixed token ids
+    logits_inputs: Callable[[ModelArch], dict[str, torch.Tensor]] | None = None
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,

@@ -145,17 +145,22 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
-        mrope_section=_mrope_section(args, source),
+        mrope_section=_mrope_section(args, source, _whole(args, source, "kv_channels", default=hidden // heads)),
     )
 
 
-def _mrope_section(args: Any, source: str) -> tuple[int, ...] | None:
-    """megatron-core's ``mrope_section`` (multimodal rotary sections), for ``position_embedding_type`` mrope."""
+def _mrope_section(args: Any, source: str, kv_channels: int) -> tuple[int, ...] | None:
+    """megatron-core's ``mrope_section`` (multimodal rotary sections), for ``position_embedding_type`` mrope: the
+    sections share a head's rotary frequency pairs, so they must sum to half its size (Megatron-Bridge 0.6.2's
+    Qwen2.5-VL import writes its provider's default [16, 24, 24] whatever the model's head size)."""
     section = _get(args, "mrope_section")
     if section is None:
         return None
     if not isinstance(section, (list, tuple)) or not all(isinstance(n, int) and n > 0 for n in section):
         raise BadInputError(f"mrope_section is {section!r}, not a list of positive whole numbers", source)
+    if sum(section) * 2 != kv_channels:
+        raise BadInputError(f"mrope_section {list(section)} covers {sum(section)} rotary pairs, but heads of "
+                            f"{kv_channels} channels have {kv_channels // 2}", source)
     return tuple(section)
 
 

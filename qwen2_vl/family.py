@@ -18,6 +18,8 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
 from checkpoint_convert.family import BridgeProvider, FamilySpec, Param, per_layer_window_kwargs, register
@@ -144,6 +146,20 @@ QWEN2_5_VL_BRIDGE = BridgeProvider(
     to_provider=_to_provider, from_provider=_from_provider)
 
 
+def image_and_text(arch: ModelArch) -> dict[str, torch.Tensor]:
+    """A fixed image+text input as Qwen-VL's processor builds one: text, the vision start token, one image token per
+    merged patch, the vision end token, text; the image's patches (random, seeded) and its grid (t, h, w)."""
+    vision, merge = arch.extra[VISION_CONFIG], int(arch.extra[VISION_CONFIG]["spatial_merge_size"])
+    grid = torch.tensor([[1, 2 * merge, 2 * merge]])
+    text = [token % min(arch.vocab_size, *(arch.extra[key] for key in TOKENS)) for token in (5, 9, 17, 42, 8, 77)]
+    ids = torch.tensor([text[:2] + [arch.extra["vision_start_token_id"]] + [arch.extra["image_token_id"]] * 4
+                        + [arch.extra["vision_end_token_id"]] + text[2:]])
+    patch = int(vision["in_channels"]) * int(vision["temporal_patch_size"]) * int(vision["patch_size"]) ** 2
+    pixels = torch.randn(int(grid.prod()), patch, generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == arch.extra["image_token_id"]).int()}
+
+
 def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Param, ...], vision_field: str,
               bridge: BridgeProvider | None) -> FamilySpec:
     """A Qwen-VL family: transformers' ``{prefix}Config`` / ``{prefix}ForConditionalGeneration``."""
@@ -154,7 +170,8 @@ def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Pa
         arch_from_hf_config=_arch_reader(name, f"{prefix}VisionConfig"),
         hf_config_from_arch=_config_writer(f"{prefix}Config", f"{prefix}ForConditionalGeneration"),
         matches_megatron=_matcher(vision_field), hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
-        hf_aliases=older_spelling, towers=vl_towers(block, merger), megatron_prefix="language_model.")
+        hf_aliases=older_spelling, towers=vl_towers(block, merger), megatron_prefix="language_model.",
+        logits_inputs=image_and_text)
 
 
 QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept("ln_q.weight", *MERGER),

@@ -116,16 +116,19 @@ def test_megatron_core_mrope_gpt_model_loads_the_language_model(tmp_path, qwen25
     assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
 
 
-def test_older_key_spelling_converts_to_the_same_bridge_tensors(tmp_path, qwen25):
-    """transformers 4 stored ``model.layers.*`` and ``visual.*``: read as transformers 5's names."""
+def test_both_key_spellings_convert_to_the_original_logits(tmp_path, qwen25):
+    """transformers' save_pretrained (5.25 as 4.x) stores ``model.layers.*`` and ``visual.*``, the fixture's spelling;
+    the model's own names are ``model.language_model.*`` and ``model.visual.*``: read both."""
     source, original = qwen25
-    older = tmp_path / "older"
+    assert "visual.merger.mlp.0.weight" in load_file(source / "model.safetensors")
+    older = tmp_path / "current"
     older.mkdir()
     for name in ("config.json", "generation_config.json"):
         (older / name).write_bytes((source / name).read_bytes())
     tensors = load_file(source / "model.safetensors")
-    save_file({name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
-               for name, tensor in tensors.items()}, older / "model.safetensors")
+    renamed = {("model." + name if name.startswith("visual.") else name.replace("model.", "model.language_model.", 1)):
+               tensor for name, tensor in tensors.items()}
+    save_file(renamed, older / "model.safetensors")
     assert convert("--load_path", older, "--save_path", tmp_path / "bridge", "--to", "megatron",
                    "--megatron_bridge") == 0
     assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "back", "--to", "hf") == 0
@@ -142,3 +145,44 @@ def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, ca
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+
+
+def test_inspect_verify_and_dry_run_read_the_bridge_output(tmp_path, qwen25, capsys):
+    """verify --logits feeds an image and text (a vision tower that differs changes the logits it reports)."""
+    from checkpoint_convert.report_cli import run_inspect_cli, run_verify_cli
+    source, _ = qwen25
+    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    capsys.readouterr()
+    assert run_inspect_cli([str(tmp_path / "bridge"), "--check"]) == 0
+    assert "qwen2_5_vl" in capsys.readouterr().out
+    assert run_verify_cli([str(source), str(tmp_path / "bridge"), "--logits"]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "dry", "--to", "hf", "--dry_run") == 0
+    assert not (tmp_path / "dry").exists()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (changed / name).write_bytes((source / name).read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    tensors["visual.blocks.0.attn.qkv.weight"] = tensors["visual.blocks.0.attn.qkv.weight"] * 1.5
+    save_file(tensors, changed / "model.safetensors")
+    capsys.readouterr()
+    assert run_verify_cli([str(changed), str(tmp_path / "bridge"), "--logits", "--atol", "10"]) == 0
+    logits_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
+    assert float(logits_line.split()[-1]) > 1e-4, logits_line
+
+
+def test_mrope_sections_that_do_not_fill_the_heads_are_refused(tmp_path, qwen25, capsys):
+    """Megatron-Bridge 0.6.2's own import writes its provider's default [16, 24, 24] whatever the head size."""
+    source, _ = qwen25
+    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    run_config = tmp_path / "bridge" / "iter_0000000" / "run_config.yaml"
+    config = yaml.safe_load(run_config.read_text())
+    config["model"]["mrope_section"] = [16, 24, 24]
+    run_config.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "hf", "--to", "hf") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run_config.yaml: mrope_section [16, 24, 24] covers 64 rotary pairs" in err[0], err
