@@ -465,13 +465,14 @@ def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
         torch.save(logits, out)
 
 
-def vl_logits_command(rank: int, tp: int, ckpt: Path, inputs: Path, out: Path) -> None:
-    """The language model of a vision-language Megatron-Bridge checkpoint (``language_model.*``) at ``tp`` ranks,
-    loaded strictly (every key it asks for, strict ``load_state_dict``), fed Hugging Face's merged input embeddings
-    and 3-D position ids (``inputs``: ``embeds`` [b, s, h], ``positions`` [3, b, s]); rank 0 saves the logits."""
-    from megatron.core import dist_checkpointing
+def vl_logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path) -> None:
+    """The language model of a vision-language Megatron-Bridge checkpoint (``language_model.*``) at ``tp`` x ``pp``
+    ranks, loaded strictly (every key it asks for, strict ``load_state_dict``), fed Hugging Face's merged input
+    embeddings and 3-D position ids (``inputs``: ``ids``, ``embeds`` [b, s, h], ``positions`` [3, b, s]); hidden states
+    pass between pipeline stages with gloo send/recv; the last stage's first rank saves the logits."""
+    from megatron.core import dist_checkpointing, parallel_state
 
-    _init_cpu_megatron(rank, tp)
+    _init_cpu_megatron(rank, tp, pp=pp)
     iter_dir, args = _dist_args(ckpt)
     args.tensor_model_parallel_size = tp
     model = build_model(args)
@@ -482,10 +483,17 @@ def vl_logits_command(rank: int, tp: int, ckpt: Path, inputs: Path, out: Path) -
     given = torch.load(inputs)
     batch, length = given["embeds"].shape[:2]
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
+    embeds = given["embeds"].transpose(0, 1).contiguous() if model.pre_process else None
     with torch.no_grad():
-        logits = model(given["ids"], given["positions"], mask, decoder_input=given["embeds"].transpose(0, 1).contiguous())
-    if rank == 0:
-        torch.save(logits[..., :args.vocab_size].float(), out)
+        if not model.pre_process:
+            hidden = torch.empty(length, batch, args.hidden_size)
+            torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        output = model(given["ids"], given["positions"], mask, decoder_input=embeds)
+    if not model.post_process:
+        torch.distributed.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+    elif parallel_state.get_tensor_model_parallel_rank() == 0:
+        torch.save(output[..., :args.vocab_size].float(), out)
 
 
 def batch_command(rank: int, world: int, jobs: list[dict]) -> None:
@@ -561,8 +569,8 @@ if __name__ == "__main__":
         tp = int(rest[3]) if len(rest) > 3 else 1
         torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
     elif command == "vl-logits":
-        ckpt, inputs, out, tp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3])
-        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, ckpt, inputs, out), nprocs=tp)
+        ckpt, inputs, out, tp, pp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4])
+        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, pp, ckpt, inputs, out), nprocs=tp * pp)
     elif command == "batch":
         world, jobs = int(rest[1]), json.loads(Path(rest[0]).read_text())
         torch.multiprocessing.spawn(_ranked, args=(batch_command, world, jobs), nprocs=world)

@@ -104,7 +104,7 @@ def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Te
     return {"ids": inputs["input_ids"], "embeds": seen["embeds"], "positions": positions}, logits
 
 
-def test_megatron_core_mrope_gpt_model_loads_the_language_model(tmp_path, qwen25):
+def test_megatron_core_mrope_gpt_model_at_tp2_pp2_loads_the_language_model(tmp_path, qwen25):
     source, _ = qwen25
     inputs, original = language_model_inputs(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
@@ -112,7 +112,7 @@ def test_megatron_core_mrope_gpt_model_loads_the_language_model(tmp_path, qwen25
     torch.save(inputs, tmp_path / "inputs.pt")
     oracle = Path(__file__).with_name("megatron_oracle.py")
     subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "bridge"), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "logits.pt"), "2"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    str(tmp_path / "logits.pt"), "2", "2"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
 
 
