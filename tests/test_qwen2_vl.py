@@ -68,7 +68,7 @@ def qwen25(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return path, vl_logits(path)
 
 
-def test_bridge_round_trip_gives_the_original_logits(tmp_path, qwen25):
+def test_bridge_round_trip_and_reshape_give_the_original_logits(tmp_path, qwen25):
     source, original = qwen25
     assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
                    "--megatron_bridge") == 0
@@ -77,7 +77,11 @@ def test_bridge_round_trip_gives_the_original_logits(tmp_path, qwen25):
     assert model["_target_"].endswith("qwen25_vl_provider.Qwen25VLModelProvider")
     assert model["position_embedding_type"] == "mrope" and model["mrope_section"] == [2, 3, 3]
     assert model["vision_config"]["depth"] == 2 and model["image_token_id"] == IMAGE
-    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "tp2pp2", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
+    model = yaml.safe_load((tmp_path / "tp2pp2" / "iter_0000000" / "run_config.yaml").read_text())["model"]
+    assert model["tensor_model_parallel_size"] == 2 and model["pipeline_model_parallel_size"] == 2
+    assert convert("--load_path", tmp_path / "tp2pp2", "--save_path", tmp_path / "back", "--to", "hf") == 0
     assert_logits_close(vl_logits(tmp_path / "back"), original)
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
