@@ -68,8 +68,17 @@ def qwen25(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return path, vl_logits(path)
 
 
-def test_bridge_round_trip_and_reshape_give_the_original_logits(tmp_path, qwen25):
-    source, original = qwen25
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def qwen25_variant(request, qwen25, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    if not request.param:
+        return qwen25
+    path = tiny_vl("qwen2_5_vl", tmp_path_factory.mktemp("vl_tied") / "hf", tie=True)
+    return path, vl_logits(path)
+
+
+def test_bridge_round_trip_and_reshape_give_the_original_logits(tmp_path, qwen25_variant):
+    source, original = qwen25_variant
+    tied = json.loads((source / "config.json").read_text())["tie_word_embeddings"]
     assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
                    "--megatron_bridge") == 0
     iter_dir = tmp_path / "bridge" / "iter_0000000"
@@ -77,6 +86,7 @@ def test_bridge_round_trip_and_reshape_give_the_original_logits(tmp_path, qwen25
     assert model["_target_"].endswith("qwen25_vl_provider.Qwen25VLModelProvider")
     assert model["position_embedding_type"] == "mrope" and model["mrope_section"] == [2, 3, 3]
     assert model["vision_config"]["depth"] == 2 and model["image_token_id"] == IMAGE
+    assert model["share_embeddings_and_output_weights"] == tied
     assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "tp2pp2", "--to", "megatron",
                    "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2") == 0
     model = yaml.safe_load((tmp_path / "tp2pp2" / "iter_0000000" / "run_config.yaml").read_text())["model"]
@@ -86,6 +96,7 @@ def test_bridge_round_trip_and_reshape_give_the_original_logits(tmp_path, qwen25
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
     assert config["vision_config"]["fullatt_block_indexes"] == [1] and config["video_token_id"] == VIDEO
+    assert config["tie_word_embeddings"] == tied
 
 
 def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
