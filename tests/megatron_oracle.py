@@ -222,13 +222,14 @@ def build_model(args, vp_stage: int | None = None):
         window_size=getattr(args, "window_size", None),
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
         mtp_num_layers=getattr(args, "mtp_num_layers", None) or None,
+        mrope_section=getattr(args, "mrope_section", None),
         **_pipeline_fields(args), **_moe_fields(args), **mla, **_hybrid_fields(args),
     )
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if getattr(args, "is_hybrid_model", False):
         return build_hybrid_model(args, config, pre_process, post_process)
-    rope = args.position_embedding_type == "rope"
+    rope = args.position_embedding_type in ("rope", "mrope")
     spec = _layer_spec(args, config, vp_stage)
     return GPTModel(
         config, spec, mtp_block_spec=_mtp_spec(config, spec, vp_stage),
@@ -501,6 +502,37 @@ def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
         torch.save(logits, out)
 
 
+def vl_logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path) -> None:
+    """The language model of a vision-language Megatron-Bridge checkpoint (``language_model.*``) at ``tp`` x ``pp``
+    ranks, loaded strictly (every key it asks for, strict ``load_state_dict``), fed Hugging Face's merged input
+    embeddings and 3-D position ids (``inputs``: ``ids``, ``embeds`` [b, s, h], ``positions`` [3, b, s]); hidden states
+    pass between pipeline stages with gloo send/recv; the last stage's first rank saves the logits."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    _init_cpu_megatron(rank, tp, pp=pp)
+    iter_dir, args = _dist_args(ckpt)
+    args.tensor_model_parallel_size = tp
+    model = build_model(args)
+    prefix = "language_model."
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix=prefix)}, str(iter_dir),
+                                    strict="raise_unexpected")  # checkpoint keys it does not ask for: the vision tower
+    model.load_state_dict({key[len(prefix):]: value for key, value in state["model"].items()}, strict=True)
+    given = torch.load(inputs)
+    batch, length = given["embeds"].shape[:2]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
+    embeds = given["embeds"].transpose(0, 1).contiguous() if model.pre_process else None
+    with torch.no_grad():
+        if not model.pre_process:
+            hidden = torch.empty(length, batch, args.hidden_size)
+            torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        output = model(given["ids"], given["positions"], mask, decoder_input=embeds)
+    if not model.post_process:
+        torch.distributed.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+    elif parallel_state.get_tensor_model_parallel_rank() == 0:
+        torch.save(output[..., :args.vocab_size].float(), out)
+
+
 def batch_command(rank: int, world: int, jobs: list[dict]) -> None:
     """Jobs run one after another in the same ``world`` processes, which pay megatron-core's imports once.
 
@@ -573,6 +605,9 @@ if __name__ == "__main__":
         ckpt, tokens, out = Path(rest[0]), Path(rest[1]), Path(rest[2])
         tp = int(rest[3]) if len(rest) > 3 else 1
         torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
+    elif command == "vl-logits":
+        ckpt, inputs, out, tp, pp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4])
+        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, pp, ckpt, inputs, out), nprocs=tp * pp)
     elif command == "batch":
         world, jobs = int(rest[1]), json.loads(Path(rest[0]).read_text())
         torch.multiprocessing.spawn(_ranked, args=(batch_command, world, jobs), nprocs=world)

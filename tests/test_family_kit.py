@@ -112,7 +112,10 @@ def kit(tmp_path_factory) -> Kit:
 
 
 def test_every_registered_family_has_a_variant():
-    assert set(registered()) <= {variant.family for variant in VARIANTS}, "add the new family's variants to family_kit"
+    # multi-tower (vision-language) families are proven by their own image+text tests (tests/test_qwen2_vl.py)
+    towered = {name for name, spec in registered().items() if spec.towers}
+    assert set(registered()) - towered <= {variant.family for variant in VARIANTS}, \
+        "add the new family's variants to family_kit"
     assert {variant.family for variant in VARIANTS} <= set(registered())
     assert len(BY_NAME) == len(VARIANTS), "variant names must be unique"
 

@@ -89,6 +89,11 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
     arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
     family = _megatron_family(tree, arch, model)
     arch.family = family.name
+    if family.megatron_prefix:  # a multi-tower model: the language model's keys under its prefix
+        if not hasattr(tree, "within"):
+            raise BadInputError(f"a {family.name} model is read from Megatron-Bridge checkpoints only, not from "
+                                f"{tree.ckpt_format} rank files", tree.iter_dir)
+        tree.within(family.megatron_prefix)
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 
     def reread(values: dict[str, Any]) -> ModelArch:

@@ -20,7 +20,7 @@ from ..formats import megatron_schema as schema
 from ..formats.hf_io import HFCheckpoint
 from ..formats.megatron_io import MegatronTree, RankKey, reorder_legacy_qkv
 from ..model.arch import ModelArch
-from ..model.family import FamilySpec, Param
+from ..model.family import FamilySpec, Param, Tower
 from ..model.parallel import (
     Style,
     cast,
@@ -49,16 +49,43 @@ class Item:
     group: str
     param: Param
     layer: int | None
+    tower: Tower | None = None  # None: the language model (the family's own table)
+
+
+def tower_items(tower: Tower, arch: ModelArch) -> list[Item]:
+    """A tower's entries in order: before its layers, each layer's, after them."""
+    items = [Item(FIRST, p, None, tower) for p in tower.params_for(FIRST, arch)]
+    for layer in range(tower.num_layers(arch)):
+        items += [Item(LAYER, p, layer, tower) for p in tower.params_for(LAYER, arch)]
+    return items + [Item(LAST, p, None, tower) for p in tower.params_for(LAST, arch)]
 
 
 def walk(family: FamilySpec, arch: ModelArch) -> list[Item]:
-    items = [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
+    """Every entry of the model in file order: the other towers (see ``towers``), then the language model."""
+    items = [item for tower in family.towers for item in tower_items(tower, arch)]
+    items += [Item(FIRST, p, None) for p in family.params_for(FIRST, arch)]
     for layer in range(arch.num_layers):
         items += [Item(LAYER, p, layer) for p in family.params_for(LAYER, arch, layer)]
     items += [Item(LAST, p, None) for p in family.params_for(LAST, arch)]
     for index in range(arch.mtp_num_layers):
         items += [Item(MTP, p, arch.num_layers + index) for p in mtp_layer_params(family, arch, index)]
     return items
+
+
+def item_hf_names(family: FamilySpec, item: Item) -> list[str]:
+    """An item's Hugging Face names: its tower's, or the language model's."""
+    return item.tower.hf_names(item.param, item.layer) if item.tower else family.hf_names(item.param, item.layer)
+
+
+def megatron_name(item: Item) -> str:
+    """An item's Megatron name: a tower's whole key, or the language model's canonical (local-spec) name."""
+    return item.tower.megatron_name(item.param, item.layer) if item.tower else item.param.megatron
+
+
+def place(stages: list[int], item: Item) -> tuple[int, int | None]:
+    """(pipeline stage, stage-local layer of the Megatron schema) of an item: a tower other than the language
+    model is stored whole on the first stage, under keys of its own."""
+    return (0, None) if item.tower else locate(stages, item.group, item.layer)
 
 
 def locate(stages: list[int], group: str, layer: int | None) -> tuple[int, int | None]:
@@ -128,7 +155,7 @@ class MegatronSource(_ReleasesReadPages):
         if item.param.zero_in_megatron:
             shape = item.param.zero_in_megatron(self.arch)
             return torch.zeros(shape, dtype=self.arch.params_dtype, device="meta" if meta else "cpu")
-        stage, local = locate(self.stages, item.group, item.layer)
+        stage, local = place(self.stages, item)
         if item.param.experts:
             return stack([self._merged(item, stage, local, *expert_placement(e, self.arch.num_experts, self.tree.ep),
                                              meta) for e in range(self.arch.num_experts)])
@@ -141,7 +168,7 @@ class MegatronSource(_ReleasesReadPages):
     def _merged(self, item: Item, stage: int, local: int | None, ep: int, expert: int | None,
                 meta: bool) -> torch.Tensor:
         """One tensor merged over the tensor-parallel ranks of (stage, expert-parallel rank)."""
-        name = item.param.megatron.format(expert=expert)
+        name = megatron_name(item).format(expert=expert)
         shards = []
         for tp in range(self.tree.tp):
             rank = RankKey(tp, stage, ep)
@@ -203,7 +230,7 @@ class HFSource(_ReleasesReadPages):
         self.left_out: set[str] = set()  # tensors the conversion was asked to leave out
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
-        names = self.family.hf_names(item.param, item.layer)
+        names = item_hf_names(self.family, item)
         tensors = [self.checkpoint.meta(n) for n in names] if meta else list(self.stored(item).values())
         for name in names:
             self.consumed.update(self.checkpoint.stored_names(name))
@@ -215,7 +242,7 @@ class HFSource(_ReleasesReadPages):
     def stored(self, item: Item) -> dict[str, torch.Tensor]:
         """An item's tensors under their Hugging Face names, as the checkpoint holds them (no repacking)."""
         self._next_item()
-        tensors = {name: self.checkpoint.tensor(name) for name in self.family.hf_names(item.param, item.layer)}
+        tensors = {name: self.checkpoint.tensor(name) for name in item_hf_names(self.family, item)}
         self._read += self.checkpoint.read  # the stored tensors, not what an older layout's alias combined them into
         self.checkpoint.read.clear()
         return tensors
@@ -233,7 +260,7 @@ class HFTarget:
         self.family, self.arch = family, arch
 
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
-        names = self.family.hf_names(item.param, item.layer)
+        names = item_hf_names(self.family, item)
         return list(zip(names, item.param.to_hf(full, self.arch)))
 
 
@@ -276,7 +303,7 @@ class MegatronTarget:
         if item.param.shared:  # the main model's embedding or output layer, written with it
             return []
         stages = list(self.layout.stages)
-        stage, local = locate(stages, item.group, item.layer)
+        stage, local = place(stages, item)
         if item.param.experts:
             out = []
             for expert, tensor in enumerate(full):
@@ -299,7 +326,7 @@ class MegatronTarget:
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
-        name = item.param.megatron.format(expert=expert)
+        name = megatron_name(item).format(expert=expert)
         path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
                                   grouped_experts=self.layout.grouped_gemm)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
@@ -325,7 +352,7 @@ class TorchDistTarget:
     """
 
     def __init__(self, family: FamilySpec, arch: ModelArch, padded_vocab: int, transformer_engine: bool) -> None:
-        self.arch, self.padded_vocab = arch, padded_vocab
+        self.arch, self.padded_vocab, self.prefix = arch, padded_vocab, family.megatron_prefix
         # a hybrid model's layers differ in kind: megatron-core stores each apart, its norms under Transformer
         # Engine's names (MambaStack has only that spec; a local one maps its norm names there, as GPT's does)
         hybrid = arch.layer_pattern is not None
@@ -340,9 +367,12 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
+        if item.tower:  # another tower's tensor: one key of its own
+            return [(DistKey(megatron_name(item), (0,) * full.dim(), tuple(full.shape)), full)]
         layer = None if item.group == MTP else item.layer  # an MTP layer's keys are global
-        fqn = schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
-                                    self.layer_weights.get(item.layer, ()), self.transformer_engine, self.stacked)
+        fqn = self.prefix + schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
+                                                  self.layer_weights.get(item.layer, ()), self.transformer_engine,
+                                                  self.stacked)
         names = schema.NAMED_PARTS.get(item.param.megatron)
         if names:  # one key per part (megatron_schema.NAMED_PARTS)
             pieces = torch.split(full, list(param_parts(item.param, self.arch)), dim=0)

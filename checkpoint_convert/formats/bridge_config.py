@@ -39,6 +39,7 @@ CONFIG_CONTAINER = "megatron.bridge.training.config.ConfigContainer"
 # enums and layer specs, torch's activations, init functions and dtypes. Anything else (os.system, torch.load,
 # a user's module) is not a plain Megatron-Bridge file.
 CONFIG_NAMESPACES = ("megatron.bridge.", "megatron.core.", "megatron.training.", "torch.nn.functional.",
+                     "transformers.models.",  # Hugging Face config classes (a vision-language model's vision_config)
                      "torch.nn.init.", "torch._C._nn.")
 TORCH_DTYPES = frozenset(f"torch.{name}" for name, value in vars(torch).items() if isinstance(value, torch.dtype))
 _LAYER_SPECS = "megatron.bridge.models.gpt_provider."
@@ -54,6 +55,7 @@ SAME_AS_ARGS = (
     "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
     "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers", "rotary_percent",
+    "mrope_section",
 )
 # MLATransformerConfig's multi-latent attention sizes, Megatron-LM's arguments of the same names
 MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")

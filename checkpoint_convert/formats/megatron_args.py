@@ -154,7 +154,23 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
                                                                               default=1.0),
         **hybrid_fields(args, _whole(args, source, "num_layers"), hidden, source),
         moe_latent_size=_whole(args, source, "moe_latent_size"),
+        mrope_section=_mrope_section(args, source, _whole(args, source, "kv_channels", default=hidden // heads)),
     )
+
+
+def _mrope_section(args: Any, source: str, kv_channels: int) -> tuple[int, ...] | None:
+    """megatron-core's ``mrope_section`` (multimodal rotary sections), for ``position_embedding_type`` mrope: the
+    sections share a head's rotary frequency pairs, so they must sum to half its size (Megatron-Bridge 0.6.2's
+    Qwen2.5-VL import writes its provider's default [16, 24, 24] whatever the model's head size)."""
+    section = _get(args, "mrope_section")
+    if section is None:
+        return None
+    if not isinstance(section, (list, tuple)) or not all(isinstance(n, int) and n > 0 for n in section):
+        raise BadInputError(f"mrope_section is {section!r}, not a list of positive whole numbers", source)
+    if sum(section) * 2 != kv_channels:
+        raise BadInputError(f"mrope_section {list(section)} covers {sum(section)} rotary pairs, but heads of "
+                            f"{kv_channels} channels have {kv_channels // 2}", source)
+    return tuple(section)
 
 
 def _latent_attention(args: Any, source: str) -> LatentAttention | None:
@@ -485,6 +501,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         attention_dropout=arch.attention_dropout, hidden_dropout=arch.hidden_dropout,
         qk_layernorm=arch.qk_layernorm, **_window_args(arch), **_latent_attention_args(arch),
         hf_extra_config=dict(arch.extra), hf_family=arch.family,
+        mrope_section=list(arch.mrope_section) if arch.mrope_section else None,
     )
 
 

@@ -231,6 +231,7 @@ class TorchDistTree:
         self.files = {RankKey(0, 0, 0): iter_dir / METADATA_FILE}
         model_keys = {fqn for fqn, _ in self._tensor_keys()}
         self.skipped = sorted(k for k in self.metadata.state_dict_metadata if k not in model_keys)
+        self.prefix = ""  # the language model's prefix in a multi-tower model (see ``within``)
         self._names = self._index()
         self._reader = FileSystemReader(str(iter_dir))
         self._last_chunk: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
@@ -243,23 +244,37 @@ class TorchDistTree:
             if isinstance(entry, dcp_metadata.TensorStorageMetadata) and not fqn.startswith(TRAINING_STATE_PREFIXES):
                 yield fqn, entry
 
+    def within(self, prefix: str) -> None:
+        """Read the language model under ``prefix`` (``FamilySpec.megatron_prefix``): its keys lose the prefix, the
+        other towers' keys stay whole (``towers.py``)."""
+        self.prefix = prefix
+        self._names = self._index()
+
+    def _model_keys(self) -> Iterable[tuple[str | None, str, dcp_metadata.TensorStorageMetadata]]:
+        """(the language model's name without its prefix, or None for another tower's key; stored key; entry)."""
+        for fqn, entry in self._tensor_keys():
+            yield fqn[len(self.prefix):] if fqn.startswith(self.prefix) else None, fqn, entry
+
     def _index(self) -> dict[tuple[int | None, str], _Stored]:
         """Canonical (layer, name) -> stored key and slice, for every model tensor: a layer-stacked key
         (``decoder.layers.<rel>``, the layer its leading axis) or a key of one layer stored apart
         (``decoder.layers.N.<rel>``, see ``megatron_schema.layers_stored_apart``)."""
         table: dict[tuple[int | None, str], _Stored] = {}
         parts: dict[tuple[int | None, str], dict[str, _Stored]] = {}
-        for fqn, entry in self._tensor_keys():
-            if not fqn.startswith(schema.LAYER_PREFIX):
-                table.update(_global_entries(fqn, entry, self.schema))
+        for name, fqn, entry in self._model_keys():
+            if name is None:  # another tower's key: itself
+                table[(None, fqn)] = _Stored(fqn, ())
                 continue
-            apart = schema.PER_LAYER_KEY.match(fqn)
+            if not name.startswith(schema.LAYER_PREFIX):
+                table.update(_global_entries(name, fqn, entry, self.schema))
+                continue
+            apart = schema.PER_LAYER_KEY.match(name)
             if apart:
                 places = [(int(apart.group(1)), ())]
                 rel = apart.group(2)
             else:
                 places = [(layer, (layer,)) for layer in range(entry.size[0])]
-                rel = fqn[len(schema.LAYER_PREFIX):]
+                rel = name[len(schema.LAYER_PREFIX):]
             expert = _STACKED_EXPERT.match(rel)
             for layer, index in places:
                 if expert:
@@ -288,9 +303,10 @@ class TorchDistTree:
 
     def stage_layer_counts(self) -> list[int]:
         """The model's layers: the leading axis of layer-stacked keys, else the layers stored apart."""
-        counts = {entry.size[0] for fqn, entry in self._tensor_keys()
-                  if fqn.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(fqn)}
-        apart = {int(match.group(1)) for fqn, _ in self._tensor_keys() if (match := schema.PER_LAYER_KEY.match(fqn))}
+        counts = {entry.size[0] for name, _, entry in self._model_keys()
+                  if name and name.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(name)}
+        apart = {int(match.group(1)) for name, _, _ in self._model_keys()
+                 if name and (match := schema.PER_LAYER_KEY.match(name))}
         counts = counts or ({max(apart) + 1} if apart else set())
         if len(counts) > 1 or (apart and max(apart) >= min(counts)):
             raise BadInputError(f"layer-stacked tensors disagree on the number of layers: {sorted(counts | apart)}",
@@ -423,16 +439,16 @@ class TorchDistTree:
         return destination
 
 
-def _global_entries(fqn: str, entry: dcp_metadata.TensorStorageMetadata, key_schema: str) -> dict:
-    """A key outside the decoder's layers: itself, or a multi-token prediction layer's tensor by its canonical name
-    (its experts one entry each, on the key's leading expert axis)."""
-    mtp = schema.MTP_LAYER.match(fqn)
+def _global_entries(name: str, fqn: str, entry: dcp_metadata.TensorStorageMetadata, key_schema: str) -> dict:
+    """A key outside the decoder's layers (``name``, stored as ``fqn``): itself, or a multi-token prediction layer's
+    tensor by its canonical name (its experts one entry each, on the key's leading expert axis)."""
+    mtp = schema.MTP_LAYER.match(name)
     expert = _STACKED_EXPERT.match(mtp.group(2)) if mtp else None
     if expert:
         prefix = mtp.group(1) + schema.MTP_TRANSFORMER_LAYER
         return {(None, f"{prefix}mlp.experts.local_experts.{e}.{expert.group(1)}.{expert.group(2)}"): _Stored(fqn, (e,))
                 for e in range(entry.size[0])}
-    return {(None, schema.canonical_name(fqn, key_schema)[1]): _Stored(fqn, ())}
+    return {(None, schema.canonical_name(name, key_schema)[1]): _Stored(fqn, ())}
 
 
 def _load_window(path: Path, start: int, length: int, map_location: str) -> Any:

@@ -59,12 +59,14 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
         fqn = schema.without_part(fqn)
         module, param = fqn.rsplit(".", 1)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
-        mtp = schema.MTP_LAYER.match(fqn) or fqn.startswith("mtp.layers.")  # an MTP layer's keys are its own
+        start = max(fqn.find(schema.LAYER_PREFIX), 0)  # after the language model's prefix in a multi-tower model
+        local = fqn[start:]
+        mtp = schema.MTP_LAYER.match(local) or local.startswith("mtp.layers.")  # an MTP layer's keys are its own
         last = module.rsplit(".", 1)[-1]
         linear = (last.startswith("linear_") or (mtp and last == "eh_proj")
                   or (hybrid and last in schema.MAMBA_LINEARS))
-        if (fqn.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
-            layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(fqn) else 1
+        if (local.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
+            layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(local) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one
                 modules[module.replace("linear_proj", "core_attention")] = tuple(shape[:layer_axes]) or (1,)

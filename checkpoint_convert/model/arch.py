@@ -141,6 +141,9 @@ class ModelArch:
     layer_pattern: str | None = None
     mamba: MambaSizes | None = None
     moe_latent_size: int | None = None
+    # multimodal rotary embeddings (``position_embedding_type`` "mrope"): the rotary frequencies split into
+    # temporal, height and width sections of these sizes (pairs), each rotated by its own position id
+    mrope_section: tuple[int, ...] | None = None
 
     @property
     def heads_per_group(self) -> int:

@@ -163,7 +163,10 @@ def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -
     but the model cannot compute with (a yarn ``beta_slow`` of -1, a string for ``mscale_all_dim``) come from
     the source: bad input naming the file they were read from, not an internal error."""
     try:
-        return transformers_attr("AutoModelForCausalLM").from_config(config, **kwargs)
+        # a vision-language model (a ``vision_config``) is built as image-text-to-text, others as causal LMs
+        auto = "AutoModelForImageTextToText" if getattr(config, "vision_config", None) is not None \
+            else "AutoModelForCausalLM"
+        return transformers_attr(auto).from_config(config, **kwargs)
     except (ArithmeticError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise BadInputError(f"transformers cannot build the {type(config).__name__} model it describes "
                             f"({reason(error)})", source_file)
@@ -476,6 +479,9 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     else:
         target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
                                                                  layout.ep, options.moe_grouped_gemm))
+    if family.towers and not bridge:
+        raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger); "
+                            "it is written as Megatron-Bridge saves it (--megatron_bridge)")
     items = walk(family, arch)
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]

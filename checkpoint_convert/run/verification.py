@@ -181,8 +181,9 @@ def compare_logits(a: Source, b: Source) -> float:
     checked against its tensors (as a conversion checks it), so that a model is built only from weights that fit."""
     for source in (a, b):
         source.check_against_tensors()
-    tokens = fixed_tokens(min(a.arch.vocab_size, b.arch.vocab_size))
+    make_inputs = a.family.logits_inputs
+    inputs = make_inputs(a.arch) if make_inputs else {"input_ids": fixed_tokens(min(a.arch.vocab_size, b.arch.vocab_size))}
     with torch.no_grad():
-        logits_a = hf_model(a)(tokens).logits
-        logits_b = hf_model(b)(tokens).logits
+        logits_a = hf_model(a)(**inputs).logits
+        logits_b = hf_model(b)(**inputs).logits
     return max_abs_diff(logits_a, logits_b)
