@@ -1,6 +1,7 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import resource
@@ -25,6 +26,7 @@ from .megatron_args import (CheckpointFacts, ParallelLayout, args_from_arch, car
                             tokenizer_for, with_context_length)
 from .megatron_io import MegatronWriter
 from .memory import read_only_file_mappings, shares_storage
+from .claim import claimed
 from .output import check_paths
 from .parallel import layers_per_stage, padded_vocab_size
 from .provenance import write_record
@@ -245,8 +247,17 @@ def convert(options: Options) -> Summary:
     reading, so the output is always the one the config class describes.
     """
     start = time.time()
-    with processes_of_this_run(options.distributed_timeout) as team:
+    with processes_of_this_run(options.distributed_timeout) as team, _claim(options, team):
         return team.summarized(_convert(options, team, start))
+
+
+def _claim(options: Options, team: Solo | Team) -> contextlib.AbstractContextManager:
+    """The save path held for the whole run (by process 0 under torchrun), once the paths are checked: no lock file
+    is made in a source or beside a save path that is refused anyway."""
+    if not team.leader:
+        return contextlib.nullcontext()
+    check_paths(options.load_path, options.save_path, options.overwrite)
+    return claimed(options.save_path)
 
 
 def _convert(options: Options, team: Solo | Team, start: float) -> Summary:

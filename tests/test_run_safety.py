@@ -1,10 +1,14 @@
-"""A conversion stopped by the signals schedulers and terminals send (SIGTERM, SIGHUP), in one process and under
-torchrun: real processes, real signals. Each run converts a 0.26 GB model, long enough to be stopped while it
-writes; the signal goes out once the first rank file is being written into the staging directory."""
+"""Runs that do not end well, with real processes and real signals: a conversion stopped by the signals schedulers
+and terminals send (SIGTERM, SIGHUP), in one process and under torchrun; two runs on one save path; what a killed
+run leaves, named and (when it is certainly a dead run's) removed by the next one. Each background run converts a
+0.26 GB model, long enough to be stopped while it writes: the signal, or the second run, goes out once the first
+rank file is being written into the staging directory."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from checkpoint_convert.claim import MARKER, Run, claimed
+from checkpoint_convert.errors import BadInputError
+from tests.family_kit import VARIANTS
+from tests.helpers import REPO, convert
 from tests.test_torchrun import _workers
 
 CONVERT = REPO / "scripts" / "convert.py"
@@ -27,6 +34,12 @@ def model(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("run_safety") / "hf"
     build_synthetic(path, Shapes(hidden=1024, ffn=2816, heads=8, groups=4, vocab=32000), layers=6)
+    return path
+
+
+def tiny(path: Path) -> Path:
+    """A tiny Llama model, for a run that must only finish."""
+    next(variant for variant in VARIANTS if variant.name == "llama_mha_tied").build(path)
     return path
 
 
@@ -79,3 +92,98 @@ def test_sigterm_to_torchrun_stops_every_process(model, tmp_path):
     assert lines == ["stopped by SIGTERM; no output was left behind"], stderr[-3000:]
     assert leftovers(tmp_path / "out") == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())
+
+
+def claim_line(out: Path, pid: int) -> str:
+    return f"error: {out}: another conversion is writing this save path (pid {pid} on host {socket.gethostname()}, started "
+
+
+def test_two_runs_on_one_save_path_never_both_succeed(model, tmp_path):
+    """Started together: one converts, the other stops with one line naming it (or, when it comes too late to meet
+    it, finds the output there)."""
+    runs = [start(model, tmp_path / "out") for _ in range(2)]
+    stderrs = [run.communicate(timeout=120)[1] for run in runs]
+    assert sorted(run.returncode for run in runs) == [0, 2], stderrs
+    winner, loser = sorted(range(2), key=lambda index: runs[index].returncode)
+    assert stderrs[loser].count("\n") == 1, stderrs[loser]
+    assert stderrs[loser].startswith((claim_line(tmp_path / "out", runs[winner].pid),
+                                      f"error: {tmp_path / 'out'}: save path is not empty")), stderrs[loser]
+    assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert leftovers(tmp_path / "out") == ["out"]  # the lock file went with the run that held it
+
+
+HOLDER = """import sys, time
+from pathlib import Path
+from checkpoint_convert.claim import claimed
+with claimed(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's processes in /proc")
+def test_the_save_path_is_held_for_the_whole_run_under_torchrun(model, tmp_path):
+    """Process 0 of a torchrun conversion holds the save path for every process while they write; a process holding
+    it makes every process of a torchrun conversion stop with one line naming it; once that process is killed, the
+    operating system has released its lock and the next run converts."""
+    out = tmp_path / "out"
+    first = start(model, out, TORCHRUN)
+    wait_until_writing(out)
+    leader = _workers(first.pid)[0]
+    with pytest.raises(BadInputError, match=re.escape(claim_line(out, leader)[len("error: "):])):
+        with claimed(out):
+            pass
+    assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
+
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = start(model, held, TORCHRUN)
+        stderr = refused.communicate(timeout=120)[1]
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert refused.returncode != 0 and stderr.count("exitcode  : 2") == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:", "internal error:"))]
+    assert len(lines) == 1 and lines[0].startswith(claim_line(held, holder.pid)), stderr[-3000:]
+    assert leftovers(held) == [".held.lock"]  # the killed holder's, no longer locked:
+    assert convert("--load_path", tiny(tmp_path / "hf"), "--save_path", held, "--to", "megatron") == 0
+    assert leftovers(held) == ["held"]
+
+
+def test_a_killed_runs_staging_is_named_and_removed_only_when_dead(model, tmp_path, capsys):
+    """SIGKILL leaves a staging directory (and an unlocked lock file). The next run names every staging directory of
+    its save path: the killed run's (marked, its process gone) is removed; one no run of this tool marked, and one
+    whose process still runs, are left in place. Then it converts."""
+    out = tmp_path / "out"
+    killed = start(model, out)
+    wait_until_writing(out)
+    killed.kill()
+    killed.wait(timeout=60)
+    stale = next(tmp_path.glob(".out.partial-*"))
+    assert (stale / MARKER).is_file() and (tmp_path / ".out.lock").is_file()
+    foreign = tmp_path / ".out.partial-foreign"
+    foreign.mkdir()
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".out.partial-living").mkdir()
+        (tmp_path / ".out.partial-living" / MARKER).write_bytes(Run(living.pid, socket.gethostname(), time.time())
+                                                                  .record())
+        capsys.readouterr()
+        assert convert("--load_path", tiny(tmp_path / "hf"), "--save_path", out, "--to", "megatron") == 0
+    finally:
+        living.kill()
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if ".partial-" in line]
+    assert len(warned) == 3, err
+    assert warned[0].startswith(f"warning: {stale} (") and " MiB, last written " in warned[0], err
+    assert warned[0].endswith(f"was left by the conversion of pid {killed.pid} on host {socket.gethostname()}, "
+                              f"started {warned[0].split(', started ')[1].split(',')[0]}, which ended; removed"), err
+    assert warned[1].startswith(f"warning: {foreign} (0.0 MiB") and "did not mark it" in warned[1], err
+    assert "left in place" in warned[1]
+    assert warned[2].startswith(f"warning: {tmp_path / '.out.partial-living'} (") and warned[2].endswith(
+        "which still runs; left in place"), err
+    assert leftovers(out) == [".out.partial-foreign", ".out.partial-living", "out"]
+    assert not (out / "release" / MARKER).exists() and not (out / MARKER).exists()

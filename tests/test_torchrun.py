@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint_convert.claim import claimed
 from checkpoint_convert.cli import run_convert_cli
 from checkpoint_convert.converter import Options, open_source, plan_conversion
 from checkpoint_convert.provenance import RECORD_FILE
@@ -239,5 +240,8 @@ def test_a_process_killed_while_writing_leaves_nothing(larger_model, tmp_path, k
     assert launcher.returncode != 0, "the conversion finished before a process was killed"
     assert _tool_lines(stderr) == ["error: a conversion process stopped without reporting (killed, or its machine "
                                     "lost); no output was left behind"], stderr[-3000:]
-    assert _leftovers(tmp_path, "out") == []
+    # the killed leader's lock file stays, no longer locked: the next run takes it over
+    assert _leftovers(tmp_path, "out") == ([".out.lock"] if killed == 0 else [])
+    with claimed(out):
+        pass
     assert {path: path.stat().st_mtime_ns for path in larger_model.iterdir()} == before
