@@ -64,6 +64,10 @@ def leftovers(out: Path) -> list[str]:
                   or path.name.startswith(f".{out.name}."))
 
 
+def claim_line(out: Path, pid: int) -> str:
+    return f"error: {out}: another conversion is writing this save path (pid {pid} on host {socket.gethostname()}, started "
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_leaves_nothing_and_says_so(model, tmp_path, signum):
     before = {path: path.stat().st_mtime_ns for path in model.iterdir()}
@@ -79,23 +83,24 @@ def test_a_stop_signal_leaves_nothing_and_says_so(model, tmp_path, signum):
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's processes in /proc")
 def test_sigterm_to_torchrun_stops_every_process(model, tmp_path):
-    """SIGTERM to torchrun (what Kubernetes sends a job's first process, and Slurm a job step): torchrun sends it on to
-    every process, each stops at its next tensor, one line says so, and the staging directory is gone."""
-    run = start(model, tmp_path / "out", TORCHRUN)
-    wait_until_writing(tmp_path / "out")
+    """SIGTERM to torchrun (what Kubernetes sends a job's first process), which sends it on to every process: each
+    stops at its next tensor, one line says so, the staging directory is gone. Meanwhile process 0 held the save
+    path for every process."""
+    out = tmp_path / "out"
+    run = start(model, out, TORCHRUN)
+    wait_until_writing(out)
     workers = _workers(run.pid)
     assert len(workers) == 2
+    with pytest.raises(BadInputError, match=re.escape(claim_line(out, workers[0])[len("error: "):])):
+        with claimed(out):
+            pass
     run.send_signal(signal.SIGTERM)
     stderr = run.communicate(timeout=120)[1]
     assert run.returncode != 0
     lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:", "internal error:"))]
     assert lines == ["stopped by SIGTERM; no output was left behind"], stderr[-3000:]
-    assert leftovers(tmp_path / "out") == []
+    assert leftovers(out) == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())
-
-
-def claim_line(out: Path, pid: int) -> str:
-    return f"error: {out}: another conversion is writing this save path (pid {pid} on host {socket.gethostname()}, started "
 
 
 def test_two_runs_on_one_save_path_never_both_succeed(model, tmp_path):
@@ -122,19 +127,10 @@ with claimed(Path(sys.argv[1])):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's processes in /proc")
-def test_the_save_path_is_held_for_the_whole_run_under_torchrun(model, tmp_path):
-    """Process 0 of a torchrun conversion holds the save path for every process while they write; a process holding
-    it makes every process of a torchrun conversion stop with one line naming it; once that process is killed, the
-    operating system has released its lock and the next run converts."""
-    out = tmp_path / "out"
-    first = start(model, out, TORCHRUN)
-    wait_until_writing(out)
-    leader = _workers(first.pid)[0]
-    with pytest.raises(BadInputError, match=re.escape(claim_line(out, leader)[len("error: "):])):
-        with claimed(out):
-            pass
-    assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
-
+def test_a_held_save_path_stops_every_process_of_a_torchrun_run(model, tmp_path):
+    """A process holding the save path makes every process of a torchrun conversion stop with one line naming it
+    (process 0 finds it held); once that process is killed, the operating system has released its lock and the
+    next run converts."""
     held = tmp_path / "held"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], stdout=subprocess.PIPE, text=True,
                               cwd=REPO)
@@ -176,14 +172,17 @@ def test_a_killed_runs_staging_is_named_and_removed_only_when_dead(model, tmp_pa
     finally:
         living.kill()
     err = capsys.readouterr().err
-    warned = [line for line in err.splitlines() if ".partial-" in line]
-    assert len(warned) == 3, err
-    assert warned[0].startswith(f"warning: {stale} (") and " MiB, last written " in warned[0], err
-    assert warned[0].endswith(f"was left by the conversion of pid {killed.pid} on host {socket.gethostname()}, "
-                              f"started {warned[0].split(', started ')[1].split(',')[0]}, which ended; removed"), err
-    assert warned[1].startswith(f"warning: {foreign} (0.0 MiB") and "did not mark it" in warned[1], err
-    assert "left in place" in warned[1]
-    assert warned[2].startswith(f"warning: {tmp_path / '.out.partial-living'} (") and warned[2].endswith(
-        "which still runs; left in place"), err
+    warned = {path: line for line in err.splitlines() for path in (stale, foreign, tmp_path / ".out.partial-living")
+              if line.startswith(f"warning: {path} (")}
+    assert len(warned) == 3 and err.count(".partial-") == 3, err
+    assert " MiB, last written " in warned[stale] and warned[stale].endswith(
+        f"was left by the conversion of pid {killed.pid} on host {socket.gethostname()}, started "
+        f"{warned[stale].split(', started ')[1].split(',')[0]}, which ended; removed"), err
+    assert warned[foreign].startswith(f"warning: {foreign} (0.0 MiB") and "did not mark it" in warned[foreign], err
+    assert "left in place" in warned[foreign]
+    assert warned[tmp_path / ".out.partial-living"].endswith(
+        f"pid {living.pid} on host {socket.gethostname()}, started "
+        f"{warned[tmp_path / '.out.partial-living'].split(', started ')[1].split(',')[0]}, which still runs; "
+        "left in place"), err
     assert leftovers(out) == [".out.partial-foreign", ".out.partial-living", "out"]
     assert not (out / "release" / MARKER).exists() and not (out / MARKER).exists()
