@@ -1,11 +1,10 @@
 """Runs that do not end well, with real processes and real signals: a conversion stopped by the signals schedulers
 and terminals send (SIGTERM, SIGHUP), in one process and under torchrun; two runs on one save path; what a killed
 run leaves, named and (when it is certainly a dead run's) removed by the next one. Each background run converts a
-0.26 GB model, long enough to be stopped while it writes: the signal, or the second run, goes out once the first
+0.3 GB model, long enough to be stopped while it writes: the signal, or the second run, goes out once the first
 rank file is being written into the staging directory."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -20,21 +19,10 @@ from checkpoint_convert.claim import MARKER, Run, claimed
 from checkpoint_convert.errors import BadInputError
 from tests.family_kit import VARIANTS
 from tests.helpers import REPO, convert
-from tests.test_torchrun import _workers
+from tests.test_torchrun import _env, _leftovers, _workers, larger_model  # noqa: F401  (a fixture: a 0.3 GB model)
 
 CONVERT = REPO / "scripts" / "convert.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A 0.26 GB bf16 Llama-shaped model (what is in it does not matter here)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark import Shapes, build_synthetic
-
-    path = tmp_path_factory.mktemp("run_safety") / "hf"
-    build_synthetic(path, Shapes(hidden=1024, ffn=2816, heads=8, groups=4, vocab=32000), layers=6)
-    return path
 
 
 def tiny(path: Path) -> Path:
@@ -47,8 +35,7 @@ def start(model: Path, out: Path, launcher: list[str] | None = None) -> subproce
     """The conversion of ``model`` to Megatron TP 2 into ``out``, started in the background."""
     command = [*(launcher or [sys.executable]), str(CONVERT), "--load_path", str(model), "--save_path", str(out),
                "--to", "megatron", "--target_tensor_model_parallel_size", "2", "--quiet"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
 
 
 def wait_until_writing(out: Path, timeout: float = 120) -> None:
@@ -60,34 +47,35 @@ def wait_until_writing(out: Path, timeout: float = 120) -> None:
 
 def leftovers(out: Path) -> list[str]:
     """What the run left beside (or as) its save path."""
-    return sorted(path.name for path in out.parent.iterdir() if path.name == out.name
-                  or path.name.startswith(f".{out.name}."))
+    return _leftovers(out.parent, out.name)
 
 
 def claim_line(out: Path, pid: int) -> str:
-    return f"error: {out}: another conversion is writing this save path (pid {pid} on host {socket.gethostname()}, started "
+    """The start of the line a run refused by the claim of process ``pid`` prints."""
+    host = socket.gethostname()
+    return f"error: {out}: another conversion is writing this save path (pid {pid} on host {host}, started "
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_stop_signal_leaves_nothing_and_says_so(model, tmp_path, signum):
-    before = {path: path.stat().st_mtime_ns for path in model.iterdir()}
-    run = start(model, tmp_path / "out")
+def test_a_stop_signal_leaves_nothing_and_says_so(larger_model, tmp_path, signum):
+    before = {path: path.stat().st_mtime_ns for path in larger_model.iterdir()}
+    run = start(larger_model, tmp_path / "out")
     wait_until_writing(tmp_path / "out")
     run.send_signal(signum)
     stderr = run.communicate(timeout=120)[1]
     assert run.returncode == 128 + signum, stderr
     assert stderr.splitlines() == [f"stopped by {signal.Signals(signum).name}; no output was left behind"], stderr
     assert leftovers(tmp_path / "out") == []
-    assert {path: path.stat().st_mtime_ns for path in model.iterdir()} == before
+    assert {path: path.stat().st_mtime_ns for path in larger_model.iterdir()} == before
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's processes in /proc")
-def test_sigterm_to_torchrun_stops_every_process(model, tmp_path):
+def test_sigterm_to_torchrun_stops_every_process(larger_model, tmp_path):
     """SIGTERM to torchrun (what Kubernetes sends a job's first process), which sends it on to every process: each
     stops at its next tensor, one line says so, the staging directory is gone. Meanwhile process 0 held the save
     path for every process."""
     out = tmp_path / "out"
-    run = start(model, out, TORCHRUN)
+    run = start(larger_model, out, TORCHRUN)
     wait_until_writing(out)
     workers = _workers(run.pid)
     assert len(workers) == 2
@@ -103,10 +91,10 @@ def test_sigterm_to_torchrun_stops_every_process(model, tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())
 
 
-def test_two_runs_on_one_save_path_never_both_succeed(model, tmp_path):
+def test_two_runs_on_one_save_path_never_both_succeed(larger_model, tmp_path):
     """Started together: one converts, the other stops with one line naming it (or, when it comes too late to meet
     it, finds the output there)."""
-    runs = [start(model, tmp_path / "out") for _ in range(2)]
+    runs = [start(larger_model, tmp_path / "out") for _ in range(2)]
     stderrs = [run.communicate(timeout=120)[1] for run in runs]
     assert sorted(run.returncode for run in runs) == [0, 2], stderrs
     winner, loser = sorted(range(2), key=lambda index: runs[index].returncode)
@@ -127,7 +115,7 @@ with claimed(Path(sys.argv[1])):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's processes in /proc")
-def test_a_held_save_path_stops_every_process_of_a_torchrun_run(model, tmp_path):
+def test_a_held_save_path_stops_every_process_of_a_torchrun_run(larger_model, tmp_path):
     """A process holding the save path makes every process of a torchrun conversion stop with one line naming it
     (process 0 finds it held); once that process is killed, the operating system has released its lock and the
     next run converts."""
@@ -136,7 +124,7 @@ def test_a_held_save_path_stops_every_process_of_a_torchrun_run(model, tmp_path)
                               cwd=REPO)
     try:
         assert holder.stdout.readline() == "held\n"
-        refused = start(model, held, TORCHRUN)
+        refused = start(larger_model, held, TORCHRUN)
         stderr = refused.communicate(timeout=120)[1]
     finally:
         holder.kill()
@@ -149,12 +137,12 @@ def test_a_held_save_path_stops_every_process_of_a_torchrun_run(model, tmp_path)
     assert leftovers(held) == ["held"]
 
 
-def test_a_killed_runs_staging_is_named_and_removed_only_when_dead(model, tmp_path, capsys):
+def test_a_killed_runs_staging_is_named_and_removed_only_when_dead(larger_model, tmp_path, capsys):
     """SIGKILL leaves a staging directory (and an unlocked lock file). The next run names every staging directory of
     its save path: the killed run's (marked, its process gone) is removed; one no run of this tool marked, and one
     whose process still runs, are left in place. Then it converts."""
     out = tmp_path / "out"
-    killed = start(model, out)
+    killed = start(larger_model, out)
     wait_until_writing(out)
     killed.kill()
     killed.wait(timeout=60)
