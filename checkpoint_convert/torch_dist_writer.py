@@ -47,7 +47,8 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool) -> list[str]:
-    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
+    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert), and
+    under Transformer Engine one per norm module (``schema.te_norm_module``) and layer.
 
     ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
     leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
@@ -55,6 +56,9 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
     modules: dict[str, tuple[int, ...]] = {}  # module -> the shape of its objects
     for fqn, shape in shapes:
         module, param = fqn.rsplit(".", 1)
+        if transformer_engine and schema.te_norm_module(fqn):  # a norm of its own: one object per layer, or one
+            stacked = fqn.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(fqn)
+            modules[module] = tuple(shape[:1]) if stacked else (1,)
         # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         if fqn.startswith(schema.LAYER_PREFIX) and param == "weight" and module.rsplit(".", 1)[-1].startswith("linear_"):
             layer_axes = 0 if schema.PER_LAYER_KEY.match(fqn) else 1
