@@ -316,6 +316,40 @@ def _te_to_local(state: dict) -> dict:
     return out
 
 
+class _TENormStandIn:
+    """What Transformer Engine's ``LayerNorm`` / ``RMSNorm`` add to a norm (TE 1.13 and later build them on its
+    operation API, ``transformer_engine/pytorch/ops/op.py``): an ``_extra_state`` in ``state_dict`` and so a
+    ``ShardedObject`` in megatron-core's sharded state dict. Without FP8 TE 2.9 and later return an empty uint8
+    tensor (2.0-2.8: a pickled ``{}``; 1.13: an empty float tensor); their ``set_extra_state`` returns at once for
+    None or an empty tensor and unpickles anything else (refused here: a converted checkpoint holds no FP8 state)."""
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if state is not None and not (isinstance(state, torch.Tensor) and state.numel() == 0):
+            raise ValueError(f"a norm's extra state without FP8 is None or empty, not {state!r}")
+
+
+def _te_norms(model, args) -> None:
+    """Give the norms megatron-core's Transformer Engine spec builds as ``TENorm`` (``final_layernorm``; q/k norms;
+    a MoE layer's ``pre_mlp_layernorm``; MLA's ``input_layernorm``; the others are fused into linear layers) the
+    extra state of :class:`_TENormStandIn`, for a checkpoint written for Transformer Engine."""
+    if getattr(args, "transformer_impl", "local") != "transformer_engine":
+        return
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    for name, module in model.named_modules():
+        layer = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        last = name.rsplit(".", 1)[-1]
+        if (last == "final_layernorm" or (last in ("q_layernorm", "k_layernorm") and not mla)
+                or (last == "input_layernorm" and mla)
+                or (last == "pre_mlp_layernorm" and isinstance(getattr(layer, "mlp", None), MoELayer))):
+            if hasattr(module, "weight") and not isinstance(module, _TENormStandIn):  # not an IdentityOp
+                module.__class__ = type(f"TE{type(module).__name__}", (_TENormStandIn, type(module)), {})
+
+
 def _rank_file_pipeline(ckpt: Path) -> tuple[int, int | None]:
     """(PP, VPP or None) of a rank-file tree, from its args (any rank's: they are the same)."""
     first = sorted((ckpt / "release").glob("mp_rank_*/model_optim_rng.pt"))[0]
@@ -342,6 +376,7 @@ def _rank_file_logits(pp: int, vpp: int | None, ckpt: Path, tokens: Path, out: P
     chunks = []
     for chunk in range(vpp or 1):
         model = build_model(args, vp_stage=chunk if vpp else None)
+        _te_norms(model, args)
         model.load_state_dict(_te_to_local(state[f"model{chunk}" if vpp else "model"]), strict=True)
         chunks.append(model)
     logits = pipeline_forward(chunks, torch.load(tokens), args.hidden_size, args.vocab_size)
@@ -495,7 +530,12 @@ def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
     iter_dir, args = _dist_args(ckpt)
     args.tensor_model_parallel_size = tp
     model = build_model(args)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
+    _te_norms(model, args)
+    # every key the model asks for must be there; a Transformer Engine checkpoint also holds its attention's extra
+    # state, which the local attention does not ask for
+    te = getattr(args, "transformer_impl", "local") == "transformer_engine"
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir),
+                                    strict="raise_unexpected" if te else "raise_all")
     model.load_state_dict(state["model"], strict=True)
     logits = forward(model, torch.load(tokens), args.vocab_size)
     if torch.distributed.get_rank() == 0:

@@ -16,7 +16,7 @@ import yaml
 
 from checkpoint_convert.formats.megatron_formats import open_megatron_tree
 from tests.family_kit import VARIANTS
-from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of, with_args
 from tests.test_errors import snapshot
 from tests.test_family_kit import MEGATRON_CORE_ATOL, ORACLE
 
@@ -159,3 +159,36 @@ def test_kimi_k2_provider_is_read_as_deepseek_v3(trees, tmp_path):
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v3"
     assert_logits_close(logits_of(tmp_path / "out"), trees.get("deepseek_v3_moe_halves_tied")[1])
+
+
+def test_run_config_as_bridge_writes_deepseek_v2_lite_with_neutral_router_values_is_read(tmp_path):
+    """Megatron-Bridge 0.6.2 writes a DeepSeek-V2-Lite-shaped model (routed_scaling_factor 1.0, n_group 1, topk_group 1,
+    topk_method greedy) with the neutral router values moe_router_topk_scaling_factor 1.0, moe_router_num_groups 1,
+    moe_router_group_topk 1 (one group, all of it chosen: no group limit; no scaling); they read as what they are."""
+    from tests.family_kit import DEEPSEEK_MOE, QWEN_ROPE, hf_model
+
+    lite = dict(DEEPSEEK_MOE, num_experts_per_tok=3, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                topk_method="greedy")
+    logits = logits_of(hf_model("DeepseekV2Config", "DeepseekV2ForCausalLM", 12, q_lora_rank=None,
+                                rope_parameters=QWEN_ROPE, **lite)(tmp_path / "hf"))
+    assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "bridge", "--to", "megatron",
+                   "--megatron_bridge", "--transformer_impl", "local") == 0
+    file = tmp_path / "bridge" / "iter_0000000" / "run_config.yaml"
+    config = yaml.safe_load(file.read_text())
+    config["model"].update(
+        moe_router_topk_scaling_factor=1.0, moe_router_num_groups=1, moe_router_group_topk=1,
+        moe_router_score_function="softmax", moe_router_pre_softmax=True, moe_router_enable_expert_bias=False,
+        rope_type="yarn", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0,
+        original_max_position_embeddings=4096, moe_router_load_balancing_type="seq_aux_loss",
+        make_vocab_size_divisible_by=3200, mtp_num_layers=None)
+    file.write_text(yaml.safe_dump(config))
+    assert convert("--load_path", tmp_path / "bridge", "--save_path", tmp_path / "ranks", "--to", "megatron",
+                   "--megatron_ckpt_format", "torch", "--no-megatron_bridge") == 0
+    ranks = with_args(tmp_path / "ranks", tmp_path / "ranks_neutral", moe_router_topk_scaling_factor=1.0,
+                      moe_router_num_groups=1, moe_router_group_topk=1)  # the same values as Megatron-LM args
+    for kind, source in (("run_config.yaml", tmp_path / "bridge"), ("args", ranks)):
+        assert convert("--load_path", source, "--save_path", tmp_path / f"out_{kind}", "--to", "hf") == 0, kind
+        out = json.loads((tmp_path / f"out_{kind}" / "config.json").read_text())
+        assert (out["model_type"], out["topk_method"], out["n_group"], out["topk_group"],
+                out["routed_scaling_factor"]) == ("deepseek_v2", "greedy", 1, 1, 1.0), out
+        assert_logits_close(logits_of(tmp_path / f"out_{kind}"), logits)

@@ -121,3 +121,13 @@ def test_mixtral_router_that_does_not_renormalise_is_refused(tmp_path, capsys):
     assert convert("--load_path", tmp_path / "hf", "--save_path", tmp_path / "m", "--to", "megatron") == 0
     source = with_args(tmp_path / "m", tmp_path / "src", moe_router_pre_softmax=True)
     _refused(capsys, source, tmp_path / "out", "the router does not renormalise its top-k weights", "model_optim_rng.pt")
+
+
+def test_neutral_router_values_read_as_no_groups_and_no_scaling(qwen_moe, tmp_path):
+    """One group of which one is chosen, and a scaling factor of 1 (as Megatron-Bridge writes for models without
+    groups or scaling) change nothing: the model converts to its original's logits."""
+    root, logits = qwen_moe
+    source = with_args(root / "qwen3_moe_window_megatron", tmp_path / "src", moe_router_num_groups=1,
+                       moe_router_group_topk=1, moe_router_topk_scaling_factor=1.0)
+    assert convert("--load_path", source, "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), logits["qwen3_moe_window"])

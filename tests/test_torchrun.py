@@ -27,6 +27,7 @@ from checkpoint_convert.run.converter import Options, open_source, plan_conversi
 from checkpoint_convert.run.provenance import RECORD_FILE
 from checkpoint_convert.commands.report_cli import run_verify_cli
 from checkpoint_convert.run.shares import split_outputs
+from checkpoint_convert.run.claim import claimed
 from tests.family_kit import VARIANTS
 from tests.helpers import REPO, assert_logits_close, convert, logits_of
 
@@ -239,7 +240,10 @@ def test_a_process_killed_while_writing_leaves_nothing(larger_model, tmp_path, k
     assert launcher.returncode != 0, "the conversion finished before a process was killed"
     assert _tool_lines(stderr) == ["error: a conversion process stopped without reporting (killed, or its machine "
                                     "lost); no output was left behind"], stderr[-3000:]
-    assert _leftovers(tmp_path, "out") == []
+    # the killed leader's lock file stays, no longer locked: the next run takes it over
+    assert _leftovers(tmp_path, "out") == ([".out.lock"] if killed == 0 else [])
+    with claimed(out):
+        pass
     assert {path: path.stat().st_mtime_ns for path in larger_model.iterdir()} == before
 
 

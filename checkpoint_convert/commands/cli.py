@@ -16,6 +16,7 @@ from ..formats.megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_T
 from ..run.converter import convert
 from ..run.distributed import follower
 from ..run.plan import DEFAULT_TIMEOUT_MINUTES, Options
+from ..run.stop_signals import interruption, stopping_on_signals
 from .cli_settings import add_settings_flags, invocation, parse_with_settings, print_settings
 
 
@@ -101,15 +102,15 @@ def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     """Run ``main``: bad input -> one line and exit 2; a bug -> one line and exit 1; --debug re-raises.
 
     Warnings are held back and printed, one line each, when the command ends, except when it ends on bad
-    input: then the error is the only line (a warning about a run that never happened is noise).
+    input or a signal: then the error is the only line (a warning about a run that never happened is noise).
     """
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return_large_allocations_to_the_system()
     # one of several processes (torchrun): the leader speaks for all of them
     voice = silence_output() if follower() and not args.debug else sys.stderr
-    with warnings.catch_warnings(record=True) as held:
+    with warnings.catch_warnings(record=True) as held, stopping_on_signals():  # SIGTERM, SIGHUP as Ctrl-C
         code = _run(main, args, voice)
-    if code != EXIT_BAD_INPUT:
+    if code != EXIT_BAD_INPUT and code < 128:  # 128 + N: ended by signal N
         for warning in held:
             print(f"warning: {warning.message}", file=sys.stderr)
     return code
@@ -131,9 +132,10 @@ def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace, vo
         if failure.speaks:
             print(failure.line, file=voice, flush=True)
         return failure.code
-    except KeyboardInterrupt:
-        print("interrupted; no output was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP
+        line, code = interruption(stop)
+        print(line, file=sys.stderr)
+        return code
     except BrokenPipeError:
         return reader_gone()
     except Exception as error:  # an internal error: short message, traceback only on request

@@ -282,7 +282,8 @@ def _moe_routing(args: Any, num_layers: int, source: str) -> dict[str, Any]:
 
 def _router_groups(args: Any, source: str) -> dict[str, Any]:
     """Group-limited routing (``moe_router_num_groups`` groups, ``moe_router_group_topk`` of them chosen), checked as
-    megatron-core's TransformerConfig checks it; none without ``moe_router_group_topk``."""
+    megatron-core's TransformerConfig checks it; none without ``moe_router_group_topk``, and none when every group is
+    chosen (Megatron-Bridge writes one group of which one is chosen for a model without groups): that is no limit."""
     if not _get(args, "moe_router_group_topk"):
         return {}
     chosen = _whole(args, source, "moe_router_group_topk")
@@ -291,6 +292,8 @@ def _router_groups(args: Any, source: str) -> dict[str, Any]:
     if groups is None or experts % groups or chosen > groups:
         raise BadInputError(f"moe_router_group_topk {chosen} needs moe_router_num_groups (now {groups}) dividing the "
                             f"{experts} experts and at least {chosen}", source)
+    if chosen == groups:
+        return {}
     return {"moe_router_num_groups": groups, "moe_router_group_topk": chosen}
 
 

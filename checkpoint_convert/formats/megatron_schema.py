@@ -189,11 +189,22 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
 MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
 
 
+def te_norm_module(key: str) -> str | None:
+    """The module of ``key`` when it is the weight of a norm that megatron-core's Transformer Engine spec builds as a
+    module of its own (``TENorm``: ``final_layernorm``, ``q_layernorm`` / ``k_layernorm``, a MoE layer's
+    ``pre_mlp_layernorm``, MLA's ``input_layernorm``), else None. Transformer Engine 1.13 and later builds its
+    ``LayerNorm`` / ``RMSNorm`` on its operation API, whose modules carry ``_extra_state`` (TE 1.12 and earlier: no
+    extra state); fused norms (``linear_*.layer_norm_weight``) are part of their linear layer's."""
+    module, _, param = key.rpartition(".")
+    return module if param == "weight" and module.rsplit(".", 1)[-1].endswith("layernorm") else None
+
+
 def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> list[str]:
     """``_extra_state`` entries megatron-core modules expose in their state dicts (value None).
 
     Every mcore linear layer (``linear_*`` and the output layer) has one, whether or not its
-    weight is stored on this stage; the Transformer Engine attention also has one.
+    weight is stored on this stage; the Transformer Engine attention also has one, and so has every norm that is a
+    module of its own under Transformer Engine (:func:`te_norm_module`).
     """
     if schema == LEGACY:
         return []
@@ -206,6 +217,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules
                            if m.endswith("self_attention.linear_proj")})
+        modules += [module for module in map(te_norm_module, weight_keys) if module]
     if last_stage:
         modules.append("output_layer")
     return [f"{module}._extra_state" for module in modules]

@@ -48,7 +48,8 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 
 def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transformer_engine: bool,
                          hybrid: bool = False) -> list[str]:
-    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert).
+    """The ``_extra_state`` objects megatron-core's GPTModel asks for, one per linear layer and layer (and expert), and
+    under Transformer Engine one per norm module (``schema.te_norm_module``) and layer.
 
     ``shapes``: (key, global shape) of every tensor written. A layer-stacked key has one object per layer (its
     leading axis), a key of a layer stored apart (``decoder.layers.N.…``) one of shape (1,); expert keys one
@@ -58,9 +59,12 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
     for fqn, shape in shapes:
         fqn = schema.without_part(fqn)
         module, param = fqn.rsplit(".", 1)
-        # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         start = max(fqn.find(schema.LAYER_PREFIX), 0)  # after the language model's prefix in a multi-tower model
         local = fqn[start:]
+        if transformer_engine and schema.te_norm_module(local):  # a norm of its own: one object per layer, or one
+            stacked = local.startswith(schema.LAYER_PREFIX) and not schema.PER_LAYER_KEY.match(local)
+            modules[module] = tuple(shape[:1]) if stacked else (1,)
+        # a linear layer has a weight; a local-spec MoE layer's pre-MLP norm is named linear_fc1.layer_norm_weight
         mtp = schema.MTP_LAYER.match(local) or local.startswith("mtp.layers.")  # an MTP layer's keys are its own
         last = module.rsplit(".", 1)[-1]
         linear = (last.startswith("linear_") or (mtp and last == "eh_proj")

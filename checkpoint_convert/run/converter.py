@@ -1,6 +1,7 @@
 """Conversion orchestration: open the source, plan on meta tensors, validate, then stream to disk."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import time
@@ -44,6 +45,7 @@ from ..formats.sinks import DISK, DiskSink
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec
 from ..model.parallel import layers_per_stage, padded_vocab_size
+from .claim import claimed
 from .distributed import Solo, Team, processes_of_this_run
 from .output import check_paths
 from .plan import Options, Plan, Share, Summary, nbytes_of, output_dtype_of, tokenizer_source
@@ -203,8 +205,17 @@ def convert(options: Options) -> Summary:
     reading, so the output is always the one the config class describes.
     """
     start = time.time()
-    with processes_of_this_run(options.distributed_timeout) as team:
+    with processes_of_this_run(options.distributed_timeout) as team, _claim(options, team):
         return team.summarized(_convert(options, team, start))
+
+
+def _claim(options: Options, team: Solo | Team) -> contextlib.AbstractContextManager:
+    """The save path held for the whole run (by process 0 under torchrun), once the paths are checked: no lock file
+    is made in a source or beside a save path that is refused anyway."""
+    if not team.leader:
+        return contextlib.nullcontext()
+    check_paths(options.load_path, options.save_path, options.overwrite)
+    return claimed(options.save_path)
 
 
 def _convert(options: Options, team: Solo | Team, start: float) -> Summary:

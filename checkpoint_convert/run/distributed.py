@@ -28,7 +28,6 @@ import hashlib
 import os
 import resource
 import shutil
-import signal
 import threading
 import time
 import warnings
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from ..base.distribution import tool_version
 from ..base.errors import EXIT_INTERNAL, BadInputError, ProcessesFailed, internal_error_line
+from . import stop_signals
 from .output import new_staging, put_in_place, staged_directory
 from .plan import DEFAULT_TIMEOUT_MINUTES, Plan, Share, Summary
 from .shares import Split, split_outputs
@@ -120,23 +120,13 @@ class _AnotherFailed(Exception):
     """Another process failed (a consequence, reported as such)."""
 
 
-class _Stopped(KeyboardInterrupt):
-    """A signal (SIGTERM: torchrun stops the others when a process fails, or a scheduler stops the job)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _report_of(error: BaseException) -> _Report:
     if isinstance(error, BadInputError):
         return _Report(f"error: {error}", 2)
     if isinstance(error, _AnotherFailed):
         return _Report("error: another conversion process failed", EXIT_INTERNAL, cause=False)
-    if isinstance(error, _Stopped):
-        return _Report(f"stopped by {error}; no output was left behind", 128 + error.signum)
-    if isinstance(error, KeyboardInterrupt):
-        return _Report("interrupted; no output was left behind", 130)
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or a stop signal (torchrun stops the others when one fails)
+        return _Report(*stop_signals.interruption(error))
     return _Report(internal_error_line(error), EXIT_INTERNAL)
 
 
@@ -218,7 +208,7 @@ class Team:
         self.progress_shared = _Progress(self._store(), self.leader)
         self.progress_shared.start()
         self._fail_store = self._store()
-        self._previous_handler = signal.signal(signal.SIGTERM, _stop_on_signal)
+        self._previous_handlers = stop_signals.install()
         self._catching = warnings.catch_warnings(record=True)
         self._warnings = self._catching.__enter__()
         return self
@@ -231,8 +221,8 @@ class Team:
                 raise self.failed(error) from None
         finally:
             self.progress_shared.stop()
-            if self.settled is None:  # a failed process keeps ignoring SIGTERM until it has said why it ends
-                signal.signal(signal.SIGTERM, self._previous_handler)
+            if self.settled is None:  # a failed process keeps ignoring stop signals until it has said why it ends
+                stop_signals.restore(self._previous_handlers)
             self._catching.__exit__(None, None, None)
             if error is None:
                 self._emit_warnings()  # a failed run's warnings are about an output that was never made
@@ -326,7 +316,7 @@ class Team:
         """Keep ``failure`` as the outcome; the process ends with it, so a SIGTERM torchrun sends now (another
         process has already ended with this failure) no longer interrupts the cleaning up."""
         self.settled = failure
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_signals.ignore()
         return failure
 
     def _meet(self, report: _Report | None, data: Any = None, error: BaseException | None = None) -> list[Any]:
@@ -396,10 +386,5 @@ def _check_same_conversion(staging: Path, digests: list[str]) -> None:
     if differing:
         raise BadInputError(f"process {differing[0]} planned another conversion than process 0: every machine "
                             "needs the same version of this tool and the same source")
-
-
-def _stop_on_signal(signum: int, frame: Any) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-    raise _Stopped(signum)
 
 

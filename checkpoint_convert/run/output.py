@@ -1,8 +1,9 @@
 """Output safety: never write into the source, never leave a half-written output that looks complete.
 
 Everything is written into a hidden temporary sibling of the save path and renamed into place only
-after the last file (for Megatron, the tracker) is written. An interrupted run leaves at most a
-``.NAME.partial-*`` directory, which the next run removes. ``--overwrite`` replaces only a directory
+after the last file (for Megatron, the tracker) is written. An interrupted run removes it; a killed run leaves
+a ``.NAME.partial-*`` directory, which the next run names, and removes when it is certainly a dead run's (see
+``claim``, which also keeps a second run off the save path). ``--overwrite`` replaces only a directory
 that holds a checkpoint and nothing else, and the old one is removed only once the new one is complete.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..base.errors import BadInputError
 from ..formats.hf_io import CONFIG, TOKENIZER_FILES, is_hf_checkpoint
 from ..formats.megatron_formats import is_megatron_checkpoint
 from ..formats.torch_dist_layout import RUN_CONFIG_FILE, TOKENIZER_DIR, TRAIN_STATE_FILE, TRAIN_STATE_TRACKER
+from .claim import clear_stale_staging, mark_staging, unmark_staging
 from .provenance import RECORD_FILE
 
 DISK_MARGIN = 64 * 1024 * 1024
@@ -87,11 +89,6 @@ def _has_hf_weights(directory: Path) -> bool:
     return any(path.suffix in (".safetensors", ".bin") for path in directory.iterdir())
 
 
-def _remove_stale_partials(parent: Path, name: str) -> None:
-    for stale in parent.glob(f".{name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def check_free_space(directory: Path, needed_bytes: int) -> int:
     """The free bytes where the output goes (``directory`` or its nearest existing parent); refuses too few."""
     existing = next(path for path in (directory, *directory.parents) if path.exists())
@@ -118,15 +115,17 @@ def new_staging(save_path: Path, needed_bytes: int) -> Path:
     checked (see :func:`staged_directory`, and ``distributed``, where several processes share one)."""
     save = save_path.resolve()
     save.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(save.parent, save.name)
+    clear_stale_staging(save)
     check_free_space(save.parent, needed_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{save.name}.partial-", dir=save.parent))
     staging.chmod(_mkdir_mode())  # mkdtemp's 0700 would make the finished output private to this user
+    mark_staging(staging)
     return staging
 
 
 def put_in_place(staging: Path, save_path: Path) -> None:
     """Rename the finished ``staging`` directory to ``save_path`` (replacing an old checkpoint there)."""
+    unmark_staging(staging)
     _replace(staging, save_path.resolve())
 
 
