@@ -19,7 +19,7 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
@@ -69,6 +69,12 @@ class SettingsParser(argparse.ArgumentParser):
         self.add_argument("--print_config", "--print-config", dest="print_config", action="store_true",
                           help="print every setting with its effective value as a commented YAML template (JSON "
                                "with --json or a .json --config) and exit")
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's one-line error; a missing flag's also says where else it can be set."""
+        if message.startswith("the following arguments are required") and "--" in message:
+            message += f" (on the command line, as {self.env_prefix}<FLAG>, or in a --config file)"
+        super().error(message)
 
 
 @dataclass

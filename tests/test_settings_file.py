@@ -170,6 +170,15 @@ def test_bad_variables_are_one_line_errors_naming_them(variable, value, message,
     assert message in error
 
 
+def test_a_missing_flag_says_where_it_can_be_set(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_convert_cli(["--load_path", "x"], _bootstrap.FAMILIES, prog="convert.py")
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2 and error.endswith(
+        "required: --save_path/--save-path, --to (on the command line, as MEGATRON_HF_CONVERT_<FLAG>, or in a --config "
+        "file)")
+
+
 def test_inspect_and_verify_read_settings_too(tree, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(INSPECT_ENV_PREFIX + "JSON", "1")
     capsys.readouterr()
