@@ -110,7 +110,10 @@ def _not_a_setting(parser: argparse.ArgumentParser, key: str, name: str | None) 
     positional = [action.dest for action in parser._actions if not action.option_strings]
     if key in positional:
         return f"'{key}' is the command's positional argument, not a flag: give it on the command line"
-    return f"unknown setting '{key}': {parser.prog} has no --{key} (see --print_config)"
+    negated = _names(parser).get(key[len("no_"):]) if key.startswith("no_") else None
+    if negated in setting_actions(parser):
+        return f"'{key}' is the off spelling of --{negated}: set '{negated}' to false"
+    return f"unknown setting '{key}': no flag of {parser.prog} is named --{key} (see --print_config)"
 
 
 def _switch(action: argparse.Action) -> bool:

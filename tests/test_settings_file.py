@@ -128,7 +128,9 @@ def test_a_flag_added_to_a_group_is_a_setting_with_no_further_edit():
 
 
 @pytest.mark.parametrize("content,message", [
-    ({"load_path": "x", "shard_size": "1GB"}, "unknown setting 'shard_size': convert.py has no --shard_size"),
+    ({"load_path": "x", "shard_size": "1GB"}, "unknown setting 'shard_size': no flag of convert.py is named --shard_"),
+    ({"no-safe-serialization": True}, "'no_safe_serialization' is the off spelling of --safe_serialization: set "
+                                      "'safe_serialization' to false"),
     ({"config": "other.yaml"}, "--config cannot be a setting: it names the settings file itself"),
     ({"print-config": True}, "--print_config cannot be a setting: it prints the settings instead of running"),
     ({"help": True}, "--help cannot be a setting"),
@@ -154,7 +156,7 @@ def test_bad_settings_files_are_one_line_errors(tmp_path, capsys, content, messa
     (TP_VARIABLE, "0", f"{TP_VARIABLE} has a bad value: '0' is not a whole number of at least 1"),
     (CONVERT_ENV_PREFIX + "MODEL", "gpt3", "MODEL has a bad value: 'gpt3' is not one of deepseek_v2"),
     (CONVERT_ENV_PREFIX + "DRY_RUN", "maybe", "DRY_RUN is an on/off flag: give one of 1, true, yes, on, 0, false"),
-    (CONVERT_ENV_PREFIX + "TP", "2", "_TP: unknown setting 'tp': convert.py has no --tp"),
+    (CONVERT_ENV_PREFIX + "TP", "2", "_TP: unknown setting 'tp': no flag of convert.py is named --tp"),
     (CONVERT_ENV_PREFIX + "CONFIG", "c.yaml", "_CONFIG: --config cannot be a setting: it names the settings file"),
     (INSPECT_ENV_PREFIX + "PATH", "/x", "_PATH: 'path' is the command's positional argument, not a flag: give it on"),
 ])
