@@ -17,7 +17,7 @@ from ..run.converter import convert
 from ..run.distributed import follower
 from ..run.plan import DEFAULT_TIMEOUT_MINUTES, Options
 from ..run.stop_signals import interruption, stopping_on_signals
-from .cli_settings import add_settings_flags, invocation, parse_with_settings, print_settings
+from .cli_settings import SettingsParser, invocation, parse_settings, print_settings
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -29,6 +29,7 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def _layer_list(text: str) -> list[int]:
+    """Layer counts, comma-separated (a list in a settings file)."""
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -39,7 +40,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def _size(text: str) -> int:
-    """A parallel size or multiple: a whole number of at least 1."""
+    """Whole number >= 1 (a parallel size or multiple)."""
     try:
         value = int(text)
     except ValueError:
@@ -50,6 +51,7 @@ def _size(text: str) -> int:
 
 
 def _minutes(text: str) -> float:
+    """Minutes, a number above 0."""
     try:
         value = float(text)
     except ValueError:
@@ -59,43 +61,103 @@ def _minutes(text: str) -> float:
     return value
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every conversion CLI understands."""
-    add_flag(parser, "target_tensor_model_parallel_size", type=_size, default=None,
+def _source_flags(group: argparse._ArgumentGroup, families: Sequence[str]) -> None:
+    add_flag(group, "load_path", required=True, metavar="SRC",
+             help="Megatron tree / iteration dir, or HF model dir")
+    group.add_argument("--model", choices=list(families), default=None, metavar="FAMILY",
+                       help=f"model family: {', '.join(families)} (default: detected from config.json or the Megatron "
+                            "args)")
+    add_flag(group, "iteration", default=None, metavar="N", help="source iteration to read (number or 'release')")
+    add_flag(group, "vocab_size", type=_size, default=None, metavar="N",
+             help="true vocab size when the Megatron args do not record it")
+    add_flag(group, "drop_mtp_layers", action="store_true",
+             help="leave multi-token prediction layers (DeepSeek-V3's) out of the output instead of refusing them")
+
+
+def _layout_flags(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "save_path", required=True, metavar="DST", help="output directory (written atomically)")
+    group.add_argument("--to", required=True, choices=["hf", "megatron"], help="output format")
+    add_flag(group, "target_tensor_model_parallel_size", type=_size, default=None, metavar="N",
              help="target TP size (default: the source's for Megatron sources, else 1)")
-    add_flag(parser, "target_pipeline_model_parallel_size", type=_size, default=None,
+    add_flag(group, "target_pipeline_model_parallel_size", type=_size, default=None, metavar="N",
              help="target PP size (default: the source's for Megatron sources, else 1)")
-    add_flag(parser, "target_pipeline_layers", type=_layer_list, default=None,
+    add_flag(group, "target_pipeline_layers", type=_layer_list, default=None, metavar="L1,L2,..",
              help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers); with a virtual pipeline, "
                   "all PP x VPP stages in model order")
-    add_flag(parser, "target_virtual_pipeline_model_parallel_size", type=_size, default=None,
+    add_flag(group, "target_virtual_pipeline_model_parallel_size", type=_size, default=None, metavar="N",
              help="model chunks per pipeline rank (interleaved schedule: rank files hold model0, model1, ...); "
                   "default: the source's when the pipeline is kept, else 1")
-    add_flag(parser, "target_expert_model_parallel_size", type=_size, default=None,
+    add_flag(group, "target_expert_model_parallel_size", type=_size, default=None, metavar="N",
              help="target EP size for mixture-of-experts models (default: the source's, else 1)")
-    add_flag(parser, "target_data_parallel_size", type=_size, default=1,
-             help="DP size for the dummy distributed-optimizer files")
-    add_flag(parser, "use_distributed_optimizer", action="store_true",
-             help="write model_rng.pt plus dummy mp_rank_*_DDD/optim.pt files")
-    add_flag(parser, "zip_crc32", action="store_true",
-             help="checksum every record of Megatron rank files (slower; torch.load never checks them, zip tools do)")
-    add_flag(parser, "target_params_dtype", choices=["fp32", "fp16", "bf16"], default=None,
+    add_flag(group, "target_data_parallel_size", type=_size, default=1, metavar="N",
+             help="DP size for the dummy distributed-optimizer files (default 1)")
+    add_flag(group, "target_params_dtype", choices=["fp32", "fp16", "bf16"], default=None,
              help="output dtype (default: keep the source dtype)")
-    add_flag(parser, "make_vocab_size_divisible_by", type=_size, default=128,
+    add_flag(group, "max_position_embeddings", type=_size, default=None, metavar="N",
+             help="context length recorded in args / config.json (default: the source's; learned position "
+                  "embeddings keep theirs)")
+
+
+def _megatron_flags(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "megatron_format", choices=["mcore", "legacy"], default=None,
+             help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
+    add_flag(group, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
+             help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
+                  "sources, else torch)")
+    group.add_argument("--megatron_bridge", "--megatron-bridge", dest="megatron_bridge",
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help="torch_dist as NVIDIA Megatron-Bridge saves it (iter_0000000, run_config.yaml, train "
+                            "state, tokenizer); implies torch_dist (default: when the source is one)")
+    add_flag(group, "transformer_impl", choices=["transformer_engine", "local"], default=None,
+             help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
+    add_flag(group, "moe_grouped_gemm", action="store_true",
+             help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
+    add_flag(group, "use_distributed_optimizer", action="store_true",
+             help="write model_rng.pt plus dummy mp_rank_*_DDD/optim.pt files")
+    add_flag(group, "zip_crc32", action="store_true",
+             help="checksum every record of Megatron rank files (slower; torch.load never checks them, zip tools do)")
+    add_flag(group, "make_vocab_size_divisible_by", type=_size, default=128, metavar="N",
              help="Megatron vocab padding multiple (default 128, times TP)")
-    add_flag(parser, "max_shard_size", default="10GB", help="largest HF shard (default 10GB)")
-    parser.add_argument("--safe_serialization", "--safe-serialization", dest="safe_serialization",
-                        action=argparse.BooleanOptionalAction, default=True,
-                        help="write safetensors (default) or, with --no-safe_serialization, pytorch .bin")
-    add_flag(parser, "tokenizer_name", default=None,
+    add_flag(group, "tokenizer_type", choices=MEGATRON_TOKENIZER_TYPES, default=None, metavar="TYPE",
+             help="Megatron-LM's --tokenizer-type recorded in args (default: HuggingFaceTokenizer for HF sources "
+                  f"or with --tokenizer_name, else the source's, else {DEFAULT_TOKENIZER_TYPE})")
+    add_flag(group, "seq_length", type=_size, default=None, metavar="N",
+             help="training sequence length recorded in args (default: the source's, else max_position_embeddings)")
+
+
+def _hf_flags(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "max_shard_size", default="10GB", metavar="SIZE", help="largest HF shard (default 10GB)")
+    group.add_argument("--safe_serialization", "--safe-serialization", dest="safe_serialization",
+                       action=argparse.BooleanOptionalAction, default=True,
+                       help="write safetensors (default) or, with --no-safe_serialization, pytorch .bin")
+    add_flag(group, "tokenizer_name", default=None, metavar="DIR",
              help="HF output: local directory whose tokenizer files are copied; Megatron output: recorded as "
                   "tokenizer_model (a local path, made absolute, or a hub name)")
-    add_flag(parser, "trust_checkpoint", action="store_true",
+
+
+def _safety_flags(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "dry_run", action="store_true",
+             help="check everything and print the plan (files and sizes, memory, disk, Megatron args, warnings); "
+                  "writes nothing")
+    add_flag(group, "overwrite", action="store_true", help="replace a non-empty save path")
+    add_flag(group, "trust_checkpoint", action="store_true",
              help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
-    add_flag(parser, "drop_mtp_layers", action="store_true",
-             help="leave multi-token prediction layers (DeepSeek-V3's) out of the output instead of refusing them")
-    add_flag(parser, "debug", action="store_true", help="show tracebacks")
-    add_flag(parser, "quiet", action="store_true", help="no progress bars")
+    group.add_argument("--hash", action="store_true",
+                       help="record every source file's SHA-256 in the output's conversion.json (reads the source "
+                            "once more)")
+
+
+def add_run_flags(group: argparse._ArgumentGroup) -> None:
+    """Flags of how any command runs and reports."""
+    add_flag(group, "quiet", action="store_true", help="no progress bars")
+    add_flag(group, "debug", action="store_true", help="show tracebacks")
+
+
+def _scale_out_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--json", action="store_true", help="--dry_run and --print_config: machine-readable output")
+    add_flag(group, "distributed_timeout", type=_minutes, default=DEFAULT_TIMEOUT_MINUTES, metavar="MIN",
+             help="under torchrun: fail when no process has written anything for this many minutes while one waits "
+                  f"for the others (default {DEFAULT_TIMEOUT_MINUTES:g}); a process that dies is noticed at once")
 
 
 def guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -193,53 +255,34 @@ def dry_run_main(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if report["problems"] else 0
 
 
-def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Convert or reshape checkpoints between Megatron-LM and Hugging Face transformers.")
-    add_flag(parser, "load_path", required=True, help="source: Megatron tree / iteration dir, or HF model dir")
-    add_flag(parser, "save_path", required=True, help="output directory (written atomically)")
-    parser.add_argument("--to", required=True, choices=["hf", "megatron"], help="output format")
-    parser.add_argument("--model", choices=list(families), default=None,
-                        help="model family (default: detected from config.json or the Megatron args)")
-    add_common_flags(parser)
-    add_flag(parser, "megatron_format", choices=["mcore", "legacy"], default=None,
-             help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
-    add_flag(parser, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
-             help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
-                  "sources, else torch)")
-    parser.add_argument("--megatron_bridge", "--megatron-bridge", dest="megatron_bridge",
-                        action=argparse.BooleanOptionalAction, default=None,
-                        help="torch_dist as NVIDIA Megatron-Bridge saves it (iter_0000000 with run_config.yaml, train "
-                             "state and tokenizer), which its export_ckpt and training read; implies torch_dist "
-                             "(default: when the source is a Megatron-Bridge checkpoint)")
-    add_flag(parser, "transformer_impl", choices=["transformer_engine", "local"], default=None,
-             help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
-    add_flag(parser, "moe_grouped_gemm", action="store_true",
-             help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
-    add_flag(parser, "tokenizer_type", choices=MEGATRON_TOKENIZER_TYPES, default=None,
-             help="Megatron output: Megatron-LM's tokenizer type recorded in args (default: HuggingFaceTokenizer "
-                  f"for HF sources or with --tokenizer_name, else the source's, else {DEFAULT_TOKENIZER_TYPE})")
-    add_flag(parser, "seq_length", type=_size, default=None,
-             help="Megatron output: training sequence length recorded in args (default: the source's, else "
-                  "max_position_embeddings)")
-    add_flag(parser, "max_position_embeddings", type=_size, default=None,
-             help="context length recorded in args / config.json (default: the source's; learned position "
-                  "embeddings keep theirs)")
-    add_flag(parser, "iteration", default=None, help="source iteration to read (number or 'release')")
-    add_flag(parser, "vocab_size", type=_size, default=None,
-             help="true vocab size when the Megatron args do not record it")
-    add_flag(parser, "overwrite", action="store_true", help="replace a non-empty save path")
-    add_flag(parser, "distributed_timeout", type=_minutes, default=DEFAULT_TIMEOUT_MINUTES,
-             help="under torchrun: fail when no process has written anything for this many minutes while one waits "
-                  f"for the others (default {DEFAULT_TIMEOUT_MINUTES:g}); a process that dies is noticed at once")
-    parser.add_argument("--hash", action="store_true",
-                        help="record every source file's SHA-256 in the output's conversion.json (reads the source "
-                             "once more)")
-    add_flag(parser, "dry_run", action="store_true",
-             help="check everything and print the plan (files and sizes, memory, disk, Megatron args, warnings); "
-                  "writes nothing")
-    parser.add_argument("--json", action="store_true", help="--dry_run and --print_config: machine-readable output")
-    add_settings_flags(parser)
+CONVERT_ENV_PREFIX = "MEGATRON_HF_CONVERT_"  # the console command's name: a variable set for one command leaves the
+# others alone (inspect and verify share flag names, such as --json and --iteration, that mean other things there)
+CONVERT_EXAMPLES = (
+    "Hugging Face -> Megatron, TP 2:",
+    "  %(prog)s --load_path /hf/llama --save_path /ckpt/llama-tp2 --to megatron \\",
+    "      --target_tensor_model_parallel_size 2",
+    "Megatron -> Hugging Face:",
+    "  %(prog)s --load_path /ckpt/llama-tp2 --save_path /hf/llama-back --to hf",
+    "from a settings file (fill in its REQUIRED keys first):",
+    "  %(prog)s --print_config > c.yaml",
+    "  %(prog)s --config c.yaml",
+)
+
+
+def build_convert_parser(families: Sequence[str]) -> SettingsParser:
+    """The conversion's flags, in groups; each is a setting of files and the environment (see ``cli_settings``)."""
+    parser = SettingsParser(
+        description="Convert or reshape checkpoints between Megatron-LM and Hugging Face transformers.",
+        usage="%(prog)s --load_path SRC --save_path DST --to {hf,megatron} [options]",
+        env_prefix=CONVERT_ENV_PREFIX, env_example="TARGET_TENSOR_MODEL_PARALLEL_SIZE=2", examples=CONVERT_EXAMPLES)
+    _source_flags(parser.add_argument_group("source"), families)
+    _layout_flags(parser.add_argument_group("target layout"))
+    _megatron_flags(parser.add_argument_group("Megatron output"))
+    _hf_flags(parser.add_argument_group("Hugging Face output"))
+    _safety_flags(parser.add_argument_group("safety"))
+    run = parser.add_argument_group("run and scale-out")
+    add_run_flags(run)
+    _scale_out_flags(run)
     return parser
 
 
@@ -248,8 +291,9 @@ def run_convert_cli(argv: Sequence[str] | None, families: Sequence[str], prog: s
     if prog:
         parser.prog = prog
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_with_settings(parser, argv)
+    settings = parse_settings(parser, argv)
+    args = settings.args
     if args.print_config:
-        return print_settings(parser, args)
-    args.invocation = invocation(parser, args, argv)
+        return guarded(lambda _: print_settings(parser, settings), args)
+    args.invocation = invocation(parser, settings, argv)
     return guarded(dry_run_main if args.dry_run else convert_main, args)

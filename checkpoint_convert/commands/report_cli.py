@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,23 +16,37 @@ from ..run.provenance import as_text as provenance_text
 from ..run.provenance import read_record
 from ..run.verification import compare_checkpoints
 from .cli import add_flag, guarded
+from .cli_settings import SettingsParser, parse_settings, print_settings
+
+INSPECT_ENV_PREFIX = "MEGATRON_HF_INSPECT_"  # one prefix per command (see cli.CONVERT_ENV_PREFIX)
+VERIFY_ENV_PREFIX = "MEGATRON_HF_VERIFY_"
 
 
-def _source_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "iteration", default=None, help="Megatron iteration to read (number or 'release')")
-    add_flag(parser, "vocab_size", type=int, default=None, help="true vocab size when the Megatron args lack it")
-    add_flag(parser, "trust_checkpoint", action="store_true",
+def _reading_flags(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "iteration", default=None, metavar="N", help="Megatron iteration to read (number or 'release')")
+    add_flag(group, "vocab_size", type=int, default=None, metavar="N",
+             help="true vocab size when the Megatron args lack it")
+
+
+def _safety_and_run_groups(parser: SettingsParser) -> None:
+    add_flag(parser.add_argument_group("safety"), "trust_checkpoint", action="store_true",
              help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
-    add_flag(parser, "debug", action="store_true", help="show tracebacks")
+    add_flag(parser.add_argument_group("run"), "debug", action="store_true", help="show tracebacks")
 
 
-def build_inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Describe a Megatron (torch or torch_dist) or Hugging Face checkpoint.")
-    parser.add_argument("path", help="Megatron tree or iteration directory, or Hugging Face model directory")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--check", action="store_true",
+def build_inspect_parser() -> SettingsParser:
+    parser = SettingsParser(
+        description="Describe a Megatron (torch or torch_dist) or Hugging Face checkpoint.",
+        usage="%(prog)s PATH [options]", env_prefix=INSPECT_ENV_PREFIX, env_example="TRUST_CHECKPOINT=1",
+        examples=("%(prog)s /ckpt/llama-tp2 --check", "%(prog)s /models/llama-hf --json"))
+    source = parser.add_argument_group("source")
+    source.add_argument("path", help="Megatron tree or iteration directory, or Hugging Face model directory")
+    _reading_flags(source)
+    report = parser.add_argument_group("report")
+    report.add_argument("--json", action="store_true", help="machine-readable output (also of --print_config)")
+    report.add_argument("--check", action="store_true",
                         help="read every tensor: replicas equal across TP ranks, no NaN/Inf; exit 3 on problems")
-    _source_flags(parser)
+    _safety_and_run_groups(parser)
     return parser
 
 
@@ -52,15 +67,22 @@ def inspect_main(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if args.check and report["problems"] else 0
 
 
-def build_verify_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compare two checkpoints of any formats and layouts, tensor by "
-                                                 "tensor under their Hugging Face names; exit 0 only if equal.")
-    parser.add_argument("a", help="first checkpoint")
-    parser.add_argument("b", help="second checkpoint")
-    add_flag(parser, "atol", type=float, default=0.0, help="largest allowed absolute difference (default 0)")
-    parser.add_argument("--logits", action="store_true",
-                        help="also build both Hugging Face models (fp32, in memory) and compare their logits")
-    _source_flags(parser)
+def build_verify_parser() -> SettingsParser:
+    parser = SettingsParser(
+        description="Compare two checkpoints of any formats and layouts, tensor by tensor under their Hugging Face "
+                    "names; exit 0 only if equal.",
+        usage="%(prog)s A B [options]", env_prefix=VERIFY_ENV_PREFIX, env_example="ATOL=1e-6",
+        examples=("%(prog)s /models/llama-hf /ckpt/llama-tp2 --logits",))
+    sources = parser.add_argument_group("sources")
+    sources.add_argument("a", help="first checkpoint")
+    sources.add_argument("b", help="second checkpoint")
+    _reading_flags(sources)
+    comparison = parser.add_argument_group("comparison")
+    add_flag(comparison, "atol", type=float, default=0.0, metavar="X",
+             help="largest allowed absolute difference (default 0)")
+    comparison.add_argument("--logits", action="store_true",
+                            help="also build both Hugging Face models (fp32, in memory) and compare their logits")
+    _safety_and_run_groups(parser)
     return parser
 
 
@@ -96,15 +118,20 @@ def _in_mapping_scope(main: Callable[[argparse.Namespace], int]) -> Callable[[ar
     return scoped
 
 
-def _parser_named(parser: argparse.ArgumentParser, prog: str | None) -> argparse.ArgumentParser:
+def _run(parser: SettingsParser, main: Callable[[argparse.Namespace], int], argv: Sequence[str] | None,
+         prog: str | None) -> int:
+    """Parse the command line over the environment's and the ``--config`` file's settings, then run ``main``."""
     if prog:
         parser.prog = prog
-    return parser
+    settings = parse_settings(parser, list(sys.argv[1:] if argv is None else argv))
+    if settings.args.print_config:
+        return guarded(lambda _: print_settings(parser, settings), settings.args)
+    return guarded(_in_mapping_scope(main), settings.args)
 
 
 def run_inspect_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return guarded(_in_mapping_scope(inspect_main), _parser_named(build_inspect_parser(), prog).parse_args(argv))
+    return _run(build_inspect_parser(), inspect_main, argv, prog)
 
 
 def run_verify_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return guarded(_in_mapping_scope(verify_main), _parser_named(build_verify_parser(), prog).parse_args(argv))
+    return _run(build_verify_parser(), verify_main, argv, prog)

@@ -115,6 +115,7 @@ def record_for(plan: Plan, sized: bool = False) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": invocation.get("command"),
         "settings": invocation.get("settings"),
+        "setting_sources": invocation.get("sources"),  # each setting's: command line, environment, config file, default
         "source": {"path": str(options.load_path.resolve()), **describe_source(plan.source),
                    "files": fingerprint(plan.source, options.hash_source, placeholder_hashes=sized)},
         "target": {"path": str(options.save_path.resolve()), **describe_target(plan)},
