@@ -12,6 +12,7 @@ from .cli_settings import add_settings_flags, invocation, parse_with_settings, p
 from .converter import Options, convert
 from .distributed import DEFAULT_TIMEOUT_MINUTES, follower
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, ProcessesFailed, internal_error_line
+from .fp8_output import HF_QUANTIZATIONS, block_size
 from .megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
 from .memory import return_large_allocations_to_the_system
 from .runtime import reader_gone, silence_output
@@ -44,6 +45,13 @@ def _size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
     return value
+
+
+def _block_size(text: str) -> tuple[int, int]:
+    try:
+        return block_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
 
 
 def _minutes(text: str) -> float:
@@ -166,6 +174,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
         distributed_timeout=getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_MINUTES),
+        hf_quantization=getattr(args, "hf_quantization", None), fp8_block_size=getattr(args, "fp8_block_size", None),
     )
     fields.update(overrides)
     return Options(**fields)
@@ -202,6 +211,11 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
              help="mcore norm naming (default: the source's for Megatron sources, else transformer_engine)")
     add_flag(parser, "moe_grouped_gemm", action="store_true",
              help="write experts in the TEGroupedMLP form (mlp.experts.linear_fc1.weightJ)")
+    add_flag(parser, "hf_quantization", choices=list(HF_QUANTIZATIONS), default=None,
+             help="Hugging Face output: fp8_block writes the weights transformers' fine-grained FP8 loader reads as "
+                  "float8_e4m3fn with a weight_scale_inv per block, as DeepSeek-V3 and Qwen3-FP8 ship them")
+    add_flag(parser, "fp8_block_size", type=_block_size, default=None,
+             help="--hf_quantization fp8_block: the blocks, R,C (default: an FP8 source's, else 128,128)")
     add_flag(parser, "tokenizer_type", choices=MEGATRON_TOKENIZER_TYPES, default=None,
              help="Megatron output: Megatron-LM's tokenizer type recorded in args (default: HuggingFaceTokenizer "
                   f"for HF sources or with --tokenizer_name, else the source's, else {DEFAULT_TOKENIZER_TYPE})")

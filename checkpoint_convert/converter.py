@@ -20,7 +20,7 @@ from .engine import (HFTarget, Item, MegatronLayoutSpec, MegatronTarget, TorchDi
                      run, walk, warn_if_not_finite)
 from .errors import BadInputError, reason
 from .family import FamilySpec
-from .hf_io import CONFIG, GENERATION_CONFIG, HFWriter, copy_tokenizer, tensor_nbytes
+from .hf_io import CONFIG, GENERATION_CONFIG, HFWriter, copy_tokenizer, fp8_block_size, tensor_nbytes
 from .megatron_args import (CheckpointFacts, ParallelLayout, args_from_arch, carried_fields, dtype_from_name,
                             tokenizer_for, with_context_length)
 from .megatron_io import MegatronWriter
@@ -72,6 +72,8 @@ class Options:
     hash_source: bool = False  # provenance: SHA-256 of every source file (reads each once more)
     invocation: dict[str, Any] | None = None  # provenance: the command line and effective settings
     distributed_timeout: float = DEFAULT_TIMEOUT_MINUTES  # under torchrun: minutes without progress before failing
+    hf_quantization: str | None = None  # Hugging Face output: "fp8_block" writes FP8 weights with block scales
+    fp8_block_size: tuple[int, int] | None = None  # their blocks (the FP8 source's, else 128 x 128)
 
 
 @dataclass
@@ -94,6 +96,8 @@ def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -
                              options.vocab_size, speculate)
     if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
         source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
+    elif source.kind == "hf" and options.hf_quantization:  # ... or, quantized again, to float32 (no rounding between)
+        source.reader.dequantized_dtype = torch.float32
     leave_out_mtp_layers(source, options.drop_mtp_layers)
     return source
 
@@ -384,6 +388,8 @@ class Plan:
     target_schema: str | None = None  # Megatron output
     bridge: bool = False  # Megatron output saved as Megatron-Bridge does
     args: Any = None  # Megatron output: the args written
+    quantized: Any = None  # FP8 Hugging Face output: its ``fp8_output.FP8Layout``
+    unquantized: list | None = None  # FP8 Hugging Face output: (key, shape, dtype) of the tensors before quantizing
 
     @property
     def to_hf(self) -> bool:
@@ -451,7 +457,20 @@ def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Pla
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
     out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=_output_dtype(planned, dtype))
-    return Plan(options, source, dtype, items, target, by_item, out_arch)
+    plan = Plan(options, source, dtype, items, target, by_item, out_arch)
+    return _quantized_plan(plan) if options.hf_quantization else plan
+
+
+def _quantized_plan(plan: Plan) -> Plan:
+    """``plan`` with the weights transformers loads as FP8 written block-quantized (``fp8_output``)."""
+    from .fp8_output import DEFAULT_BLOCK, FP8Target, fp8_layout
+    source = plan.source
+    block = plan.options.fp8_block_size or (fp8_block_size(source.reader.config, source.reader.path)
+                                            if source.kind == "hf" and source.reader.scales else DEFAULT_BLOCK)
+    layout = fp8_layout(hf_config_of(source.family, plan.out_arch, source.numbers_file), block)
+    target = FP8Target(plan.target, layout)
+    by_item = plan_with_items(plan.items, source.tensors, target, plan.dtype)
+    return dataclasses.replace(plan, target=target, by_item=by_item, quantized=layout, unquantized=plan.planned)
 
 
 def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float, team: Solo | Team) -> Summary:
@@ -495,8 +514,13 @@ def hf_config_of(family: FamilySpec, arch: ModelArch, source_file: Path | None =
 
 
 def checked_hf_config(plan: Plan) -> Any:
-    """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check)."""
-    return _checked_hf_config(plan.planned, plan.source.family, plan.out_arch, plan.source.numbers_file)
+    """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check); an FP8
+    output's tensors are checked as they are before quantizing, and its config says how they are quantized."""
+    config = _checked_hf_config(plan.unquantized or plan.planned, plan.source.family, plan.out_arch,
+                                plan.source.numbers_file)
+    if plan.quantized is not None:
+        config.quantization_config = plan.quantized.config
+    return config
 
 
 def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None,
@@ -564,6 +588,8 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
 
 
 def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
+    if options.hf_quantization:
+        raise BadInputError(f"--hf_quantization {options.hf_quantization} quantizes Hugging Face output (--to hf)")
     source.check_against_tensors()
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
