@@ -71,7 +71,7 @@ def fp8_layout(config: Any, block: tuple[int, int]) -> FP8Layout:
 
     with init_empty_weights(), no_init_weights(), collector_paused():
         model = AutoModelForCausalLM.from_config(config)
-    experts = _per_expert_names(model)
+    experts, renamings = _per_expert_names(model)
     gates = _linear_gates(model)
     not_converted = tuple(_default_skips(model) + gates) if gates else ()
     quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=block,
@@ -85,7 +85,8 @@ def fp8_layout(config: Any, block: tuple[int, int]) -> FP8Layout:
                         ".h." in name} & {"Conv1D"})
         raise BadInputError(f"--hf_quantization {FP8_BLOCK}: transformers' fine-grained FP8 loader quantizes no layer "
                             f"of {type(model).__name__}" + (f" (its linear layers are {kinds[0]})" if kinds else ""))
-    fused = {name: _templates(name, experts, type(model).__name__) for name in quantized if not name.endswith(".weight")}
+    fused = {name: _templates(name, experts, renamings, type(model).__name__)
+             for name in quantized if not name.endswith(".weight")}
     return FP8Layout(block, quantized, fused, not_converted)
 
 
@@ -106,31 +107,41 @@ def _plain(pattern: str) -> str:
     return pattern.replace("\\.", ".")
 
 
-def _per_expert_names(model: Any) -> dict[str, list[str]]:
+def _per_expert_names(model: Any) -> tuple[dict[str, list[str]], list[Any]]:
     """{fused experts target (``mlp.experts.gate_up_proj``): the per-expert source patterns transformers' conversion
-    mapping merges into it (``mlp.experts.*.gate_proj.weight``, ``mlp.experts.*.up_proj.weight``)}."""
+    mapping merges into it (``mlp.experts.*.gate_proj.weight``, ``mlp.experts.*.up_proj.weight``)}, and the mapping's
+    renamings reversed (Mixtral's ``.mlp.`` -> ``.block_sparse_moe.``), which save_pretrained applies too."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
     found: dict[str, list[str]] = {}
-    for converter in get_model_conversion_mapping(model):
+    mapping = get_model_conversion_mapping(model)
+    renamings = [rename.reverse_transform() for rename in mapping if type(rename) is WeightRenaming][::-1]
+    for converter in mapping:
         if not isinstance(converter, WeightConverter) or len(converter._original_target_patterns) != 1:
             continue
         target = _plain(converter._original_target_patterns[0])
         sources = [_plain(source) for source in converter._original_source_patterns]
         if ".experts." in f".{target}" and all(_EXPERT_PATTERN.match(source) for source in sources + ["*" + target]):
             found[target] = sources
-    return found
+    return found, renamings
 
 
-def _templates(name: str, experts: dict[str, list[str]], model_class: str) -> tuple[str, ...]:
-    """The per-expert names (``{expert}`` templates) a fused expert tensor is written under."""
+def _templates(name: str, experts: dict[str, list[str]], renamings: list[Any], model_class: str) -> tuple[str, ...]:
+    """The per-expert names (``{expert}`` templates) a fused expert tensor is written under: the names transformers'
+    save_pretrained gives them (and the older layouts our families read)."""
     for target, sources in experts.items():
         if name.endswith(target) and len(sources) in (1, 2):
             prefix = name[:-len(target)]
-            return tuple(prefix + source.replace("*", "{expert}") for source in sources)
+            return tuple(_renamed(prefix + source.replace("*", "{expert}"), renamings) for source in sources)
     raise BadInputError(f"--hf_quantization {FP8_BLOCK}: transformers reads FP8 experts of {model_class} only per "
                         f"expert, and its conversion mapping names no per-expert tensors for '{name}'")
+
+
+def _renamed(name: str, renamings: list[Any]) -> str:
+    for rename in renamings:
+        name, _ = rename.rename_source_key(name)
+    return name
 
 
 class FP8Target:

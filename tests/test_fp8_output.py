@@ -31,7 +31,8 @@ from tests.test_errors import snapshot
 VARIANT = {variant.name: variant for variant in VARIANTS}
 FP8 = ("--hf_quantization", "fp8_block")
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-MODELS = ("qwen3_gqa", "deepseek_v3_mla", "deepseek_v3_moe_halves_tied", "qwen3_moe_window")
+MODELS = ("qwen3_gqa", "deepseek_v3_mla", "deepseek_v3_moe_halves_tied", "qwen3_moe_window", "mixtral",
+          "qwen2_moe_sparse_step")
 DENSE = MODELS[:2]
 
 
@@ -72,7 +73,8 @@ def test_fp8_output_read_by_our_reader_and_transformers(outputs, name):
     assert 0 < error <= (2 ** -4 * math.sqrt(matmuls) if name in DENSE else 1), error
 
 
-_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_PER_EXPERT = re.compile(r"^(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}  # halves of gate_up_proj; down_proj / w2: all of down_proj
 
 
 def _bf16_weight(original: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -80,10 +82,10 @@ def _bf16_weight(original: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     match = _PER_EXPERT.match(key)
     if not match:
         return original[key]
-    prefix, expert, part = match.group(1), int(match.group(2)), match.group(3)
-    if part == "down":
+    prefix, expert, part = match.group(1) + ".mlp.experts", int(match.group(2)), match.group(3)
+    if part not in _PARTS:
         return original[f"{prefix}.down_proj"][expert]
-    return original[f"{prefix}.gate_up_proj"][expert].chunk(2)[part == "up"]
+    return original[f"{prefix}.gate_up_proj"][expert].chunk(2)[_PARTS[part]]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -109,7 +111,8 @@ def test_layout_and_config_as_the_originals(outputs):
     for name in MODELS:
         fp8 = outputs[1][name][2]
         config = json.loads((fp8 / "config.json").read_text())
-        assert config["quantization_config"] == QUANTIZATION_CONFIG
+        skipped = {"modules_to_not_convert": ["lm_head", "mlp.shared_expert_gate"]} if "qwen2_moe" in name else {}
+        assert config["quantization_config"] == {**QUANTIZATION_CONFIG, **skipped}
         written = load_file(fp8 / "model.safetensors")
         kept = {key for key, tensor in written.items() if tensor.dtype == torch.bfloat16}
         assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"} <= kept
@@ -121,6 +124,11 @@ def test_layout_and_config_as_the_originals(outputs):
     assert moe["model.layers.1.mlp.shared_experts.down_proj.weight"].dtype == torch.float8_e4m3fn
     assert moe["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
     assert moe["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    mixtral = load_file(outputs[1]["mixtral"][2] / "model.safetensors")  # as save_pretrained names them
+    assert mixtral["model.layers.0.block_sparse_moe.experts.3.w3.weight"].dtype == torch.float8_e4m3fn
+    qwen2_moe = load_file(outputs[1]["qwen2_moe_sparse_step"][2] / "model.safetensors")
+    assert qwen2_moe["model.layers.1.mlp.shared_expert_gate.weight"].dtype == torch.bfloat16
+    assert qwen2_moe["model.layers.1.mlp.shared_expert.up_proj.weight"].dtype == torch.float8_e4m3fn
 
 
 @pytest.fixture(scope="module")
