@@ -463,13 +463,14 @@ def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Pla
 
 def _quantized_plan(plan: Plan) -> Plan:
     """``plan`` with the weights transformers loads as FP8 written block-quantized (``fp8_output``)."""
-    from .fp8_output import DEFAULT_BLOCK, FP8Target, fp8_layout
+    from .fp8_output import DEFAULT_BLOCK, FP8Target, fp8_layout, warn_if_transformers_misreads
     source = plan.source
     block = plan.options.fp8_block_size or (fp8_block_size(source.reader.config, source.reader.path)
                                             if source.kind == "hf" and source.reader.scales else DEFAULT_BLOCK)
     layout = fp8_layout(hf_config_of(source.family, plan.out_arch, source.numbers_file), block)
     target = FP8Target(plan.target, layout)
     by_item = plan_with_items(plan.items, source.tensors, target, plan.dtype)
+    warn_if_transformers_misreads(layout)
     return dataclasses.replace(plan, target=target, by_item=by_item, quantized=layout, unquantized=plan.planned)
 
 

@@ -20,6 +20,7 @@ dequantizer.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
@@ -55,6 +56,7 @@ class FP8Layout:
     experts: dict[str, tuple[str, ...]]
     not_converted: tuple[str, ...] = ()
     split: set[str] = field(default_factory=set)  # per-expert names produced so far (all quantized)
+    uneven: list[str] = field(default_factory=list)  # planned weights with a side longer than a block, not a multiple
 
     @property
     def config(self) -> dict[str, Any]:
@@ -174,10 +176,24 @@ class FP8Target:
             return [(key, tensor)]
         if tensor.device.type == "meta":
             grid = block_grid(tensor.shape, self.layout.block)
+            if any(size > edge and size % edge for size, edge in zip(tensor.shape, self.layout.block)):
+                self.layout.uneven.append(str(key))
             return [(key, torch.empty(tensor.shape, dtype=torch.float8_e4m3fn, device="meta")),
                     (key + SCALE_SUFFIX, torch.empty(grid, dtype=torch.float32, device="meta"))]
         weight, scales = quantize_blocks(tensor, self.layout.block, str(key))
         return [(key, weight), (key + SCALE_SUFFIX, scales)]
+
+
+def warn_if_transformers_misreads(layout: FP8Layout) -> None:
+    """transformers 5.25's CPU dequantization (``Fp8Dequantize._dequantize_one``) takes the block to be the weight's
+    side divided by the scale grid's: a side longer than a block that is no multiple of it (DeepSeek-V3's 576
+    kv_a_proj_with_mqa rows) is refused there, or read with the wrong blocks (200 rows: blocks of 100). The format,
+    our reader, transformers' GPU path (FP8Linear, given weight_block_size) read it as written."""
+    if layout.uneven:
+        more = f" and {len(layout.uneven) - 1} more" if len(layout.uneven) > 1 else ""
+        warnings.warn(f"'{layout.uneven[0]}'{more} end in partial {layout.block[0]} x {layout.block[1]} blocks after "
+                      "whole ones, which transformers' CPU dequantization (dequantize=True) misreads; its GPU FP8 "
+                      "layers and this tool read them")
 
 
 def block_size(text: str) -> tuple[int, int]:
