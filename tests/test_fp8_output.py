@@ -36,6 +36,25 @@ MODELS = ("qwen3_gqa", "deepseek_v3_mla", "deepseek_v3_moe_halves_tied", "qwen3_
 DENSE = MODELS[:2]
 
 
+def test_quantizer_is_the_dequantizers_inverse():
+    """On partial blocks at both ends (37 x 70 in blocks of 16): the same bytes and scales as the test builder of
+    FP8 sources (``test_deepseek._quantized``, written independently), dequantized back to within half an E4M3 step;
+    a block of zeros gets scale 1; the source tensor is not written."""
+    from checkpoint_convert.hf_io import dequantize_blocks, quantize_blocks
+    from tests.test_deepseek import _quantized
+
+    weight = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))
+    weight[16:32, 32:48] = 0
+    kept = weight.clone()
+    quantized, scale = quantize_blocks(weight, (16, 16), "w")
+    expected, expected_scale = _quantized(weight, 16)
+    assert torch.equal(weight, kept) and scale.shape == (3, 5) and scale[1, 2] == 1
+    assert torch.equal(quantized.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale[scale != 1], expected_scale[scale != 1])
+    back = dequantize_blocks(quantized, scale, (16, 16), torch.float32)
+    assert ((back - weight).abs() <= 2 ** -4 * weight.abs() + 2 ** -10 * scale.max()).all()
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     """For each model: the Megatron bf16 checkpoint, its bf16 Hugging Face conversion and its FP8 one."""
