@@ -458,6 +458,8 @@ def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Pla
     planned = [entry[1:] for entry in by_item]
     out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=_output_dtype(planned, dtype))
     plan = Plan(options, source, dtype, items, target, by_item, out_arch)
+    if options.fp8_block_size and not options.hf_quantization:
+        raise BadInputError("--fp8_block_size sets the blocks of --hf_quantization fp8_block, which is not given")
     return _quantized_plan(plan) if options.hf_quantization else plan
 
 
@@ -589,8 +591,8 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
 
 
 def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
-    if options.hf_quantization:
-        raise BadInputError(f"--hf_quantization {options.hf_quantization} quantizes Hugging Face output (--to hf)")
+    if options.hf_quantization or options.fp8_block_size:
+        raise BadInputError("--hf_quantization and --fp8_block_size quantize Hugging Face output (--to hf)")
     source.check_against_tensors()
     family, arch = source.family, source.arch
     layout = target_layout(options, source)

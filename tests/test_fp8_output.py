@@ -219,14 +219,17 @@ def _refused(capsys, source: Path, out: Path, message: str, *flags: str) -> None
 
 
 def test_refusals(outputs, tmp_path, capsys):
-    """GPT-2 (Conv1D layers, which transformers' FP8 loader does not quantize), Megatron output, and a weight holding
-    NaN (no scale can represent it: named with its block) are refused in one line; the source is untouched."""
+    """GPT-2 (Conv1D layers, which transformers' FP8 loader does not quantize), Megatron output, a block size without
+    the quantization, and a weight holding NaN (no scale can represent it: named with its block) are refused in one
+    line; the source is untouched."""
     root, made = outputs
     VARIANT["gpt2_tied"].build(tmp_path / "gpt2")
     _refused(capsys, tmp_path / "gpt2", tmp_path / "out", "quantizes no layer of GPT2LMHeadModel (its linear layers "
              "are Conv1D)", "--to", "hf", *FP8)
-    _refused(capsys, made["qwen3_gqa"][1], tmp_path / "out", "--hf_quantization fp8_block quantizes Hugging Face output",
-             "--to", "megatron", *FP8)
+    _refused(capsys, made["qwen3_gqa"][1], tmp_path / "out", "--hf_quantization and --fp8_block_size quantize Hugging "
+             "Face output (--to hf)", "--to", "megatron", *FP8)
+    _refused(capsys, made["qwen3_gqa"][1], tmp_path / "out", "--fp8_block_size sets the blocks of --hf_quantization "
+             "fp8_block, which is not given", "--to", "hf", "--fp8_block_size", "64")
     from safetensors.torch import save_file
     broken = tmp_path / "nan"
     broken.mkdir()
