@@ -321,10 +321,10 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
 
     ``check_finite=False``: the caller checks the outputs (which hold every value of the full tensor).
     ``keep``: only the outputs with these keys (a process writing some of the files), none of the others cast.
-    A target with a ``finish(key, tensor)`` turns each cast output into the outputs written (a quantizing target:
+    A target with an ``as_stored(key, tensor)`` turns each cast output into the outputs written (a quantizing target:
     a weight and its scales).
     """
-    finish = getattr(target, "finish", None)
+    as_stored = getattr(target, "as_stored", None)
     for item in items:
         try:
             full = source.full(item, meta)
@@ -336,9 +336,9 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
         if check_finite and not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
-            if keep is None or key in keep or finish is not None:
+            if keep is None or key in keep or as_stored is not None:
                 tensor = cast(tensor, torch.float32 if item.param.float32 and dtype is not None else dtype)
-                for key, tensor in finish(key, tensor) if finish is not None else [(key, tensor)]:
+                for key, tensor in as_stored(key, tensor) if as_stored is not None else [(key, tensor)]:
                     if keep is None or key in keep:
                         yield item, key, tensor
 

@@ -149,7 +149,7 @@ def _renamed(name: str, renamings: list[Any]) -> str:
 class FP8Target:
     """A Hugging Face target whose outputs transformers loads as FP8 are written block-quantized.
 
-    ``emit`` writes fused expert tensors per expert; the engine casts each output, then ``finish`` quantizes the
+    ``emit`` writes fused expert tensors per expert; the engine casts each output, then ``as_stored`` quantizes the
     ones stored as FP8 into (``float8_e4m3fn`` weight, ``weight_scale_inv``): each tensor is quantized as it is
     written, one at a time, with float32 work of a run of block rows (see ``quantize_blocks``).
     """
@@ -170,7 +170,7 @@ class FP8Target:
                     out.append((template.format(expert=expert), part))
         return out
 
-    def finish(self, key: Hashable, tensor: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+    def as_stored(self, key: Hashable, tensor: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         """``[(key, tensor)]``, or for a weight stored as FP8 ``[(key, FP8 weight), (key_scale_inv, scales)]``."""
         if key not in self.layout.quantized and key not in self.layout.split:
             return [(key, tensor)]

@@ -30,7 +30,8 @@ from tests.test_errors import snapshot
 
 VARIANT = {variant.name: variant for variant in VARIANTS}
 FP8 = ("--hf_quantization", "fp8_block")
-QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [128, 128]}
 MODELS = ("qwen3_gqa", "deepseek_v3_mla", "deepseek_v3_moe_halves_tied", "qwen3_moe_window", "mixtral",
           "qwen2_moe_sparse_step")
 DENSE = MODELS[:2]
@@ -192,7 +193,8 @@ def test_fp8_source_megatron_fp8_round_trip(fp8_source, dtype):
     and rounds back to itself."""
     root, source = fp8_source
     megatron, back = root / f"megatron_{dtype}", root / f"back_{dtype}"
-    assert convert("--load_path", source, "--save_path", megatron, "--to", "megatron", "--target_params_dtype", dtype) == 0
+    assert convert("--load_path", source, "--save_path", megatron, "--to", "megatron",
+                   "--target_params_dtype", dtype) == 0
     assert convert("--load_path", megatron, "--save_path", back, "--to", "hf", *FP8, "--fp8_block_size", "16,16") == 0
     total, same_bytes, same_scales, worst = _compare_blocks(source, back)
     assert (total, same_bytes) == (476, 476)
@@ -243,7 +245,8 @@ def test_refusals(outputs, tmp_path, capsys):
 
 def test_warning_where_transformers_misreads_partial_blocks(outputs, tmp_path, capsys):
     """Blocks of 64: q_proj's 96 rows are a whole block and a partial one, which transformers 5.25 dequantizing on a
-    CPU reads as two blocks of 48 (the side over the scale grid), as it does q, o, gate, up and down in every layer: said in one warning; our reader reads them."""
+    CPU reads as two blocks of 48 (the side over the scale grid), as it does q, o, gate, up and down in every layer:
+    said in one warning; our reader reads them."""
     megatron, bf16, _ = outputs[1]["qwen3_gqa"]
     fp8, back = tmp_path / "fp8", tmp_path / "back"
     assert convert("--load_path", megatron, "--save_path", fp8, "--to", "hf", *FP8, "--fp8_block_size", "64,64") == 0
