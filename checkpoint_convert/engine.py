@@ -359,8 +359,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
-    """NaN/Inf weights are converted as they are, but the user should know."""
-    if not tensor.is_floating_point() or all_finite(tensor):
+    """NaN/Inf weights are converted as they are, but the user should know. An FP8 output is the quantizer's, which
+    refuses a block holding either (``hf_io.quantize_blocks``): not read again (that would cost more than quantizing)."""
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or all_finite(tensor):
         return
     where = f"layer {item.layer} " if item.layer is not None else ""
     warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")
