@@ -210,15 +210,20 @@ def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -
                             f"({reason(error)})", source_file)
 
 
-def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
-    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+def meta_hf_model(config: Any, source_file: Path | None) -> Any:
+    """transformers' model of ``config`` with its parameters on ``meta`` (buffers on the CPU: computing buffers
+    (rotary frequencies) or initialising weights on meta runs torch's Python reference kernels, whose first use
+    costs ~2 s of imports)."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
-    # Parameters on meta, buffers on the CPU: computing buffers (rotary frequencies) or initialising
-    # weights on meta runs torch's Python reference kernels, whose first use costs ~2 s of imports.
     with init_empty_weights(), no_init_weights(), collector_paused():  # imports the model's module
-        model = hf_model_from_config(config, source_file)
+        return hf_model_from_config(config, source_file)
+
+
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
+    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+    model = meta_hf_model(config, source_file)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
@@ -469,7 +474,8 @@ def _quantized_plan(plan: Plan) -> Plan:
     source = plan.source
     block = plan.options.fp8_block_size or (fp8_block_size(source.reader.config, source.reader.path)
                                             if source.kind == "hf" and source.reader.scales else DEFAULT_BLOCK)
-    layout = fp8_layout(hf_config_of(source.family, plan.out_arch, source.numbers_file), block)
+    layout = fp8_layout(meta_hf_model(hf_config_of(source.family, plan.out_arch, source.numbers_file),
+                                      source.numbers_file), block)
     target = FP8Target(plan.target, layout)
     by_item = plan_with_items(plan.items, source.tensors, target, plan.dtype)
     warn_if_transformers_misreads(layout)

@@ -11,8 +11,9 @@ not ``nn.Linear``), biases and the output layer (the quantizer's default skip). 
 
 Experts: transformers 5.25 dequantizes on a CPU (``Fp8Dequantize``) only per-expert tensors with their scales,
 merged by the model's conversion mapping; fused 3-D experts with ``gate_up_proj_scale_inv`` are loaded as raw FP8
-(measured). So fused expert tensors are written per expert under the names that mapping reads
-(``mlp.experts.E.gate_proj.weight``, ...), which is also how DeepSeek-V3 and Qwen3-MoE FP8 checkpoints store them.
+(measured). So fused expert tensors are written per expert under the names that mapping reads and save_pretrained
+writes (``mlp.experts.E.gate_proj.weight``, ...; Mixtral's ``block_sparse_moe.experts.E.w1.weight``), which is also
+how DeepSeek-V3 and Qwen3-MoE FP8 checkpoints store them.
 
 Layer: engine (an output target wrapping the Hugging Face one); the quantizer itself is ``hf_io``'s, beside its
 dequantizer.
@@ -28,7 +29,6 @@ import torch
 
 from .errors import BadInputError
 from .hf_io import SCALE_SUFFIX, block_grid, quantize_blocks
-from .runtime import collector_paused
 
 FP8_BLOCK = "fp8_block"
 HF_QUANTIZATIONS = (FP8_BLOCK,)
@@ -63,16 +63,13 @@ class FP8Layout:
         return quantization_config(self.block, self.not_converted)
 
 
-def fp8_layout(config: Any, block: tuple[int, int]) -> FP8Layout:
-    """The FP8 layout transformers' fine-grained FP8 loader expects for a model of ``config``; refuses a model it
-    quantizes nothing of (GPT-2, whose layers are ``Conv1D``) in one line."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
-    from transformers.initialization import no_init_weights
+def fp8_layout(model: Any, block: tuple[int, int]) -> FP8Layout:
+    """The FP8 layout transformers' fine-grained FP8 loader expects for ``model`` (the output's transformers model,
+    parameters on ``meta``; its modules are swapped here); refuses a model it quantizes nothing of (GPT-2, whose
+    layers are ``Conv1D``) in one line."""
+    from transformers import FineGrainedFP8Config
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
-    with init_empty_weights(), no_init_weights(), collector_paused():
-        model = AutoModelForCausalLM.from_config(config)
     experts, renamings = _per_expert_names(model)
     gates = _linear_gates(model)
     not_converted = tuple(_default_skips(model) + gates) if gates else ()
