@@ -22,7 +22,8 @@ moment of the disk or page cache does not set its ratio. Rows:
                             output assembled in memory before saving (what most converters do)
   deepseek fp8 ...          ``--deepseek_layers N``: a DeepSeek-V3-shaped model (MLA, dense layers of its
                             real shapes, FP8 blocks as shipped, embedding 1.85 GB) converted to bf16
-                            Megatron TP2 and back; ``report`` then checks its memory budget too
+                            Megatron TP2 and back, in bf16 and (``fp8``) block-quantized again as shipped;
+                            ``report`` then checks its memory budget too
 
 ``--nproc 1,2`` measures instead how a conversion scales with processes: for each model size, four
 conversions (HF -> TP2 PP2, TP2 PP2 -> HF, HF -> torch_dist, torch_dist -> HF; HF output in 1 GB shards, so
@@ -423,6 +424,8 @@ def run_deepseek(work: Path, layers: int, repeats: int) -> list[Row]:
     steps.conversion("deepseek fp8 hf -> megatron tp2 (bf16)", hf, work / "tp2", "--to", "megatron",
                      "--target_tensor_model_parallel_size", "2")
     steps.conversion("deepseek megatron tp2 -> hf", work / "tp2", work / "back", "--to", "hf")
+    fp8 = _convert(work / "tp2", work / "back_fp8", "--to", "hf", "--hf_quantization", "fp8_block")
+    steps.row("deepseek megatron tp2 -> hf fp8", fp8, work / "back_fp8", work / "tp2")  # not verify: FP8 rounds
     return steps.rows
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Sequence, TextIO
 from ..base.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError, ProcessesFailed, internal_error_line
 from ..base.memory import return_large_allocations_to_the_system
 from ..base.runtime import reader_gone, silence_output
+from ..formats.fp8_output import HF_QUANTIZATIONS, block_size
 from ..formats.megatron_args import DEFAULT_TOKENIZER_TYPE, MEGATRON_TOKENIZER_TYPES
 from ..run.converter import convert
 from ..run.distributed import follower
@@ -48,6 +49,13 @@ def _size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
     return value
+
+
+def _block_size(text: str) -> tuple[int, int]:
+    try:
+        return block_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
 
 
 def _minutes(text: str) -> float:
@@ -133,6 +141,11 @@ def _hf_flags(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "tokenizer_name", default=None, metavar="DIR",
              help="HF output: local directory whose tokenizer files are copied; Megatron output: recorded as "
                   "tokenizer_model (a local path, made absolute, or a hub name)")
+    add_flag(group, "hf_quantization", choices=list(HF_QUANTIZATIONS), default=None,
+             help="fp8_block writes the weights transformers' fine-grained FP8 loader reads as float8_e4m3fn with a "
+                  "weight_scale_inv per block, as DeepSeek-V3 and Qwen3-FP8 ship them")
+    add_flag(group, "fp8_block_size", type=_block_size, default=None, metavar="R,C",
+             help="--hf_quantization fp8_block: the blocks (default: an FP8 source's, else 128,128)")
 
 
 def _safety_flags(group: argparse._ArgumentGroup) -> None:
@@ -232,6 +245,7 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
         distributed_timeout=getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_MINUTES),
+        hf_quantization=getattr(args, "hf_quantization", None), fp8_block_size=getattr(args, "fp8_block_size", None),
     )
     fields.update(overrides)
     return Options(**fields)

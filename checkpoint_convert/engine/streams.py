@@ -401,7 +401,10 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
 
     ``check_finite=False``: the caller checks the outputs (which hold every value of the full tensor).
     ``keep``: only the outputs with these keys (a process writing some of the files), none of the others cast.
+    A target with an ``as_stored(key, tensor)`` turns each cast output into the outputs written (a quantizing target:
+    a weight and its scales).
     """
+    as_stored = getattr(target, "as_stored", None)
     for item in items:
         try:
             full = source.full(item, meta)
@@ -413,8 +416,11 @@ def run(items: Iterable[Item], source: Any, target: Any, meta: bool, dtype: torc
         if check_finite and not meta:
             warn_if_not_finite(full, item)
         for key, tensor in outputs:
-            if keep is None or key in keep:
-                yield item, key, cast(tensor, torch.float32 if item.param.float32 and dtype is not None else dtype)
+            if keep is None or key in keep or as_stored is not None:
+                tensor = cast(tensor, torch.float32 if item.param.float32 and dtype is not None else dtype)
+                for key, tensor in as_stored(key, tensor) if as_stored is not None else [(key, tensor)]:
+                    if keep is None or key in keep:
+                        yield item, key, tensor
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -433,8 +439,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def warn_if_not_finite(tensor: torch.Tensor, item: Item) -> None:
-    """NaN/Inf weights are converted as they are, but the user should know."""
-    if not tensor.is_floating_point() or all_finite(tensor):
+    """NaN/Inf weights are converted as they are, but the user should know. An FP8 output is the quantizer's, which
+    refuses a block holding either (``hf_io.quantize_blocks``): not read again (that would cost more than quantizing)."""
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or all_finite(tensor):
         return
     where = f"layer {item.layer} " if item.layer is not None else ""
     warnings.warn(f"{where}'{item.param.megatron}' contains NaN or Inf values")

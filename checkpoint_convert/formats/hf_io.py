@@ -28,12 +28,12 @@ PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",  # FP8: block-quantized output (``quantize_blocks``)
 }
 _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 # read, never written: what else the safetensors format stores and torch has
 _TORCH_DTYPES.update({code: getattr(torch, name) for code, name in (
-    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64")) if hasattr(torch, name)})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt")
@@ -209,6 +209,17 @@ def fp8_block_size(config: dict[str, Any], source: Path | None = None) -> tuple[
     return int(block[0]), int(block[1])
 
 
+def block_grid(shape: Iterable[int], block: tuple[int, int]) -> tuple[int, int]:
+    """The scale grid of a 2-D weight quantized in ``block``s: one scale per block, the last ones partial."""
+    rows, cols = shape
+    return -(-rows // block[0]), -(-cols // block[1])
+
+
+def _block_rows_per_step(block: tuple[int, int], cols: int) -> int:
+    """Rows of one step of a blockwise pass: whole block rows, about ``_DEQUANTIZE_CHUNK`` elements of float32."""
+    return block[0] * max(1, _DEQUANTIZE_CHUNK // (block[0] * max(cols, 1)))
+
+
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                       dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (FP8) times the scale of its ``block`` (the last blocks may be partial), as ``dtype``.
@@ -220,7 +231,7 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=dtype)
     whole = cols // block[1]  # column blocks of full width
-    step = block[0] * max(1, _DEQUANTIZE_CHUNK // (block[0] * cols))
+    step = _block_rows_per_step(block, cols)
     for start in range(0, rows, step):
         part = weight[start:start + step].float()
         scales = scale_inv[start // block[0]:(start + step) // block[0]].float()
@@ -229,6 +240,47 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
         part[:, whole * block[1]:].mul_(scales[:, whole:])
         out[start:start + step] = part
     return out
+
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+
+
+def quantize_blocks(weight: torch.Tensor, block: tuple[int, int], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``float8_e4m3fn`` weight, float32 ``weight_scale_inv``): the inverse of :func:`dequantize_blocks`.
+
+    Each block's scale is its largest magnitude over E4M3's largest value (``amax / 448``, DeepSeek-V3's
+    rule), so the block's largest weight becomes +-448; ``weight_scale_inv`` stores that scale, the factor
+    a reader multiplies by (its name: the inverse of the quantizing factor ``448 / amax``). A block of zeros
+    gets scale 1, as transformers' own quantizer gives it. Values are divided in float32 and rounded to the
+    nearest E4M3 value. A block holding NaN or Inf has no scale: refused, naming ``name`` and the block.
+    Whole block rows (about 16 MB of float32) at a time; the source is never written.
+    """
+    rows, cols = weight.shape
+    grid = block_grid(weight.shape, block)
+    out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(grid, dtype=torch.float32)
+    step = _block_rows_per_step(block, cols)
+    for start in range(0, rows, step):
+        part = weight[start:start + step]
+        tiles = torch.zeros(-(-len(part) // block[0]) * block[0], grid[1] * block[1])
+        tiles[:len(part), :cols] = part
+        tiles = tiles.view(-1, block[0], grid[1], block[1])
+        amax = tiles.abs().amax(dim=(1, 3))
+        _refuse_not_finite(amax, name, start // block[0])
+        scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        tiles.div_(scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
+        out[start:start + step] = tiles.view(-1, grid[1] * block[1])[:len(part), :cols]
+        scales[start // block[0]:start // block[0] + len(scale)] = scale
+    return out, scales
+
+
+def _refuse_not_finite(amax: torch.Tensor, name: str, first_row: int) -> None:
+    """A block whose largest magnitude is NaN or Inf holds such a value: no FP8 scale represents it."""
+    bad = (~torch.isfinite(amax)).nonzero()
+    if len(bad):
+        row, col = bad[0].tolist()
+        raise BadInputError(f"'{name}' holds NaN or Inf in its block ({first_row + row}, {col}); "
+                            "FP8 block quantization cannot represent it")
 
 
 _DEQUANTIZE_CHUNK = 1 << 22  # elements of float32 work per step
@@ -272,8 +324,7 @@ class HFCheckpoint:
         """(weight, scale) ``meta`` tensors of a block-quantized weight, checked against each other."""
         weight, scale = self.stored_meta(name), self.stored_meta(self.scales[name])
         block = fp8_block_size(self.config, self.path)
-        grid = tuple(-(-size // edge) for size, edge in zip(weight.shape, block))
-        if weight.dtype not in FP8_DTYPES or weight.dim() != 2 or tuple(scale.shape) != grid:
+        if weight.dtype not in FP8_DTYPES or weight.dim() != 2 or tuple(scale.shape) != block_grid(weight.shape, block):
             raise BadInputError(f"'{name}' ({weight.dtype}, {list(weight.shape)}) and its scale "
                                 f"{list(scale.shape)} are not FP8 blocks of {block[0]} x {block[1]}", self.path)
         return weight, scale

@@ -30,7 +30,7 @@ from ..engine.streams import (
 from ..engine.write_behind import WriteBehind
 from ..formats import megatron_schema as schema
 from ..formats.bridge_config import bridge_vocab_divisor
-from ..formats.hf_io import CONFIG, GENERATION_CONFIG, copy_tokenizer, tensor_nbytes
+from ..formats.hf_io import CONFIG, GENERATION_CONFIG, copy_tokenizer, fp8_block_size, tensor_nbytes
 from ..formats.hybrid import require_hybrid_layout
 from ..formats.megatron_args import (
     CheckpointFacts,
@@ -57,6 +57,8 @@ def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -
                              options.vocab_size, speculate)
     if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
         source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
+    elif source.kind == "hf" and options.hf_quantization:  # ... or, quantized again, to float32 (no rounding between)
+        source.reader.dequantized_dtype = torch.float32
     leave_out_mtp_layers(source, options.drop_mtp_layers)
     return source
 
@@ -174,15 +176,20 @@ def hf_model_from_config(config: Any, source_file: Path | None, **kwargs: Any) -
                             f"({reason(error)})", source_file)
 
 
-def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
-    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+def meta_hf_model(config: Any, source_file: Path | None) -> Any:
+    """transformers' model of ``config`` with its parameters on ``meta`` (buffers on the CPU: computing buffers
+    (rotary frequencies) or initialising weights on meta runs torch's Python reference kernels, whose first use
+    costs ~2 s of imports)."""
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
-    # Parameters on meta, buffers on the CPU: computing buffers (rotary frequencies) or initialising
-    # weights on meta runs torch's Python reference kernels, whose first use costs ~2 s of imports.
     with init_empty_weights(), no_init_weights(), collector_paused():  # imports the model's module
-        model = hf_model_from_config(config, source_file)
+        return hf_model_from_config(config, source_file)
+
+
+def _validate_hf_plan(planned: list, family: FamilySpec, config: Any, source_file: Path | None) -> None:
+    """The planned tensors must be exactly the transformers model's parameters, with its shapes."""
+    model = meta_hf_model(config, source_file)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
@@ -371,7 +378,24 @@ def _plan_hf(options: Options, source: Source, dtype: torch.dtype | None) -> Pla
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
     out_arch = with_context_length(arch, options.max_position_embeddings).replace(params_dtype=output_dtype_of(planned, dtype))
-    return Plan(options, source, dtype, items, target, by_item, out_arch)
+    plan = Plan(options, source, dtype, items, target, by_item, out_arch)
+    if options.fp8_block_size and not options.hf_quantization:
+        raise BadInputError("--fp8_block_size sets the blocks of --hf_quantization fp8_block, which is not given")
+    return _quantized_plan(plan) if options.hf_quantization else plan
+
+
+def _quantized_plan(plan: Plan) -> Plan:
+    """``plan`` with the weights transformers loads as FP8 written block-quantized (``fp8_output``)."""
+    from ..formats.fp8_output import DEFAULT_BLOCK, FP8Target, fp8_layout, warn_if_transformers_misreads
+    source = plan.source
+    block = plan.options.fp8_block_size or (fp8_block_size(source.reader.config, source.reader.path)
+                                            if source.kind == "hf" and source.reader.scales else DEFAULT_BLOCK)
+    layout = fp8_layout(meta_hf_model(hf_config_of(source.family, plan.out_arch, source.numbers_file),
+                                      source.numbers_file), block)
+    target = FP8Target(plan.target, layout)
+    by_item = plan_with_items(plan.items, source.tensors, target, plan.dtype)
+    warn_if_transformers_misreads(layout)
+    return dataclasses.replace(plan, target=target, by_item=by_item, quantized=layout, unquantized=plan.planned)
 
 
 def _to_hf(options: Options, source: Source, dtype: torch.dtype | None, start: float, team: Solo | Team) -> Summary:
@@ -427,8 +451,13 @@ def _require_rotary_percent(config: Any, arch: ModelArch) -> None:
 
 
 def checked_hf_config(plan: Plan) -> Any:
-    """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check)."""
-    return _checked_hf_config(plan.planned, plan.source.family, plan.out_arch, plan.source.numbers_file)
+    """The transformers config a Hugging Face output gets, checked against the plan (a dry run's check); an FP8
+    output's tensors are checked as they are before quantizing, and its config says how they are quantized."""
+    config = _checked_hf_config(plan.unquantized or plan.planned, plan.source.family, plan.out_arch,
+                                plan.source.numbers_file)
+    if plan.quantized is not None:
+        config.quantization_config = plan.quantized.config
+    return config
 
 
 def _write_hf_metadata(staging: Path, config: Any, family: FamilySpec, tokenizer: str | None,
@@ -473,6 +502,8 @@ def _megatron_args(options: Options, source: Source, layout: ParallelLayout, pad
 
 
 def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) -> Plan:
+    if options.hf_quantization or options.fp8_block_size:
+        raise BadInputError("--hf_quantization and --fp8_block_size quantize Hugging Face output (--to hf)")
     source.check_against_tensors()
     family, arch = source.family, source.arch
     layout = target_layout(options, source)

@@ -88,7 +88,15 @@ def _hf_header(source: Source) -> dict[str, Any]:
     return {"format": f"huggingface {'/'.join(files)}", "schema": None, "checkpoint_version": None,
             "iteration": None, "layout": {"tp": 1, "pp": 1, "ep": 1, "vpp": 1, "layers_per_stage": [source.arch.num_layers]},
             "vocab": {"true": source.arch.vocab_size, "padded": source.arch.vocab_size}, "skipped": [],
-            "extra_state": []}
+            "extra_state": [], "quantization": _hf_quantization(source)}
+
+
+def _hf_quantization(source: Source) -> dict[str, Any] | None:
+    """An FP8 block-quantized model's ``quantization_config``, with how many weights carry block scales."""
+    config = source.reader.config.get("quantization_config")
+    if not isinstance(config, dict):
+        return None
+    return {**config, "scaled_weights": len(source.reader.scales)}
 
 
 def describe(source: Source, path: str) -> dict[str, Any]:
@@ -199,6 +207,9 @@ def as_text(report: dict[str, Any]) -> str:
     if report["architecture"].get("layer_pattern"):
         lines.append(f"layers: {_pattern_by_stage(report['architecture']['layer_pattern'], layout['layers_per_stage'])}"
                      " (M Mamba-2, * attention, - MLP, E experts; | between pipeline stages)")
+    if report.get("quantization"):
+        quantization = report["quantization"]
+        lines.append("quantization: " + "  ".join(f"{key}={value}" for key, value in quantization.items()))
     if report["skipped"]:
         lines.append(f"not model weights (ignored): {len(report['skipped'])} entries, e.g. {report['skipped'][0]}")
     return "\n".join(lines + [f"tensors ({len(report['tensors'])}):"] + _tensor_table(report["tensors"])

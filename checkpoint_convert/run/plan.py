@@ -69,6 +69,8 @@ class Options:
     hash_source: bool = False  # provenance: SHA-256 of every source file (reads each once more)
     invocation: dict[str, Any] | None = None  # provenance: the command line and effective settings
     distributed_timeout: float = DEFAULT_TIMEOUT_MINUTES  # under torchrun: minutes without progress before failing
+    hf_quantization: str | None = None  # Hugging Face output: "fp8_block" writes FP8 weights with block scales
+    fp8_block_size: tuple[int, int] | None = None  # their blocks (the FP8 source's, else 128 x 128)
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Plan:
     target_schema: str | None = None  # Megatron output
     bridge: bool = False  # Megatron output saved as Megatron-Bridge does
     args: Any = None  # Megatron output: the args written
+    quantized: Any = None  # FP8 Hugging Face output: its ``fp8_output.FP8Layout``
+    unquantized: list | None = None  # FP8 Hugging Face output: (key, shape, dtype) of the tensors before quantizing
 
     @property
     def to_hf(self) -> bool:

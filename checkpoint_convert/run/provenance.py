@@ -94,6 +94,7 @@ def describe_target(plan: Plan) -> dict[str, Any]:
     dtype = _dtype_name(plan.output_dtype)
     if plan.to_hf:
         kind = "safetensors" if plan.options.safe_serialization else "bin"
+        kind += f" {plan.options.hf_quantization}" if plan.options.hf_quantization else ""  # FP8 weights, block scales
         return {"format": f"huggingface {kind}", "family": plan.source.family.name, "schema": None, "layout": None,
                 "dtype": dtype}
     layout = plan.layout
