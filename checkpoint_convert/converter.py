@@ -119,7 +119,9 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("query/key norms (qk_layernorm)", arch.qk_layernorm and arch.mla is None),
                                        ("sliding-window attention", arch.window_size is not None),
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
-                                       ("dense layers among expert layers", arch.moe_layers is not None)) if used]
+                                       ("dense layers among expert layers", arch.moe_layers is not None),
+                                       ("attention sinks (softmax_type)", arch.softmax_type != "vanilla"),
+                                       ("clamped or offset gated units", arch.activation == "quick_geglu")) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
