@@ -1,0 +1,124 @@
+"""gpt-oss beyond the family kit: MXFP4 sources, and the experts' down_proj biases in megatron-core.
+
+The model: gpt-oss with a square ``down_proj`` per expert (ffn = hidden = 64, as in the released models, so only
+logits tell its orientation), nonzero expert biases, its experts stored in MXFP4 with random blocks and scales.
+The reference is transformers' own dequantized model of that checkpoint (``Mxfp4Config(dequantize=True)``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint_convert import mxfp4
+from tests.family_kit import GPT_OSS, hf_model
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+
+ORACLE = Path(__file__).with_name("megatron_oracle.py")
+QUANTIZED = ("gate_up_proj", "down_proj")
+NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def mxfp4_copy(dense: Path, out: Path, seed: int = 0) -> None:
+    """``dense``'s checkpoint with its experts replaced by random MXFP4 blocks and scales (2^-7 .. 2^-3), as the
+    released gpt-oss checkpoints store them: [experts, out features, in features / 32, 16] and [..., in / 32]."""
+    state, generator = load_file(dense / "model.safetensors"), torch.Generator().manual_seed(seed)
+    for name in [name for name in state if name.endswith(QUANTIZED)]:
+        experts, features_in, features_out = state.pop(name).shape
+        groups = (experts, features_out, features_in // 32)
+        state[name + "_blocks"] = torch.randint(0, 256, (*groups, 16), dtype=torch.uint8, generator=generator)
+        state[name + "_scales"] = torch.randint(120, 125, groups, dtype=torch.uint8, generator=generator)
+    out.mkdir(parents=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def transformers_dequantized(path: Path):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """(the MXFP4 checkpoint, transformers' logits of it)."""
+    root = tmp_path_factory.mktemp("gpt_oss")
+    hf_model("GptOssConfig", "GptOssForCausalLM", 13, **{**GPT_OSS, "intermediate_size": 64})(root / "dense")
+    mxfp4_copy(root / "dense", root / "mxfp4")
+    return root / "mxfp4", logits_of(transformers_dequantized(root / "mxfp4"))
+
+
+def test_dequantized_bit_for_bit_as_transformers(source):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    state = load_file(source[0] / "model.safetensors")
+    for name in [name[:-len("_blocks")] for name in state if name.endswith("_blocks")]:
+        blocks, scales = state[name + "_blocks"], state[name + "_scales"]
+        for dtype in (torch.bfloat16, torch.float32):
+            ours, theirs = mxfp4.dequantize(blocks, scales, dtype), convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs), name
+
+
+def test_mxfp4_source_to_hf_gives_transformers_logits(source, tmp_path):
+    assert convert("--load_path", source[0], "--save_path", tmp_path / "hf", "--to", "hf",
+                   "--target_params_dtype", "fp32") == 0
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert_logits_close(logits_of(tmp_path / "hf"), source[1])
+
+
+def _oracle(jobs: list[dict], root: Path) -> None:
+    torch.save(TOKENS, root / "tokens.pt")
+    for job in jobs:
+        job.update(kind="logits", name=Path(job["ckpt"]).name, tokens=str(root / "tokens.pt"))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, str(ORACLE), "batch", root / "jobs.json", "4"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_mxfp4_source_in_megatron_core(source, tmp_path):
+    """MXFP4 -> Megatron (fp32): megatron-core's logits are transformers' at TP1 (Transformer Engine naming) and EP2
+    PP2. At TP2 megatron-core 0.16.1 adds each expert's down_proj bias once per tensor-parallel rank: its logits are
+    exactly those of the Hugging Face model with those biases doubled, and the TP2 tree converts back to the original."""
+    layouts = {"te_tp1": ([], 1, 1), "ep2pp2": (["--target_expert_model_parallel_size", "2",
+                                                 "--target_pipeline_model_parallel_size", "2"], 1, 2),
+               "tp2": (["--target_tensor_model_parallel_size", "2"], 2, 1)}
+    jobs = []
+    for name, (flags, tp, ep) in layouts.items():
+        impl = ["--transformer_impl", "local"] if name != "te_tp1" else []
+        assert convert("--load_path", source[0], "--save_path", tmp_path / name, "--to", "megatron",
+                       "--target_params_dtype", "fp32", *flags, *impl) == 0
+        jobs.append(dict(ckpt=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"), tp=tp, ep=ep))
+    _oracle(jobs, tmp_path)
+    for name in ("te_tp1", "ep2pp2"):
+        assert_logits_close(torch.load(tmp_path / f"{name}.pt"), source[1], atol=2e-5)
+    doubled = transformers_dequantized(source[0])
+    with torch.no_grad():
+        for layer in doubled.model.layers:
+            layer.mlp.experts.down_proj_bias.mul_(2)
+    tp2 = torch.load(tmp_path / "tp2.pt")
+    assert_logits_close(tp2, logits_of(doubled), atol=2e-5)
+    assert (tp2 - source[1]).abs().max() > 100 * 2e-5
+    assert convert("--load_path", tmp_path / "tp2", "--save_path", tmp_path / "tp2_hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "tp2_hf"), source[1])
+
+
+def test_mxfp4_blocks_without_scales_refused(source, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(source[0], broken)
+    state = load_file(broken / "model.safetensors")
+    del state["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    assert convert("--load_path", broken, "--save_path", tmp_path / "out", "--to", "hf") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "down_proj_blocks" in err and str(broken) in err
+    assert not (tmp_path / "out").exists()
