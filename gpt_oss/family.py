@@ -25,14 +25,15 @@ import torch
 
 from checkpoint_convert.arch import ModelArch
 from checkpoint_convert.errors import BadInputError
-from checkpoint_convert.family import (FULL, SLIDING, FamilySpec, Layers, Param, norm_topk_prob, register,
-                                       softmax_routing)
+from checkpoint_convert.family import (FULL, SLIDING, BridgeProvider, FamilySpec, Layers, Param, norm_topk_prob,
+                                       register, softmax_routing)
 from checkpoint_convert.parallel import Style
 from checkpoint_convert.runtime import transformers_attr
 from llama.family import FIRST, LAST, OUT_BIAS, PRE_MLP_NORM, SELF_ATTENTION
 from llama.hf_config import arch_from_llama_config, config_kwargs
 
 MOE = Layers.MOE
+_PROVIDER = "megatron.bridge.models.gpt_oss.gpt_oss_provider."
 QUICK_GELU_ALPHA = 1.702  # megatron-core's activations.quick_gelu: x * sigmoid(1.702 * x)
 
 
@@ -157,4 +158,8 @@ GPT_OSS = register(FamilySpec(
     first_stage=FIRST, layer=SELF_ATTENTION + OUT_BIAS + SINKS + PRE_MLP_NORM + ROUTER + EXPERTS, last_stage=LAST,
     hf_config_class="GptOssConfig", arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_ignored_suffixes=("rotary_emb.inv_freq",),
+    # Megatron-Bridge's gpt-oss bridge writes GPTOSSProvider (20B / 120B: its sizes as defaults)
+    bridge=BridgeProvider(writes=_PROVIDER + "GPTOSSProvider", reads=(_PROVIDER + "GPTOSSProvider20B",
+                                                                     _PROVIDER + "GPTOSSProvider120B"),
+                          fields=("softmax_type", "glu_linear_offset", "activation_func_clamp_value")),
 ))

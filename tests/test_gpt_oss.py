@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from checkpoint_convert import mxfp4
@@ -75,41 +76,68 @@ def test_mxfp4_source_to_hf_gives_transformers_logits(source, tmp_path):
     assert_logits_close(logits_of(tmp_path / "hf"), source[1])
 
 
-def _oracle(jobs: list[dict], root: Path) -> None:
+# tree -> (conversion flags, megatron-core's TP and EP); all from the MXFP4 source, in float32
+LAYOUTS = {"te_tp1": ([], 1, 1),
+           "ep2pp2": (["--target_expert_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2",
+                       "--transformer_impl", "local"], 1, 2),
+           "tp2": (["--target_tensor_model_parallel_size", "2", "--transformer_impl", "local"], 2, 1),
+           "bridge": (["--megatron_bridge", "--transformer_impl", "local"], 1, 1)}
+
+
+@pytest.fixture(scope="module")
+def megatron_core(source, tmp_path_factory) -> Path:
+    """The source converted to every layout of :data:`LAYOUTS`, and megatron-core's logits of each (one batch of
+    four processes); the Megatron-Bridge tree loses its Megatron-LM tracker, so only run_config.yaml describes it."""
+    root = tmp_path_factory.mktemp("gpt_oss_megatron")
     torch.save(TOKENS, root / "tokens.pt")
-    for job in jobs:
-        job.update(kind="logits", name=Path(job["ckpt"]).name, tokens=str(root / "tokens.pt"))
+    jobs = []
+    for name, (flags, tp, ep) in LAYOUTS.items():
+        assert convert("--load_path", source[0], "--save_path", root / name, "--to", "megatron",
+                       "--target_params_dtype", "fp32", *flags) == 0
+        kind = "dist-logits" if name == "bridge" else "logits"
+        jobs.append(dict(kind=kind, name=name, ckpt=str(root / name), tokens=str(root / "tokens.pt"),
+                         out=str(root / f"{name}.pt"), tp=tp, ep=ep))
+    (root / "bridge" / "latest_checkpointed_iteration.txt").unlink()
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([sys.executable, str(ORACLE), "batch", root / "jobs.json", "4"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    return root
 
 
-def test_mxfp4_source_in_megatron_core(source, tmp_path):
-    """MXFP4 -> Megatron (fp32): megatron-core's logits are transformers' at TP1 (Transformer Engine naming) and EP2
-    PP2. At TP2 megatron-core 0.16.1 adds each expert's down_proj bias once per tensor-parallel rank: its logits are
-    exactly those of the Hugging Face model with those biases doubled, and the TP2 tree converts back to the original."""
-    layouts = {"te_tp1": ([], 1, 1), "ep2pp2": (["--target_expert_model_parallel_size", "2",
-                                                 "--target_pipeline_model_parallel_size", "2"], 1, 2),
-               "tp2": (["--target_tensor_model_parallel_size", "2"], 2, 1)}
-    jobs = []
-    for name, (flags, tp, ep) in layouts.items():
-        impl = ["--transformer_impl", "local"] if name != "te_tp1" else []
-        assert convert("--load_path", source[0], "--save_path", tmp_path / name, "--to", "megatron",
-                       "--target_params_dtype", "fp32", *flags, *impl) == 0
-        jobs.append(dict(ckpt=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"), tp=tp, ep=ep))
-    _oracle(jobs, tmp_path)
-    for name in ("te_tp1", "ep2pp2"):
-        assert_logits_close(torch.load(tmp_path / f"{name}.pt"), source[1], atol=2e-5)
+@pytest.mark.parametrize("tree", ["te_tp1", "ep2pp2", "bridge"])
+def test_mxfp4_source_in_megatron_core(source, megatron_core, tree):
+    """MXFP4 -> Megatron: megatron-core's logits are transformers' (the square down_proj the right way round)."""
+    assert_logits_close(torch.load(megatron_core / f"{tree}.pt"), source[1], atol=2e-5)
+
+
+def test_megatron_core_adds_expert_down_biases_once_per_tensor_parallel_rank(source, megatron_core):
+    """At TP2 megatron-core 0.16.1 adds each expert's down_proj bias on both tensor-parallel ranks before summing
+    their outputs: its logits are exactly those of the Hugging Face model with those biases doubled. Our TP2 tree
+    holds the biases once (it converts back to the original)."""
     doubled = transformers_dequantized(source[0])
     with torch.no_grad():
         for layer in doubled.model.layers:
             layer.mlp.experts.down_proj_bias.mul_(2)
-    tp2 = torch.load(tmp_path / "tp2.pt")
+    tp2 = torch.load(megatron_core / "tp2.pt")
     assert_logits_close(tp2, logits_of(doubled), atol=2e-5)
     assert (tp2 - source[1]).abs().max() > 100 * 2e-5
-    assert convert("--load_path", tmp_path / "tp2", "--save_path", tmp_path / "tp2_hf", "--to", "hf") == 0
-    assert_logits_close(logits_of(tmp_path / "tp2_hf"), source[1])
+    out = megatron_core / "tp2_hf"
+    assert convert("--load_path", megatron_core / "tp2", "--save_path", out, "--to", "hf") == 0
+    assert_logits_close(logits_of(out), source[1])
+
+
+def test_megatron_bridge_provider(source, megatron_core, tmp_path):
+    """Megatron-Bridge's GPTOSSProvider with gpt-oss's fields as its own bridge sets them, a 4-token window as
+    megatron-core's (3, 0); read back to Hugging Face from run_config.yaml alone."""
+    model = yaml.safe_load((megatron_core / "bridge" / "iter_0000000" / "run_config.yaml").read_text())["model"]
+    assert model["_target_"] == "megatron.bridge.models.gpt_oss.gpt_oss_provider.GPTOSSProvider"
+    assert (model["softmax_type"], model["glu_linear_offset"], model["activation_func_clamp_value"]) == ("learnable", 1.0, 1.0)
+    assert model["activation_func"]["_target_"] == "megatron.core.fusions.fused_bias_geglu.quick_gelu"
+    assert model["window_size"] == [3, 0] and model["window_attn_skip_freq"] == [1, 0, 1, 0]
+    assert model["position_embedding_type"] == "yarn" and model["yarn_correction_range_round_to_int"] is False
+    assert convert("--load_path", megatron_core / "bridge", "--save_path", tmp_path / "hf", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "hf"), source[1])
 
 
 def test_mxfp4_blocks_without_scales_refused(source, tmp_path, capsys):
