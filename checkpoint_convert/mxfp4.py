@@ -25,7 +25,12 @@ VALUES_PER_BYTE, GROUP = 2, 32
 # E2M1: sign bit, two exponent bits, one mantissa bit (the OCP Microscaling spec's FP4 values)
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 SCALE_BIAS = 127
-_CHUNK = 1 << 22  # float32 elements of work per step
+_BYTES = torch.arange(256)
+# every byte's two values (low nibble first) and every scale's power of two, in float32 (2^-127 exact, 2^128 inf)
+_PAIRS = torch.stack([E2M1[_BYTES & 0x0F], E2M1[_BYTES >> 4]], dim=-1)
+_POWERS = torch.ldexp(torch.ones(256), _BYTES - SCALE_BIAS)
+_PAIR_AS = {torch.bfloat16: torch.int32, torch.float32: torch.int64}  # one lookup fetches both values of a byte
+_CHUNK = 1 << 22  # elements of work per step
 
 
 def is_mxfp4(config: dict[str, Any]) -> bool:
@@ -45,19 +50,23 @@ def check_pair(name: str, blocks: torch.Tensor, scales: torch.Tensor, source: An
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The [..., groups * 32, rows] tensor the pair holds, as ``dtype``: a transposed view of [..., rows, values].
 
-    Exact for bf16 and float32 (an E2M1 value times a power of two), computed in float32 a few rows at a time.
+    Exact: an E2M1 value times a power of two, computed in bf16 or float32 (other dtypes: float32, then cast) a
+    few rows at a time; each byte's pair of values is one table lookup.
     """
     *prefix, rows, groups, width = blocks.shape
     flat_blocks, flat_scales = blocks.reshape(-1, groups, width), scales.reshape(-1, groups)
     out = torch.empty(flat_blocks.shape[0], groups, width * VALUES_PER_BYTE, dtype=dtype)
+    work = dtype if dtype in _PAIR_AS else torch.float32
+    pairs, powers = _PAIRS.to(work).view(_PAIR_AS[work]).reshape(-1), _POWERS.to(work)
     step = max(1, _CHUNK // (groups * GROUP))
     for start in range(0, flat_blocks.shape[0], step):
-        packed = flat_blocks[start:start + step]
-        values = torch.empty(*packed.shape[:-1], width * VALUES_PER_BYTE)
-        values[..., 0::2] = E2M1[(packed & 0x0F).long()]
-        values[..., 1::2] = E2M1[(packed >> 4).long()]
-        exponents = flat_scales[start:start + step].to(torch.int32) - SCALE_BIAS
-        out[start:start + step] = torch.ldexp(values, exponents.unsqueeze(-1))
+        packed, exponents = flat_blocks[start:start + step], flat_scales[start:start + step]
+        values = torch.index_select(pairs, 0, packed.reshape(-1).int()).view(work).view(*packed.shape[:-1], -1)
+        factors = torch.index_select(powers, 0, exponents.reshape(-1).int()).view(*exponents.shape, 1)
+        if work == dtype:
+            torch.mul(values, factors, out=out[start:start + step])
+        else:
+            out[start:start + step] = values.mul_(factors)
     return out.reshape(*prefix, rows, groups * GROUP).transpose(-1, -2)
 
 

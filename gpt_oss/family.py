@@ -65,7 +65,20 @@ def _rows_to_interleaved(tensor: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 
 def fc1_to_megatron(tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
-    return _interleaved_to_rows(tensors[0], transpose=True)
+    """``gate_up_proj`` [experts, hidden, 2f] (interleaved columns) -> ``linear_fc1`` [experts, 2f, hidden] ([gate; up]).
+
+    A stored tensor is contiguous as Hugging Face lays it out; its transpose is contiguous only when a reader made
+    it for this read (an MXFP4 source's dequantized experts: ``checkpoint_convert.mxfp4``). Then its rows are
+    regrouped in place, one expert at a time, and no second copy of the largest expert tensor is made."""
+    rows = tensors[0].transpose(-1, -2)
+    if not rows.is_contiguous() or rows.device.type == "meta":
+        return _interleaved_to_rows(tensors[0], transpose=True)
+    half = rows.shape[-2] // 2
+    for expert in rows.reshape(-1, *rows.shape[-2:]):
+        interleaved = expert.clone()
+        expert[:half] = interleaved[0::2]
+        expert[half:] = interleaved[1::2]
+    return rows
 
 
 def fc1_to_hf(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
