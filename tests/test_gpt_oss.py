@@ -150,3 +150,14 @@ def test_mxfp4_blocks_without_scales_refused(source, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "down_proj_blocks" in err and str(broken) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_sigmoid_gain_megatron_core_cannot_express_refused(source, tmp_path, capsys):
+    """megatron-core's quick_gelu fixes the sigmoid's gain at 1.702: another ``swiglu_alpha`` is refused in one line."""
+    other = tmp_path / "alpha"
+    shutil.copytree(source[0], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "swiglu_alpha": 1.5}))
+    assert convert("--load_path", other, "--save_path", tmp_path / "out", "--to", "megatron") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "swiglu_alpha is 1.5" in err and not (tmp_path / "out").exists()
