@@ -65,7 +65,8 @@ def _rows_to_interleaved(tensor: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 
 def fc1_to_megatron(tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
-    """``gate_up_proj`` [experts, hidden, 2f] (interleaved columns) -> ``linear_fc1`` [experts, 2f, hidden] ([gate; up]).
+    """``gate_up_proj`` [experts, hidden, 2f] (interleaved columns) -> ``linear_fc1`` [experts, 2f, hidden]
+    ([gate; up] rows).
 
     A stored tensor is contiguous as Hugging Face lays it out; its transpose is contiguous only when a reader made
     it for this read (an MXFP4 source's dequantized experts: ``checkpoint_convert.mxfp4``). Then its rows are
@@ -133,7 +134,8 @@ def arch_from_hf_config(cfg: Any) -> ModelArch:
 def _refuse_other_units(arch: ModelArch) -> None:
     """What gpt-oss computes and a Megatron source might not: sinks, the clamped, offset quick GLU, biases."""
     problems = [text for text, wrong in (
-        (f"softmax_type {arch.softmax_type} (gpt-oss attention has sinks: 'learnable')", arch.softmax_type != "learnable"),
+        (f"softmax_type {arch.softmax_type} (gpt-oss attention has sinks: 'learnable')",
+         arch.softmax_type != "learnable"),
         (f"activation {arch.activation} (gpt-oss: quick_geglu)", arch.activation != "quick_geglu"),
         (f"glu_linear_offset {arch.glu_linear_offset} (gpt-oss: 1)", arch.glu_linear_offset != 1.0),
         ("no activation_func_clamp_value (gpt-oss clamps)", arch.activation_func_clamp_value is None),
@@ -155,7 +157,8 @@ def hf_config_from_arch(arch: ModelArch) -> Any:
                   sliding_window=arch.window_size if arch.window_size is not None else arch.extra.get("sliding_window"),
                   layer_types=[SLIDING if slides else FULL for slides in pattern])
     return transformers_attr("GptOssConfig")(
-        architectures=["GptOssForCausalLM"], num_local_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk,
+        architectures=["GptOssForCausalLM"], num_local_experts=arch.num_experts,
+        num_experts_per_tok=arch.moe_router_topk,
         router_aux_loss_coef=arch.moe_aux_loss_coeff, swiglu_limit=arch.activation_func_clamp_value,
         swiglu_alpha=QUICK_GELU_ALPHA, **kwargs)
 
