@@ -24,6 +24,8 @@ moment of the disk or page cache does not set its ratio. Rows:
                             real shapes, FP8 blocks as shipped, embedding 1.85 GB) converted to bf16
                             Megatron TP2 and back, in bf16 and (``fp8``) block-quantized again as shipped;
                             ``report`` then checks its memory budget too
+  gpt-oss mxfp4 ...         ``--gpt_oss_layers N``: a gpt-oss-20b-shaped model (32 experts of 2880, MXFP4
+                            experts as released, bf16 embedding 1.16 GB) converted to bf16 Megatron TP2 and back
 
 ``--nproc 1,2`` measures instead how a conversion scales with processes: for each model size, four
 conversions (HF -> TP2 PP2, TP2 PP2 -> HF, HF -> torch_dist, torch_dist -> HF; HF output in 1 GB shards, so
@@ -74,6 +76,8 @@ class Shapes(NamedTuple):
 SIZED = Shapes(hidden=2048, ffn=5632, heads=16, groups=4, vocab=32000)  # --sizes: layers added to reach a size
 LLAMA3_8B = Shapes(hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256)  # the real-shapes model
 DEEPSEEK_V3 = Shapes(hidden=7168, ffn=18432, heads=128, groups=128, vocab=129280)  # its dense layers, FP8 as shipped
+GPT_OSS_20B = Shapes(hidden=2880, ffn=2880, heads=64, groups=8, vocab=201088)  # per expert; head_dim 64, 32 experts
+GPT_OSS_EXPERTS, GPT_OSS_HEAD_DIM = 32, 64
 # DeepSeek-V3's multi-latent attention: q_lora_rank, kv_lora_rank, nope / rope / value head sizes
 DEEPSEEK_MLA = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
 
@@ -173,6 +177,54 @@ def build_synthetic_deepseek(path: Path, shapes: Shapes, layers: int) -> None:
                      first_k_dense_replace=layers, max_position_embeddings=4096, tie_word_embeddings=False,
                      quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                           "weight_block_size": [128, 128]}, **DEEPSEEK_MLA).save_pretrained(path)
+
+
+def _gpt_oss_layer(shapes: Shapes, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One gpt-oss layer of real shapes as released: attention, sinks, router in bf16; experts' gate_up_proj
+    [32, 2 x 2880 out, 2880 in] and down_proj in MXFP4 blocks and scales (out features, in / 32 groups, 16 bytes)."""
+    hidden, q, kv, experts = shapes.hidden, shapes.heads * GPT_OSS_HEAD_DIM, shapes.groups * GPT_OSS_HEAD_DIM, GPT_OSS_EXPERTS
+    dense = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (q, hidden), "self_attn.q_proj.bias": (q,),
+             "self_attn.k_proj.weight": (kv, hidden), "self_attn.k_proj.bias": (kv,),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.v_proj.bias": (kv,),
+             "self_attn.o_proj.weight": (hidden, q), "self_attn.o_proj.bias": (hidden,),
+             "self_attn.sinks": (shapes.heads,), "mlp.router.weight": (experts, hidden), "mlp.router.bias": (experts,),
+             "mlp.experts.gate_up_proj_bias": (experts, 2 * shapes.ffn), "mlp.experts.down_proj_bias": (experts, hidden)}
+    tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in dense.items()}
+    for name, rows, columns in (("gate_up_proj", 2 * shapes.ffn, hidden), ("down_proj", hidden, shapes.ffn)):
+        tensors[f"mlp.experts.{name}_blocks"] = torch.randint(0, 256, (experts, rows, columns // 32, 16),
+                                                              dtype=torch.uint8, generator=generator)
+        tensors[f"mlp.experts.{name}_scales"] = torch.randint(118, 124, (experts, rows, columns // 32),
+                                                              dtype=torch.uint8, generator=generator)
+    return tensors
+
+
+def build_synthetic_gpt_oss(path: Path, shapes: Shapes, layers: int) -> None:
+    """A gpt-oss-20b-shaped checkpoint stored as OpenAI released it (experts in MXFP4); one shard per layer."""
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig
+
+    path.mkdir(parents=True)
+    generator, weight_map = torch.Generator().manual_seed(0), {}
+    for index in range(layers + 1):
+        if index == 0:
+            tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in
+                       (("model.embed_tokens.weight", (shapes.vocab, shapes.hidden)),
+                        ("model.norm.weight", (shapes.hidden,)), ("lm_head.weight", (shapes.vocab, shapes.hidden)))}
+        else:
+            tensors = {f"model.layers.{index - 1}.{name}": tensor
+                       for name, tensor in _gpt_oss_layer(shapes, generator).items()}
+        file = f"model-{index + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    GptOssConfig(vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.ffn,
+                 num_hidden_layers=layers, num_attention_heads=shapes.heads, num_key_value_heads=shapes.groups,
+                 head_dim=GPT_OSS_HEAD_DIM, num_local_experts=GPT_OSS_EXPERTS,
+                 quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+                     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+                 ).save_pretrained(path)
 
 
 # Runs one command and prints its wall time and peak RSS. It is started as a small process of its own
@@ -414,19 +466,34 @@ def run_real_shapes(work: Path, layers: int, repeats: int) -> list[Row]:
     return steps.rows
 
 
-def run_deepseek(work: Path, layers: int, repeats: int) -> list[Row]:
-    """The rows of a DeepSeek-V3-shaped FP8 model (``layers`` dense layers): dequantized while streaming."""
+def _dequantizing_rows(work: Path, family: str, quantization: str, build, repeats: int,
+                       fp8_back: bool = False) -> list[Row]:
+    """The rows of a quantized source ``build(path)`` writes: converted to bf16 Megatron TP2 (dequantized while
+    streaming) and back, and with ``fp8_back`` also back to block-quantized FP8 as shipped."""
     hf = work / "hf"
-    build_synthetic_deepseek(hf, DEEPSEEK_V3, layers)
+    build(hf)
     steps = Steps(work, repeats)
     steps.row("python -c 'import torch'", [sys.executable, "-c", "import torch"])
     steps.row("import only", [sys.executable, "-c", IMPORT_ONLY.format(repo=str(REPO), scripts=str(REPO / "scripts"))])
-    steps.conversion("deepseek fp8 hf -> megatron tp2 (bf16)", hf, work / "tp2", "--to", "megatron",
+    steps.conversion(f"{family} {quantization} hf -> megatron tp2 (bf16)", hf, work / "tp2", "--to", "megatron",
                      "--target_tensor_model_parallel_size", "2")
-    steps.conversion("deepseek megatron tp2 -> hf", work / "tp2", work / "back", "--to", "hf")
-    fp8 = _convert(work / "tp2", work / "back_fp8", "--to", "hf", "--hf_quantization", "fp8_block")
-    steps.row("deepseek megatron tp2 -> hf fp8", fp8, work / "back_fp8", work / "tp2")  # not verify: FP8 rounds
+    steps.conversion(f"{family} megatron tp2 -> hf", work / "tp2", work / "back", "--to", "hf")
+    if fp8_back:
+        fp8 = _convert(work / "tp2", work / "back_fp8", "--to", "hf", "--hf_quantization", "fp8_block")
+        steps.row(f"{family} megatron tp2 -> hf fp8", fp8, work / "back_fp8", work / "tp2")  # not verify: FP8 rounds
     return steps.rows
+
+
+def run_deepseek(work: Path, layers: int, repeats: int) -> list[Row]:
+    """The rows of a DeepSeek-V3-shaped FP8 model (``layers`` dense layers): dequantized while streaming."""
+    return _dequantizing_rows(work, "deepseek", "fp8", lambda hf: build_synthetic_deepseek(hf, DEEPSEEK_V3, layers),
+                              repeats, fp8_back=True)
+
+
+def run_gpt_oss(work: Path, layers: int, repeats: int) -> list[Row]:
+    """The rows of a gpt-oss-20b-shaped MXFP4 model (``layers`` layers): experts dequantized while streaming."""
+    return _dequantizing_rows(work, "gpt-oss", "mxfp4", lambda hf: build_synthetic_gpt_oss(hf, GPT_OSS_20B, layers),
+                              repeats)
 
 
 def _tree_gb(path: Path) -> float:
@@ -469,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only_real_shapes", action="store_true", help="only the Llama-3-8B-shaped model's rows")
     parser.add_argument("--deepseek_layers", type=int, default=0,
                         help="dense layers of a DeepSeek-V3-shaped FP8 model (0: no such model; 2: 4.8 GB)")
+    parser.add_argument("--gpt_oss_layers", type=int, default=0,
+                        help="layers of a gpt-oss-20b-shaped MXFP4 model (0: no such model; 2: 3.3 GB)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every step; the table shows the median time and the highest peak RSS (default 3)")
@@ -504,8 +573,13 @@ def benchmark(args: argparse.Namespace) -> int:
             rows = run_deepseek(work, args.deepseek_layers, args.repeats)
             report(f"DeepSeek-V3 shapes (FP8 source), {args.deepseek_layers} layers, HF source "
                    f"{_tree_gb(work / 'hf'):.2f} GB", DEEPSEEK_V3, rows)
+    if args.gpt_oss_layers:
+        with _workdir(args.workdir) as work:
+            rows = run_gpt_oss(work, args.gpt_oss_layers, args.repeats)
+            report(f"gpt-oss-20b shapes (MXFP4 source), {args.gpt_oss_layers} layers, HF source "
+                   f"{_tree_gb(work / 'hf'):.2f} GB", GPT_OSS_20B, rows)
     print(json.dumps({"sizes": list(peaks), "real_shapes_layers": args.real_shapes_layers,
-                      "deepseek_layers": args.deepseek_layers}))
+                      "deepseek_layers": args.deepseek_layers, "gpt_oss_layers": args.gpt_oss_layers}))
     return 0
 
 

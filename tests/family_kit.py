@@ -132,6 +132,12 @@ def kimi_k2(seed: int, **config: Any) -> Callable:
     return build
 
 
+# gpt-oss: top-2 of 4 experts of 32 (down_proj [32, 64], not square: a transposed one fails by shape too)
+GPT_OSS_YARN = {"rope_theta": 150000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+GPT_OSS = dict(head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+               swiglu_limit=1.0, router_aux_loss_coef=0.02, rope_parameters=GPT_OSS_YARN)
+
 VARIANTS = (
     Variant("gpt2_tied", "gpt2", gpt2(0)),
     Variant("gpt2_untied_gelu", "gpt2", gpt2(1, tied=False, activation="gelu")),
@@ -222,4 +228,10 @@ VARIANTS = VARIANTS + (
     Variant("nemotron_h_moe", "nemotron_h", nemotron_h(13, "ME*E", random_buffers=("e_score_correction_bias",),
                                                        **NEMOTRON_H_MOE),
             legacy=False, experts=True, routing=("groups", "scaling", "expert_bias")),
+    # gpt-oss: attention sinks, windows of 4 on layers 0 and 2, YaRN (factor 4 of a 32-token context, correction
+    # range not rounded), biased router and experts, clamp 1.0 (hit by the tiny model's activations), head_dim 24.
+    # The experts' down_proj biases are zero: megatron-core 0.16.1 adds them once per expert-TP rank, and the kit
+    # runs it at TP2 (tests/test_gpt_oss.py proves them at TP1 and EP2, and shows that miscount)
+    Variant("gpt_oss_window_yarn", "gpt_oss", hf_model("GptOssConfig", "GptOssForCausalLM", 12, zero=("down_proj_bias",),
+                                                       **GPT_OSS), legacy=False, experts=True),
 )

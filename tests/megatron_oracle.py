@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) ->
 
 
 def _activation(args):
+    if getattr(args, "quick_geglu", False):  # Megatron-LM's --quick-geglu: megatron-core's quick_gelu, gated
+        from megatron.core.activations import quick_gelu
+        return quick_gelu
     if getattr(args, "swiglu", False):
         return F.silu
     if getattr(args, "squared_relu", False):
@@ -151,6 +155,32 @@ def _mla_core_attention():
             super().__init__(config, *args, **kwargs)
 
     return LatentDotProductAttention
+
+
+def _gated(args) -> bool:
+    """Megatron-LM's ``--swiglu`` and ``--quick-geglu`` make the MLP gated (there is no flag of its own)."""
+    return bool(getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False))
+
+
+def _sink_and_glu_fields(args) -> dict:
+    """Attention sinks (``softmax_type``) and the clamped, offset gated unit: TransformerConfig's fields of the
+    args' names (Megatron-LM's ``core_transformer_config_from_args`` copies them)."""
+    return {name: getattr(args, name) for name in ("softmax_type", "glu_linear_offset", "activation_func_clamp_value")
+            if getattr(args, name, None) is not None}
+
+
+def _set_yarn_fields(config, args) -> None:
+    """A GPT model's YaRN (``position_embedding_type yarn``): 0.16.1's GPTModel and attention read ``yarn_*``
+    attributes of the config that its TransformerConfig does not declare; set them from the args, as
+    Megatron-Bridge's providers declare them."""
+    if args.position_embedding_type != "yarn":
+        return
+    for field, name in (("yarn_rotary_scaling_factor", "rotary_scaling_factor"), ("yarn_mscale", "mscale"),
+                        ("yarn_original_max_position_embeddings", "yarn_original_max_position_embeddings"),
+                        ("yarn_beta_fast", "yarn_beta_fast"), ("yarn_beta_slow", "yarn_beta_slow"),
+                        ("yarn_mscale_all_dim", "mscale_all_dim"),
+                        ("yarn_correction_range_round_to_int", "yarn_correction_range_round_to_int")):
+        setattr(config, field, getattr(args, name))
 
 
 def _moe_fields(args) -> dict:
@@ -213,7 +243,7 @@ def build_model(args, vp_stage: int | None = None):
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
         kv_channels=args.v_head_dim if mla else args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, normalization=args.normalization,
-        layernorm_epsilon=args.layernorm_epsilon, gated_linear_unit=bool(getattr(args, "swiglu", False)),
+        layernorm_epsilon=args.layernorm_epsilon, gated_linear_unit=_gated(args),
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear,
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)), hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, apply_rope_fusion=False, masked_softmax_fusion=False,
@@ -224,12 +254,14 @@ def build_model(args, vp_stage: int | None = None):
         mtp_num_layers=getattr(args, "mtp_num_layers", None) or None,
         mrope_section=getattr(args, "mrope_section", None),
         **_pipeline_fields(args), **_moe_fields(args), **mla, **_hybrid_fields(args),
+        **_sink_and_glu_fields(args),
     )
+    _set_yarn_fields(config, args)
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if getattr(args, "is_hybrid_model", False):
         return build_hybrid_model(args, config, pre_process, post_process)
-    rope = args.position_embedding_type in ("rope", "mrope")
+    rope = args.position_embedding_type in ("rope", "mrope", "yarn")
     spec = _layer_spec(args, config, vp_stage)
     return GPTModel(
         config, spec, mtp_block_spec=_mtp_spec(config, spec, vp_stage),
@@ -384,6 +416,12 @@ def _rank_file_logits(pp: int, vpp: int | None, ckpt: Path, tokens: Path, out: P
         _save(logits, out)
 
 
+# megatron-core 0.16.1 adds an expert's linear_fc2 bias on every expert-TP rank before their partial outputs are summed
+# (transformer/mlp.py MLP.forward, lines 241-248: the expert RowParallelLinear leaves its reduction to the token
+# dispatcher, tensor_parallel/layers.py lines 1286-1288), so a random model at TP > 1 keeps those biases at zero
+EXPERT_FC2_BIAS = re.compile(r"mlp\.experts\..*linear_fc2\.bias")
+
+
 def _random_model(spec: Path, tp_rank: int = 0, tp: int = 1):
     """A GPTModel with random weights from a JSON spec of Megatron args, and the args Megatron would store.
 
@@ -407,6 +445,8 @@ def _random_model(spec: Path, tp_rank: int = 0, tp: int = 1):
             generator = torch.Generator().manual_seed(fields.get("seed", 0) * 1000 + index)
             full = random_weight(name, shape, generator)
             param.copy_(full.chunk(tp, dim)[tp_rank] if split else full)
+            if EXPERT_FC2_BIAS.search(name):
+                param.zero_()
     return args, model
 
 

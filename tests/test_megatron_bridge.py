@@ -92,6 +92,7 @@ FAMILIES = {  # family -> (builder, the provider Megatron-Bridge writes for it)
     # shared experts behind a gate, dense layers among expert layers, top-k not renormalised
     "qwen2_moe": (KIT["qwen2_moe_sparse_step"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
     "qwen3_moe": (KIT["qwen3_moe_window"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
+    "gpt_oss": (KIT["gpt_oss_window_yarn"].build, "megatron.bridge.models.gpt_oss.gpt_oss_provider.GPTOSSProvider"),
 }
 
 

@@ -56,6 +56,7 @@ SAME_AS_ARGS = (
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
     "moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers", "rotary_percent",
     "mrope_section",
+    "softmax_type", "glu_linear_offset", "activation_func_clamp_value",  # refused unless a family claims them (NEUTRAL)
 )
 # MLATransformerConfig's multi-latent attention sizes, Megatron-LM's arguments of the same names
 MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
@@ -67,7 +68,8 @@ _MLA_YARN = (("factor", "rotary_scaling_factor"), ("original_max_position_embedd
 # megatron-core's own layer specs: the per-layer block spec is the one that builds MLA and dense-then-expert layers
 _BLOCK_SPEC = "megatron.core.models.gpt.gpt_layer_specs.get_gpt_decoder_block_spec"
 # Written when the args lack them: TransformerConfig's own defaults (dropout 0.1) are training choices.
-_WRITE_DEFAULTS = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "qk_layernorm": False}
+_WRITE_DEFAULTS = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "qk_layernorm": False, "softmax_type": "vanilla",
+                   "glu_linear_offset": 0.0}
 # Without these, a provider class's own defaults would decide the architecture.
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "normalization", "activation_func",
             "gated_linear_unit", "position_embedding_type", "share_embeddings_and_output_weights", "add_bias_linear")
@@ -83,13 +85,17 @@ NEUTRAL = {
 }
 # torch.nn.functional.gelu is the builtin torch._C._nn.gelu, the name Megatron-Bridge's YAML writer gives it
 _ACTIVATION_FUNCS = {"torch.nn.functional.silu": "silu", "torch.nn.functional.gelu": "gelu",
-                     "torch._C._nn.gelu": "gelu", "megatron.core.activations.fast_gelu": "fast_gelu"}
+                     "torch._C._nn.gelu": "gelu", "megatron.core.activations.fast_gelu": "fast_gelu",
+                     "megatron.core.fusions.fused_bias_geglu.quick_gelu": "quick_gelu",
+                     "megatron.core.activations.quick_gelu": "quick_gelu"}
 # ModelArch.activation -> (activation_func, gated_linear_unit, bias_activation_fusion). megatron-core's MLP
 # fuses a biased gelu as the tanh approximation (bias_gelu_impl), Megatron-LM's --bias-gelu-fusion.
 _ACTIVATION_PROVIDER = {
     "swiglu": ("torch.nn.functional.silu", True, True), "gelu": ("torch.nn.functional.gelu", False, False),
     "gelu_fast": ("torch.nn.functional.gelu", False, True),
     "gelu_new": ("megatron.core.activations.fast_gelu", False, False),
+    # Megatron-Bridge's GPTOSSProvider: megatron-core fuses the experts' biased, clamped quick GLU
+    "quick_geglu": ("megatron.core.fusions.fused_bias_geglu.quick_gelu", True, True),
 }
 _DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
 # Hugging Face yarn rope parameters -> GPTModelProvider fields (model_bridge.YARN_ROPE_SCALING_MAPPING)
@@ -179,6 +185,8 @@ def _activation(model: dict[str, Any], file: Path) -> str:
     kind = _ACTIVATION_FUNCS.get(function)
     if gated and kind == "silu":
         return "swiglu"
+    if gated and kind == "quick_gelu":
+        return "quick_geglu"
     if not gated and kind == "gelu":
         return "gelu_fast" if fused_bias else "gelu"
     if not gated and kind == "fast_gelu":
@@ -202,6 +210,8 @@ def _rope_args(model: dict[str, Any]) -> dict[str, Any]:
     if kind == "yarn":
         kind = "rope"
         scaling = {"rope_type": "yarn", **{hf: model[field] for hf, field in _YARN if model.get(field) is not None}}
+        if scaling.get("truncate") is True:  # Hugging Face's default, left unsaid as its configs do
+            del scaling["truncate"]
     elif model.get("seq_len_interpolation_factor"):
         scaling = {"rope_type": "linear", "factor": float(model["seq_len_interpolation_factor"])}
     return {"position_embedding_type": kind, "use_rotary_position_embeddings": kind == "rope",
@@ -272,7 +282,7 @@ def args_from_run_config(config: dict[str, Any], file: Path) -> argparse.Namespa
         num_query_groups=groups, group_query_attention=groups != heads, num_experts=model.get("num_moe_experts"),
         max_position_embeddings=model.get("seq_length", 1024), orig_vocab_size=model["vocab_size"],
         untie_embeddings_and_output_weights=not model["share_embeddings_and_output_weights"],
-        swiglu=activation == "swiglu", bias_gelu_fusion=activation == "gelu_fast", openai_gelu=activation == "gelu_new",
+        swiglu=activation == "swiglu", quick_geglu=activation == "quick_geglu", bias_gelu_fusion=activation == "gelu_fast", openai_gelu=activation == "gelu_new",
         params_dtype=_dtype(model, file), transformer_impl="local" if local else "transformer_engine",
         ckpt_format="torch_dist", hf_family=family.name if family else None,
         hf_extra_config=family.bridge.from_provider(model) if family else {}, **_rope_args(model))
@@ -320,6 +330,8 @@ def _rope_fields(args: argparse.Namespace) -> dict[str, Any]:
               "seq_len_interpolation_factor": float(scaling["factor"]) if kind == "linear" else None}
     if kind == "yarn":
         fields.update({field: scaling[hf] for hf, field in _YARN if hf in scaling})
+        # Hugging Face rounds the correction range unless told not to; providers differ in their default
+        fields["yarn_correction_range_round_to_int"] = bool(scaling.get("truncate", True))
     return fields
 
 
@@ -371,6 +383,8 @@ def _layer_spec(args: argparse.Namespace) -> Any:
 
 
 def _activation_of_args(args: argparse.Namespace) -> str:
+    if getattr(args, "quick_geglu", False):
+        return "quick_geglu"
     if args.swiglu:
         return "swiglu"
     return "gelu_fast" if args.bias_gelu_fusion else "gelu_new" if args.openai_gelu else "gelu"

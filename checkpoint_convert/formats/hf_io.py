@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..base.errors import BadInputError, reason
 from ..base.memory import map_for_reading
+from . import mxfp4
 from .safe_load import safe_torch_load
 from .sinks import DISK, DiskSink
 
@@ -292,6 +293,7 @@ class HFCheckpoint:
     An FP8 weight with a ``weight_scale_inv`` companion (block-quantized checkpoints such as DeepSeek-V3's)
     reads as its dequantized values in ``dequantized_dtype`` (bf16 unless the conversion asks for another);
     the scale is read with it and is no tensor of its own.
+    Likewise MXFP4 pairs (``X_blocks`` and ``X_scales``, gpt-oss) read as ``X`` (see ``mxfp4``).
     """
 
     def __init__(self, path: Path, trust: bool = False) -> None:
@@ -305,6 +307,8 @@ class HFCheckpoint:
         self.scales = {name[:-len(SCALE_SUFFIX)]: name for name in self.weight_map
                        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in self.weight_map}
         self.dequantized_dtype = torch.bfloat16
+        if mxfp4.is_mxfp4(self.config):  # X_blocks and X_scales read as X, dequantized
+            self.add_aliases(mxfp4.aliases(self.names(), self.stored_meta, lambda: self.dequantized_dtype, self.path))
 
     @property
     def tokenizer_dir(self) -> Path | None:

@@ -74,6 +74,8 @@ def _real(args: Any, source: str, *names: str, default: float) -> float:
 
 
 def _activation(args: Any) -> str:
+    if _get(args, "quick_geglu", default=False):
+        return "quick_geglu"
     if _get(args, "swiglu", default=False):
         return "swiglu"
     if _get(args, "squared_relu", default=False):
@@ -89,7 +91,7 @@ def _position_embedding_type(args: Any) -> str:
     kind = _get(args, "position_embedding_type")
     if kind is None:
         kind = "rope" if _get(args, "use_rotary_position_embeddings", default=False) else "learned_absolute"
-    return kind
+    return "rope" if kind == "yarn" else kind  # YaRN is a rope scaling (_yarn_scaling)
 
 
 def true_vocab_size(args: Any, override: int | None = None) -> int | None:
@@ -146,6 +148,7 @@ def arch_from_args(args: Any, source: str, vocab_override: int | None = None) ->
         qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
         mla=_latent_attention(args, source),
         **_sliding_window(args, _whole(args, source, "num_layers"), source),
+        **_sinks_and_gated_unit(args, source),
         params_dtype=_args_dtype(args),
         extra=_mapping(_get(args, "hf_extra_config"), "hf_extra_config", source),
         mtp_num_layers=_whole(args, source, "mtp_num_layers", default=0) if _get(args, "mtp_num_layers") else 0,
@@ -206,9 +209,18 @@ def _latent_attention_args(arch: ModelArch) -> dict[str, Any]:
 
 
 def _yarn_scaling(args: Any, source: str) -> dict | None:
-    """Hugging Face's ``yarn`` rope scaling of a multi-latent attention model's Megatron YaRN fields."""
+    """Hugging Face's ``yarn`` rope scaling of Megatron's YaRN fields: a multi-latent attention model's (its
+    ``rope_type``), or a GPT model's ``position_embedding_type yarn`` (whose correction range is rounded to whole
+    dimensions unless ``yarn_correction_range_round_to_int`` is false: Hugging Face's ``truncate``)."""
+    if _get(args, "position_embedding_type") == "yarn" and not _get(args, "multi_latent_attention", default=False):
+        return {**_yarn_fields(args, source),
+                "truncate": bool(_get(args, "yarn_correction_range_round_to_int", default=True))}
     if not _get(args, "multi_latent_attention", default=False) or _get(args, "rope_type", default="yarn") != "yarn":
         return None
+    return _yarn_fields(args, source)
+
+
+def _yarn_fields(args: Any, source: str) -> dict:
     return {"rope_type": "yarn", "factor": _real(args, source, "rotary_scaling_factor", default=1.0),
             "original_max_position_embeddings": _whole(args, source, "yarn_original_max_position_embeddings",
                                                        "original_max_position_embeddings", default=4096),
@@ -216,6 +228,35 @@ def _yarn_scaling(args: Any, source: str) -> dict | None:
             "beta_slow": _real(args, source, "yarn_beta_slow", "beta_slow", default=1.0),
             "mscale": _real(args, source, "mscale", default=1.0),
             "mscale_all_dim": _real(args, source, "mscale_all_dim", default=0.0)}
+
+
+def _sinks_and_gated_unit(args: Any, source: str) -> dict[str, Any]:
+    """Attention sinks (``softmax_type``) and the clamped, offset gated unit (``glu_linear_offset``,
+    ``activation_func_clamp_value``): megatron-core's fields of the same names."""
+    softmax = _get(args, "softmax_type", default="vanilla")
+    if softmax not in ("vanilla", "learnable"):
+        raise BadInputError(f"softmax_type is {softmax!r}: only 'vanilla' and 'learnable' (attention sinks) convert",
+                            source)
+    clamp = _get(args, "activation_func_clamp_value")
+    return {"softmax_type": softmax, "glu_linear_offset": _real(args, source, "glu_linear_offset", default=0.0),
+            "activation_func_clamp_value": None if clamp is None else real_number(clamp, "activation_func_clamp_value",
+                                                                                   source)}
+
+
+def _gpt_yarn_args(arch: ModelArch) -> dict[str, Any]:
+    """Megatron-LM's YaRN args of a model without multi-latent attention (``--position-embedding-type yarn``)."""
+    rope = arch.rope_scaling or {}
+    if arch.mla is not None or rope.get("rope_type") != "yarn":
+        return {}
+    if rope.get("attention_factor") is not None:
+        raise BadInputError(f"YaRN attention_factor {rope['attention_factor']}: megatron-core derives the attention "
+                            "scale from the factor and mscale alone")
+    return dict(position_embedding_type="yarn", use_rotary_position_embeddings=False,
+                rotary_scaling_factor=float(rope["factor"]),
+                yarn_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+                yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                mscale=float(rope.get("mscale") or 1.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+                yarn_correction_range_round_to_int=bool(rope.get("truncate", True)))
 
 
 def _sliding_window(args: Any, num_layers: int, source: str) -> dict[str, Any]:
@@ -486,7 +527,7 @@ def args_from_arch(arch: ModelArch, layout: ParallelLayout, facts: CheckpointFac
 def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
     """The model's shape and numerics, in Megatron-LM's argument names."""
     rope = arch.rope_scaling or {}
-    return dict(
+    fields = dict(
         num_layers=arch.num_layers, encoder_num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size, num_attention_heads=arch.num_attention_heads,
         kv_channels=arch.kv_channels, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
@@ -498,6 +539,8 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
         normalization=arch.normalization, layernorm_epsilon=arch.norm_epsilon, norm_epsilon=arch.norm_epsilon,
         apply_layernorm_1p=False, swiglu=arch.activation == "swiglu", squared_relu=arch.activation == "squared_relu",
+        quick_geglu=arch.activation == "quick_geglu", glu_linear_offset=arch.glu_linear_offset,
+        activation_func_clamp_value=arch.activation_func_clamp_value, softmax_type=arch.softmax_type,
         openai_gelu=arch.activation == "gelu_new", bias_gelu_fusion=arch.activation == "gelu_fast",
         add_bias_linear=arch.add_bias_linear, disable_bias_linear=not arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias, untie_embeddings_and_output_weights=not arch.tie_embeddings,
@@ -506,6 +549,7 @@ def _architecture_fields(arch: ModelArch) -> dict[str, Any]:
         hf_extra_config=dict(arch.extra), hf_family=arch.family,
         mrope_section=list(arch.mrope_section) if arch.mrope_section else None,
     )
+    return {**fields, **_gpt_yarn_args(arch)}
 
 
 def _moe_fields(arch: ModelArch, grouped_gemm: bool) -> dict[str, Any]:

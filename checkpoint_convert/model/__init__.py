@@ -10,7 +10,9 @@ from ..base.errors import BadInputError
 from ..base.runtime import transformers_attr
 from .arch import LAYER_KINDS, LatentAttention, MambaSizes, ModelArch
 from .family import (
+    FULL,
     GPT_PROVIDER,
+    SLIDING,
     BridgeProvider,
     FamilySpec,
     Layers,
@@ -37,6 +39,8 @@ from .family import (
 from .parallel import Style, cat, stack
 
 __all__ = [
+    "FULL",
+    "SLIDING",
     "BadInputError",
     "BridgeProvider",
     "FamilySpec",

@@ -88,6 +88,12 @@ class ModelArch:
     highest. ``moe_router_enable_expert_bias`` (sigmoid only): a per-expert bias is added to the scores for
     choosing the k experts, not to their weights (sigmoid weights of k > 1 are always renormalised). Shared experts: one always-on MLP of ``moe_shared_expert_intermediate_size``
     beside the routed ones, its output scaled by sigmoid(gate . x) when ``moe_shared_expert_gate``.
+
+    Attention sinks: ``softmax_type`` ``learnable`` gives each head a learned logit that joins every query's
+    softmax and is then dropped (megatron-core's ``softmax_offset``); ``vanilla`` has none. Gated units:
+    ``activation`` ``quick_geglu`` is ``x * sigmoid(1.702 x)`` on the gate half; ``activation_func_clamp_value``
+    clamps the gate half from above and the linear half on both sides first, and ``glu_linear_offset`` is added
+    to the linear half (megatron-core's ``glu``).
     """
 
     family: str
@@ -127,6 +133,10 @@ class ModelArch:
     window_size: int | None = None
     window_layers: tuple[int, ...] | None = None
     mla: LatentAttention | None = None
+    # attention sinks and clamped GLUs (gpt-oss), megatron-core's own fields: see the class docstring's last paragraph
+    softmax_type: str = "vanilla"
+    glu_linear_offset: float = 0.0
+    activation_func_clamp_value: float | None = None
     params_dtype: torch.dtype = torch.float32
     extra: dict[str, Any] = field(default_factory=dict)
     # multi-token prediction layers after the decoder (megatron-core's ``mtp_num_layers``; see ``mtp.py``)

@@ -86,7 +86,9 @@ def _require_legacy_features(arch: ModelArch) -> None:
                                        ("shared experts", arch.moe_shared_expert_intermediate_size is not None),
                                        ("dense layers among expert layers", arch.moe_layers is not None),
                                        ("multi-token prediction layers", arch.mtp_num_layers > 0),
-                                       ("Mamba layers (a hybrid model)", arch.layer_pattern is not None)) if used]
+                                       ("Mamba layers (a hybrid model)", arch.layer_pattern is not None),
+                                       ("attention sinks (softmax_type)", arch.softmax_type != "vanilla"),
+                                       ("clamped or offset gated units", arch.activation == "quick_geglu")) if used]
     if missing:
         raise BadInputError(f"--megatron_format legacy: the legacy Megatron model has no {' or '.join(missing)}, "
                             f"which this {arch.family} model uses; write --megatron_format mcore")
