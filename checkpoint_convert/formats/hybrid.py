@@ -86,8 +86,8 @@ def _whole(value: Any, name: str, source: Any) -> int:
 def hybrid_args(arch: ModelArch) -> dict[str, Any]:
     """Megatron-LM's fields of a hybrid model: ``is_hybrid_model``, the pattern as 0.16-0.17 read it
     (``hybrid_override_pattern``, no ratios) and the Mamba sizes; none for another model. 0.18's
-    ``hybrid_layer_pattern`` is not written beside it: Megatron-Bridge's providers refuse both at once
-    (``MambaModelProvider.finalize``), and 0.18 still takes the older field, with a deprecation warning."""
+    ``hybrid_layer_pattern`` is not written beside it: Megatron-Bridge's providers refuse both at once and take
+    the older field alone, with a deprecation warning (``MambaModelProvider.finalize``)."""
     if arch.layer_pattern is None:
         return {}
     mamba = arch.mamba

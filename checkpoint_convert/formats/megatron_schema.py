@@ -186,7 +186,7 @@ def stored_path(canonical: str, layer: int | None, schema: str, tied_copy: bool 
     return (f"{mtp.group(1)}{MTP_TRANSFORMER_LAYER}{rel}" if mtp else f"{LAYER_PREFIX}{layer}.{rel}",)
 
 
-MAMBA_LINEARS = ("in_proj", "out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
+MAMBA_LINEARS = ("mixer.in_proj", "mixer.out_proj")  # a Mamba mixer's linear layers (megatron-core's MambaMixer)
 
 
 def te_norm_module(key: str) -> str | None:
@@ -212,7 +212,7 @@ def extra_state_keys(weight_keys: list[str], schema: str, last_stage: bool) -> l
     for key in weight_keys:
         module = key.rsplit(".", 1)[0]
         last = module.rsplit(".", 1)[-1]
-        if (last.startswith("linear_") or last == "eh_proj" or last in MAMBA_LINEARS) and module not in modules:  # eh_proj: an MTP layer's
+        if (last.startswith("linear_") or last == "eh_proj" or module.endswith(MAMBA_LINEARS)) and module not in modules:  # eh_proj: an MTP layer's
             modules.append(module)
     if schema == MCORE_TE:
         modules += sorted({m.replace("linear_proj", "core_attention") for m in modules

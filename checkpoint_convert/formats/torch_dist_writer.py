@@ -68,7 +68,7 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
         mtp = schema.MTP_LAYER.match(local) or local.startswith("mtp.layers.")  # an MTP layer's keys are its own
         last = module.rsplit(".", 1)[-1]
         linear = (last.startswith("linear_") or (mtp and last == "eh_proj")
-                  or (hybrid and last in schema.MAMBA_LINEARS))
+                  or (hybrid and module.endswith(schema.MAMBA_LINEARS)))
         if (local.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
             layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(local) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
