@@ -163,3 +163,18 @@ def test_the_check_sees_a_circle_within_one_layer_under_type_checking(tiny_packa
 def test_the_check_sees_a_module_outside_the_layers(tiny_package: Path):
     (tiny_package / "stray.py").write_text("from .base import errors\n")
     assert modules_outside_layers(import_graph(tiny_package)) == [f"{CORE}.stray"]
+
+
+def test_the_architecture_page_lists_every_module_in_its_layer():
+    """``docs/architecture.md`` draws each layer as a row of its modules: the tree and the page agree."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    drawing = page[page.index("```\n") + 4:page.index("```", page.index("```\n") + 4)]
+    rows, layer = {}, None
+    for line in drawing.splitlines():
+        first = line[:11].strip()
+        layer = first or layer
+        rows.setdefault(layer, set()).update(name for name in line[11:].split("  ")[0].split(" · ") if name.strip())
+    listed = {layer: {name.strip() for name in names} for layer, names in rows.items()}
+    tree = {layer: {path.stem for path in (REPO / CORE / layer).glob("*.py") if path.stem != "__init__"}
+            for layer in LAYERS}
+    assert listed == tree
