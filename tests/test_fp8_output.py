@@ -283,3 +283,18 @@ def test_inspect_shows_the_quantization(outputs, capsys):
     assert run_inspect_cli([str(fp8)]) == 0
     assert "quantization: activation_scheme=dynamic  fmt=e4m3  quant_method=fp8  weight_block_size=[128, 128]  " \
            "scaled_weights=28" in capsys.readouterr().out
+
+
+def test_quantizing_does_not_depend_on_torch_default_dtype():
+    """Scales are computed in float32 whatever torch's default dtype a library of the same process has set."""
+    from checkpoint_convert.formats.hf_io import quantize_blocks
+
+    weight = torch.randn(40, 72, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = quantize_blocks(weight, (16, 16), "w")
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        got = quantize_blocks(weight, (16, 16), "w")
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0].view(torch.uint8), expected[0].view(torch.uint8))

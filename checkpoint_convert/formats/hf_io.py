@@ -263,7 +263,7 @@ def quantize_blocks(weight: torch.Tensor, block: tuple[int, int], name: str) -> 
     step = _block_rows_per_step(block, cols)
     for start in range(0, rows, step):
         part = weight[start:start + step]
-        tiles = torch.zeros(-(-len(part) // block[0]) * block[0], grid[1] * block[1])
+        tiles = torch.zeros(-(-len(part) // block[0]) * block[0], grid[1] * block[1], dtype=torch.float32)
         tiles[:len(part), :cols] = part
         tiles = tiles.view(-1, block[0], grid[1], block[1])
         amax = tiles.abs().amax(dim=(1, 3))

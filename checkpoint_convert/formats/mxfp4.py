@@ -23,12 +23,13 @@ from ..base.errors import BadInputError
 BLOCKS, SCALES = "_blocks", "_scales"
 VALUES_PER_BYTE, GROUP = 2, 32
 # E2M1: sign bit, two exponent bits, one mantissa bit (the OCP Microscaling spec's FP4 values)
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                    dtype=torch.float32)
 SCALE_BIAS = 127
 _BYTES = torch.arange(256)
 # every byte's two values (low nibble first) and every scale's power of two, in float32 (2^-127 exact, 2^128 inf)
 _PAIRS = torch.stack([E2M1[_BYTES & 0x0F], E2M1[_BYTES >> 4]], dim=-1)
-_POWERS = torch.ldexp(torch.ones(256), _BYTES - SCALE_BIAS)
+_POWERS = torch.ldexp(torch.ones(256, dtype=torch.float32), _BYTES - SCALE_BIAS)
 _PAIR_AS = {torch.bfloat16: torch.int32, torch.float32: torch.int64}  # one lookup fetches both values of a byte
 _CHUNK = 1 << 22  # elements of work per step
 
