@@ -168,6 +168,8 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         drop_mtp_layers=getattr(args, "drop_mtp_layers", False),
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
         distributed_timeout=getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_MINUTES),
+        vision_pipeline_layers=getattr(args, "vision_pipeline_layers", None),
+        hf_config_dir=Path(args.hf_config_dir) if getattr(args, "hf_config_dir", None) else None,
     )
     fields.update(overrides)
     return Options(**fields)
@@ -200,8 +202,15 @@ def build_convert_parser(families: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=list(families), default=None,
                         help="model family (default: detected from config.json or the Megatron args)")
     add_common_flags(parser)
-    add_flag(parser, "megatron_format", choices=["mcore", "legacy"], default=None,
-             help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
+    add_flag(parser, "megatron_format", choices=["mcore", "legacy", "mindspeed_mm"], default=None,
+             help="Megatron key schema (default: the source's for Megatron sources, else mcore); mindspeed_mm: "
+                  "Ascend MindSpeed-MM's rank files of a vision-language model (image_encoder.*, text_decoder.*)")
+    add_flag(parser, "vision_pipeline_layers", type=_layer_list, default=None,
+             help="MindSpeed-MM output: the vision tower's layers per pipeline rank, e.g. 32,0,0,0 beside "
+                  "--target_pipeline_layers 1,10,10,7 (default: the source's, else all on the first rank)")
+    add_flag(parser, "hf_config_dir", default=None,
+             help="reading MindSpeed-MM rank files: the Hugging Face model directory whose config.json describes "
+                  "the model (they record no architecture)")
     add_flag(parser, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
              help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
                   "sources, else torch)")

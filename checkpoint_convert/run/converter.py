@@ -45,6 +45,7 @@ from ..model.arch import ModelArch
 from ..model.family import FamilySpec
 from ..model.parallel import layers_per_stage, padded_vocab_size
 from .distributed import Solo, Team, processes_of_this_run
+from .mindspeed_mm_plan import plan_mindspeed_mm, writes_mindspeed_mm
 from .output import check_paths
 from .plan import Options, Plan, Share, Summary, nbytes_of, output_dtype_of, tokenizer_source
 from .provenance import write_record
@@ -52,7 +53,7 @@ from .provenance import write_record
 
 def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -> Source:
     source = open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
-                             options.vocab_size, speculate)
+                             options.vocab_size, speculate, options.hf_config_dir)
     if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
         source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
     leave_out_mtp_layers(source, options.drop_mtp_layers)
@@ -466,6 +467,8 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
     validate_layout(arch, layout)
+    if writes_mindspeed_mm(options, source):
+        return plan_mindspeed_mm(options, source, dtype, layout)
     ckpt_format = _ckpt_format(options, source)
     require_hybrid_layout(arch, layout.stages, layout.vpp, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)
