@@ -126,3 +126,44 @@ def test_vision_splits_that_do_not_fit_are_refused_in_one_line(tmp_path, qwen25,
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *layout, *flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+
+
+def test_reshape_between_megatron_bridge_and_mindspeed_mm_gives_the_original_logits(tmp_path, qwen25):
+    """Both layouts of the family: Megatron-Bridge -> MindSpeed-MM at TP2 with vision 2,0 and language 1,3, and that
+    back to Megatron-Bridge at TP1 PP2; the Hugging Face model of the result gives the original's logits."""
+    import yaml
+    source, original = qwen25
+    bridge = tmp_path / "bridge"
+    assert convert("--load_path", source, "--save_path", bridge, "--to", "megatron", "--megatron_bridge") == 0
+    mm = tmp_path / "mm"
+    assert convert("--load_path", bridge, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   "--target_tensor_model_parallel_size", "2", "--target_pipeline_layers", "1,3",
+                   "--vision_pipeline_layers", "2,0") == 0
+    assert "image_encoder.projector.encoder.linear_fc2.weight" in rank_file(mm, "mp_rank_01_000")["model"]
+    again = tmp_path / "bridge_again"
+    assert convert("--load_path", mm, "--save_path", again, "--to", "megatron", "--megatron_bridge",
+                   "--hf_config_dir", source, "--target_tensor_model_parallel_size", "1") == 0
+    model = yaml.safe_load((again / "iter_0000000" / "run_config.yaml").read_text())["model"]
+    assert model["_target_"].endswith("Qwen25VLModelProvider") and model["pipeline_model_parallel_size"] == 2
+    back = tmp_path / "back"
+    assert convert("--load_path", again, "--save_path", back, "--to", "hf") == 0
+    assert_logits_close(vl_logits(back), original)
+
+
+def test_verify_logits_reads_mindspeed_mm_rank_files(tmp_path, qwen25, capsys):
+    """verify --logits feeds both models the image and text; a vision tensor that differs shows in the logits."""
+    from checkpoint_convert.commands.report_cli import run_verify_cli
+    source, _ = qwen25
+    mm = tmp_path / "mm"
+    assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    capsys.readouterr()
+    assert run_verify_cli([str(source), str(mm), "--logits", "--hf_config_dir", str(source)]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out
+    file = mm / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    state = torch.load(file, weights_only=True)
+    state["model"]["image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight"] *= 1.5
+    torch.save(state, file)
+    assert run_verify_cli([str(source), str(mm), "--logits", "--atol", "10", "--hf_config_dir", str(source)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
+    assert float(line.split()[-1]) > 1e-4, line

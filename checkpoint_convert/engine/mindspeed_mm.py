@@ -18,8 +18,9 @@ from ..base.errors import BadInputError
 from ..formats.megatron_io import RankKey
 from ..formats.mindspeed_mm import LANGUAGE_LAYER, MindSpeedTree
 from ..model.arch import ModelArch
-from ..model.family import FamilySpec, Tower, in_layout
+from ..model.family import FamilySpec, Tower, family_named, in_layout
 from ..model.parallel import Style, merge_from_tp, split_for_tp, stage_offsets
+from .relayout import read_in_layout
 from .streams import FIRST, LAST, LAYER, HFSource, Item, _ReleasesReadPages, param_parts
 
 Splits = dict[str | None, tuple[int, ...]]  # tower name (None: the language model) -> layers per pipeline rank
@@ -158,14 +159,25 @@ def source_splits(tree: MindSpeedTree, family: FamilySpec, arch: ModelArch) -> S
     return splits
 
 
+def is_mindspeed_mm(source: Any) -> bool:
+    return source.kind == "megatron" and source.reader.producer == "mindspeed-mm"
+
+
 def read_as_mindspeed_mm(source: Any) -> None:
-    """A Hugging Face source read through MindSpeed-MM's tables (same Hugging Face names, other Megatron names)."""
-    if source.kind == "megatron" and source.reader.producer == "mindspeed-mm":
+    """A source read through MindSpeed-MM's tables: a Hugging Face one by its names, another Megatron layout's
+    (Megatron-Bridge's) through the Hugging Face tensors both tables name (``relayout``)."""
+    if is_mindspeed_mm(source):
         return  # read through them already
     family = mindspeed_mm_family(source.family)
-    if source.kind != "hf":
-        raise BadInputError(f"a {source.reader.producer} checkpoint is written as MindSpeed-MM's by way of Hugging "
-                            "Face (convert it --to hf first)", source.reader.iter_dir)
+    if source.kind == "megatron":
+        read_in_layout(source, family)
+        return
     tensors = HFSource(source.reader, family, source.arch)
     tensors.left_out = source.tensors.left_out
     source.family, source.tensors = family, tensors
+
+
+def read_as_registered(source: Any) -> None:
+    """A MindSpeed-MM source read through the family's own tables (Megatron-Bridge's layout), for another output."""
+    if is_mindspeed_mm(source):
+        read_in_layout(source, family_named(source.family.name))

@@ -8,6 +8,7 @@ Training saves may hold ``_extra_state`` entries and ``None`` values (``mm_to_hf
 """
 from __future__ import annotations
 
+import argparse
 import re
 import zipfile
 from pathlib import Path
@@ -73,7 +74,7 @@ class MindSpeedTree:
             raise BadInputError(f"missing rank files for {', '.join(missing)}", iter_dir)
         self.ep = 1
         self.args_layout = (self.tp, self.pp, self.ep)
-        self.args, self.args_file = None, self.files[RankKey(0, 0, 0)]
+        self.args, self.args_file = argparse.Namespace(), self.files[RankKey(0, 0, 0)]  # no args: nothing carried
         self.iteration = iteration_number(iter_dir.name)
         self.language_layers = ""  # the language model's layer prefix (set by the source that reads it)
         self._states: dict[RankKey, dict[str, torch.Tensor]] = {}

@@ -40,6 +40,7 @@ from ..formats.megatron_args import (
     tokenizer_for,
     with_context_length,
 )
+from ..formats.mindspeed_mm import MINDSPEED_MM
 from ..formats.sinks import DISK, DiskSink
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec
@@ -63,7 +64,7 @@ def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
     """The requested key schema; unspecified, the source's (a legacy source becomes mcore for torch_dist)."""
     keep = options.megatron_format is None and options.transformer_impl is None and source.kind == "megatron"
-    if keep and not (ckpt_format == "torch_dist" and source.reader.schema == schema.LEGACY):
+    if keep and source.reader.schema != MINDSPEED_MM and not (ckpt_format == "torch_dist" and source.reader.schema == schema.LEGACY):
         return source.reader.schema
     if options.megatron_format == "legacy":
         if ckpt_format == "torch_dist":
@@ -469,6 +470,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     validate_layout(arch, layout)
     if writes_mindspeed_mm(options, source):
         return plan_mindspeed_mm(options, source, dtype, layout)
+    family = source.family  # a MindSpeed-MM source is read through the family's own tables from here on
     ckpt_format = _ckpt_format(options, source)
     require_hybrid_layout(arch, layout.stages, layout.vpp, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)

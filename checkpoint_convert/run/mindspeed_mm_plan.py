@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..base.errors import BadInputError
-from ..engine.mindspeed_mm import MindSpeedSource, MindSpeedTarget, checked_splits, read_as_mindspeed_mm
+from ..engine.mindspeed_mm import (MindSpeedSource, MindSpeedTarget, checked_splits, read_as_mindspeed_mm,
+                                   read_as_registered)
 from ..engine.sources import Source
 from ..engine.streams import plan_with_items, walk
 from ..formats.megatron_args import ParallelLayout
@@ -14,7 +15,8 @@ from .plan import Options, Plan
 
 def writes_mindspeed_mm(options: Options, source: Source) -> bool:
     """Asked for (``--megatron_format mindspeed_mm``), or a MindSpeed-MM source whose layout nothing else asks to
-    change; ``--vision_pipeline_layers`` means nothing for another output."""
+    change; ``--vision_pipeline_layers`` means nothing for another output. A MindSpeed-MM source written in another
+    layout is read through the family's own tables from here on."""
     if options.megatron_format is not None:
         wanted = options.megatron_format == MINDSPEED_MM
     else:
@@ -23,9 +25,8 @@ def writes_mindspeed_mm(options: Options, source: Source) -> bool:
     if not wanted and options.vision_pipeline_layers:
         raise BadInputError("--vision_pipeline_layers splits MindSpeed-MM's vision tower: it needs "
                             "--megatron_format mindspeed_mm")
-    if not wanted and source.kind == "megatron" and source.reader.schema == MINDSPEED_MM:
-        raise BadInputError("a MindSpeed-MM checkpoint is written in another Megatron layout by way of Hugging Face "
-                            "(convert it --to hf first)", source.reader.iter_dir)
+    if not wanted:
+        read_as_registered(source)
     return wanted
 
 
