@@ -85,11 +85,15 @@ def test_reshape_with_separate_vision_and_language_splits_gives_the_original_log
     assert_logits_close(vl_logits(to_hf(tmp_path, split, source)), original)
 
 
-def test_tied_embeddings_copy_the_word_embeddings_to_the_last_rank(tmp_path):
+def test_tied_embeddings_copy_the_word_embeddings_to_the_last_rank(tmp_path, capsys):
     """MindSpeed-MM's TieOp: with a pipeline, the last language rank holds output_layer.weight, the embeddings."""
     source = tiny_vl("qwen2_5_vl", tmp_path / "hf", tie=True)
     original = vl_logits(source)
     mm = tmp_path / "mm"
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   "--target_pipeline_layers", "2,2", "--vision_pipeline_layers", "1,1", "--dry_run") == 0
+    assert "mindspeed-mm torch" in capsys.readouterr().out and not mm.exists()
     assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
                    "--target_pipeline_layers", "2,2", "--vision_pipeline_layers", "1,1") == 0
     first, last = rank_file(mm, "mp_rank_00_000")["model"], rank_file(mm, "mp_rank_00_001")["model"]
