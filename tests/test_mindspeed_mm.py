@@ -83,6 +83,10 @@ def test_reshape_with_separate_vision_and_language_splits_gives_the_original_log
     assert {"text_decoder.decoder.layers.2.mlp.linear_fc1.weight", "text_decoder.decoder.final_layernorm.weight",
             "text_decoder.output_layer.weight"} <= set(last)
     assert_logits_close(vl_logits(to_hf(tmp_path, split, source)), original)
+    kept = tmp_path / "kept"  # the pipeline kept: both splits are the source's, counted from its files
+    assert convert("--load_path", split, "--save_path", kept, "--to", "megatron", "--hf_config_dir", source,
+                   "--target_tensor_model_parallel_size", "1") == 0
+    assert set(rank_file(kept, "mp_rank_00_000")["model"]) == set(first)
 
 
 def test_tied_embeddings_copy_the_word_embeddings_to_the_last_rank(tmp_path, capsys):
