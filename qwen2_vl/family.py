@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, ModelArch, Param, Style, Tower,
-                                      per_layer_window_kwargs, register, transformers_attr)
+                                      TowerLayout, gate_up_to_hf, gate_up_to_megatron, per_layer_window_kwargs,
+                                      register, transformers_attr)
 from llama.family import FIRST, LAST
 from llama.hf_config import arch_from_llama_config, config_kwargs
 from qwen2.family import LAYER
@@ -156,8 +157,61 @@ def image_and_text(arch: ModelArch) -> dict[str, torch.Tensor]:
             "mm_token_type_ids": (ids == arch.extra["image_token_id"]).int()}
 
 
+# ---- MindSpeed-MM's layout (its converter ``checkpoint/vlm_model/converters/qwen2vl.py``, ``qwen2_5vl.py``):
+# the vision tower in megatron-core form under ``image_encoder.``, qkv interleaved per head (its ``RelocateOp``),
+# gate/up fused (``UpGateMergeOp``), the merger as its projector, the language model under ``text_decoder.``
+
+def _swap_leading(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Rows in ``outer`` x ``inner`` blocks reordered as ``inner`` x ``outer`` (weights and biases alike)."""
+    tail = tensor.shape[1:]
+    return tensor.reshape(outer, inner, -1, *tail).transpose(0, 1).reshape(-1, *tail)
+
+
+def _qkv_per_head(tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """transformers' [q; k; v] -> MindSpeed-MM's [q_h, k_h, v_h] for each head (one query group per head)."""
+    return _swap_leading(tensors[0], 3, int(arch.extra[VISION_CONFIG]["num_heads"]))
+
+
+def _qkv_concatenated(tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    return [_swap_leading(tensor, int(arch.extra[VISION_CONFIG]["num_heads"]), 3)]
+
+
+def _mm(megatron: str, hf: tuple[str, ...] | str, style: Style = Style.REPLICATED, **kwargs: Any) -> Param:
+    return Param(megatron, (hf,) if isinstance(hf, str) else hf, style, **kwargs)
+
+
+def _mm_linear(megatron: str, hf: str, weight: Style, bias: Style) -> tuple[Param, ...]:
+    return _mm(f"{megatron}.weight", f"{hf}.weight", weight), _mm(f"{megatron}.bias", f"{hf}.bias", bias)
+
+
+QWEN2_5_MM_BLOCK = (
+    _mm("input_layernorm.weight", "norm1.weight"),
+    *(_mm(f"self_attention.linear_qkv.{kind}", f"attn.qkv.{kind}", Style.COLUMN, to_megatron=_qkv_per_head,
+          to_hf=_qkv_concatenated) for kind in ("weight", "bias")),
+    *_mm_linear("self_attention.linear_proj", "attn.proj", Style.ROW, Style.REPLICATED),
+    _mm("pre_mlp_layernorm.weight", "norm2.weight"),
+    *(_mm(f"mlp.linear_fc1.{kind}", (f"mlp.gate_proj.{kind}", f"mlp.up_proj.{kind}"), Style.GLU_COLUMN,
+          to_megatron=gate_up_to_megatron, to_hf=gate_up_to_hf) for kind in ("weight", "bias")),
+    *_mm_linear("mlp.linear_fc2", "mlp.down_proj", Style.ROW, Style.REPLICATED),
+)
+QWEN2_5_MM_PROJECTOR = (
+    _mm("projector.layernorm.weight", "merger.ln_q.weight"),
+    *_mm_linear("projector.encoder.linear_fc1", "merger.mlp.0", Style.COLUMN, Style.COLUMN),
+    *_mm_linear("projector.encoder.linear_fc2", "merger.mlp.2", Style.ROW, Style.REPLICATED),
+)
+
+
+def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...]) -> TowerLayout:
+    """One tower as MindSpeed-MM's pipeline schema has it: patch embedding first, blocks, projector last."""
+    vision = Tower("vision", "model.visual.", "image_encoder.",
+                   first=(_mm("encoder.patch_embed.proj.weight", "patch_embed.proj.weight"),), layer=block,
+                   last=projector, num_layers=_depth, hf_layer_prefix="blocks.{layer}.",
+                   megatron_layer_prefix="encoder.blocks.layers.{layer}.")
+    return TowerLayout((vision,), "text_decoder.")
+
+
 def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Param, ...], vision_field: str,
-              bridge: BridgeProvider | None) -> FamilySpec:
+              bridge: BridgeProvider | None, mindspeed_mm: TowerLayout | None = None) -> FamilySpec:
     """A Qwen-VL family: transformers' ``{prefix}Config`` / ``{prefix}ForConditionalGeneration``."""
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.language_model.layers.{layer}.",
@@ -167,10 +221,11 @@ def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Pa
         hf_config_from_arch=_config_writer(f"{prefix}Config", f"{prefix}ForConditionalGeneration"),
         matches_megatron=_matcher(vision_field), hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
         hf_aliases=older_spelling, towers=vl_towers(block, merger), megatron_prefix="language_model.",
-        logits_inputs=image_and_text)
+        logits_inputs=image_and_text, mindspeed_mm=mindspeed_mm)
 
 
 QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept("ln_q.weight", *MERGER),
-                                "fullatt_block_indexes", QWEN2_5_VL_BRIDGE))
+                                "fullatt_block_indexes", QWEN2_5_VL_BRIDGE,
+                                mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR)))
 QWEN2_VL = register(vl_family("qwen2_vl", "Qwen2VL", QWEN2_BLOCK, _kept(*_linear("ln_q"), *MERGER), "embed_dim",
                               None))

@@ -80,6 +80,9 @@ def _source_flags(group: argparse._ArgumentGroup, families: Sequence[str]) -> No
              help="true vocab size when the Megatron args do not record it")
     add_flag(group, "drop_mtp_layers", action="store_true",
              help="leave multi-token prediction layers (DeepSeek-V3's) out of the output instead of refusing them")
+    add_flag(group, "hf_config_dir", default=None, metavar="DIR",
+             help="reading MindSpeed-MM rank files: the Hugging Face model directory whose config.json describes the "
+                  "model (they record no architecture)")
 
 
 def _layout_flags(group: argparse._ArgumentGroup) -> None:
@@ -92,6 +95,9 @@ def _layout_flags(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "target_pipeline_layers", type=_layer_list, default=None, metavar="L1,L2,..",
              help="uneven pipeline stages, e.g. 3,3,2 (must sum to num_layers); with a virtual pipeline, "
                   "all PP x VPP stages in model order")
+    add_flag(group, "vision_pipeline_layers", type=_layer_list, default=None, metavar="L1,L2,..",
+             help="MindSpeed-MM output: the vision tower's layers per pipeline rank, e.g. 32,0,0,0 beside "
+                  "--target_pipeline_layers 1,10,10,7 (default: the source's, else all on the first rank)")
     add_flag(group, "target_virtual_pipeline_model_parallel_size", type=_size, default=None, metavar="N",
              help="model chunks per pipeline rank (interleaved schedule: rank files hold model0, model1, ...); "
                   "default: the source's when the pipeline is kept, else 1")
@@ -107,7 +113,7 @@ def _layout_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def _megatron_flags(group: argparse._ArgumentGroup) -> None:
-    add_flag(group, "megatron_format", choices=["mcore", "legacy"], default=None,
+    add_flag(group, "megatron_format", choices=["mcore", "legacy", "mindspeed_mm"], default=None,
              help="Megatron key schema (default: the source's for Megatron sources, else mcore)")
     add_flag(group, "megatron_ckpt_format", choices=["torch", "torch_dist"], default=None,
              help="Megatron file format: mp_rank_* rank files, or torch_dist (default: the source's for Megatron "
@@ -246,6 +252,8 @@ def options_from_args(args: argparse.Namespace, **overrides) -> Options:
         hash_source=getattr(args, "hash", False), invocation=getattr(args, "invocation", None),
         distributed_timeout=getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_MINUTES),
         hf_quantization=getattr(args, "hf_quantization", None), fp8_block_size=getattr(args, "fp8_block_size", None),
+        vision_pipeline_layers=getattr(args, "vision_pipeline_layers", None),
+        hf_config_dir=Path(args.hf_config_dir) if getattr(args, "hf_config_dir", None) else None,
     )
     fields.update(overrides)
     return Options(**fields)

@@ -26,12 +26,18 @@ def _reading_flags(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "iteration", default=None, metavar="N", help="Megatron iteration to read (number or 'release')")
     add_flag(group, "vocab_size", type=int, default=None, metavar="N",
              help="true vocab size when the Megatron args lack it")
+    add_flag(group, "hf_config_dir", default=None, metavar="DIR",
+             help="MindSpeed-MM rank files: the Hugging Face model directory whose config.json describes the model")
 
 
 def _safety_and_run_groups(parser: SettingsParser) -> None:
     add_flag(parser.add_argument_group("safety"), "trust_checkpoint", action="store_true",
              help="UNSAFE: fully unpickle .pt files (can run code from them); only for files you trust")
     add_flag(parser.add_argument_group("run"), "debug", action="store_true", help="show tracebacks")
+
+
+def _config_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.hf_config_dir) if args.hf_config_dir else None
 
 
 def build_inspect_parser() -> SettingsParser:
@@ -51,7 +57,8 @@ def build_inspect_parser() -> SettingsParser:
 
 
 def inspect_main(args: argparse.Namespace) -> int:
-    source = open_checkpoint(Path(args.path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size)
+    source = open_checkpoint(Path(args.path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size,
+                             hf_config_dir=_config_dir(args))
     source.check_against_tensors()  # the tensors are laid out by the architecture: refuse one they do not fit
     report = describe(source, args.path)
     record = read_record(source)
@@ -104,7 +111,7 @@ def _verify_report(comparison, atol: float) -> list[str]:
 def verify_main(args: argparse.Namespace) -> int:
     def open_source(path: str, speculate: ThreadPoolExecutor | None) -> Source:
         return open_checkpoint(Path(path), args.iteration, args.trust_checkpoint, vocab_size=args.vocab_size,
-                               speculate=speculate)
+                               speculate=speculate, hf_config_dir=_config_dir(args))
     comparison = compare_checkpoints(open_source, args.a, args.b, args.logits)
     print("\n".join(_verify_report(comparison, args.atol)))
     return 0 if comparison.equal(args.atol) else EXIT_MISMATCH

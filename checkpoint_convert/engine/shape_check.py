@@ -214,7 +214,10 @@ _SHAPE_RULES = [(re.compile(rf"(?:^|\.)(?:{pattern})$"), shape) for pattern, sha
 
 
 def expected_shape(item: Item, arch: ModelArch) -> tuple[int | None, ...] | None:
-    """The full Megatron-layout shape of ``item`` (experts stacked first); None for an unknown module."""
+    """The full Megatron-layout shape of ``item`` (experts stacked first); None for an unknown module, and for
+    another tower's (a vision tower's norms and linear layers are named as the language model's, not sized so)."""
+    if item.tower is not None:
+        return None
     name = item.param.megatron.replace("{expert}", "0")
     for pattern, shape in _SHAPE_RULES:
         if pattern.search(name):

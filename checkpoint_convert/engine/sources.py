@@ -15,12 +15,14 @@ from typing import Any, Callable
 
 from ..base.errors import BadInputError, reason
 from ..base.runtime import transformers_attr
-from ..formats.hf_io import HFCheckpoint, is_hf_checkpoint
+from ..formats.hf_io import HFCheckpoint, is_hf_checkpoint, read_json_object
 from ..formats.megatron_args import arch_from_args
 from ..formats.megatron_formats import is_megatron_checkpoint, open_megatron_tree
 from ..formats.megatron_io import MegatronTree
+from ..formats.mindspeed_mm import MindSpeedTree
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .mindspeed_mm import MindSpeedSource, mindspeed_mm_family
 from .mtp import hf_mtp_layer_count
 from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
 from .streams import HFSource, MegatronSource
@@ -66,7 +68,8 @@ def _megatron_family(tree: MegatronTree, arch: ModelArch, requested: str | None)
 
 
 def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = False, model: str | None = None,
-                    vocab_size: int | None = None, speculate: ThreadPoolExecutor | None = None) -> Source:
+                    vocab_size: int | None = None, speculate: ThreadPoolExecutor | None = None,
+                    hf_config_dir: Path | None = None) -> Source:
     """Detect a checkpoint's format and family, and describe its architecture; reads no tensor data.
 
     With ``speculate``, a Hugging Face architecture is read from config.json's values as they are,
@@ -76,7 +79,7 @@ def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = Fals
     if not path.is_dir():
         raise BadInputError("load path is not a directory", path)
     if is_megatron_checkpoint(path):
-        return _open_megatron(path, iteration, trust, model, vocab_size)
+        return _open_megatron(path, iteration, trust, model, vocab_size, hf_config_dir)
     if is_hf_checkpoint(path):
         return _open_hf(path, trust, model, speculate)
     raise BadInputError("neither a Megatron checkpoint (tracker file, mp_rank_* dirs or torch_dist files) nor a "
@@ -84,8 +87,10 @@ def open_checkpoint(path: Path, iteration: str | None = None, trust: bool = Fals
 
 
 def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | None,
-                   vocab_size: int | None) -> Source:
+                   vocab_size: int | None, hf_config_dir: Path | None = None) -> Source:
     tree = open_megatron_tree(path, iteration, trust)
+    if isinstance(tree, MindSpeedTree):
+        return _open_mindspeed_mm(tree, hf_config_dir, model)
     arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
     family = _megatron_family(tree, arch, model)
     arch.family = family.name
@@ -100,6 +105,29 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
         return arch_from_args(argparse.Namespace(**values), str(tree.args_file), vocab_size)
     return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch), None,
                   dict(vars(tree.args)), tree.args_file, reread)
+
+
+def _open_mindspeed_mm(tree: MindSpeedTree, hf_config_dir: Path | None, model: str | None) -> Source:
+    """MindSpeed-MM's rank files record no architecture: it is the Hugging Face config's, as for its own mm_to_hf."""
+    if hf_config_dir is None or not (hf_config_dir / "config.json").is_file():
+        given = f" ({hf_config_dir} has no config.json)" if hf_config_dir else ""
+        raise BadInputError(f"MindSpeed-MM rank files record no architecture: pass --hf_config_dir, the Hugging Face "
+                            f"model directory holding its config.json{given}", tree.iter_dir)
+    config_file = hf_config_dir / "config.json"
+    values = read_json_object(config_file, "config")
+    family = family_for_hf_model_type(values.get("model_type"), str(config_file))
+    if model and model != family.name:
+        raise BadInputError(f"--model {model} does not match config.json's model_type '{values.get('model_type')}'",
+                            config_file)
+    check_config_sizes(values, config_file)
+    arch = _arch_from_config_class(family, values, config_file)
+    validate_arch(arch, family, config_file, values, HF_NAMES)
+    family = mindspeed_mm_family(family)
+
+    def reread(changed: dict[str, Any]) -> ModelArch:
+        return _arch_from_config_class(family, changed, config_file)
+    return Source("megatron", family, arch, tree, MindSpeedSource(tree, family, arch), None, values, config_file,
+                  reread)
 
 
 def _open_hf(path: Path, trust: bool, model: str | None, speculate: ThreadPoolExecutor | None) -> Source:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..base.errors import BadInputError
 from .megatron_io import TRACKER, MegatronTree, has_rank_dirs, iteration_dir_name
+from .mindspeed_mm import MindSpeedTree, is_mindspeed_mm_dir
 from .safe_load import safe_torch_load
 from .torch_dist_layout import TRAIN_STATE_TRACKER, is_bridge_dir, is_torch_dist_dir
 
@@ -43,6 +44,7 @@ class MegatronFormat:
 FORMATS: tuple[MegatronFormat, ...] = (
     MegatronFormat("megatron-bridge", is_bridge_dir, _open_bridge),  # torch_dist data: before Megatron-LM's
     MegatronFormat("torch_dist", is_torch_dist_dir, _open_torch_dist),
+    MegatronFormat("mindspeed-mm", is_mindspeed_mm_dir, MindSpeedTree),  # rank files without args: before Megatron-LM's
     MegatronFormat("torch", has_rank_dirs, MegatronTree),
 )
 

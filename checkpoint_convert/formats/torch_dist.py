@@ -246,7 +246,7 @@ class TorchDistTree:
 
     def within(self, prefix: str) -> None:
         """Read the language model under ``prefix`` (``FamilySpec.megatron_prefix``): its keys lose the prefix, the
-        other towers' keys stay whole (``towers.py``)."""
+        other towers' keys stay whole (``model.family.Tower``)."""
         self.prefix = prefix
         self._names = self._index()
 

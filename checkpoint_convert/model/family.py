@@ -8,7 +8,7 @@ parallel splits, pipeline stages, vocab padding, files.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -215,6 +215,8 @@ class FamilySpec:
     # the fixed inputs ``verify --logits`` feeds the Hugging Face model (a vision-language family: an image and text);
     # None: fixed token ids
     logits_inputs: Callable[[ModelArch], dict[str, torch.Tensor]] | None = None
+    # ---- MindSpeed-MM's layout of a multi-tower model (``checkpoint_convert/formats/mindspeed_mm.py``); None: refused
+    mindspeed_mm: "TowerLayout | None" = None
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,
@@ -225,6 +227,25 @@ class FamilySpec:
     def hf_names(self, param: Param, layer: int | None) -> list[str]:
         prefix = self.hf_layer_prefix.format(layer=layer) if layer is not None else ""
         return [prefix + name for name in param.hf]
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """A trainer's own names for a multi-tower model: its towers' tables and the language model's prefix.
+
+    MindSpeed-MM keeps the vision tower in megatron-core form (fused qkv per head, fused gate/up) under
+    ``image_encoder.`` and the language model under ``text_decoder.``; Megatron-Bridge keeps the vision tower as
+    Hugging Face stores it. Both tables name the same Hugging Face tensors, so a model is read in one layout and
+    written in the other through them (:func:`in_layout`).
+    """
+
+    towers: tuple[Tower, ...]
+    megatron_prefix: str
+
+
+def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
+    """The family as the layout names it: the layout's towers and language-model prefix, the rest unchanged."""
+    return replace(family, towers=layout.towers, megatron_prefix=layout.megatron_prefix)
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

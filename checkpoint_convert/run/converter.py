@@ -41,12 +41,14 @@ from ..formats.megatron_args import (
     tokenizer_for,
     with_context_length,
 )
+from ..formats.mindspeed_mm import MINDSPEED_MM
 from ..formats.sinks import DISK, DiskSink
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec
 from ..model.parallel import layers_per_stage, padded_vocab_size
 from .claim import claimed
 from .distributed import Solo, Team, processes_of_this_run
+from .mindspeed_mm_plan import plan_mindspeed_mm, writes_mindspeed_mm
 from .output import check_paths
 from .plan import Options, Plan, Share, Summary, nbytes_of, output_dtype_of, tokenizer_source
 from .provenance import write_record
@@ -54,7 +56,7 @@ from .provenance import write_record
 
 def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -> Source:
     source = open_checkpoint(options.load_path, options.iteration, options.trust_checkpoint, options.model,
-                             options.vocab_size, speculate)
+                             options.vocab_size, speculate, options.hf_config_dir)
     if source.kind == "hf" and options.params_dtype:  # FP8 weights dequantize straight to the output dtype
         source.reader.dequantized_dtype = dtype_from_name(options.params_dtype)
     elif source.kind == "hf" and options.hf_quantization:  # ... or, quantized again, to float32 (no rounding between)
@@ -66,7 +68,7 @@ def open_source(options: Options, speculate: ThreadPoolExecutor | None = None) -
 def _target_schema(options: Options, source: Source, ckpt_format: str) -> str:
     """The requested key schema; unspecified, the source's (a legacy source becomes mcore for torch_dist)."""
     keep = options.megatron_format is None and options.transformer_impl is None and source.kind == "megatron"
-    if keep and not (ckpt_format == "torch_dist" and source.reader.schema == schema.LEGACY):
+    if keep and source.reader.schema != MINDSPEED_MM and not (ckpt_format == "torch_dist" and source.reader.schema == schema.LEGACY):
         return source.reader.schema
     if options.megatron_format == "legacy":
         if ckpt_format == "torch_dist":
@@ -510,6 +512,9 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     family, arch = source.family, source.arch
     layout = target_layout(options, source)
     validate_layout(arch, layout)
+    if writes_mindspeed_mm(options, source):
+        return plan_mindspeed_mm(options, source, dtype, layout)
+    family = source.family  # a MindSpeed-MM source is read through the family's own tables from here on
     ckpt_format = _ckpt_format(options, source)
     require_hybrid_layout(arch, layout.stages, layout.vpp, layout.tp)
     bridge = _bridge_output(options, source, ckpt_format)

@@ -97,7 +97,8 @@ def plan_report(options: Options) -> dict[str, Any]:
         "disk": {"directory": str(sink.root.parent), "free_bytes": free, "needed_bytes": plan.nbytes + DISK_MARGIN},
         "memory": {"startup_bytes": startup, "largest_tensor_bytes": largest, "headroom_bytes": HEADROOM,
                    "peak_bytes": startup + 2 * largest + HEADROOM},
-        "megatron_args": None if plan.to_hf else {key: _plain(value) for key, value in sorted(vars(plan.args).items())},
+        "megatron_args": None if plan.to_hf or plan.args is None  # MindSpeed-MM's rank files hold no args
+        else {key: _plain(value) for key, value in sorted(vars(plan.args).items())},
         "processes": _processes(plan),
         "warnings": warned,
         "problems": problems,

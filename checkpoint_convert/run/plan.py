@@ -19,6 +19,7 @@ from ..formats.bridge_config import run_config_for, write_bridge_files
 from ..formats.hf_io import HFWriter, tensor_nbytes
 from ..formats.megatron_args import ParallelLayout
 from ..formats.megatron_io import MegatronWriter
+from ..formats.mindspeed_mm import MINDSPEED_MM, MindSpeedWriter
 from ..formats.sinks import DiskSink
 from ..model.arch import ModelArch
 
@@ -71,6 +72,9 @@ class Options:
     distributed_timeout: float = DEFAULT_TIMEOUT_MINUTES  # under torchrun: minutes without progress before failing
     hf_quantization: str | None = None  # Hugging Face output: "fp8_block" writes FP8 weights with block scales
     fp8_block_size: tuple[int, int] | None = None  # their blocks (the FP8 source's, else 128 x 128)
+    # ---- MindSpeed-MM's layout (``--megatron_format mindspeed_mm``)
+    vision_pipeline_layers: list[int] | None = None  # the vision tower's layers per pipeline rank
+    hf_config_dir: Path | None = None  # reading MindSpeed-MM rank files: the Hugging Face config they lack
 
 
 @dataclass
@@ -157,6 +161,8 @@ class Plan:
             return HFWriter(root, self.planned, options.max_shard_size, options.safe_serialization, sink, files)
         if self.ckpt_format == "torch_dist":
             return torch_dist_writer(root, self, sink, share)
+        if self.target_schema == MINDSPEED_MM:
+            return MindSpeedWriter(root, self.planned, self.layout.tp, self.layout.pp, sink, files)
         return MegatronWriter(root, self.planned, self.args, self.target_schema, self.layout,
                               options.use_distributed_optimizer, options.zip_crc32, sink=sink, files=files)
 

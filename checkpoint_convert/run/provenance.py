@@ -24,6 +24,7 @@ from ..base.distribution import DISTRIBUTION, tool_version
 from ..engine.sources import Source
 from ..formats.hf_io import read_json_object
 from ..formats.megatron_io import TRACKER
+from ..formats.mindspeed_mm import MINDSPEED_MM
 from ..formats.sinks import DiskSink
 from ..formats.torch_dist_layout import TRAIN_STATE_TRACKER
 from .plan import Plan
@@ -98,7 +99,7 @@ def describe_target(plan: Plan) -> dict[str, Any]:
         return {"format": f"huggingface {kind}", "family": plan.source.family.name, "schema": None, "layout": None,
                 "dtype": dtype}
     layout = plan.layout
-    producer = "megatron-bridge" if plan.bridge else "megatron"
+    producer = "megatron-bridge" if plan.bridge else "mindspeed-mm" if plan.target_schema == MINDSPEED_MM else "megatron"
     return {"format": f"{producer} {plan.ckpt_format}", "family": plan.source.family.name,
             "schema": plan.target_schema, "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
                                                      "vpp": layout.vpp, "dp": layout.dp,
