@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoint_convert.run import output
+from checkpoint_convert.run import claim, output
 from checkpoint_convert.formats.safe_load import safe_torch_load
 from tests.helpers import convert, reference_megatron_gpt2, tiny_gpt2
 
@@ -107,6 +107,18 @@ def test_dry_run_reports_too_little_disk_and_exits_2(sources, tmp_path, capsys, 
     code, plan = _dry_run(capsys, "--load_path", sources["megatron"], "--save_path", tmp_path / "out", "--to", "hf")
     assert code == 2 and plan["problems"] and "GiB are free" in plan["problems"][0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_reports_a_run_holding_the_save_path(sources, tmp_path, capsys):
+    """A dry run while another conversion holds the save path says so (exit 2) and takes no claim itself."""
+    with claim.claimed(tmp_path / "out") as running:
+        code, plan = _dry_run(capsys, "--load_path", sources["megatron"], "--save_path", tmp_path / "out", "--to", "hf")
+    assert code == 2 and len(plan["problems"]) == 1
+    assert "another conversion is writing this save path" in plan["problems"][0]
+    assert f"pid {running.pid}" in plan["problems"][0]
+    assert list(tmp_path.iterdir()) == []  # the holder's lock file went with it; the dry run made none
+    code, plan = _dry_run(capsys, "--load_path", sources["megatron"], "--save_path", tmp_path / "out", "--to", "hf")
+    assert code == 0 and plan["problems"] == []
 
 
 def test_dry_run_refuses_bad_input_like_a_run(sources, tmp_path, capsys):

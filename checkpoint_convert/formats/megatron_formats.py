@@ -2,9 +2,9 @@
 
 Each format is a :class:`MegatronFormat`: a test that recognises an iteration directory from its
 files alone, and the reader that opens it. :data:`FORMATS` lists them most specific first; the first
-that recognises a directory opens it. The readers import nothing from here, so the formats never
-import one another; slow imports (``torch.distributed.checkpoint``) happen only when a reader of
-that format is opened.
+that recognises a directory opens it. The readers import nothing from here (a reader may build on a
+shared one below it: MindSpeed-MM's rank files on ``megatron_io``'s rank-file helpers); slow imports
+(``torch.distributed.checkpoint``) happen only when a reader of that format is opened.
 """
 from __future__ import annotations
 

@@ -142,6 +142,26 @@ def _lock(path: Path, save_path: Path) -> int | None:
         os.close(descriptor)  # its holder removed the file as we opened it: lock the new one
 
 
+def holder(save_path: Path) -> str | None:
+    """Who holds ``save_path`` now (described), or None: asked without taking the claim or making a lock file
+    (a dry run reports it as a problem; a lock file whose lock is free is a finished or killed run's)."""
+    path = lock_file(save_path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = _read_run(os.pread(descriptor, 4096, 0))
+        return other.describe() if other else f"its lock file is {path}"
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)  # closing releases a lock taken here
+    return None
+
+
 def _remove_empty(directories: list[Path]) -> None:
     """Remove the directories a claim made for its lock file, innermost first, when nothing else is in them."""
     for directory in directories:

@@ -25,6 +25,7 @@ from ..base.memory import read_only_file_mappings
 from ..formats.hf_io import tensor_nbytes
 from ..formats.megatron_args import dtype_from_name
 from ..formats.sinks import SizingSink
+from .claim import holder
 from .converter import Options, Plan, checked_hf_config, open_source, plan_conversion, write_output
 from .distributed import launched
 from .output import DISK_MARGIN, check_free_space, check_paths
@@ -87,6 +88,9 @@ def plan_report(options: Options) -> dict[str, Any]:
         free = check_free_space(sink.root.parent, plan.nbytes)
     except BadInputError as error:
         free, problems = None, [str(error)]
+    running = holder(options.save_path)
+    if running is not None:
+        problems.append(f"{options.save_path}: another conversion is writing this save path ({running})")
     return {
         "dry_run": True,
         "source": {"path": str(options.load_path), **describe_source(plan.source)},
