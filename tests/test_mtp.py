@@ -190,6 +190,9 @@ def test_inspect_shows_the_mtp_layers_and_verify_compares_them(deepseek, capsys)
     for tree in ("local_tp2ep2", "dist"):
         assert run_verify_cli([str(root / "hf"), str(root / tree)]) == 0
         assert capsys.readouterr().out.endswith("EQUAL\n")
+    # --logits compares the main model's logits: transformers' model has no MTP layer to load them into
+    assert run_verify_cli([str(root / "hf"), str(root / "local_tp2ep2"), "--logits"]) == 0
+    assert "logits: max |diff| 0\nEQUAL" in capsys.readouterr().out
 
 
 def test_later_megatron_core_mtp_model_layer_name_is_read(deepseek, tmp_path):

@@ -162,13 +162,20 @@ def hf_model(source: Source) -> torch.nn.Module:
     """The transformers model the source describes, holding the source's weights in fp32."""
     config = hf_config_of(source.family, source.arch.replace(params_dtype=torch.float32), source.numbers_file)
     model = hf_model_from_config(config, source.numbers_file, dtype=torch.float32)
-    state = {name: tensor.to(torch.float32, copy=True) for name, tensor in hf_tensors(source)}
+    state = {name: tensor.to(torch.float32, copy=True) for name, tensor in hf_tensors(source)
+             if not _mtp_tensor(source, name)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     untied_missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
     if untied_missing or unexpected:
         raise RuntimeError(f"weights do not fit the model: missing {untied_missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def _mtp_tensor(source: Source, name: str) -> bool:
+    """A multi-token prediction layer's tensor: transformers' model has no such layer (it skips them on load), so
+    the logits compared are the main model's."""
+    return source.family.hf_mtp_tensor is not None and source.family.hf_mtp_tensor(source.arch, name)
 
 
 def fixed_tokens(vocab_size: int, count: int = 32, seed: int = 0) -> torch.Tensor:
