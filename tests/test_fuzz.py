@@ -1,8 +1,10 @@
 """Seeded mutation fuzzing: damaged sources of every input format, through every command that reads them.
 
-Valid tiny sources of every format (Hugging Face single file and sharded, and DeepSeek-V3 FP8 with block
-scales; Megatron ``torch`` in the legacy schema with PP, megatron-core with TP x PP and with EP; ``torch_dist``;
-a Megatron-Bridge checkpoint, a copy of ``../shared/fixtures/megatron_bridge_llama``) are copied and damaged:
+Valid tiny sources of every format (Hugging Face single file and sharded, DeepSeek-V3 FP8 with block
+scales, gpt-oss MXFP4 and a Qwen2.5-VL vision-language model; Megatron ``torch`` in the legacy schema with PP,
+megatron-core with TP x PP, with EP, a hybrid Mamba model at TP 2 and a multi-token prediction model at PP 2;
+``torch_dist``; Megatron-Bridge checkpoints, a copy of ``../shared/fixtures/megatron_bridge_llama`` and a
+vision-language one) are copied and damaged:
 
 - file mutations (a seeded loop): truncate a file at a random offset; flip bytes in a safetensors
   header, a pickle, a zip directory, a JSON file or anywhere; delete, duplicate or swap files;
@@ -113,16 +115,36 @@ def _build_sources(root: Path) -> Sources:
     for path in (root / "megatron_bridge", *(root / "megatron_bridge").rglob("*")):
         path.chmod(path.stat().st_mode | 0o200)  # the shared fixture is read-only
     built = {name: root / name for name in ("hf_single", "hf_sharded", "hf_deepseek_fp8", "megatron_legacy_pp2",
-                                            "megatron_bridge")}
+                                            "megatron_bridge", *_build_newer_kinds(root))}
     for name, hf, flags in (
             ("megatron_mcore_tp2_pp2", "llama_single", ("--target_tensor_model_parallel_size", "2",
                                                         "--target_pipeline_model_parallel_size", "2")),
             ("megatron_moe_ep2_pp2", "mixtral_hf", ("--target_expert_model_parallel_size", "2",
                                                     "--target_pipeline_model_parallel_size", "2")),
-            ("torch_dist", "llama_single", ("--megatron_ckpt_format", "torch_dist"))):
+            ("torch_dist", "llama_single", ("--megatron_ckpt_format", "torch_dist")),
+            ("megatron_hybrid_tp2", "nemotron_h", ("--target_tensor_model_parallel_size", "2")),
+            ("megatron_mtp_pp2", "deepseek_v3_mtp", ("--target_pipeline_model_parallel_size", "2")),
+            ("megatron_bridge_vl", "hf_qwen2_5_vl", ("--megatron_bridge",))):
         assert convert("--load_path", root / hf, "--save_path", root / name, "--to", "megatron", *flags) == 0
         built[name] = root / name
     return Sources(built)
+
+
+def _build_newer_kinds(root: Path) -> tuple[str, ...]:
+    """Hugging Face sources of the newer kinds (the Megatron ones are converted from them): an MXFP4 gpt-oss,
+    a vision-language model (two towers), and the originals of a hybrid Mamba and a multi-token prediction tree."""
+    from tests.family_kit import GPT_OSS, VARIANTS, hf_model
+    from tests.test_gpt_oss import mxfp4_copy
+    from tests.test_mtp import MODELS, _with_mtp_layer
+    from tests.test_qwen2_vl import tiny_vl
+
+    hf_model("GptOssConfig", "GptOssForCausalLM", 13, **{**GPT_OSS, "intermediate_size": 64})(root / "gpt_oss")
+    mxfp4_copy(root / "gpt_oss", root / "hf_gpt_oss_mxfp4")
+    tiny_vl("qwen2_5_vl", root / "hf_qwen2_5_vl")
+    next(v for v in VARIANTS if v.name == "nemotron_h_hybrid_mha").build(root / "nemotron_h")
+    MODELS["deepseek_v3"][0](root / "deepseek_v3_mtp")
+    _with_mtp_layer(root / "deepseek_v3_mtp", 3)
+    return "hf_gpt_oss_mxfp4", "hf_qwen2_5_vl"
 
 
 def _files(root: Path) -> list[Path]:
@@ -635,3 +657,19 @@ def test_mutations_that_found_bugs(sources, source, kind, file, path, value, fla
     results = run_damaged(sources[source], lambda root: (_apply_field(root, field, value), "")[1], flags,
                           f"({source}) {path} = {value!r}", readers)
     assert message in results[command], results
+
+
+def test_a_zip_that_claims_several_disks_is_bad_input(sources):
+    """A rank file whose zip64 end locator claims another disk (``zipfile`` raises rather than answers "not a zip"
+    for it; once an internal error in the MindSpeed-MM layout's test): one error line from every command."""
+    def several_disks(root: Path) -> str:
+        path = root / "release" / "mp_rank_00" / "model_optim_rng.pt"
+        data = bytearray(path.read_bytes())
+        locator = data.rindex(b"PK\x06\x07")
+        data[locator + 16:locator + 20] = (2).to_bytes(4, "little")  # total number of disks
+        path.write_bytes(bytes(data))
+        return "zip64 locator: 2 disks"
+    readers = tuple(reader for reader in READERS if reader.name in ("convert --dry_run", "inspect"))
+    results = run_damaged(sources["megatron_hybrid_tp2"], several_disks, MEGATRON_TARGETS[1], "several disks", readers)
+    assert set(results) == {"convert", "convert --dry_run", "inspect"}, results
+    assert all("its zip directory is missing" in line for line in results.values()), results

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Container
 
@@ -20,7 +19,7 @@ from ..base.errors import BadInputError
 from ..base.memory import note_file_mapping
 from . import megatron_schema as schema
 from .megatron_io import MODEL_FILES, RankKey, iteration_dir_name, iteration_number, write_tracker
-from .safe_load import safe_torch_load
+from .safe_load import is_zip_checkpoint, safe_torch_load
 from .sinks import DISK, DiskSink
 from .torch_zip_writer import StreamingTorchFile
 
@@ -45,7 +44,7 @@ def is_mindspeed_mm_dir(iter_dir: Path) -> bool:
     """Rank directories whose first file's pickle names MindSpeed-MM's language model (its ``data.pkl`` record
     read as bytes by torch's zip reader, which skips checksums as ``torch.load`` does; nothing unpickled)."""
     first = _rank_files(iter_dir).get(RankKey(0, 0, 0)) if iter_dir.is_dir() else None
-    if first is None or not zipfile.is_zipfile(first):
+    if first is None or not is_zip_checkpoint(first):
         return False
     try:
         return _MARK in bytes(torch._C.PyTorchFileReader(str(first)).get_record("data.pkl"))
