@@ -158,8 +158,9 @@ def image_and_text(arch: ModelArch) -> dict[str, torch.Tensor]:
 
 
 # ---- MindSpeed-MM's layout (its converter ``checkpoint/vlm_model/converters/qwen2vl.py``, ``qwen2_5vl.py``):
-# the vision tower in megatron-core form under ``image_encoder.``, qkv interleaved per head (its ``RelocateOp``),
-# gate/up fused (``UpGateMergeOp``), the merger as its projector, the language model under ``text_decoder.``
+# the vision tower in megatron-core form under ``image_encoder.``, qkv interleaved per head (its ``RelocateOp``, with
+# Qwen2-VL's ``embed_dim`` or Qwen2.5-VL's ``hidden_size`` as the head block), Qwen2.5-VL's gate/up fused
+# (``UpGateMergeOp``), the merger as its projector, the language model under ``text_decoder.``
 
 def _swap_leading(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     """Rows in ``outer`` x ``inner`` blocks reordered as ``inner`` x ``outer`` (weights and biases alike)."""
@@ -184,21 +185,35 @@ def _mm_linear(megatron: str, hf: str, weight: Style, bias: Style) -> tuple[Para
     return _mm(f"{megatron}.weight", f"{hf}.weight", weight), _mm(f"{megatron}.bias", f"{hf}.bias", bias)
 
 
-QWEN2_5_MM_BLOCK = (
-    _mm("input_layernorm.weight", "norm1.weight"),
+_MM_ATTENTION = (
     *(_mm(f"self_attention.linear_qkv.{kind}", f"attn.qkv.{kind}", Style.COLUMN, to_megatron=_qkv_per_head,
           to_hf=_qkv_concatenated) for kind in ("weight", "bias")),
     *_mm_linear("self_attention.linear_proj", "attn.proj", Style.ROW, Style.REPLICATED),
+)
+QWEN2_5_MM_BLOCK = (
+    _mm("input_layernorm.weight", "norm1.weight"),
+    *_MM_ATTENTION,
     _mm("pre_mlp_layernorm.weight", "norm2.weight"),
     *(_mm(f"mlp.linear_fc1.{kind}", (f"mlp.gate_proj.{kind}", f"mlp.up_proj.{kind}"), Style.GLU_COLUMN,
           to_megatron=gate_up_to_megatron, to_hf=gate_up_to_hf) for kind in ("weight", "bias")),
     *_mm_linear("mlp.linear_fc2", "mlp.down_proj", Style.ROW, Style.REPLICATED),
 )
-QWEN2_5_MM_PROJECTOR = (
-    _mm("projector.layernorm.weight", "merger.ln_q.weight"),
+_MM_MERGER_MLP = (
     *_mm_linear("projector.encoder.linear_fc1", "merger.mlp.0", Style.COLUMN, Style.COLUMN),
     *_mm_linear("projector.encoder.linear_fc2", "merger.mlp.2", Style.ROW, Style.REPLICATED),
 )
+QWEN2_5_MM_PROJECTOR = (_mm("projector.layernorm.weight", "merger.ln_q.weight"), *_MM_MERGER_MLP)
+# Qwen2-VL (its ``create_qwen2vl_ops``, ``qwen2vl_tp_patterns``): LayerNorms with biases, whole on every rank; the
+# GELU MLP renamed fc1/fc2 -> linear_fc1/linear_fc2, fc1 split by rows with its bias, fc2 by columns
+QWEN2_MM_BLOCK = (
+    *_mm_linear("input_layernorm", "norm1", Style.REPLICATED, Style.REPLICATED),
+    *_MM_ATTENTION,
+    *_mm_linear("pre_mlp_layernorm", "norm2", Style.REPLICATED, Style.REPLICATED),
+    *_mm_linear("mlp.linear_fc1", "mlp.fc1", Style.COLUMN, Style.COLUMN),
+    *_mm_linear("mlp.linear_fc2", "mlp.fc2", Style.ROW, Style.REPLICATED),
+)
+QWEN2_MM_PROJECTOR = (*_mm_linear("projector.layernorm", "merger.ln_q", Style.REPLICATED, Style.REPLICATED),
+                      *_MM_MERGER_MLP)
 
 
 def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...]) -> TowerLayout:
@@ -228,4 +243,4 @@ QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept
                                 "fullatt_block_indexes", QWEN2_5_VL_BRIDGE,
                                 mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR)))
 QWEN2_VL = register(vl_family("qwen2_vl", "Qwen2VL", QWEN2_BLOCK, _kept(*_linear("ln_q"), *MERGER), "embed_dim",
-                              None))
+                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR)))

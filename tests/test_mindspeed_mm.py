@@ -1,6 +1,7 @@
-"""Qwen2.5-VL in MindSpeed-MM's layout (Ascend/MindSpeed-MM ``checkpoint/vlm_model/converters/qwen2_5vl.py``): rank
-files holding ``{'model', 'checkpoint_version'}``, the vision tower under ``image_encoder.`` in megatron-core form, the
-language model under ``text_decoder.``; every tower split over pipeline ranks on its own.
+"""Qwen2.5-VL and Qwen2-VL in MindSpeed-MM's layout (Ascend/MindSpeed-MM ``checkpoint/vlm_model/converters/
+qwen2_5vl.py``, ``qwen2vl.py``): rank files holding ``{'model', 'checkpoint_version'}``, the vision tower under
+``image_encoder.`` in megatron-core form, the language model under ``text_decoder.``; every tower split over pipeline
+ranks on its own.
 
 Proof by logits: the Hugging Face model on the fixed image+text input gives the original's logits after each trip.
 """
@@ -15,17 +16,37 @@ from safetensors.torch import load_file
 from tests.helpers import assert_logits_close, convert
 from tests.test_qwen2_vl import tiny_vl, vl_logits
 
-HEADS, VISION_HIDDEN = 2, 32  # the tiny vision tower's (tests/test_qwen2_vl.py)
+HEADS, VISION_HIDDEN = 2, 32  # the tiny vision towers' (tests/test_qwen2_vl.py)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 @pytest.fixture(scope="module")
-def qwen25(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    path = tiny_vl("qwen2_5_vl", tmp_path_factory.mktemp("mm") / "hf")
-    return path, vl_logits(path)
+def vl_models(tmp_path_factory):
+    """A tiny model of each family and its logits, built once for the module when a test first asks for it."""
+    built: dict[str, tuple[Path, torch.Tensor]] = {}
+
+    def model(family: str) -> tuple[Path, torch.Tensor]:
+        if family not in built:
+            path = tiny_vl(family, tmp_path_factory.mktemp(family) / "hf")
+            built[family] = path, vl_logits(path)
+        return built[family]
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen25(vl_models) -> tuple[Path, torch.Tensor]:
+    return vl_models("qwen2_5_vl")
 
 
 def rank_file(root: Path, name: str) -> dict:
     return torch.load(root / "release" / name / "model_optim_rng.pt", weights_only=True)
+
+
+def tp_rank(root: Path, tp: int) -> dict:
+    """The ``model`` dicts of one tensor-parallel rank's files on every pipeline rank, in one dict (the vision
+    tower's keys are unique to their rank when it sits on one)."""
+    names = sorted(p.name for p in (root / "release").iterdir() if p.name.startswith(f"mp_rank_{tp:02d}"))
+    return {key: value for name in names for key, value in rank_file(root, name)["model"].items()}
 
 
 def to_hf(tmp_path: Path, mm: Path, source: Path, *flags: str) -> Path:
@@ -34,39 +55,58 @@ def to_hf(tmp_path: Path, mm: Path, source: Path, *flags: str) -> Path:
     return back
 
 
-def test_hf_to_mindspeed_mm_tp2_and_back_gives_the_original_logits(tmp_path, qwen25):
-    source, original = qwen25
-    mm = tmp_path / "mm"
-    assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
-                   "--target_tensor_model_parallel_size", "2") == 0
-    assert (mm / "latest_checkpointed_iteration.txt").read_text() == "release"
-    files = [rank_file(mm, f"mp_rank_0{tp}") for tp in range(2)]
-    assert all(set(state) == {"model", "checkpoint_version"} and state["checkpoint_version"] == 3.0 for state in files)
-    model = files[0]["model"]
-    assert {"image_encoder.encoder.patch_embed.proj.weight", "image_encoder.projector.layernorm.weight",
-            "image_encoder.projector.encoder.linear_fc1.weight", "text_decoder.embedding.word_embeddings.weight",
-            "text_decoder.decoder.layers.3.self_attention.linear_qkv.bias", "text_decoder.output_layer.weight",
-            "image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.bias"} <= set(model)
-    # the vision qkv interleaved per head ([q_h, k_h, v_h]), one head on each TP rank (MindSpeed-MM's RelocateOp)
-    qkv = load_file(source / "model.safetensors")["visual.blocks.0.attn.qkv.weight"]  # the older spelling
-    head = VISION_HIDDEN // HEADS
-    q, k, v = qkv.split(VISION_HIDDEN)
-    expected = torch.cat([q[head:], k[head:], v[head:]])
-    assert torch.equal(files[1]["model"]["image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight"],
-                       expected)
-    # gate and up fused, each split across the ranks (MindSpeed-MM's UpGateMergeOp and GLUSplit)
-    hf = load_file(source / "model.safetensors")
+def _fc1_on_rank_1(hf: dict, family: str) -> torch.Tensor:
+    """The second half of the vision MLP's first layer: Qwen2.5-VL's gate and up fused, each split across the ranks
+    (MindSpeed-MM's UpGateMergeOp and GLUSplit); Qwen2-VL's fc1 split by rows (its rename fc -> linear_fc, RowSplit)."""
+    if family == "qwen2_vl":
+        fc1 = hf["visual.blocks.1.mlp.fc1.weight"]
+        return fc1[fc1.shape[0] // 2:]
     gate, up = (hf[f"visual.blocks.1.mlp.{part}_proj.weight"] for part in ("gate", "up"))
     rows = gate.shape[0] // 2
-    assert torch.equal(files[1]["model"]["image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.weight"],
-                       torch.cat([gate[rows:], up[rows:]]))
+    return torch.cat([gate[rows:], up[rows:]])
+
+
+@pytest.mark.parametrize("family, pipeline", [
+    ("qwen2_5_vl", []),
+    ("qwen2_vl", ["--vision_pipeline_layers", "2,0", "--target_pipeline_layers", "1,3"]),
+])
+def test_hf_to_mindspeed_mm_tp2_and_back_gives_the_original_logits(tmp_path, vl_models, family, pipeline):
+    source, original = vl_models(family)
+    mm = tmp_path / "mm"
+    assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   "--target_tensor_model_parallel_size", "2", *pipeline) == 0
+    assert (mm / "latest_checkpointed_iteration.txt").read_text() == "release"
+    files = [torch.load(file, weights_only=True) for file in sorted((mm / "release").glob("*/model_optim_rng.pt"))]
+    assert len(files) == 2 * (2 if pipeline else 1)
+    assert all(set(state) == {"model", "checkpoint_version"} and state["checkpoint_version"] == 3.0 for state in files)
+    model, second = tp_rank(mm, 0), tp_rank(mm, 1)
+    assert {"image_encoder.encoder.patch_embed.proj.weight", "image_encoder.projector.layernorm.weight",
+            "image_encoder.projector.encoder.linear_fc1.weight", "text_decoder.embedding.word_embeddings.weight",
+            "text_decoder.decoder.layers.0.self_attention.linear_qkv.bias", "text_decoder.output_layer.weight",
+            "image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.bias"} <= set(model)
+    hf = load_file(source / "model.safetensors")  # the older spelling
+    if family == "qwen2_vl":  # LayerNorms with biases whole on every rank, fc1's bias split by rows, fc2 by columns
+        mlp = "image_encoder.encoder.blocks.layers.1.mlp."
+        assert torch.equal(second["image_encoder.encoder.blocks.layers.1.input_layernorm.bias"],
+                           hf["visual.blocks.1.norm1.bias"])
+        assert torch.equal(second["image_encoder.projector.layernorm.bias"], hf["visual.merger.ln_q.bias"])
+        assert torch.equal(second[mlp + "linear_fc1.bias"], hf["visual.blocks.1.mlp.fc1.bias"].chunk(2)[1])
+        assert torch.equal(second[mlp + "linear_fc2.weight"], hf["visual.blocks.1.mlp.fc2.weight"].chunk(2, dim=1)[1])
+        assert not any(key.startswith("image_encoder.") for key in rank_file(mm, "mp_rank_00_001")["model"])
+    # the vision qkv interleaved per head ([q_h, k_h, v_h]), one head on each TP rank (MindSpeed-MM's RelocateOp)
+    head = VISION_HIDDEN // HEADS
+    q, k, v = hf["visual.blocks.0.attn.qkv.weight"].split(VISION_HIDDEN)
+    expected = torch.cat([q[head:], k[head:], v[head:]])
+    assert torch.equal(second["image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight"], expected)
+    assert torch.equal(second["image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.weight"], _fc1_on_rank_1(hf, family))
     assert model["text_decoder.embedding.word_embeddings.weight"].shape[0] == 64  # 128 split unpadded
     assert_logits_close(vl_logits(to_hf(tmp_path, mm, source)), original)
 
 
-def test_reshape_with_separate_vision_and_language_splits_gives_the_original_logits(tmp_path, qwen25):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reshape_with_separate_vision_and_language_splits_gives_the_original_logits(tmp_path, vl_models, family):
     """TP1 -> TP2 with the vision tower 2,0 and the language model 1,3 over two pipeline ranks, and back to HF."""
-    source, original = qwen25
+    source, original = vl_models(family)
     mm = tmp_path / "tp1"
     assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format",
                    "mindspeed_mm") == 0
@@ -89,9 +129,10 @@ def test_reshape_with_separate_vision_and_language_splits_gives_the_original_log
     assert set(rank_file(kept, "mp_rank_00_000")["model"]) == set(first)
 
 
-def test_tied_embeddings_copy_the_word_embeddings_to_the_last_rank(tmp_path, capsys):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tied_embeddings_copy_the_word_embeddings_to_the_last_rank(tmp_path, capsys, family):
     """MindSpeed-MM's TieOp: with a pipeline, the last language rank holds output_layer.weight, the embeddings."""
-    source = tiny_vl("qwen2_5_vl", tmp_path / "hf", tie=True)
+    source = tiny_vl(family, tmp_path / "hf", tie=True)
     original = vl_logits(source)
     mm = tmp_path / "mm"
     capsys.readouterr()
