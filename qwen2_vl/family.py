@@ -8,8 +8,9 @@
 
 Megatron-Bridge (``models/qwen_vl/qwen25_vl_bridge.py``) keeps the vision tower and merger as Hugging Face stores
 them, replicated, under ``visual.`` (its ``ReplicatedMapping("visual.**")``), and the language model as megatron-core
-GPT names under ``language_model.``; its provider is ``Qwen25VLModelProvider``. Megatron-Bridge 0.6.2 has no
-provider for Qwen2-VL, whose vision blocks differ (LayerNorm with biases, a GELU fc1/fc2 MLP): it is refused there.
+GPT names under ``language_model.``; its provider is ``Qwen25VLModelProvider``. No Megatron-Bridge release has a
+provider for Qwen2-VL, whose vision blocks differ (LayerNorm with biases, a GELU fc1/fc2 MLP): it is refused there
+and written in MindSpeed-MM's layout.
 The vision config and the image/video token ids travel in ``ModelArch.extra``.
 """
 from __future__ import annotations
@@ -137,6 +138,9 @@ def _from_provider(model: dict[str, Any]) -> dict[str, Any]:
     return {VISION_CONFIG: vision, **{key: model.get(key) for key in ("bos_token_id", "eos_token_id", *TOKENS)}}
 
 
+# Megatron-Bridge's ``models/qwen_vl/`` (0.6.2 and main): Qwen2.5-VL, Qwen3-VL, Qwen3.5-VL and Qwen2.5-Omni only
+NO_QWEN2_VL_BRIDGE = ("no Megatron-Bridge release has a Qwen2-VL provider (its models/qwen_vl/ holds Qwen2.5-VL's, "
+                      "Qwen3-VL's, Qwen3.5-VL's and Qwen2.5-Omni's)")
 QWEN2_5_VL_BRIDGE = BridgeProvider(
     writes="megatron.bridge.models.qwen_vl.qwen25_vl_provider.Qwen25VLModelProvider",
     fields=(VISION_CONFIG, "bos_token_id", "eos_token_id", *TOKENS, "vision_token_id"),
@@ -226,7 +230,8 @@ def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...]) 
 
 
 def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Param, ...], vision_field: str,
-              bridge: BridgeProvider | None, mindspeed_mm: TowerLayout | None = None) -> FamilySpec:
+              bridge: BridgeProvider | None, mindspeed_mm: TowerLayout | None = None,
+              bridge_missing: str = "") -> FamilySpec:
     """A Qwen-VL family: transformers' ``{prefix}Config`` / ``{prefix}ForConditionalGeneration``."""
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.language_model.layers.{layer}.",
@@ -236,11 +241,11 @@ def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Pa
         hf_config_from_arch=_config_writer(f"{prefix}Config", f"{prefix}ForConditionalGeneration"),
         matches_megatron=_matcher(vision_field), hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
         hf_aliases=older_spelling, towers=vl_towers(block, merger), megatron_prefix="language_model.",
-        logits_inputs=image_and_text, mindspeed_mm=mindspeed_mm)
+        logits_inputs=image_and_text, mindspeed_mm=mindspeed_mm, bridge_missing=bridge_missing)
 
 
 QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept("ln_q.weight", *MERGER),
                                 "fullatt_block_indexes", QWEN2_5_VL_BRIDGE,
                                 mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR)))
 QWEN2_VL = register(vl_family("qwen2_vl", "Qwen2VL", QWEN2_BLOCK, _kept(*_linear("ln_q"), *MERGER), "embed_dim",
-                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR)))
+                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR), NO_QWEN2_VL_BRIDGE))

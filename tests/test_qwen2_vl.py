@@ -151,8 +151,9 @@ def test_both_key_spellings_convert_to_the_original_logits(tmp_path, qwen25):
 
 
 @pytest.mark.parametrize("family, flags, message", [
-    ("qwen2_5_vl", ["--megatron_ckpt_format", "torch"], "written as Megatron-Bridge saves it"),
-    ("qwen2_vl", ["--megatron_bridge"], "declares no Megatron-Bridge provider"),
+    ("qwen2_5_vl", ["--megatron_ckpt_format", "torch"], "--megatron_bridge or --megatron_format mindspeed_mm"),
+    ("qwen2_vl", ["--megatron_bridge"], "no Megatron-Bridge release has a Qwen2-VL provider"),
+    ("qwen2_vl", [], "holds them: --megatron_format mindspeed_mm"),
 ])
 def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, capsys, family, flags, message):
     source = tiny_vl(family, tmp_path / "hf")
@@ -160,6 +161,8 @@ def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, ca
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+    if family == "qwen2_vl":  # the layout that holds it
+        assert err[0].endswith("--megatron_format mindspeed_mm" + (" instead" if flags else "")), err
 
 
 def test_inspect_verify_and_dry_run_read_the_bridge_output(tmp_path, qwen25, capsys):
