@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -220,13 +220,35 @@ QWEN2_MM_PROJECTOR = (*_mm_linear("projector.layernorm", "merger.ln_q", Style.RE
                       *_MM_MERGER_MLP)
 
 
-def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...]) -> TowerLayout:
+def _tp_splits(width: str, mlp_width: Callable[[dict[str, Any]], int]):
+    """The vision sizes MindSpeed-MM's converter splits over TP ranks: the heads (qkv relocated per head, proj), the
+    MLP width (fc1 rows, fc2 columns) and the projector's (its fc1 rows: the merged patch, spatial_merge_size^2
+    patches of ``width``)."""
+    def splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
+        vision = arch.extra[VISION_CONFIG]
+        return (("vision attention heads (vision_config.num_heads)", int(vision["num_heads"])),
+                ("vision MLP width", mlp_width(vision)),
+                ("projector width", int(vision[width]) * int(vision["spatial_merge_size"]) ** 2))
+    return splits
+
+
+def _qwen2_5_mlp_width(vision: dict[str, Any]) -> int:
+    return int(vision["intermediate_size"])
+
+
+def _qwen2_mlp_width(vision: dict[str, Any]) -> int:
+    """transformers' ``Qwen2VLVisionBlock``: ``int(embed_dim * mlp_ratio)``."""
+    return int(vision["embed_dim"] * vision["mlp_ratio"])
+
+
+def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...], width: str,
+                        mlp_width: Callable[[dict[str, Any]], int]) -> TowerLayout:
     """One tower as MindSpeed-MM's pipeline schema has it: patch embedding first, blocks, projector last."""
     vision = Tower("vision", "model.visual.", "image_encoder.",
                    first=(_mm("encoder.patch_embed.proj.weight", "patch_embed.proj.weight"),), layer=block,
                    last=projector, num_layers=_depth, hf_layer_prefix="blocks.{layer}.",
                    megatron_layer_prefix="encoder.blocks.layers.{layer}.")
-    return TowerLayout((vision,), "text_decoder.")
+    return TowerLayout((vision,), "text_decoder.", _tp_splits(width, mlp_width))
 
 
 def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Param, ...], vision_field: str,
@@ -246,6 +268,9 @@ def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Pa
 
 QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept("ln_q.weight", *MERGER),
                                 "fullatt_block_indexes", QWEN2_5_VL_BRIDGE,
-                                mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR)))
+                                mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR, "hidden_size",
+                                                    _qwen2_5_mlp_width)))
 QWEN2_VL = register(vl_family("qwen2_vl", "Qwen2VL", QWEN2_BLOCK, _kept(*_linear("ln_q"), *MERGER), "embed_dim",
-                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR), NO_QWEN2_VL_BRIDGE))
+                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR, "embed_dim",
+                                                        _qwen2_mlp_width),
+                              NO_QWEN2_VL_BRIDGE))

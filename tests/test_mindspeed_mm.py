@@ -98,7 +98,8 @@ def test_hf_to_mindspeed_mm_tp2_and_back_gives_the_original_logits(tmp_path, vl_
     q, k, v = hf["visual.blocks.0.attn.qkv.weight"].split(VISION_HIDDEN)
     expected = torch.cat([q[head:], k[head:], v[head:]])
     assert torch.equal(second["image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.weight"], expected)
-    assert torch.equal(second["image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.weight"], _fc1_on_rank_1(hf, family))
+    fc1 = second["image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1, _fc1_on_rank_1(hf, family))
     assert model["text_decoder.embedding.word_embeddings.weight"].shape[0] == 64  # 128 split unpadded
     assert_logits_close(vl_logits(to_hf(tmp_path, mm, source)), original)
 
@@ -173,6 +174,21 @@ def test_vision_splits_that_do_not_fit_are_refused_in_one_line(tmp_path, qwen25,
     layout = ["--megatron_format", "mindspeed_mm"] if "1,0" in flags else ["--megatron_bridge"]
     capsys.readouterr()
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *layout, *flags) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, vision, message", [
+    ("qwen2_vl", {"num_heads": 1}, "tensor parallel size 2 does not divide the 1 vision attention heads"),
+    ("qwen2_5_vl", {"intermediate_size": 49}, "tensor parallel size 2 does not divide the 49 vision MLP width"),
+])
+def test_vision_sizes_the_tp_size_does_not_divide_are_refused_in_one_line(tmp_path, capsys, family, vision, message):
+    """MindSpeed-MM splits the vision heads and MLP over the TP ranks: a size TP does not divide is refused before
+    anything is written (the language model's sizes are divisible here)."""
+    source = tiny_vl(family, tmp_path / "hf", **vision)
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", "--megatron_format",
+                   "mindspeed_mm", "--target_tensor_model_parallel_size", "2") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
 

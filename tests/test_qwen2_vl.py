@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,11 +32,12 @@ VISION = {"qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=48, num_
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VL", "qwen2_vl": "Qwen2VL"}
 
 
-def tiny_vl(family: str, path: Path, tie: bool = False) -> Path:
+def tiny_vl(family: str, path: Path, tie: bool = False, **vision: Any) -> Path:
+    """A tiny model of the family; ``vision`` changes its vision config's values."""
     import transformers
     torch.manual_seed(0)
     config = getattr(transformers, f"{CLASSES[family]}Config")(
-        text_config=TEXT, vision_config=VISION[family], image_token_id=IMAGE, video_token_id=VIDEO,
+        text_config=TEXT, vision_config={**VISION[family], **vision}, image_token_id=IMAGE, video_token_id=VIDEO,
         vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=tie)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():

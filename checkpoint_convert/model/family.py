@@ -243,6 +243,8 @@ class TowerLayout:
 
     towers: tuple[Tower, ...]
     megatron_prefix: str
+    # the towers' sizes the layout splits over tensor-parallel ranks, as (what, size): TP must divide each
+    tp_splits: Callable[[ModelArch], tuple[tuple[str, int], ...]] | None = None
 
 
 def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
