@@ -232,3 +232,40 @@ def test_verify_logits_reads_mindspeed_mm_rank_files(tmp_path, qwen25, capsys):
     assert run_verify_cli([str(source), str(mm), "--logits", "--atol", "10", "--hf_config_dir", str(source)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
     assert float(line.split()[-1]) > 1e-4, line
+
+
+def test_inspect_shows_both_towers_their_splits_and_tp(tmp_path, vl_models, capsys):
+    """inspect reads a MindSpeed-MM tree with --hf_config_dir: both towers' tensors under their own names (global
+    layer numbers), both pipeline splits, TP; --check finds a replicated vision tensor that differs across TP ranks."""
+    import json
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
+    source, _ = vl_models("qwen2_vl")
+    mm = tmp_path / "mm"
+    assert convert("--load_path", source, "--save_path", mm, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   "--target_tensor_model_parallel_size", "2", "--vision_pipeline_layers", "2,0",
+                   "--target_pipeline_layers", "1,3") == 0
+    capsys.readouterr()
+    assert run_inspect_cli([str(mm), "--hf_config_dir", str(source), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "format: mindspeed-mm torch (schema mindspeed_mm)" in out and "family: qwen2_vl" in out
+    assert "layout: TP 2  PP 2  EP 1  layers per stage: 1,3  vision layers per stage: 2,0" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+    assert rows["image_encoder.encoder.blocks.layers.1.mlp.linear_fc1.weight"] == [
+        "64x32", "float32", "mp_rank_00_000,mp_rank_01_000"]
+    assert rows["text_decoder.decoder.layers.3.mlp.linear_fc2.weight"] == [
+        "64x96", "float32", "mp_rank_00_001,mp_rank_01_001"]
+    assert rows["image_encoder.projector.layernorm.bias"][-1] == "mp_rank_00_000,mp_rank_01_000"
+    assert "check: no problems found" in out
+    assert run_inspect_cli([str(mm), "--hf_config_dir", str(source), "--json"]) == 0
+    layout = json.loads(capsys.readouterr().out)["layout"]
+    assert layout["towers"] == {"vision": [2, 0]} and layout["layers_per_stage"] == [1, 3] and layout["tp"] == 2
+    file = mm / "release" / "mp_rank_01_000" / "model_optim_rng.pt"
+    state = torch.load(file, weights_only=True)
+    state["model"]["image_encoder.encoder.blocks.layers.1.input_layernorm.bias"] += 1
+    torch.save(state, file)
+    assert run_inspect_cli([str(mm), "--hf_config_dir", str(source), "--check"]) == 3
+    assert ("problem: image_encoder.encoder.blocks.layers.1.input_layernorm.bias: replicated tensor differs between "
+            "TP ranks 0 and 1") in capsys.readouterr().out
+    assert run_inspect_cli([str(mm)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --hf_config_dir" in err[0]
