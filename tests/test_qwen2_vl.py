@@ -121,15 +121,24 @@ def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Te
     return {"ids": inputs["input_ids"], "embeds": seen["embeds"], "positions": positions}, logits
 
 
-def test_megatron_core_mrope_gpt_model_at_tp2_pp2_loads_the_language_model(tmp_path, qwen25):
-    source, _ = qwen25
+MINDSPEED_MM_TP2_PP2 = ["--megatron_format", "mindspeed_mm", "--target_tensor_model_parallel_size", "2",
+                        "--target_pipeline_layers", "1,3", "--vision_pipeline_layers", "2,0"]
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_5_vl", ["--megatron_bridge"]), ("qwen2_vl", MINDSPEED_MM_TP2_PP2)],
+                         ids=["bridge", "mindspeed_mm"])
+def test_megatron_core_mrope_gpt_model_at_tp2_pp2_loads_the_language_model(tmp_path, qwen25, family, layout):
+    """Megatron-Bridge's torch_dist loaded at TP2 x PP2 by dist_checkpointing; MindSpeed-MM's TP2 x PP2 (language 1,3)
+    rank files, each rank its own file's text_decoder.* tensors."""
+    source = qwen25[0] if family == "qwen2_5_vl" else tiny_vl(family, tmp_path / "hf")
     inputs, original = language_model_inputs(source)
-    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
-                   "--megatron_bridge") == 0
+    assert convert("--load_path", source, "--save_path", tmp_path / "megatron", "--to", "megatron", *layout) == 0
     torch.save(inputs, tmp_path / "inputs.pt")
     oracle = Path(__file__).with_name("megatron_oracle.py")
-    subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "bridge"), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "logits.pt"), "2", "2"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    config = [str(source)] if "mindspeed_mm" in layout else []
+    subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "megatron"), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "logits.pt"), "2", "2", *config], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
 
 
