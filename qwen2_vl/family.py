@@ -220,7 +220,7 @@ QWEN2_MM_PROJECTOR = (*_mm_linear("projector.layernorm", "merger.ln_q", Style.RE
                       *_MM_MERGER_MLP)
 
 
-def _tp_splits(width: str, mlp_width: Callable[[dict[str, Any]], int]):
+def _tp_splits(width: str, mlp_width: Callable[[dict[str, Any]], int]) -> Callable[[ModelArch], tuple]:
     """The vision sizes MindSpeed-MM's converter splits over TP ranks: the heads (qkv relocated per head, proj), the
     MLP width (fc1 rows, fc2 columns) and the projector's (its fc1 rows: the merged patch, spatial_merge_size^2
     patches of ``width``)."""
