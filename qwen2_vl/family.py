@@ -8,15 +8,16 @@
 
 Megatron-Bridge (``models/qwen_vl/qwen25_vl_bridge.py``) keeps the vision tower and merger as Hugging Face stores
 them, replicated, under ``visual.`` (its ``ReplicatedMapping("visual.**")``), and the language model as megatron-core
-GPT names under ``language_model.``; its provider is ``Qwen25VLModelProvider``. Megatron-Bridge 0.6.2 has no
-provider for Qwen2-VL, whose vision blocks differ (LayerNorm with biases, a GELU fc1/fc2 MLP): it is refused there.
+GPT names under ``language_model.``; its provider is ``Qwen25VLModelProvider``. No Megatron-Bridge release has a
+provider for Qwen2-VL, whose vision blocks differ (LayerNorm with biases, a GELU fc1/fc2 MLP): it is refused there
+and written in MindSpeed-MM's layout.
 The vision config and the image/video token ids travel in ``ModelArch.extra``.
 """
 from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -137,6 +138,9 @@ def _from_provider(model: dict[str, Any]) -> dict[str, Any]:
     return {VISION_CONFIG: vision, **{key: model.get(key) for key in ("bos_token_id", "eos_token_id", *TOKENS)}}
 
 
+# Megatron-Bridge's ``models/qwen_vl/`` (0.6.2 and main): Qwen2.5-VL, Qwen3-VL, Qwen3.5-VL and Qwen2.5-Omni only
+NO_QWEN2_VL_BRIDGE = ("no Megatron-Bridge release has a Qwen2-VL provider (its models/qwen_vl/ holds Qwen2.5-VL's, "
+                      "Qwen3-VL's, Qwen3.5-VL's and Qwen2.5-Omni's)")
 QWEN2_5_VL_BRIDGE = BridgeProvider(
     writes="megatron.bridge.models.qwen_vl.qwen25_vl_provider.Qwen25VLModelProvider",
     fields=(VISION_CONFIG, "bos_token_id", "eos_token_id", *TOKENS, "vision_token_id"),
@@ -158,8 +162,9 @@ def image_and_text(arch: ModelArch) -> dict[str, torch.Tensor]:
 
 
 # ---- MindSpeed-MM's layout (its converter ``checkpoint/vlm_model/converters/qwen2vl.py``, ``qwen2_5vl.py``):
-# the vision tower in megatron-core form under ``image_encoder.``, qkv interleaved per head (its ``RelocateOp``),
-# gate/up fused (``UpGateMergeOp``), the merger as its projector, the language model under ``text_decoder.``
+# the vision tower in megatron-core form under ``image_encoder.``, qkv interleaved per head (its ``RelocateOp``, with
+# Qwen2-VL's ``embed_dim`` or Qwen2.5-VL's ``hidden_size`` as the head block), Qwen2.5-VL's gate/up fused
+# (``UpGateMergeOp``), the merger as its projector, the language model under ``text_decoder.``
 
 def _swap_leading(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     """Rows in ``outer`` x ``inner`` blocks reordered as ``inner`` x ``outer`` (weights and biases alike)."""
@@ -184,34 +189,71 @@ def _mm_linear(megatron: str, hf: str, weight: Style, bias: Style) -> tuple[Para
     return _mm(f"{megatron}.weight", f"{hf}.weight", weight), _mm(f"{megatron}.bias", f"{hf}.bias", bias)
 
 
-QWEN2_5_MM_BLOCK = (
-    _mm("input_layernorm.weight", "norm1.weight"),
+_MM_ATTENTION = (
     *(_mm(f"self_attention.linear_qkv.{kind}", f"attn.qkv.{kind}", Style.COLUMN, to_megatron=_qkv_per_head,
           to_hf=_qkv_concatenated) for kind in ("weight", "bias")),
     *_mm_linear("self_attention.linear_proj", "attn.proj", Style.ROW, Style.REPLICATED),
+)
+QWEN2_5_MM_BLOCK = (
+    _mm("input_layernorm.weight", "norm1.weight"),
+    *_MM_ATTENTION,
     _mm("pre_mlp_layernorm.weight", "norm2.weight"),
     *(_mm(f"mlp.linear_fc1.{kind}", (f"mlp.gate_proj.{kind}", f"mlp.up_proj.{kind}"), Style.GLU_COLUMN,
           to_megatron=gate_up_to_megatron, to_hf=gate_up_to_hf) for kind in ("weight", "bias")),
     *_mm_linear("mlp.linear_fc2", "mlp.down_proj", Style.ROW, Style.REPLICATED),
 )
-QWEN2_5_MM_PROJECTOR = (
-    _mm("projector.layernorm.weight", "merger.ln_q.weight"),
+_MM_MERGER_MLP = (
     *_mm_linear("projector.encoder.linear_fc1", "merger.mlp.0", Style.COLUMN, Style.COLUMN),
     *_mm_linear("projector.encoder.linear_fc2", "merger.mlp.2", Style.ROW, Style.REPLICATED),
 )
+QWEN2_5_MM_PROJECTOR = (_mm("projector.layernorm.weight", "merger.ln_q.weight"), *_MM_MERGER_MLP)
+# Qwen2-VL (its ``create_qwen2vl_ops``, ``qwen2vl_tp_patterns``): LayerNorms with biases, whole on every rank; the
+# GELU MLP renamed fc1/fc2 -> linear_fc1/linear_fc2, fc1 split by rows with its bias, fc2 by columns
+QWEN2_MM_BLOCK = (
+    *_mm_linear("input_layernorm", "norm1", Style.REPLICATED, Style.REPLICATED),
+    *_MM_ATTENTION,
+    *_mm_linear("pre_mlp_layernorm", "norm2", Style.REPLICATED, Style.REPLICATED),
+    *_mm_linear("mlp.linear_fc1", "mlp.fc1", Style.COLUMN, Style.COLUMN),
+    *_mm_linear("mlp.linear_fc2", "mlp.fc2", Style.ROW, Style.REPLICATED),
+)
+QWEN2_MM_PROJECTOR = (*_mm_linear("projector.layernorm", "merger.ln_q", Style.REPLICATED, Style.REPLICATED),
+                      *_MM_MERGER_MLP)
 
 
-def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...]) -> TowerLayout:
+def _tp_splits(width: str, mlp_width: Callable[[dict[str, Any]], int]) -> Callable[[ModelArch], tuple]:
+    """The vision sizes MindSpeed-MM's converter splits over TP ranks: the heads (qkv relocated per head, proj), the
+    MLP width (fc1 rows, fc2 columns) and the projector's (its fc1 rows: the merged patch, spatial_merge_size^2
+    patches of ``width``)."""
+    def splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
+        vision = arch.extra[VISION_CONFIG]
+        return (("vision attention heads (vision_config.num_heads)", int(vision["num_heads"])),
+                ("vision MLP width", mlp_width(vision)),
+                ("projector width", int(vision[width]) * int(vision["spatial_merge_size"]) ** 2))
+    return splits
+
+
+def _qwen2_5_mlp_width(vision: dict[str, Any]) -> int:
+    return int(vision["intermediate_size"])
+
+
+def _qwen2_mlp_width(vision: dict[str, Any]) -> int:
+    """transformers' ``Qwen2VLVisionBlock``: ``int(embed_dim * mlp_ratio)``."""
+    return int(vision["embed_dim"] * vision["mlp_ratio"])
+
+
+def mindspeed_mm_layout(block: tuple[Param, ...], projector: tuple[Param, ...], width: str,
+                        mlp_width: Callable[[dict[str, Any]], int]) -> TowerLayout:
     """One tower as MindSpeed-MM's pipeline schema has it: patch embedding first, blocks, projector last."""
     vision = Tower("vision", "model.visual.", "image_encoder.",
                    first=(_mm("encoder.patch_embed.proj.weight", "patch_embed.proj.weight"),), layer=block,
                    last=projector, num_layers=_depth, hf_layer_prefix="blocks.{layer}.",
                    megatron_layer_prefix="encoder.blocks.layers.{layer}.")
-    return TowerLayout((vision,), "text_decoder.")
+    return TowerLayout((vision,), "text_decoder.", _tp_splits(width, mlp_width))
 
 
 def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Param, ...], vision_field: str,
-              bridge: BridgeProvider | None, mindspeed_mm: TowerLayout | None = None) -> FamilySpec:
+              bridge: BridgeProvider | None, mindspeed_mm: TowerLayout | None = None,
+              bridge_missing: str = "") -> FamilySpec:
     """A Qwen-VL family: transformers' ``{prefix}Config`` / ``{prefix}ForConditionalGeneration``."""
     return FamilySpec(
         name=name, hf_model_types=(name,), hf_layer_prefix="model.language_model.layers.{layer}.",
@@ -221,11 +263,14 @@ def vl_family(name: str, prefix: str, block: tuple[Param, ...], merger: tuple[Pa
         hf_config_from_arch=_config_writer(f"{prefix}Config", f"{prefix}ForConditionalGeneration"),
         matches_megatron=_matcher(vision_field), hf_ignored_suffixes=("rotary_emb.inv_freq",), bridge=bridge,
         hf_aliases=older_spelling, towers=vl_towers(block, merger), megatron_prefix="language_model.",
-        logits_inputs=image_and_text, mindspeed_mm=mindspeed_mm)
+        logits_inputs=image_and_text, mindspeed_mm=mindspeed_mm, bridge_missing=bridge_missing)
 
 
 QWEN2_5_VL = register(vl_family("qwen2_5_vl", "Qwen2_5_VL", QWEN2_5_BLOCK, _kept("ln_q.weight", *MERGER),
                                 "fullatt_block_indexes", QWEN2_5_VL_BRIDGE,
-                                mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR)))
+                                mindspeed_mm_layout(QWEN2_5_MM_BLOCK, QWEN2_5_MM_PROJECTOR, "hidden_size",
+                                                    _qwen2_5_mlp_width)))
 QWEN2_VL = register(vl_family("qwen2_vl", "Qwen2VL", QWEN2_BLOCK, _kept(*_linear("ln_q"), *MERGER), "embed_dim",
-                              None))
+                              None, mindspeed_mm_layout(QWEN2_MM_BLOCK, QWEN2_MM_PROJECTOR, "embed_dim",
+                                                        _qwen2_mlp_width),
+                              NO_QWEN2_VL_BRIDGE))

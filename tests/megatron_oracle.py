@@ -582,14 +582,21 @@ def _dist_logits(tp: int, ckpt: Path, tokens: Path, out: Path) -> None:
         torch.save(logits, out)
 
 
-def vl_logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path) -> None:
-    """The language model of a vision-language Megatron-Bridge checkpoint (``language_model.*``) at ``tp`` x ``pp``
-    ranks, loaded strictly (every key it asks for, strict ``load_state_dict``), fed Hugging Face's merged input
-    embeddings and 3-D position ids (``inputs``: ``ids``, ``embeds`` [b, s, h], ``positions`` [3, b, s]); hidden states
-    pass between pipeline stages with gloo send/recv; the last stage's first rank saves the logits."""
-    from megatron.core import dist_checkpointing, parallel_state
-
+def vl_logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path,
+                      hf_config: Path | None = None) -> None:
+    """The language model of a vision-language checkpoint at ``tp`` x ``pp`` ranks, loaded strictly (every key it asks
+    for, strict ``load_state_dict``): Megatron-Bridge's ``language_model.*``, or with ``hf_config`` MindSpeed-MM's
+    ``text_decoder.*`` from each rank's own file; fed Hugging Face's merged input embeddings and 3-D position ids
+    (``inputs``: ``ids``, ``embeds`` [b, s, h], ``positions`` [3, b, s]); hidden states pass between pipeline stages
+    with gloo send/recv; the last stage's first rank saves the logits."""
     _init_cpu_megatron(rank, tp, pp=pp)
+    model, args = (_mindspeed_mm_language_model if hf_config else _bridge_language_model)(tp, ckpt, hf_config)
+    _vl_forward(model, args, torch.load(inputs), out)
+
+
+def _bridge_language_model(tp: int, ckpt: Path, _: None):
+    from megatron.core import dist_checkpointing
+
     iter_dir, args = _dist_args(ckpt)
     args.tensor_model_parallel_size = tp
     model = build_model(args)
@@ -597,7 +604,40 @@ def vl_logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix=prefix)}, str(iter_dir),
                                     strict="raise_unexpected")  # checkpoint keys it does not ask for: the vision tower
     model.load_state_dict({key[len(prefix):]: value for key, value in state["model"].items()}, strict=True)
-    given = torch.load(inputs)
+    return model, args
+
+
+def _mindspeed_mm_language_model(tp: int, ckpt: Path, hf_config: Path):
+    """MindSpeed-MM's files record no args: the language model's, as this tool reads the architecture from the Hugging
+    Face config (as MindSpeed-MM's mm_to_hf takes it) and the pipeline split from the files; each rank loads the
+    ``text_decoder.*`` tensors of its own rank file."""
+    from megatron.core import parallel_state
+
+    from checkpoint_convert.commands.entry import load_families
+    from checkpoint_convert.engine.sources import open_checkpoint
+    from checkpoint_convert.formats.megatron_args import CheckpointFacts, ParallelLayout, args_from_arch
+    from checkpoint_convert.formats.mindspeed_mm import rank_dir
+
+    load_families()
+    source = open_checkpoint(ckpt, hf_config_dir=hf_config)
+    stages, arch = source.tensors.splits[None], source.arch
+    facts = CheckpointFacts(padded_vocab=arch.vocab_size, dtype=arch.params_dtype, divisible_by=1, impl="local",
+                            ckpt_format="torch")
+    args = args_from_arch(arch, ParallelLayout(tp=tp, pp=len(stages), stages=stages), facts)
+    model = build_model(args)
+    name = rank_dir(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
+                    len(stages))
+    state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=True)["model"]
+    prefix = "text_decoder."
+    model.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)},
+                          strict=True)
+    return model, args
+
+
+def _vl_forward(model, args, given: dict, out: Path) -> None:
+    """This rank's stage on the given embeddings and 3-D positions (a causal mask); the last stage saves the logits."""
+    from megatron.core import parallel_state
+
     batch, length = given["embeds"].shape[:2]
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(batch, 1, length, length)
     embeds = given["embeds"].transpose(0, 1).contiguous() if model.pre_process else None
@@ -687,7 +727,9 @@ if __name__ == "__main__":
         torch.multiprocessing.spawn(_ranked, args=(dist_logits_command, tp, ckpt, tokens, out), nprocs=tp)
     elif command == "vl-logits":
         ckpt, inputs, out, tp, pp = Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4])
-        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, pp, ckpt, inputs, out), nprocs=tp * pp)
+        hf_config = Path(rest[5]) if len(rest) > 5 else None  # a MindSpeed-MM tree's Hugging Face config directory
+        torch.multiprocessing.spawn(_ranked, args=(vl_logits_command, tp, pp, ckpt, inputs, out, hf_config),
+                                    nprocs=tp * pp)
     elif command == "batch":
         world, jobs = int(rest[1]), json.loads(Path(rest[0]).read_text())
         torch.multiprocessing.spawn(_ranked, args=(batch_command, world, jobs), nprocs=world)

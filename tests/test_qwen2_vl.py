@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,11 +32,12 @@ VISION = {"qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=48, num_
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VL", "qwen2_vl": "Qwen2VL"}
 
 
-def tiny_vl(family: str, path: Path, tie: bool = False) -> Path:
+def tiny_vl(family: str, path: Path, tie: bool = False, **vision: Any) -> Path:
+    """A tiny model of the family; ``vision`` changes its vision config's values."""
     import transformers
     torch.manual_seed(0)
     config = getattr(transformers, f"{CLASSES[family]}Config")(
-        text_config=TEXT, vision_config=VISION[family], image_token_id=IMAGE, video_token_id=VIDEO,
+        text_config=TEXT, vision_config={**VISION[family], **vision}, image_token_id=IMAGE, video_token_id=VIDEO,
         vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=tie)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
@@ -119,15 +121,24 @@ def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Te
     return {"ids": inputs["input_ids"], "embeds": seen["embeds"], "positions": positions}, logits
 
 
-def test_megatron_core_mrope_gpt_model_at_tp2_pp2_loads_the_language_model(tmp_path, qwen25):
-    source, _ = qwen25
+MINDSPEED_MM_TP2_PP2 = ["--megatron_format", "mindspeed_mm", "--target_tensor_model_parallel_size", "2",
+                        "--target_pipeline_layers", "1,3", "--vision_pipeline_layers", "2,0"]
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_5_vl", ["--megatron_bridge"]), ("qwen2_vl", MINDSPEED_MM_TP2_PP2)],
+                         ids=["bridge", "mindspeed_mm"])
+def test_megatron_core_mrope_gpt_model_at_tp2_pp2_loads_the_language_model(tmp_path, qwen25, family, layout):
+    """Megatron-Bridge's torch_dist loaded at TP2 x PP2 by dist_checkpointing; MindSpeed-MM's TP2 x PP2 (language 1,3)
+    rank files, each rank its own file's text_decoder.* tensors."""
+    source = qwen25[0] if family == "qwen2_5_vl" else tiny_vl(family, tmp_path / "hf")
     inputs, original = language_model_inputs(source)
-    assert convert("--load_path", source, "--save_path", tmp_path / "bridge", "--to", "megatron",
-                   "--megatron_bridge") == 0
+    assert convert("--load_path", source, "--save_path", tmp_path / "megatron", "--to", "megatron", *layout) == 0
     torch.save(inputs, tmp_path / "inputs.pt")
     oracle = Path(__file__).with_name("megatron_oracle.py")
-    subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "bridge"), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "logits.pt"), "2", "2"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    config = [str(source)] if "mindspeed_mm" in layout else []
+    subprocess.run([sys.executable, str(oracle), "vl-logits", str(tmp_path / "megatron"), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "logits.pt"), "2", "2", *config], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
 
 
@@ -151,8 +162,9 @@ def test_both_key_spellings_convert_to_the_original_logits(tmp_path, qwen25):
 
 
 @pytest.mark.parametrize("family, flags, message", [
-    ("qwen2_5_vl", ["--megatron_ckpt_format", "torch"], "written as Megatron-Bridge saves it"),
-    ("qwen2_vl", ["--megatron_bridge"], "declares no Megatron-Bridge provider"),
+    ("qwen2_5_vl", ["--megatron_ckpt_format", "torch"], "--megatron_bridge or --megatron_format mindspeed_mm"),
+    ("qwen2_vl", ["--megatron_bridge"], "no Megatron-Bridge release has a Qwen2-VL provider"),
+    ("qwen2_vl", [], "holds them: --megatron_format mindspeed_mm"),
 ])
 def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, capsys, family, flags, message):
     source = tiny_vl(family, tmp_path / "hf")
@@ -160,6 +172,8 @@ def test_layouts_that_cannot_hold_the_model_are_refused_in_one_line(tmp_path, ca
     assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", *flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists()
+    if family == "qwen2_vl":  # the layout that holds it
+        assert err[0].endswith("--megatron_format mindspeed_mm" + (" instead" if flags else "")), err
 
 
 def test_inspect_verify_and_dry_run_read_the_bridge_output(tmp_path, qwen25, capsys):

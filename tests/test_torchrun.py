@@ -261,3 +261,20 @@ def test_mtp_layers_are_byte_identical_both_ways(tmp_path, capsys):
                                                            "model_optim_rng.pt", weights_only=False)["model"])
     single_hf, multi_hf = both_ways(tmp_path / "to_hf", capsys, 2, single, "--to", "hf")
     assert_same_output(single_hf, multi_hf)
+
+
+def test_vision_language_model_in_mindspeed_mm_layout_is_byte_identical_both_ways(tmp_path, capsys):
+    """Qwen2.5-VL to MindSpeed-MM rank files at TP2 with the vision tower 2,0 and the language model 1,3 on two
+    processes, and those back to Hugging Face (with --hf_config_dir) on two processes."""
+    from tests.test_qwen2_vl import tiny_vl
+
+    source = tiny_vl("qwen2_5_vl", tmp_path / "hf")
+    single, multi = both_ways(tmp_path / "to_mm", capsys, 2, source, "--to", "megatron", "--megatron_format",
+                              "mindspeed_mm", "--target_tensor_model_parallel_size", "2", "--vision_pipeline_layers",
+                              "2,0", "--target_pipeline_layers", "1,3")
+    assert_same_output(single, multi)
+    assert len(list((multi / "release").glob("mp_rank_*_00*/model_optim_rng.pt"))) == 4
+    single_hf, multi_hf = both_ways(tmp_path / "to_hf", capsys, 2, single, "--to", "hf", "--hf_config_dir", source,
+                                    "--max_shard_size", "300KB")
+    assert len(list(multi_hf.glob("model-*.safetensors"))) >= 2
+    assert_same_output(single_hf, multi_hf)

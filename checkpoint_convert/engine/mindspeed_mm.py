@@ -117,7 +117,7 @@ class MindSpeedSource(_ReleasesReadPages):
         self.tree, self.family, self.arch = tree, family, arch
         tree.language_layers = layer_prefix(family, None)
         self.splits = source_splits(tree, family, arch)
-        self.consumed: set[tuple[RankKey, str]] = set()
+        self.consumed: set[tuple[RankKey, None, str]] = set()  # as Megatron sources': (rank, layer, key)
         self.left_out: set[str] = set()
 
     def full(self, item: Item, meta: bool) -> torch.Tensor:
@@ -129,7 +129,7 @@ class MindSpeedSource(_ReleasesReadPages):
         for tp in range(self.tree.tp):
             rank = RankKey(tp, stage, 0)
             shards.append(self.tree.tensor(rank, key, meta=meta))
-            self.consumed.add((rank, key))
+            self.consumed.add((rank, None, key))
         if not meta:
             self._read += shards
         if len({(tuple(s.shape), s.dtype) for s in shards}) > 1:
@@ -141,7 +141,7 @@ class MindSpeedSource(_ReleasesReadPages):
         """Tensors no table entry read (the tied output layer's copy excepted)."""
         copy = self.family.megatron_prefix + OUTPUT_LAYER if self.arch.tie_embeddings else None
         return [f"{self.tree.files[rank].parent.name}:{key}" for rank in sorted(self.tree.files, key=str)
-                for key in self.tree.flat(rank) if (rank, key) not in self.consumed and key != copy
+                for key in self.tree.flat(rank) if (rank, None, key) not in self.consumed and key != copy
                 and key not in self.left_out]
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from ..base.errors import BadInputError
 from ..model.arch import ModelArch
-from ..model.family import FamilySpec, registered
+from ..model.family import FamilySpec, layout_flags, registered
 from .hf_io import copy_tokenizer
 from .megatron_io import iteration_dir_name
 from .sinks import DISK, DiskSink
@@ -405,8 +405,10 @@ def run_config_for(args: argparse.Namespace, arch: ModelArch, family: FamilySpec
     sets; Megatron-Bridge reads ``model`` to build the model, ``tokenizer`` for the tokenizer and
     ``checkpoint`` to resume training)."""
     if family.bridge is None:
-        raise BadInputError(f"the {family.name} family declares no Megatron-Bridge provider (FamilySpec.bridge), "
-                            "so no Megatron-Bridge checkpoint is written for it")
+        reason = (family.bridge_missing
+                  or f"the {family.name} family declares no Megatron-Bridge provider (FamilySpec.bridge)")
+        other = f"; write {layout_flags(family)} instead" if family.mindspeed_mm else ""
+        raise BadInputError(f"{reason}, so no Megatron-Bridge checkpoint is written for it{other}")
     model = {"_target_": family.bridge.writes, **_provider_fields(args), **family.bridge.to_provider(arch)}
     checkpoint = {"_target_": "megatron.bridge.training.config.CheckpointConfig", "ckpt_format": "torch_dist",
                   "save": str(save_path), "save_optim": False, "save_rng": False, "async_save": False,

@@ -119,6 +119,14 @@ class MindSpeedTree:
         """The language model's layers on each pipeline rank."""
         return self.layer_counts(self.language_layers)
 
+    def holders(self, rank: RankKey, key: str, layer: None = None) -> list[str]:
+        """The rank directory holding a shard (for inspect)."""
+        return [self.files[rank].parent.name]
+
+    def extra_states(self) -> list[tuple[str, str, int, str]]:
+        """None reported: ``_extra_state`` entries are skipped on reading, as MindSpeed-MM's ``mm_to_hf`` drops them."""
+        return []
+
 
 def rank_dir(tp: int, pp: int, pp_size: int) -> str:
     return f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if pp_size > 1 else "")

@@ -217,6 +217,8 @@ class FamilySpec:
     logits_inputs: Callable[[ModelArch], dict[str, torch.Tensor]] | None = None
     # ---- MindSpeed-MM's layout of a multi-tower model (``checkpoint_convert/formats/mindspeed_mm.py``); None: refused
     mindspeed_mm: "TowerLayout | None" = None
+    # why ``bridge`` is None when the user should hear it (said in the refusal of Megatron-Bridge output)
+    bridge_missing: str = ""
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,
@@ -241,11 +243,20 @@ class TowerLayout:
 
     towers: tuple[Tower, ...]
     megatron_prefix: str
+    # the towers' sizes the layout splits over tensor-parallel ranks, as (what, size): TP must divide each
+    tp_splits: Callable[[ModelArch], tuple[tuple[str, int], ...]] | None = None
 
 
 def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
     """The family as the layout names it: the layout's towers and language-model prefix, the rest unchanged."""
     return replace(family, towers=layout.towers, megatron_prefix=layout.megatron_prefix)
+
+
+def layout_flags(family: FamilySpec) -> str:
+    """The flags that write the Megatron layouts a multi-tower family has, for a refusal's advice."""
+    flags = [flag for flag, table in (("--megatron_bridge", family.bridge),
+                                      ("--megatron_format mindspeed_mm", family.mindspeed_mm)) if table is not None]
+    return " or ".join(flags) or "none of them here"
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

@@ -44,7 +44,7 @@ from ..formats.megatron_args import (
 from ..formats.mindspeed_mm import MINDSPEED_MM
 from ..formats.sinks import DISK, DiskSink
 from ..model.arch import ModelArch
-from ..model.family import FamilySpec
+from ..model.family import FamilySpec, layout_flags
 from ..model.parallel import layers_per_stage, padded_vocab_size
 from .claim import claimed
 from .distributed import Solo, Team, processes_of_this_run
@@ -530,7 +530,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
                                                                  layout.ep, options.moe_grouped_gemm))
     if family.towers and not bridge:
         raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger); "
-                            "it is written as Megatron-Bridge saves it (--megatron_bridge)")
+                            f"it is written in a layout that holds them: {layout_flags(family)}")
     items = walk(family, arch)
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]

@@ -15,6 +15,7 @@ import torch
 
 from ..base.memory import Arena
 from ..engine.blockwise import max_abs_diff
+from ..engine.mindspeed_mm import MindSpeedSource, is_mindspeed_mm, place
 from ..engine.sources import Source
 from ..engine.streams import LAYER, Item, all_finite, locate, release_all, walk
 from ..formats import megatron_schema as schema
@@ -23,11 +24,14 @@ from ..formats.megatron_io import RankKey
 from ..model.parallel import Style, style_in_schema
 
 
-def item_name(item: Item) -> str:
+def item_name(item: Item, prefix: str = "") -> str:
     """A logical Megatron name with the global layer index (``*`` for the expert axis); multi-token prediction
-    layers' names are global (``mtp.layers.i.``)."""
+    layers' names are global (``mtp.layers.i.``); a tower's entries under the tower's names, the language model's
+    under ``prefix`` (a multi-tower layout's)."""
+    if item.tower:
+        return item.tower.megatron_name(item.param, item.layer)
     name = item.param.megatron.replace("{expert}", "*")
-    return f"{schema.LAYER_PREFIX}{item.layer}.{name}" if item.group == LAYER else name
+    return prefix + (f"{schema.LAYER_PREFIX}{item.layer}.{name}" if item.group == LAYER else name)
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -45,7 +49,8 @@ def megatron_rows(source: Source) -> list[dict[str, Any]]:
         full = tensors.full(item, meta=True)
         read = tensors.consumed - before
         holders = sorted({holder for rank, local, name in read for holder in tree.holders(rank, name, local)})
-        rows.append({"name": item_name(item), "shape": list(full.shape), "dtype": _dtype(full.dtype),
+        rows.append({"name": item_name(item, source.family.megatron_prefix), "shape": list(full.shape),
+                     "dtype": _dtype(full.dtype),
                      "held_by": holders})
     return rows
 
@@ -68,15 +73,24 @@ def extra_state_rows(source: Source) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def _tower_splits(source: Source) -> dict[str, list[int]]:
+    """A MindSpeed-MM tree's other towers' layers per pipeline rank, counted from its files (the language model's are
+    ``layers_per_stage``)."""
+    splits = source.tensors.splits if isinstance(source.tensors, MindSpeedSource) else {}
+    return {name: list(split) for name, split in splits.items() if name is not None}
+
+
 def _megatron_header(source: Source) -> dict[str, Any]:
     tree = source.reader
     tp, pp, ep = tree.args_layout
-    stored_rows = tree.tensor(RankKey(0, 0, 0), schema.EMBEDDING, None, meta=True).shape[0] * tree.tp
+    embedding = (source.family.megatron_prefix if is_mindspeed_mm(source) else "") + schema.EMBEDDING
+    stored_rows = tree.tensor(RankKey(0, 0, 0), embedding, None, meta=True).shape[0] * tree.tp
     return {
         "format": f"{tree.producer} {tree.ckpt_format}", "schema": tree.schema, "checkpoint_version": tree.version,
         "iteration": tree.iteration,
         "layout": {"tp": tp, "pp": pp, "ep": ep, "vpp": tree.vpp,
-                   "layers_per_stage": tree.stage_layer_counts() if tree.ckpt_format == "torch" else None},
+                   "layers_per_stage": tree.stage_layer_counts() if tree.ckpt_format == "torch" else None,
+                   **({"towers": _tower_splits(source)} if _tower_splits(source) else {})},
         "vocab": {"true": source.arch.vocab_size, "padded": stored_rows},
         "skipped": list(getattr(tree, "skipped", [])),
         "extra_state": extra_state_rows(source),
@@ -118,14 +132,17 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     replicated = style is Style.REPLICATED or (param.style is Style.ROW and param.megatron.endswith(".bias"))
     if tree.tp == 1 or not replicated or param.experts or param.zero_in_megatron:
         return []
-    stage, local = locate(source.tensors.stages, item.group, item.layer)
-    reference = tree.tensor(RankKey(0, stage, 0), param.megatron, local)
+    if is_mindspeed_mm(source):  # flat keys, every tower its own split
+        (stage, key), local = place(source.tensors.splits, source.family, item), None
+    else:
+        (stage, local), key = locate(source.tensors.stages, item.group, item.layer), param.megatron
+    reference = tree.tensor(RankKey(0, stage, 0), key, local)
     problems = []
     for tp in range(1, tree.tp):
-        other = tree.tensor(RankKey(tp, stage, 0), param.megatron, local)
+        other = tree.tensor(RankKey(tp, stage, 0), key, local)
         delta = max_abs_diff(reference, other)
         if delta != 0:
-            problems.append(f"{item_name(item)}: replicated tensor differs between TP ranks 0 and {tp} "
+            problems.append(f"{item_name(item, source.family.megatron_prefix)}: replicated tensor differs between TP ranks 0 and {tp} "
                             f"(max |diff| {delta:.3g})")
         release_all([other])
     release_all([reference])
@@ -198,7 +215,8 @@ def as_text(report: dict[str, Any]) -> str:
         f"family: {report['family']}  checkpoint_version: {report['checkpoint_version']}  "
         f"iteration: {report['iteration']}",
         f"layout: TP {layout['tp']}  PP {layout['pp']}  EP {layout['ep']}" + _virtual_stages(layout["vpp"])
-        + f"  layers per stage: {stages}",
+        + f"  layers per stage: {stages}" + "".join(f"  {tower} layers per stage: {','.join(map(str, split))}"
+                                                     for tower, split in layout.get("towers", {}).items()),
         f"dtypes: {', '.join(report['dtypes'])}",
         f"parameters: {report['parameters']:,} ({report['bytes'] / 1e6:,.1f} MB)",
         f"vocab: {report['vocab']['true']} (padded {report['vocab']['padded']})",

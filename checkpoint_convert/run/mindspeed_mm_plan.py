@@ -42,6 +42,9 @@ def plan_mindspeed_mm(options: Options, source: Source, dtype: torch.dtype | Non
                             "or torch_dist")
     read_as_mindspeed_mm(source)
     family, arch = source.family, source.arch
+    for what, size in family.mindspeed_mm.tp_splits(arch) if family.mindspeed_mm.tp_splits else ():
+        if size % layout.tp:
+            raise BadInputError(f"tensor parallel size {layout.tp} does not divide the {size} {what}")
     vision = options.vision_pipeline_layers
     kept = source.tensors.splits if isinstance(source.tensors, MindSpeedSource) else {}
     if vision is None and len(kept.get(None, ())) == layout.pp and not options.pipeline_layers:
