@@ -92,6 +92,14 @@ def _mrope_section(text: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in section)
 
 
+def _token_id(cfg: Any, key: str, vocab_size: int) -> int:
+    """An image/video token id: an embedding row of the language model."""
+    value = getattr(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise BadInputError(f"{key} is {value!r}, not a token id below the vocabulary size {vocab_size}")
+    return value
+
+
 def _arch_reader(name: str, vision_class: str):
     def from_config(cfg: Any) -> ModelArch:
         text = cfg.text_config  # the tied head is the outer config's (transformers 5)
@@ -99,7 +107,7 @@ def _arch_reader(name: str, vision_class: str):
         text = SimpleNamespace(**{**(text if isinstance(text, dict) else text.to_dict()), "tie_word_embeddings": tie})
         arch = arch_from_llama_config(text, name, ("max_window_layers",))
         extra = {**arch.extra, VISION_CONFIG: _plain(cfg.vision_config, vision_class),
-                 **{key: getattr(cfg, key) for key in TOKENS}}
+                 **{key: _token_id(cfg, key, arch.vocab_size) for key in TOKENS}}
         return arch.replace(position_embedding_type="mrope", mrope_section=_mrope_section(text), add_qkv_bias=True,
                             add_bias_linear=False, extra=extra)
     return from_config
@@ -152,7 +160,9 @@ def image_and_text(arch: ModelArch) -> dict[str, torch.Tensor]:
     merged patch, the vision end token, text; the image's patches (random, seeded) and its grid (t, h, w)."""
     vision, merge = arch.extra[VISION_CONFIG], int(arch.extra[VISION_CONFIG]["spatial_merge_size"])
     grid = torch.tensor([[1, 2 * merge, 2 * merge]])
-    text = [token % min(arch.vocab_size, *(arch.extra[key] for key in TOKENS)) for token in (5, 9, 17, 42, 8, 77)]
+    special = {arch.extra[key] for key in TOKENS}
+    ordinary = [token for token in range(min(arch.vocab_size, 256)) if token not in special] or [0]
+    text = [ordinary[token % len(ordinary)] for token in (5, 9, 17, 42, 8, 77)]
     ids = torch.tensor([text[:2] + [arch.extra["vision_start_token_id"]] + [arch.extra["image_token_id"]] * 4
                         + [arch.extra["vision_end_token_id"]] + text[2:]])
     patch = int(vision["in_channels"]) * int(vision["temporal_patch_size"]) * int(vision["patch_size"]) ** 2

@@ -646,6 +646,10 @@ FOUND = [
      "common.pt: the architecture it describes does not fit the tensors: layer 0 'mlp.linear_fc1.weight'"),
     ("megatron_mcore_tp2_pp2", "top", "release/mp_rank_00_000/model_optim_rng.pt", ("checkpoint_version",), -1,
      MEGATRON_TARGETS[0], "inspect --check", "checkpoint_version is -1, not a Megatron-LM checkpoint version"),
+    ("hf_qwen2_5_vl", "json", "config.json", ("image_token_id",), 0, HF_TARGETS[0], "verify damaged original --logits",
+     "config.json: the two models take different fixed inputs (input_ids differ"),
+    ("hf_qwen2_5_vl", "json", "config.json", ("video_token_id",), 10**6, HF_TARGETS[0], "convert",
+     "video_token_id is 1000000, not a token id below the vocabulary size"),
 ]
 
 

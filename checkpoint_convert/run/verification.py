@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..base.errors import BadInputError, reason
 from ..base.memory import Arena, release_file_pages
 from ..engine.blockwise import max_abs_diff
 from ..engine.sources import Source, misread
@@ -188,9 +189,32 @@ def compare_logits(a: Source, b: Source) -> float:
     checked against its tensors (as a conversion checks it), so that a model is built only from weights that fit."""
     for source in (a, b):
         source.check_against_tensors()
-    make_inputs = a.family.logits_inputs
-    inputs = make_inputs(a.arch) if make_inputs else {"input_ids": fixed_tokens(min(a.arch.vocab_size, b.arch.vocab_size))}
-    with torch.no_grad():
-        logits_a = hf_model(a)(**inputs).logits
-        logits_b = hf_model(b)(**inputs).logits
-    return max_abs_diff(logits_a, logits_b)
+    inputs = _shared_inputs(a, b)
+    return max_abs_diff(_logits(a, inputs), _logits(b, inputs))
+
+
+def _shared_inputs(a: Source, b: Source) -> dict[str, torch.Tensor]:
+    """The fixed input both models are fed: token ids, or the family's own (an image and text); refused when the
+    two models would take different ones (their image token ids differ): their logits cannot be compared."""
+    if a.family.logits_inputs is None:
+        return {"input_ids": fixed_tokens(min(a.arch.vocab_size, b.arch.vocab_size))}
+    inputs = a.family.logits_inputs(a.arch)
+    other = b.family.logits_inputs(b.arch) if b.family.logits_inputs else {}
+    differing = [name for name, tensor in inputs.items()
+                 if name not in other or other[name].shape != tensor.shape or not torch.equal(other[name], tensor)]
+    if differing:
+        raise BadInputError(f"the two models take different fixed inputs ({', '.join(differing)} differ: other "
+                            "special token ids or vision settings), so their logits cannot be compared", b.numbers_file)
+    return inputs
+
+
+def _logits(source: Source, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on ``inputs``; a model transformers builds but cannot run on them (a config whose values
+    contradict each other) is bad input naming the source."""
+    model = hf_model(source)
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    except (ArithmeticError, ValueError, IndexError, RuntimeError) as error:
+        raise BadInputError(f"transformers cannot run the model it describes on a fixed input ({reason(error)})",
+                            source.numbers_file) from None
