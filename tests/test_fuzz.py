@@ -648,6 +648,9 @@ FOUND = [
      MEGATRON_TARGETS[0], "inspect --check", "checkpoint_version is -1, not a Megatron-LM checkpoint version"),
     ("hf_qwen2_5_vl", "json", "config.json", ("image_token_id",), 0, HF_TARGETS[0], "verify damaged original --logits",
      "config.json: the two models take different fixed inputs (input_ids differ"),
+    ("megatron_bridge_vl", "dcp", "iter_0000000/.metadata", ("size", "visual.patch_embed.proj.weight", 0), 65,
+     MEGATRON_TARGETS[0], "verify damaged original --logits", "the tensors do not fit the model the architecture "
+     "describes (size mismatch for model.visual.patch_embed.proj.weight"),
     ("hf_qwen2_5_vl", "json", "config.json", ("video_token_id",), 10**6, HF_TARGETS[0], "convert",
      "video_token_id is 1000000, not a token id below the vocabulary size"),
 ]

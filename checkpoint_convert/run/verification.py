@@ -165,7 +165,12 @@ def hf_model(source: Source) -> torch.nn.Module:
     model = hf_model_from_config(config, source.numbers_file, dtype=torch.float32)
     state = {name: tensor.to(torch.float32, copy=True) for name, tensor in hf_tensors(source)
              if not _mtp_tensor(source, name)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than the model's (a tower's are not checked before)
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), reason(error))
+        raise BadInputError(f"the tensors do not fit the model the architecture describes ({mismatch})",
+                            source.numbers_file) from None
     model.tie_weights()
     untied_missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
     if untied_missing or unexpected:
