@@ -1,0 +1,175 @@
+"""InternVL (``InternVLForConditionalGeneration``) in MindSpeed-MM's layout (Ascend/MindSpeed-MM
+``checkpoint/vlm_model/converters/internvl.py``): InternViT under ``image_encoder.encoder.``, its projector under
+``image_encoder.projector.``, the language model under ``text_decoder.``.
+
+Proof by logits on the family's fixed image+text input (``internvl.family.image_and_text``): the Hugging Face model
+after each trip, and megatron-core's GPTModel loaded strictly from the ``text_decoder.*`` tensors at TP2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from internvl.family import INTERNVL, image_and_text
+from tests.helpers import assert_logits_close, convert
+from tests.test_mindspeed_mm import rank_file, to_hf
+
+IMAGE = 100
+TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2)
+# InternViT-300M (InternVL 3 / 2.5 small sizes): LayerNorm, biased qkv; InternViT-6B: RMSNorm, qk norm, no qkv bias
+VISION = {"qwen2": dict(norm_type="layer_norm", attention_bias=True, use_qk_norm=False),
+          "llama": dict(norm_type="rms_norm", attention_bias=False, use_qk_norm=True)}
+HEADS, WIDTH = 4, 32
+
+
+def tiny_internvl(path: Path, text: str = "qwen2", tie: bool = False, **vision) -> Path:
+    """A random InternVL: 2 vision layers of width 32 on 16 x 16 images of 4 x 4 patches (4 image tokens after the
+    pixel shuffle), a 4-layer language model; every tensor moved off its initial value (a lost tensor shows)."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.InternVLConfig(
+        text_config=dict(TEXT, model_type=text, tie_word_embeddings=tie), image_token_id=IMAGE, image_seq_length=4,
+        vision_config={**dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=48,
+                              image_size=16, patch_size=4), **VISION[text], **vision}, tie_word_embeddings=tie)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def internvl_logits(path: Path) -> torch.Tensor:
+    import transformers
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**image_and_text(INTERNVL.arch_from_hf_config(model.config))).logits.float()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def internvl(request, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    path = tiny_internvl(tmp_path_factory.mktemp(f"internvl_{request.param}") / "hf", request.param,
+                         tie=request.param == "qwen2")
+    return path, internvl_logits(path)
+
+
+def to_mindspeed_mm(source: Path, out: Path, *flags: str) -> Path:
+    assert convert("--load_path", source, "--save_path", out, "--to", "megatron", "--megatron_format", "mindspeed_mm",
+                   *flags) == 0
+    return out
+
+
+def _vision(state: dict, key: str) -> torch.Tensor:
+    return state[f"image_encoder.encoder.encoder.layers.{key}"]
+
+
+def test_hf_to_mindspeed_mm_tp2_with_split_pipelines_and_back_gives_the_original_logits(tmp_path, internvl):
+    source, original = internvl
+    mm = to_mindspeed_mm(source, tmp_path / "mm", "--target_tensor_model_parallel_size", "2",
+                         "--target_pipeline_layers", "1,3", "--vision_pipeline_layers", "2,0")
+    first, last = rank_file(mm, "mp_rank_01_000")["model"], rank_file(mm, "mp_rank_00_001")["model"]
+    assert {"image_encoder.encoder.embeddings.class_embedding", "image_encoder.encoder.embeddings.position_embedding",
+            "image_encoder.encoder.embeddings.patch_embedding.weight", "image_encoder.projector.norm.bias",
+            "image_encoder.projector.linear_fc2.weight", "text_decoder.embedding.word_embeddings.weight",
+            "image_encoder.encoder.encoder.layers.1.ls2"} <= set(first)
+    assert not any(key.startswith("image_encoder.") for key in last)
+    assert {"text_decoder.decoder.layers.2.mlp.linear_fc1.weight", "text_decoder.output_layer.weight"} <= set(last)
+    hf = load_file(source / "model.safetensors")  # transformers 5 writes the older spelling
+    layer = "vision_tower.encoder.layer.1."
+    q, k, v = (hf[f"{layer}attention.{n}_proj.weight"] for n in "qkv")
+    rows = WIDTH // 2  # two of the four heads on each rank, as [q; k; v] (MindSpeed-MM's UnalignedRowSplit)
+    assert torch.equal(_vision(first, "1.self_attention.linear_qkv.weight"), torch.cat([q[rows:], k[rows:], v[rows:]]))
+    assert torch.equal(_vision(first, "1.ls1"), hf[f"{layer}lambda_1"])
+    assert torch.equal(first["image_encoder.projector.linear_fc1.weight"], hf["multi_modal_projector.linear_1.weight"])
+    assert_logits_close(internvl_logits(to_hf(tmp_path, mm, source)), original)
+
+
+def test_tp1_to_tp2_reshape_within_the_layout_gives_the_original_logits(tmp_path, internvl):
+    source, original = internvl
+    tp1 = to_mindspeed_mm(source, tmp_path / "tp1")
+    tp2 = tmp_path / "tp2"
+    assert convert("--load_path", tp1, "--save_path", tp2, "--to", "megatron", "--hf_config_dir", source,
+                   "--target_tensor_model_parallel_size", "2") == 0
+    merged = _vision(rank_file(tp1, "mp_rank_00")["model"], "0.self_attention.linear_qkv.weight")
+    shards = [_vision(rank_file(tp2, f"mp_rank_0{tp}")["model"], "0.self_attention.linear_qkv.weight") for tp in (0, 1)]
+    assert torch.equal(merged, torch.cat([torch.cat([shard.chunk(3)[part] for shard in shards]) for part in range(3)]))
+    assert_logits_close(internvl_logits(to_hf(tmp_path, tp2, source)), original)
+
+
+@pytest.mark.parametrize("damage", ["layer scale dropped", "qkv interleaved per head"])
+def test_verify_logits_sees_a_lost_layer_scale_or_a_reordered_qkv(tmp_path, internvl, capsys, damage):
+    """verify --logits feeds both models the image and text: a layer scale left at one, or the fused projection in
+    megatron-core's per-head order ([q_h, k_h, v_h], MindSpeed-MM's Qwen2.5-VL layout), moves the logits far; the
+    undamaged tree gives the original's."""
+    from checkpoint_convert.commands.report_cli import run_verify_cli
+    source, _ = internvl
+    mm = to_mindspeed_mm(source, tmp_path / "mm", "--target_tensor_model_parallel_size", "2")
+    capsys.readouterr()
+    assert run_verify_cli([str(source), str(mm), "--logits", "--hf_config_dir", str(source)]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out
+    for tp in (0, 1):
+        file = mm / "release" / f"mp_rank_0{tp}" / "model_optim_rng.pt"
+        state = torch.load(file, weights_only=True)
+        if damage == "layer scale dropped":
+            state["model"]["image_encoder.encoder.encoder.layers.0.ls1"].fill_(1.0)
+        else:
+            qkv = state["model"]["image_encoder.encoder.encoder.layers.0.self_attention.linear_qkv.weight"]
+            q, k, v = qkv.chunk(3)
+            qkv.copy_(torch.cat([k, q, v]))
+        torch.save(state, file)
+    assert run_verify_cli([str(source), str(mm), "--logits", "--atol", "10", "--hf_config_dir", str(source)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
+    assert float(line.split()[-1]) > 1e-4, line
+
+
+def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What the Hugging Face model hands its language model on the image+text input (the input embeddings with the
+    projected image scattered in), and its logits."""
+    import transformers
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    seen = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    inputs = image_and_text(INTERNVL.arch_from_hf_config(model.config))
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    ids = inputs["input_ids"]
+    assert not torch.equal(seen["embeds"], model.model.language_model.embed_tokens(ids)), "the image must show"
+    return {"ids": ids, "embeds": seen["embeds"], "positions": torch.arange(ids.shape[1]).expand_as(ids)}, logits
+
+
+def test_megatron_core_gpt_model_at_tp2_pp2_loads_the_text_decoder(tmp_path, internvl):
+    """megatron-core's GPTModel at TP2 x PP2 (language 1,3), each rank loading its own rank file's ``text_decoder.*``
+    strictly (tests/megatron_oracle.py ``vl-logits`` with the Hugging Face config), fed Hugging Face's merged input
+    embeddings."""
+    source, _ = internvl
+    inputs, original = language_model_inputs(source)
+    mm = to_mindspeed_mm(source, tmp_path / "mm", "--target_tensor_model_parallel_size", "2",
+                         "--target_pipeline_layers", "1,3", "--vision_pipeline_layers", "2,0")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    oracle = Path(__file__).with_name("megatron_oracle.py")
+    subprocess.run([sys.executable, str(oracle), "vl-logits", str(mm), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "logits.pt"), "2", "2", str(source)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_logits_close(torch.load(tmp_path / "logits.pt"), original, atol=2e-5)
+
+
+@pytest.mark.parametrize("vision, flags, message", [
+    (dict(num_attention_heads=1), ["--target_tensor_model_parallel_size", "2"],
+     "tensor parallel size 2 does not divide the 1 vision attention heads"),
+    (dict(use_mean_pooling=False), [], "use_mean_pooling False"),
+])
+def test_what_mindspeed_mm_cannot_hold_is_refused_in_one_line(tmp_path, capsys, vision, flags, message):
+    source = tiny_internvl(tmp_path / "hf", **vision)
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "megatron", "--megatron_format",
+                   "mindspeed_mm", *flags) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists(), err
