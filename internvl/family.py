@@ -117,7 +117,7 @@ def _tp_splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
     return (("vision attention heads", int(_vision(arch)["num_attention_heads"])),)
 
 
-MINDSPEED_MM = TowerLayout((VISION,), "text_decoder.", tp_splits=_tp_splits)
+MINDSPEED_MM = TowerLayout((VISION,), "text_decoder.", tp_splits=_tp_splits, uneven_vocab=True)
 
 
 def _llama_only(param: Param) -> Param:

@@ -29,13 +29,13 @@ VISION = {"qwen2": dict(norm_type="layer_norm", attention_bias=True, use_qk_norm
 HEADS, WIDTH = 4, 32
 
 
-def tiny_internvl(path: Path, text: str = "qwen2", tie: bool = False, **vision) -> Path:
+def tiny_internvl(path: Path, text: str = "qwen2", tie: bool = False, vocab: int = 128, **vision) -> Path:
     """A random InternVL: 2 vision layers of width 32 on 16 x 16 images of 4 x 4 patches (4 image tokens after the
     pixel shuffle), a 4-layer language model; every tensor moved off its initial value (a lost tensor shows)."""
     import transformers
     torch.manual_seed(0)
     config = transformers.InternVLConfig(
-        text_config=dict(TEXT, model_type=text, tie_word_embeddings=tie), image_token_id=IMAGE, image_seq_length=4,
+        text_config=dict(TEXT, model_type=text, tie_word_embeddings=tie, vocab_size=vocab), image_token_id=IMAGE, image_seq_length=4,
         vision_config={**dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=48,
                               image_size=16, patch_size=4), **VISION[text], **vision}, tie_word_embeddings=tie)
     model = transformers.AutoModelForImageTextToText.from_config(config)
@@ -127,6 +127,18 @@ def test_verify_logits_sees_a_lost_layer_scale_or_a_reordered_qkv(tmp_path, inte
     assert run_verify_cli([str(source), str(mm), "--logits", "--atol", "10", "--hf_config_dir", str(source)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
     assert float(line.split()[-1]) > 1e-4, line
+
+
+def test_a_vocabulary_tp_does_not_divide_is_split_unevenly_as_mindspeed_mm_does(tmp_path):
+    """MindSpeed-MM's InternVL converter splits the word embeddings and output layer with UnalignedEmbeddingSplit:
+    127 rows at TP2 are 64 + 63 (InternVL 3's 151674 at TP4: 37919, 37919, 37918, 37918)."""
+    source = tiny_internvl(tmp_path / "hf", vocab=127)
+    mm = to_mindspeed_mm(source, tmp_path / "mm", "--target_tensor_model_parallel_size", "2")
+    for tp, rows in enumerate((64, 63)):
+        model = rank_file(mm, f"mp_rank_0{tp}")["model"]
+        assert model["text_decoder.embedding.word_embeddings.weight"].shape[0] == rows
+        assert model["text_decoder.output_layer.weight"].shape[0] == rows
+    assert_logits_close(internvl_logits(to_hf(tmp_path, mm, source)), internvl_logits(source))
 
 
 def language_model_inputs(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
