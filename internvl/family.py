@@ -148,7 +148,7 @@ def arch_from_config(cfg: Any) -> ModelArch:
     kind = text.get("model_type")
     arch = _text_family(kind).arch_from_hf_config(SimpleNamespace(**{**text, "tie_word_embeddings":
                                                                       bool(cfg.tie_word_embeddings)}))
-    vision = _plain(cfg.vision_config, "InternVLVisionConfig")
+    vision = {key: value for key, value in _plain(cfg.vision_config, "InternVLVisionConfig").items() if key != "dtype"}
     for field, needed in _MINDSPEED_VISION:
         if vision.get(field, needed) != needed:
             raise BadInputError(f"vision_config has {field} {vision[field]}: a vision tensor MindSpeed-MM's InternViT "
@@ -162,10 +162,11 @@ def config_from_arch(arch: ModelArch) -> Any:
     kind = arch.extra[TEXT_TYPE]
     own = {key: value for key, value in arch.extra.items() if key not in (TEXT_TYPE, VISION_CONFIG, *OUTER)}
     text = _text_family(kind).hf_config_from_arch(arch.replace(family=kind, extra=own)).to_dict()
+    dtype = text.pop("dtype", None)  # the outer config's, as transformers writes it
     text.pop("architectures", None)
     return transformers_attr("InternVLConfig")(
         architectures=["InternVLForConditionalGeneration"], text_config=text, vision_config=dict(_vision(arch)),
-        tie_word_embeddings=arch.tie_embeddings, dtype=text.get("dtype"), **{key: arch.extra[key] for key in OUTER})
+        tie_word_embeddings=arch.tie_embeddings, dtype=dtype, **{key: arch.extra[key] for key in OUTER})
 
 
 def matches_megatron(arch: ModelArch) -> bool:

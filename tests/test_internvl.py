@@ -17,33 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from internvl.family import INTERNVL, image_and_text
+from tests.family_kit import tiny_internvl
 from tests.helpers import assert_logits_close, convert
 from tests.test_mindspeed_mm import rank_file, to_hf
 
-IMAGE = 100
-TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2)
-# InternViT-300M (InternVL 3 / 2.5 small sizes): LayerNorm, biased qkv; InternViT-6B: RMSNorm, qk norm, no qkv bias
-VISION = {"qwen2": dict(norm_type="layer_norm", attention_bias=True, use_qk_norm=False),
-          "llama": dict(norm_type="rms_norm", attention_bias=False, use_qk_norm=True)}
-HEADS, WIDTH = 4, 32
-
-
-def tiny_internvl(path: Path, text: str = "qwen2", tie: bool = False, vocab: int = 128, **vision) -> Path:
-    """A random InternVL: 2 vision layers of width 32 on 16 x 16 images of 4 x 4 patches (4 image tokens after the
-    pixel shuffle), a 4-layer language model; every tensor moved off its initial value (a lost tensor shows)."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.InternVLConfig(
-        text_config=dict(TEXT, model_type=text, tie_word_embeddings=tie, vocab_size=vocab), image_token_id=IMAGE, image_seq_length=4,
-        vision_config={**dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=48,
-                              image_size=16, patch_size=4), **VISION[text], **vision}, tie_word_embeddings=tie)
-    model = transformers.AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(path)
-    return path
+HEADS, WIDTH = 4, 32  # the tiny vision tower's (tests/family_kit.py)
 
 
 def internvl_logits(path: Path) -> torch.Tensor:
