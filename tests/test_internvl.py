@@ -66,7 +66,12 @@ def test_hf_to_mindspeed_mm_tp2_with_split_pipelines_and_back_gives_the_original
     assert torch.equal(_vision(first, "1.self_attention.linear_qkv.weight"), torch.cat([q[rows:], k[rows:], v[rows:]]))
     assert torch.equal(_vision(first, "1.ls1"), hf[f"{layer}lambda_1"])
     assert torch.equal(first["image_encoder.projector.linear_fc1.weight"], hf["multi_modal_projector.linear_1.weight"])
-    assert_logits_close(internvl_logits(to_hf(tmp_path, mm, source)), original)
+    back = to_hf(tmp_path, mm, source)
+    assert_logits_close(internvl_logits(back), original)
+    assert "model.vision_tower.encoder.layer.1.lambda_1" in load_file(back / "model.safetensors")  # the model's names
+    again = to_mindspeed_mm(back, tmp_path / "again", "--target_tensor_model_parallel_size", "2",
+                            "--target_pipeline_layers", "1,3", "--vision_pipeline_layers", "2,0")
+    assert all(torch.equal(tensor, rank_file(again, "mp_rank_01_000")["model"][key]) for key, tensor in first.items())
 
 
 def test_tp1_to_tp2_reshape_within_the_layout_gives_the_original_logits(tmp_path, internvl):
