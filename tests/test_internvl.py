@@ -7,6 +7,7 @@ after each trip, and megatron-core's GPTModel loaded strictly from the ``text_de
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from internvl.family import INTERNVL, image_and_text
 from tests.family_kit import tiny_internvl
@@ -168,3 +169,58 @@ def test_what_mindspeed_mm_cannot_hold_is_refused_in_one_line(tmp_path, capsys, 
                    "mindspeed_mm", *flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "out").exists(), err
+
+
+def opengvlab_layout(hf: Path, out: Path) -> Path:
+    """The model in OpenGVLab's own layout (``internvl_chat``), as its remote code names it and MindSpeed-MM's
+    converter reads it: ``vision_model.*`` with q, k and v fused as ``attn.qkv`` [q; k; v], ``mlp1.{0,1,3}``,
+    ``language_model.*``; the config's ``llm_config`` and ``intern_vit_6b`` ``vision_config``."""
+    config, tensors = json.loads((hf / "config.json").read_text()), load_file(hf / "model.safetensors")
+    vision, renamed = config["vision_config"], {}
+    for name, tensor in tensors.items():
+        if ".attention.k_proj." in name or ".attention.v_proj." in name:
+            continue
+        if ".attention.q_proj." in name:
+            tensor = torch.cat([tensors[name.replace("q_proj", part)] for part in ("q_proj", "k_proj", "v_proj")])
+        for old, new in OPENGVLAB_NAMES:
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    out.mkdir()
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    llm = {**config["text_config"], "architectures": [f"{config['text_config']['model_type'].title()}ForCausalLM"]}
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
+        "select_layer": -1, "ps_version": "v2", "template": "internvl2_5", "force_image_size": 16, "llm_config": llm,
+        "tie_word_embeddings": False, "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "qkv_bias": vision["attention_bias"],
+            "qk_normalization": vision["use_qk_norm"], "initializer_factor": 0.1, "image_size": 16, "patch_size": 4,
+            **{key: vision[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "intermediate_size", "norm_type", "layer_norm_eps", "hidden_act")}}}))
+    return out
+
+
+OPENGVLAB_NAMES = (
+    ("vision_tower.encoder.layer.", "vision_model.encoder.layers."), ("layernorm_before", "norm1"),
+    ("layernorm_after", "norm2"), ("attention.q_proj", "attn.qkv"), ("attention.projection_layer", "attn.proj"),
+    ("attention.q_norm", "attn.q_norm"), ("attention.k_norm", "attn.k_norm"), ("lambda_1", "ls1"),
+    ("lambda_2", "ls2"), ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_tower.embeddings.patch_embeddings.projection", "vision_model.embeddings.patch_embedding"),
+    ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("multi_modal_projector.layer_norm", "mlp1.0"), ("multi_modal_projector.linear_1", "mlp1.1"),
+    ("multi_modal_projector.linear_2", "mlp1.3"))
+
+
+@pytest.mark.parametrize("text", ["qwen2", "llama"])
+def test_opengvlab_layout_reads_as_transformers_and_as_mindspeed_mm_config(tmp_path, text):
+    """OpenGVLab's layout, which MindSpeed-MM's converter starts from: to Hugging Face (transformers' layout) and to
+    MindSpeed-MM and back with it as --hf_config_dir give the original's logits; its image token is InternVL 3's
+    <IMG_CONTEXT> 151667 (its config names none), so the tiny vocabulary holds it."""
+    source = tiny_internvl(tmp_path / "hf", text, tie=True, vocab=151680)  # tied: half the large vocabulary
+    original = internvl_logits(source)
+    opengvlab = opengvlab_layout(source, tmp_path / "opengvlab")
+    direct = tmp_path / "direct"
+    assert convert("--load_path", opengvlab, "--save_path", direct, "--to", "hf") == 0
+    assert json.loads((direct / "config.json").read_text())["image_token_id"] == 151667
+    assert_logits_close(internvl_logits(direct), original)
+    mm = to_mindspeed_mm(opengvlab, tmp_path / "mm", "--target_tensor_model_parallel_size", "2")
+    assert_logits_close(internvl_logits(to_hf(tmp_path, mm, opengvlab)), original)
