@@ -113,8 +113,10 @@ VISION = Tower("vision", "model.", "image_encoder.", first=EMBEDDINGS, layer=BLO
 
 
 def _tp_splits(arch: ModelArch) -> tuple[tuple[str, int], ...]:
-    """MindSpeed-MM splits the vision heads unevenly when they do not divide (its ``UnalignedRowSplit``): refused."""
-    return (("vision attention heads", int(_vision(arch)["num_attention_heads"])),)
+    """MindSpeed-MM splits the vision heads unevenly when they do not divide (its ``UnalignedRowSplit``): refused; its
+    vision fc1 (``RowSplit``) needs an even split too."""
+    return (("vision attention heads", int(_vision(arch)["num_attention_heads"])),
+            ("vision MLP width", int(_vision(arch)["intermediate_size"])))
 
 
 MINDSPEED_MM = TowerLayout((VISION,), "text_decoder.", tp_splits=_tp_splits, uneven_vocab=True)
