@@ -353,8 +353,9 @@ def test_multi_tower_family_through_its_megatron_layout(tmp_path, capsys, varian
     assert_logits_close(_tower_logits(back, variant.family), original)
     _assert_same_config(source, back, variant.family)
     capsys.readouterr()
-    assert run_inspect_cli([str(source), "--json", "--check"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["family"] == variant.family and report["problems"] == []
+    for path, flags in ((source, ()), (tree, variant.read(source))):
+        assert run_inspect_cli([str(path), "--json", "--check", *flags]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["family"] == variant.family and report["problems"] == [], report["problems"]
     assert run_verify_cli([str(source), str(tree), "--logits", *variant.read(source)]) == 0
     assert "logits: max |diff| 0" in capsys.readouterr().out

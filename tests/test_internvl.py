@@ -115,13 +115,15 @@ def test_verify_logits_sees_a_lost_layer_scale_or_a_reordered_qkv(tmp_path, inte
 
 def test_a_vocabulary_tp_does_not_divide_is_split_unevenly_as_mindspeed_mm_does(tmp_path):
     """MindSpeed-MM's InternVL converter splits the word embeddings and output layer with UnalignedEmbeddingSplit:
-    127 rows at TP2 are 64 + 63 (InternVL 3's 151674 at TP4: 37919, 37919, 37918, 37918)."""
+    127 rows at TP2 are 64 + 63 (InternVL 3's 151674 at TP4: 37919, 37919, 37918, 37918); inspect reads them."""
+    from checkpoint_convert.commands.report_cli import run_inspect_cli
     source = tiny_internvl(tmp_path / "hf", vocab=127)
     mm = to_mindspeed_mm(source, tmp_path / "mm", "--target_tensor_model_parallel_size", "2")
     for tp, rows in enumerate((64, 63)):
         model = rank_file(mm, f"mp_rank_0{tp}")["model"]
         assert model["text_decoder.embedding.word_embeddings.weight"].shape[0] == rows
         assert model["text_decoder.output_layer.weight"].shape[0] == rows
+    assert run_inspect_cli([str(mm), "--check", "--hf_config_dir", str(source)]) == 0
     assert_logits_close(internvl_logits(to_hf(tmp_path, mm, source)), internvl_logits(source))
 
 
