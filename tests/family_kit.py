@@ -235,3 +235,60 @@ VARIANTS = VARIANTS + (
     Variant("gpt_oss_window_yarn", "gpt_oss", hf_model("GptOssConfig", "GptOssForCausalLM", 12, zero=("down_proj_bias",),
                                                        **GPT_OSS), legacy=False, experts=True),
 )
+
+
+# ---- multi-tower (vision-language) families: the kit converts them through a Megatron layout that holds their towers
+# and compares the Hugging Face model's logits on the family's fixed image+text input (``FamilySpec.logits_inputs``)
+
+@dataclass(frozen=True)
+class TowerVariant:
+    """One tiny multi-tower model. ``layout``: the flags writing it in a Megatron layout that holds its towers, at
+    TP2 and two pipeline ranks; ``read``: the flags reading that layout back (given the Hugging Face directory)."""
+
+    name: str
+    family: str
+    build: Callable[[Path], Path]
+    layout: tuple[str, ...]
+    read: Callable[[Path], tuple[str, ...]] = lambda source: ()
+
+
+INTERNVL_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+# InternViT-300M (InternVL 3 / 2.5 small sizes): LayerNorm, biased qkv; InternViT-6B: RMSNorm, qk norm, no qkv bias
+INTERNVIT = {"qwen2": dict(norm_type="layer_norm", attention_bias=True, use_qk_norm=False),
+             "llama": dict(norm_type="rms_norm", attention_bias=False, use_qk_norm=True)}
+
+
+def tiny_internvl(path: Path, text: str = "qwen2", tie: bool = False, vocab: int = 128, **vision: Any) -> Path:
+    """A random InternVL: 2 vision layers of width 32 (4 heads) on 16 x 16 images of 4 x 4 patches (4 image tokens
+    after the pixel shuffle), a 4-layer language model; every tensor moved off its initial value (a lost tensor shows)."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.InternVLConfig(
+        text_config=dict(INTERNVL_TEXT, model_type=text, tie_word_embeddings=tie, vocab_size=vocab),
+        vision_config={**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                              image_size=16, patch_size=4), **INTERNVIT[text], **vision},
+        image_token_id=100, image_seq_length=4, tie_word_embeddings=tie)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+# the vision tower over both pipeline ranks (its projector on the second), the language model 3,1
+MINDSPEED_MM = ("--megatron_format", "mindspeed_mm", "--target_tensor_model_parallel_size", "2",
+                "--target_pipeline_layers", "3,1", "--vision_pipeline_layers", "1,1")
+
+
+def _hf_config_dir(source: Path) -> tuple[str, ...]:
+    return ("--hf_config_dir", str(source))
+
+
+TOWER_VARIANTS = (
+    TowerVariant("internvl_qwen2_tied", "internvl", lambda path: tiny_internvl(path, "qwen2", tie=True), MINDSPEED_MM,
+                 _hf_config_dir),
+    TowerVariant("internvl_llama_qk_norm", "internvl", lambda path: tiny_internvl(path, "llama"), MINDSPEED_MM,
+                 _hf_config_dir),
+)

@@ -23,7 +23,7 @@ import torch
 from checkpoint_convert.model.family import registered
 from checkpoint_convert.formats.megatron_args import plain_fields
 from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
-from tests.family_kit import VARIANTS, Variant
+from tests.family_kit import TOWER_VARIANTS, VARIANTS, TowerVariant, Variant
 from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -r requirements-dev.txt)")
@@ -127,9 +127,10 @@ DERIVED = {"head_dim": lambda config: config["hidden_size"] // config["num_atten
 
 def _config(path: Path) -> dict:
     config = json.loads((path / "config.json").read_text())
-    for key, derive in DERIVED.items():
-        if key in config and config[key] is None:
-            config[key] = derive(config)
+    for values in (config, *(config.get(sub) or {} for sub in ("text_config", "vision_config"))):
+        for key, derive in DERIVED.items():
+            if key in values and values[key] is None:
+                values[key] = derive(values)
     return config
 
 
@@ -137,9 +138,19 @@ def _assert_same_config(original: Path, converted: Path, family: str) -> None:
     """Every key of the original config.json comes back with its value (the version stamp aside)."""
     before, after = _config(original), _config(converted)
     assert after["model_type"] == family
-    differing = {key: (value, after.get(key)) for key, value in before.items()
-                 if key != "transformers_version" and after.get(key) != value}
+    differing = _differing(before, after)
     assert not differing, differing
+
+
+def _differing(before: dict, after: dict) -> dict:
+    """The original's keys whose values differ; a sub-config (``text_config``, ``vision_config``) key by key."""
+    differing = {}
+    for key, value in before.items():
+        if key.endswith("_config") and isinstance(value, dict) and isinstance(after.get(key), dict):
+            differing.update({f"{key}.{sub}": both for sub, both in _differing(value, after[key]).items()})
+        elif key != "transformers_version" and after.get(key) != value:
+            differing[key] = (value, after.get(key))
+    return differing
 
 
 @pytest.mark.parametrize("name, tree", _cases(_hf_round_trips))
@@ -308,3 +319,43 @@ def test_inspect_check_and_verify(kit, capsys, name):
     assert capsys.readouterr().out.endswith("EQUAL\n")
     assert run_verify_cli([str(kit.hf(name)[0]), str(kit.tree(name, "dist_from_ranks"))]) == 0
     assert capsys.readouterr().out.endswith("EQUAL\n")
+
+
+# ---- multi-tower (vision-language) families: tests/family_kit.py TOWER_VARIANTS
+
+def test_tower_variants_name_registered_multi_tower_families():
+    assert {variant.family for variant in TOWER_VARIANTS} <= {name for name, spec in registered().items()
+                                                              if spec.towers}
+    assert len({variant.name for variant in TOWER_VARIANTS}) == len(TOWER_VARIANTS), "variant names must be unique"
+
+
+def _tower_logits(path: Path, family: str) -> torch.Tensor:
+    """The Hugging Face model's logits on the family's fixed image+text input."""
+    import transformers
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    spec = registered()[family]
+    with torch.no_grad():
+        return model(**spec.logits_inputs(spec.arch_from_hf_config(model.config))).logits.float()
+
+
+@pytest.mark.parametrize("variant", TOWER_VARIANTS, ids=lambda variant: variant.name)
+def test_multi_tower_family_through_its_megatron_layout(tmp_path, capsys, variant: TowerVariant):
+    """A dry run writes nothing; the layout at TP2 over two pipeline ranks and back gives the original's logits and
+    config; inspect names the family; verify --logits feeds both the image and text."""
+    source = variant.build(tmp_path / "hf")
+    original = _tower_logits(source, variant.family)
+    tree, back = tmp_path / "megatron", tmp_path / "back"
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tree, "--to", "megatron", *variant.layout, "--dry_run") == 0
+    assert not tree.exists()
+    assert convert("--load_path", source, "--save_path", tree, "--to", "megatron", *variant.layout) == 0
+    assert convert("--load_path", tree, "--save_path", back, "--to", "hf", *variant.read(source)) == 0
+    assert_logits_close(_tower_logits(back, variant.family), original)
+    _assert_same_config(source, back, variant.family)
+    capsys.readouterr()
+    for path, flags in ((source, ()), (tree, variant.read(source))):
+        assert run_inspect_cli([str(path), "--json", "--check", *flags]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["family"] == variant.family and report["problems"] == [], report["problems"]
+    assert run_verify_cli([str(source), str(tree), "--logits", *variant.read(source)]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out

@@ -85,6 +85,15 @@ def _style(item: Item, tp: int, arch: ModelArch) -> Style:
     return Style.COLUMN
 
 
+def vocab_rows(family: FamilySpec, item: Item, tp: int, arch: ModelArch) -> list[int] | None:
+    """The row blocks of a vocabulary the layout splits unevenly (``TowerLayout.uneven_vocab``: the first
+    vocab % TP ranks hold one row more); None when it is split evenly."""
+    uneven = family.mindspeed_mm is not None and family.mindspeed_mm.uneven_vocab
+    if item.param.style is not Style.VOCAB or not uneven or arch.vocab_size % tp == 0:
+        return None
+    return [arch.vocab_size // tp + int(rank < arch.vocab_size % tp) for rank in range(tp)]
+
+
 def _require_plain(item: Item) -> None:
     if item.param.experts or item.param.shared or item.param.zero_in_megatron:
         raise BadInputError(f"'{item.param.megatron}' has no place in MindSpeed-MM's layout here")
@@ -99,7 +108,9 @@ class MindSpeedTarget:
     def emit(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         _require_plain(item)
         stage, key = place(self.splits, self.family, item)
-        shards = split_for_tp(full, _style(item, self.tp, self.arch), self.tp, param_parts(item.param, self.arch))
+        rows = vocab_rows(self.family, item, self.tp, self.arch)
+        shards = list(torch.split(full, rows)) if rows else split_for_tp(
+            full, _style(item, self.tp, self.arch), self.tp, param_parts(item.param, self.arch))
         out = [((RankKey(tp, stage, 0), key), shard) for tp, shard in enumerate(shards)]
         pipeline = len(self.splits[None])
         if item.param.style is Style.VOCAB and self.arch.tie_embeddings and item.group == FIRST and pipeline > 1:
@@ -132,9 +143,13 @@ class MindSpeedSource(_ReleasesReadPages):
             self.consumed.add((rank, None, key))
         if not meta:
             self._read += shards
-        if len({(tuple(s.shape), s.dtype) for s in shards}) > 1:
+        rows = vocab_rows(self.family, item, self.tree.tp, self.arch)
+        if len({(tuple(s.shape[1 if rows else 0:]), s.dtype) for s in shards}) > 1 or (
+                rows and [s.shape[0] for s in shards] != rows):
             raise BadInputError(f"'{key}' has different shapes or dtypes across TP ranks", self.tree.files[
                 RankKey(0, stage, 0)])
+        if rows:
+            return torch.cat(shards, dim=0)
         return merge_from_tp(shards, _style(item, self.tree.tp, self.arch), parts=param_parts(item.param, self.arch))
 
     def unconsumed(self) -> list[str]:

@@ -245,6 +245,9 @@ class TowerLayout:
     megatron_prefix: str
     # the towers' sizes the layout splits over tensor-parallel ranks, as (what, size): TP must divide each
     tp_splits: Callable[[ModelArch], tuple[tuple[str, int], ...]] | None = None
+    # the word embeddings and output layer split in unequal row blocks when TP does not divide the vocabulary (the
+    # first vocab % TP ranks one row more: MindSpeed-MM's UnalignedEmbeddingSplit); False: TP must divide it
+    uneven_vocab: bool = False
 
 
 def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
