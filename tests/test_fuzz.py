@@ -1,7 +1,7 @@
 """Seeded mutation fuzzing: damaged sources of every input format, through every command that reads them.
 
 Valid tiny sources of every format (Hugging Face single file and sharded, DeepSeek-V3 FP8 with block
-scales, gpt-oss MXFP4 and a Qwen2.5-VL vision-language model; Megatron ``torch`` in the legacy schema with PP,
+scales, gpt-oss MXFP4, Qwen2.5-VL and InternVL vision-language models; Megatron ``torch`` in the legacy schema with PP,
 megatron-core with TP x PP, with EP, a hybrid Mamba model at TP 2 and a multi-token prediction model at PP 2;
 ``torch_dist``; Megatron-Bridge checkpoints, a copy of ``../shared/fixtures/megatron_bridge_llama`` and a
 vision-language one) are copied and damaged:
@@ -133,7 +133,7 @@ def _build_sources(root: Path) -> Sources:
 def _build_newer_kinds(root: Path) -> tuple[str, ...]:
     """Hugging Face sources of the newer kinds (the Megatron ones are converted from them): an MXFP4 gpt-oss,
     a vision-language model (two towers), and the originals of a hybrid Mamba and a multi-token prediction tree."""
-    from tests.family_kit import GPT_OSS, VARIANTS, hf_model
+    from tests.family_kit import GPT_OSS, VARIANTS, hf_model, tiny_internvl
     from tests.test_gpt_oss import mxfp4_copy
     from tests.test_mtp import MODELS, _with_mtp_layer
     from tests.test_qwen2_vl import tiny_vl
@@ -141,10 +141,11 @@ def _build_newer_kinds(root: Path) -> tuple[str, ...]:
     hf_model("GptOssConfig", "GptOssForCausalLM", 13, **{**GPT_OSS, "intermediate_size": 64})(root / "gpt_oss")
     mxfp4_copy(root / "gpt_oss", root / "hf_gpt_oss_mxfp4")
     tiny_vl("qwen2_5_vl", root / "hf_qwen2_5_vl")
+    tiny_internvl(root / "hf_internvl", "llama")
     next(v for v in VARIANTS if v.name == "nemotron_h_hybrid_mha").build(root / "nemotron_h")
     MODELS["deepseek_v3"][0](root / "deepseek_v3_mtp")
     _with_mtp_layer(root / "deepseek_v3_mtp", 3)
-    return "hf_gpt_oss_mxfp4", "hf_qwen2_5_vl"
+    return "hf_gpt_oss_mxfp4", "hf_qwen2_5_vl", "hf_internvl"
 
 
 def _files(root: Path) -> list[Path]:
