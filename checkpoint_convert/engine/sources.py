@@ -22,6 +22,7 @@ from ..formats.megatron_io import MegatronTree
 from ..formats.mindspeed_mm import MindSpeedTree
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .mcore_vlm import mcore_vlm_family
 from .mindspeed_mm import MindSpeedSource, mindspeed_mm_family
 from .mtp import hf_mtp_layer_count
 from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
@@ -99,6 +100,8 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
             raise BadInputError(f"a {family.name} model is read from Megatron-Bridge checkpoints only, not from "
                                 f"{tree.ckpt_format} rank files", tree.iter_dir)
         tree.within(family.megatron_prefix)
+        if tree.ckpt_format == "torch" and family.mcore_vlm is not None:  # megatron-core's multimodal rank files
+            family = mcore_vlm_family(family)
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 
     def reread(values: dict[str, Any]) -> ModelArch:

@@ -248,9 +248,9 @@ class HFSource(_ReleasesReadPages):
         return tensors
 
     def unconsumed(self) -> list[str]:
-        ignored = self.family.hf_ignored_suffixes
-        return [n for n in self.checkpoint.names()
-                if n not in self.consumed and n not in self.left_out and not n.endswith(ignored)]
+        ignored, unused = self.family.hf_ignored_suffixes, self.family.hf_unused
+        return [n for n in self.checkpoint.names() if n not in self.consumed and n not in self.left_out
+                and not n.endswith(ignored) and not (unused and unused(self.arch, n))]
 
 
 class HFTarget:
@@ -303,6 +303,7 @@ class MegatronTarget:
         if item.param.shared:  # the main model's embedding or output layer, written with it
             return []
         stages = list(self.layout.stages)
+        prefix = self.family.megatron_prefix  # a multi-tower model's language model (towers name their own keys)
         stage, local = place(stages, item)
         if item.param.experts:
             out = []
@@ -315,7 +316,8 @@ class MegatronTarget:
         out = self._shards(item, full, stage, local, range(self.layout.ep), None)
         if item.param.megatron == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
             # the last stage holds a copy of each embedding shard for the tied output layer
-            copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
+            copy_path = prefixed(schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True),
+                                 prefix)
             out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), copy_path), shard) for (rank, _), shard in out]
         if item.param.megatron == schema.EMBEDDING and self.arch.mtp_num_layers and len(stages) > 1:
             # megatron-core's MTP layers on the last stage embed with a copy of the embedding of their own
@@ -326,9 +328,13 @@ class MegatronTarget:
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
-        name = megatron_name(item).format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
-                                  grouped_experts=self.layout.grouped_gemm)
+        if item.tower:
+            path = (tower_stored_name(item, self.layout.schema == schema.MCORE_TE),)
+        else:
+            name = item.param.megatron.format(expert=expert)
+            path = prefixed(schema.stored_path(name, local, self.layout.schema, grouped_experts=self.layout.grouped_gemm,
+                                               layer_weights=self.layer_weights.get(item.layer, ())),
+                            self.family.megatron_prefix)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
                               self.layout.tp, param_parts(item.param, self.arch))
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
@@ -388,7 +394,25 @@ class TorchDistTarget:
         return [(key, full.unsqueeze(0))]
 
 
+def prefixed(path: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """A megatron-core key under a multi-tower model's language-model prefix (none for a text model)."""
+    return (prefix + path[0], *path[1:]) if prefix else path
+
+
+def tower_stored_name(item: Item, transformer_engine: bool) -> str:
+    """A tower tensor's key; a tower whose layers are megatron-core's (``decoder.layers.N.``) names its norms as
+    the schema does (Transformer Engine fuses them into the next linear layer)."""
+    tower = item.tower
+    if item.layer is None or tower.megatron_layer_prefix != schema.LAYER_PREFIX + "{layer}." or not transformer_engine:
+        return megatron_name(item)
+    weights = frozenset(p.megatron for p in tower.layer)
+    return tower.megatron_prefix + schema.stored_path(item.param.megatron, item.layer, schema.MCORE_TE,
+                                                      layer_weights=weights)[0]
+
+
 def _require_zero(tensor: torch.Tensor, item: Item) -> None:
+    if item.param.unused:  # never run by the Hugging Face model: left out whatever it holds
+        return
     if tensor.device.type != "meta" and bool(tensor.any()):
         where = f"layer {item.layer} " if item.layer is not None else ""
         raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")

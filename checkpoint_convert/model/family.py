@@ -78,6 +78,9 @@ class Param:
     layers: Layers = Layers.EVERY
     float32: bool = False
     shared: bool = False
+    # ``unused`` (with ``zero_in_megatron``): the Hugging Face model holds the tensor but never runs it (LLaVA's CLIP
+    # post-norm): left out going to Megatron whatever its values, zeros coming back.
+    unused: bool = False
 
     # ``shared``: a multi-token prediction layer's Hugging Face copy of the main model's tensor ``megatron``
     # (its embedding or output layer, which megatron-core shares): written from it, checked equal to it on read.
@@ -217,6 +220,11 @@ class FamilySpec:
     logits_inputs: Callable[[ModelArch], dict[str, torch.Tensor]] | None = None
     # ---- MindSpeed-MM's layout of a multi-tower model (``checkpoint_convert/formats/mindspeed_mm.py``); None: refused
     mindspeed_mm: "TowerLayout | None" = None
+    # ---- megatron-core's multimodal model (``LLaVAModel``: ``vision_model.``, ``vision_projection.``,
+    # ``language_model.``) in Megatron-LM rank files (``checkpoint_convert/engine/mcore_vlm.py``); None: refused
+    mcore_vlm: "TowerLayout | None" = None
+    # Hugging Face tensors the model never runs (vision layers after the feature layer): left out of every output
+    hf_unused: Callable[[ModelArch, str], bool] | None = None
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,
@@ -241,6 +249,9 @@ class TowerLayout:
 
     towers: tuple[Tower, ...]
     megatron_prefix: str
+    # the Megatron-LM args the layout's trainer reads beyond the language model's (megatron-core's LLaVA: vision model
+    # type, image size, ...) at a tensor-parallel size; raises BadInputError for a model the layout cannot express
+    megatron_args: Callable[[ModelArch, int], dict[str, Any]] | None = None
 
 
 def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:

@@ -1,0 +1,52 @@
+"""megatron-core's multimodal model (``LLaVAModel``) in Megatron-LM rank files, as a source and a target.
+
+megatron-core names the towers ``vision_model.`` (its ``CLIPViTModel``: ``conv1``, ``position_embeddings``,
+``class_token``, ``ln_pre`` / ``ln_post``, ``decoder.layers.N.`` as a GPT layer's), ``vision_projection.encoder.``
+(an MLP) and the language model ``language_model.`` (a GPT model's names); Megatron-LM's ``saver_llava`` writes them
+so, the vision tower and projector on the first pipeline stage, split by tensor parallelism as the language model's
+layers are. A family declares the layout as a ``TowerLayout`` (``FamilySpec.mcore_vlm``): its towers' tables, the
+language model's prefix and the args the trainer reads. The rank files, args and splits are the core's own
+(``streams.MegatronTarget`` / ``MegatronSource``, ``megatron_io``); this module chooses the tables.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..base.errors import BadInputError
+from ..model.arch import ModelArch
+from ..model.family import FamilySpec, in_layout
+from .relayout import read_in_layout
+from .streams import HFSource
+
+
+def mcore_vlm_family(family: FamilySpec) -> FamilySpec:
+    """The family with megatron-core's multimodal towers and names; refused in one line when it declares none."""
+    if family.mcore_vlm is None:
+        raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger) "
+                            "and no megatron-core multimodal layout here: it is written as Megatron-Bridge saves it "
+                            "(--megatron_bridge)")
+    return in_layout(family, family.mcore_vlm)
+
+
+def read_as_mcore_vlm(source: Any, ckpt_format: str, legacy: bool) -> None:
+    """Read ``source`` through the layout's tables from now on (a Hugging Face source by its names, another Megatron
+    layout's through the Hugging Face tensors both tables name); only megatron-core rank files hold the layout."""
+    family = mcore_vlm_family(source.family)
+    if ckpt_format != "torch" or legacy:
+        raise BadInputError(f"a {family.name} model is written in megatron-core's multimodal layout as Megatron-LM "
+                            "rank files (--megatron_ckpt_format torch, --megatron_format mcore) or as Megatron-Bridge "
+                            "saves it (--megatron_bridge)")
+    if source.kind == "megatron" and source.family.towers == family.towers:
+        return  # read through them already
+    if source.kind == "megatron":
+        read_in_layout(source, family)
+        return
+    tensors = HFSource(source.reader, family, source.arch)
+    tensors.left_out = source.tensors.left_out
+    source.family, source.tensors = family, tensors
+
+
+def layout_args(family: FamilySpec, arch: ModelArch, tp: int) -> dict[str, Any]:
+    """The args the layout's trainer reads beyond the language model's (the family's ``megatron_args``)."""
+    layout = family.mcore_vlm
+    return layout.megatron_args(arch, tp) if layout and layout.megatron_args else {}
