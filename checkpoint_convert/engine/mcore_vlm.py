@@ -15,8 +15,7 @@ from typing import Any
 from ..base.errors import BadInputError
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, in_layout
-from .relayout import read_in_layout
-from .streams import HFSource
+from .relayout import read_through
 
 
 def mcore_vlm_family(family: FamilySpec) -> FamilySpec:
@@ -38,12 +37,7 @@ def read_as_mcore_vlm(source: Any, ckpt_format: str, legacy: bool) -> None:
                             "saves it (--megatron_bridge)")
     if source.kind == "megatron" and source.family.towers == family.towers:
         return  # read through them already
-    if source.kind == "megatron":
-        read_in_layout(source, family)
-        return
-    tensors = HFSource(source.reader, family, source.arch)
-    tensors.left_out = source.tensors.left_out
-    source.family, source.tensors = family, tensors
+    read_through(source, family)
 
 
 def layout_args(family: FamilySpec, arch: ModelArch, tp: int) -> dict[str, Any]:
