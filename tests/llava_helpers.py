@@ -13,11 +13,11 @@ VISION = {"clip_vision_model": dict(hidden_size=32, intermediate_size=48, num_hi
           "siglip_vision_model": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                       num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)}
 TEXT = {"llama": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6),
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128),
         "qwen2": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6),
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, rope_theta=1e6),
         "mistral": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, sliding_window=None)}
+                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, sliding_window=None)}
 
 
 def tiny_llava(path: Path, vision: str = "clip_vision_model", text: str = "llama", tie: bool = False,

@@ -1,6 +1,6 @@
-"""megatron-core's LLaVAModel on CPU, in its own process: ``python tests/llava_oracle.py CKPT INPUTS OUT TP``.
+"""megatron-core's LLaVAModel on CPU, in its own process: ``python tests/llava_oracle.py CKPT INPUTS OUT TP PP``.
 
-TP gloo ranks each build LLaVAModel (local spec, no Transformer Engine) from the args of their own rank file, as
+TP x PP gloo ranks each build LLaVAModel (local spec, no Transformer Engine) from the args of their own rank file, as
 Megatron-LM's ``examples/multimodal/model.py`` builds it (language model from the GPT args, vision model of
 ``vision_model_type`` clip with the sizes our args record, MLP projector with gelu), load the file with
 ``load_state_dict(strict=True)`` and run the fixed image and text (INPUTS: ``ids`` with one image token, ``pixels``);
@@ -69,7 +69,7 @@ def _vit_local_spec():
     return spec
 
 
-def build_llava(args):
+def build_llava(args, **stage: bool):
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -85,29 +85,50 @@ def build_llava(args):
         vision_projection_type=args.vision_projection_type, parallel_output=False,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         language_position_embedding_type=args.position_embedding_type, language_rotary_base=int(args.rotary_base),
-        img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim, image_token_index=args.image_token_index,
+        img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim, image_token_index=args.image_token_index, **stage,
     ).eval()
 
 
-def logits_command(rank: int, tp: int, ckpt: Path, inputs: Path, out: Path) -> None:
+def build_stage(args):
+    """This rank's LLaVAModel: the vision model and projector with the language model's first stage (as
+    Megatron-LM's examples/multimodal place them), the language model alone on later stages."""
     from megatron.core import parallel_state
 
-    _init_cpu_megatron(rank, tp)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    state = torch.load(ckpt / "release" / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt", weights_only=False)
-    model = build_llava(state["args"])
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    return build_llava(args, pre_process=first, post_process=last, add_encoder=first)
+
+
+def logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path) -> None:
+    """Each rank loads its own rank file strictly; hidden states pass between pipeline stages with gloo send/recv; the
+    last stage's first tensor-parallel rank saves the logits."""
+    from megatron.core import parallel_state as ps
+
+    _init_cpu_megatron(rank, tp, pp=pp)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
+    model = build_stage(state["args"])
     model.load_state_dict(state["model"], strict=True)
     given = torch.load(inputs)
-    length = given["ids"].shape[1] - 1 + model.img_seq_len
+    ids, combined = given["ids"], given["ids"].shape[1] - 1 + model.img_seq_len
+    # with pipeline stages, LLaVAModel pads the combined sequence to the language model's maximum length (fixed shapes
+    # between stages); the padding comes after the input, which a causal mask keeps from changing it
+    length = state["args"].max_position_embeddings if pp > 1 else combined
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).expand(1, 1, length, length)
+    if not ps.is_pipeline_first_stage():
+        hidden = torch.empty(length, 1, state["args"].hidden_size)
+        torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
     with torch.no_grad():
-        logits, _ = model(given["pixels"], given["ids"], torch.arange(given["ids"].shape[1]).unsqueeze(0), mask,
+        output, _ = model(given["pixels"], ids, torch.arange(ids.shape[1]).unsqueeze(0), mask,
                           num_image_tiles=torch.tensor([1], dtype=torch.int))
-    if tp_rank == 0:
-        torch.save(logits[..., :state["args"].vocab_size].float(), out)
+    if not ps.is_pipeline_last_stage():
+        torch.distributed.send(output.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    elif tp_rank == 0:
+        torch.save(output[:, :combined, :state["args"].vocab_size].float(), out)
 
 
 if __name__ == "__main__":
     _free_port()
-    ckpt, inputs, out, tp = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, ckpt, inputs, out), nprocs=tp)
+    ckpt, inputs, out, tp, pp = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    torch.multiprocessing.spawn(_ranked, args=(logits_command, tp, pp, ckpt, inputs, out), nprocs=tp * pp)

@@ -19,13 +19,25 @@ from tests.llava_helpers import IMAGE, llava_inputs, llava_logits, tiny_llava
 ORACLE = Path(__file__).with_name("llava_oracle.py")
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def clip(request, tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    path = tiny_llava(tmp_path_factory.mktemp("llava") / "hf", text=request.param, tie=request.param == "qwen2")
-    return path, llava_logits(path)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny LLaVAs with a CLIP tower by language model (Qwen2's with tied embeddings), made once: (path, logits)."""
+    made: dict[str, tuple[Path, torch.Tensor]] = {}
+
+    def model(text: str) -> tuple[Path, torch.Tensor]:
+        if text not in made:
+            path = tiny_llava(tmp_path_factory.mktemp(text) / "hf", text=text, tie=text == "qwen2")
+            made[text] = path, llava_logits(path)
+        return made[text]
+    return model
 
 
-def megatron_logits(ckpt: Path, tp: int, work: Path) -> torch.Tensor:
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def clip(request, models) -> tuple[Path, torch.Tensor]:
+    return models(request.param)
+
+
+def megatron_logits(ckpt: Path, tp: int, pp: int, work: Path) -> torch.Tensor:
     """megatron-core's logits: its input holds one image token, which LLaVAModel expands into the image's features."""
     given = llava_inputs()
     ids = given["input_ids"][0].tolist()
@@ -33,19 +45,23 @@ def megatron_logits(ckpt: Path, tp: int, work: Path) -> torch.Tensor:
     torch.save({"ids": torch.tensor([ids[:first + 1] + [t for t in ids[first:] if t != IMAGE]]),
                 "pixels": given["pixel_values"]}, work / "inputs.pt")
     result = subprocess.run([sys.executable, str(ORACLE), str(ckpt), str(work / "inputs.pt"), str(work / "out.pt"),
-                             str(tp)], capture_output=True, text=True, timeout=300)
+                             str(tp), str(pp)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(work / "out.pt")
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_core_llava_loads_our_rank_files_and_gives_the_logits(tmp_path, clip, tp):
-    source, original = clip
+@pytest.mark.parametrize("text, tp, pp", [("llama", 1, 1), ("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 2)])
+def test_megatron_core_llava_loads_our_rank_files_and_gives_the_logits(tmp_path, models, text, tp, pp):
+    source, original = models(text)
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron", "--transformer_impl",
-                   "local", "--target_tensor_model_parallel_size", str(tp)) == 0
-    args = torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
+                   "local", "--target_tensor_model_parallel_size", str(tp), "--target_pipeline_model_parallel_size",
+                   str(pp)) == 0
+    first = "mp_rank_00" + ("_000" if pp > 1 else "")
+    args = torch.load(tmp_path / "m" / "release" / first / "model_optim_rng.pt", weights_only=False)["args"]
     assert (args.vision_model_type, args.img_h, args.patch_dim, args.disable_vision_class_token) == ("clip", 28, 7, True)
-    assert_logits_close(megatron_logits(tmp_path / "m", tp, tmp_path), original, atol=2e-5)
+    logits = megatron_logits(tmp_path / "m", tp, pp, tmp_path)
+    print(f"max logit difference at TP{tp} PP{pp}: {(logits - original).abs().max().item():.2e}")
+    assert_logits_close(logits, original, atol=2e-5)
 
 
 def test_round_trip_through_tp2_pp2_gives_the_original_logits(tmp_path, clip):
