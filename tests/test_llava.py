@@ -83,3 +83,32 @@ def test_siglip_converts_between_hugging_face_directories_and_is_refused_for_meg
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") != 0
     err = capsys.readouterr().err
     assert "ln_post" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+def test_inspect_verify_and_dry_run_read_the_rank_files(tmp_path, models, capsys):
+    """verify --logits feeds the family's image and text: a vision tower that differs changes the logits it reports."""
+    from safetensors.torch import load_file, save_file
+
+    from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
+    source, _ = models("llama")
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    capsys.readouterr()
+    assert run_inspect_cli([str(tmp_path / "m"), "--check"]) == 0
+    assert "llava" in capsys.readouterr().out
+    assert run_verify_cli([str(source), str(tmp_path / "m"), "--logits"]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "dry", "--to", "hf", "--dry_run") == 0
+    assert not (tmp_path / "dry").exists()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (changed / name).write_bytes((source / name).read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    name = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, changed / "model.safetensors")
+    capsys.readouterr()
+    assert run_verify_cli([str(changed), str(tmp_path / "m"), "--logits", "--atol", "10"]) == 0
+    logits_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
+    assert float(logits_line.split()[-1]) > 1e-4, logits_line

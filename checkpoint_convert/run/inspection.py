@@ -16,7 +16,7 @@ import torch
 from ..base.memory import Arena
 from ..engine.blockwise import max_abs_diff
 from ..engine.sources import Source
-from ..engine.streams import LAYER, Item, all_finite, locate, release_all, walk
+from ..engine.streams import LAYER, Item, all_finite, megatron_name, place, release_all, walk
 from ..formats import megatron_schema as schema
 from ..formats.hf_io import tensor_nbytes
 from ..formats.megatron_io import RankKey
@@ -118,11 +118,12 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     replicated = style is Style.REPLICATED or (param.style is Style.ROW and param.megatron.endswith(".bias"))
     if tree.tp == 1 or not replicated or param.experts or param.zero_in_megatron:
         return []
-    stage, local = locate(source.tensors.stages, item.group, item.layer)
-    reference = tree.tensor(RankKey(0, stage, 0), param.megatron, local)
+    stage, local = place(source.tensors.stages, item)  # a multi-tower model's towers: whole keys on the first stage
+    name = megatron_name(item)
+    reference = tree.tensor(RankKey(0, stage, 0), name, local)
     problems = []
     for tp in range(1, tree.tp):
-        other = tree.tensor(RankKey(tp, stage, 0), param.megatron, local)
+        other = tree.tensor(RankKey(tp, stage, 0), name, local)
         delta = max_abs_diff(reference, other)
         if delta != 0:
             problems.append(f"{item_name(item)}: replicated tensor differs between TP ranks 0 and {tp} "
