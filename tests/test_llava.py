@@ -6,6 +6,8 @@ gives the original's logits; what megatron-core's LLaVA cannot express is refuse
 """
 from __future__ import annotations
 
+import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,15 +102,35 @@ def test_inspect_verify_and_dry_run_read_the_rank_files(tmp_path, models, capsys
     assert "logits: max |diff| 0" in capsys.readouterr().out
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "dry", "--to", "hf", "--dry_run") == 0
     assert not (tmp_path / "dry").exists()
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    for name in ("config.json", "generation_config.json"):
-        (changed / name).write_bytes((source / name).read_bytes())
-    tensors = load_file(source / "model.safetensors")
-    name = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
-    tensors[name] = tensors[name] * 1.5
-    save_file(tensors, changed / "model.safetensors")
+    changed = shutil.copytree(source, tmp_path / "changed")  # the first vision layer's queries scaled
+    weights = load_file(changed / "model.safetensors")
+    weights["vision_tower.encoder.layers.0.self_attn.q_proj.weight"] *= 1.5
+    save_file(weights, changed / "model.safetensors")
     capsys.readouterr()
     assert run_verify_cli([str(changed), str(tmp_path / "m"), "--logits", "--atol", "10"]) == 0
-    logits_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logits"))
+    logits_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("logits")][0]
     assert float(logits_line.split()[-1]) > 1e-4, logits_line
+
+
+def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config(tmp_path, capsys):
+    """Megatron-LM's training and ``saver_llava`` write args naming ``vision_model_type`` and no Hugging Face config
+    (nor the image token's id): read with ``--hf_config_dir``, as Megatron-LM's LLaVA runs every vision layer."""
+    source = tiny_llava(tmp_path / "hf", feature_layer=-1)
+    original = llava_logits(source)
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "2") == 0
+    ours = {"hf_extra_config", "hf_family", "image_token_index"} | {
+        name for name in vars(torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt",
+                                         weights_only=False)["args"]) if name.startswith("vision_") and
+        name not in ("vision_model_type", "vision_projection_type")}
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        file = tmp_path / "m" / "release" / rank / "model_optim_rng.pt"
+        state = torch.load(file, weights_only=False)
+        state["args"] = argparse.Namespace(**{k: v for k, v in vars(state["args"]).items() if k not in ours})
+        torch.save(state, file)
+    capsys.readouterr()
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "refused", "--to", "hf") != 0
+    assert "--hf_config_dir" in capsys.readouterr().err
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf",
+                   "--hf_config_dir", source) == 0
+    assert_logits_close(llava_logits(tmp_path / "back"), original)

@@ -44,3 +44,9 @@ def layout_args(family: FamilySpec, arch: ModelArch, tp: int) -> dict[str, Any]:
     """The args the layout's trainer reads beyond the language model's (the family's ``megatron_args``)."""
     layout = family.mcore_vlm
     return layout.megatron_args(arch, tp) if layout and layout.megatron_args else {}
+
+
+def trained_vlm_without_hf_config(args: Any) -> bool:
+    """Args of megatron-core's multimodal model written by Megatron-LM itself (its ``--vision-model-type``), which
+    record no Hugging Face config of their own (ours keep it in ``hf_extra_config``)."""
+    return bool(getattr(args, "vision_model_type", None)) and not getattr(args, "hf_extra_config", None)
