@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.megatron_oracle import _free_port, _init_cpu_megatron, _layer_spec, _ranked, build_model  # noqa: E402
+from tests.megatron_oracle import _dist_args, _free_port, _init_cpu_megatron, _layer_spec, _ranked, build_model  # noqa: E402
 
 
 def _vision_config(args):
@@ -98,6 +98,26 @@ def build_stage(args):
     return build_llava(args, pre_process=first, post_process=last, add_encoder=first)
 
 
+def _load(build, ckpt: Path, tp_rank: int, pp_rank: int, pp: int) -> dict:
+    """This rank's model, loaded strictly: from its rank file, or from a ``torch_dist`` checkpoint through
+    megatron-core's ``dist_checkpointing.load`` (every key the model asks for, none left over) and then
+    ``load_state_dict(strict=True)``."""
+    from megatron.core import dist_checkpointing
+
+    if any((ckpt / "release").glob("mp_rank_*")):
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+        state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
+        model = build(state["args"])
+        model.load_state_dict(state["model"], strict=True)
+        return {"args": state["args"], "built": model}
+    iter_dir, args = _dist_args(ckpt)
+    args.tensor_model_parallel_size = torch.distributed.get_world_size() // pp
+    model = build(args)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir), strict="raise_all")
+    model.load_state_dict(loaded["model"], strict=True)
+    return {"args": args, "built": model}
+
+
 def logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: Path) -> None:
     """Each rank loads its own rank file strictly; hidden states pass between pipeline stages with gloo send/recv; the
     last stage's first tensor-parallel rank saves the logits."""
@@ -105,10 +125,8 @@ def logits_command(rank: int, tp: int, pp: int, ckpt: Path, inputs: Path, out: P
 
     _init_cpu_megatron(rank, tp, pp=pp)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
-    state = torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
-    model = build_stage(state["args"])
-    model.load_state_dict(state["model"], strict=True)
+    state = _load(build_stage, ckpt, tp_rank, pp_rank, pp)
+    model = state["built"]
     given = torch.load(inputs)
     ids, combined = given["ids"], given["ids"].shape[1] - 1 + model.img_seq_len
     # with pipeline stages, LLaVAModel pads the combined sequence to the language model's maximum length (fixed shapes

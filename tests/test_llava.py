@@ -66,6 +66,22 @@ def test_megatron_core_llava_loads_our_rank_files_and_gives_the_logits(tmp_path,
     assert_logits_close(logits, original, atol=2e-5)
 
 
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_torch_dist_loads_strictly_into_megatron_core_llava_and_converts_back(tmp_path, models, text):
+    """megatron-core's ``dist_checkpointing.load`` (strict: every key asked for, none left over): the vision layers
+    stacked as its blocks stack them, the projector and language model under their prefixes."""
+    source, original = models(text)
+    assert convert("--load_path", source, "--save_path", tmp_path / "d", "--to", "megatron", "--megatron_ckpt_format",
+                   "torch_dist", "--transformer_impl", "local", "--target_tensor_model_parallel_size", "2") == 0
+    logits = megatron_logits(tmp_path / "d", 2, 1, tmp_path)
+    print(f"max logit difference, torch_dist at TP2: {(logits - original).abs().max().item():.2e}")
+    assert_logits_close(logits, original, atol=2e-5)
+    assert convert("--load_path", source, "--save_path", tmp_path / "te", "--to", "megatron", "--megatron_ckpt_format",
+                   "torch_dist") == 0
+    assert convert("--load_path", tmp_path / "te", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(llava_logits(tmp_path / "back"), original)
+
+
 def test_round_trip_through_tp2_pp2_gives_the_original_logits(tmp_path, clip):
     source, original = clip
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
@@ -134,3 +150,11 @@ def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf",
                    "--hf_config_dir", source) == 0
     assert_logits_close(llava_logits(tmp_path / "back"), original)
+
+
+def test_a_list_of_feature_layers_is_refused_in_one_line(tmp_path, capsys):
+    source = tiny_llava(tmp_path / "hf", feature_layer=[-2, -1])
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") != 0
+    err = capsys.readouterr().err
+    assert "vision_feature_layer [-2, -1]" in err and len(err.strip().splitlines()) == 1, err

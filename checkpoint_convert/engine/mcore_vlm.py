@@ -1,4 +1,5 @@
-"""megatron-core's multimodal model (``LLaVAModel``) in Megatron-LM rank files, as a source and a target.
+"""megatron-core's multimodal model (``LLaVAModel``) in Megatron-LM rank files and ``torch_dist``, as a source
+and a target.
 
 megatron-core names the towers ``vision_model.`` (its ``CLIPViTModel``: ``conv1``, ``position_embeddings``,
 ``class_token``, ``ln_pre`` / ``ln_post``, ``decoder.layers.N.`` as a GPT layer's), ``vision_projection.encoder.``
@@ -27,14 +28,13 @@ def mcore_vlm_family(family: FamilySpec) -> FamilySpec:
     return in_layout(family, family.mcore_vlm)
 
 
-def read_as_mcore_vlm(source: Any, ckpt_format: str, legacy: bool) -> None:
+def read_as_mcore_vlm(source: Any, legacy: bool) -> None:
     """Read ``source`` through the layout's tables from now on (a Hugging Face source by its names, another Megatron
-    layout's through the Hugging Face tensors both tables name); only megatron-core rank files hold the layout."""
+    layout's through the Hugging Face tensors both tables name); rank files or ``torch_dist``, megatron-core's."""
     family = mcore_vlm_family(source.family)
-    if ckpt_format != "torch" or legacy:
-        raise BadInputError(f"a {family.name} model is written in megatron-core's multimodal layout as Megatron-LM "
-                            "rank files (--megatron_ckpt_format torch, --megatron_format mcore) or as Megatron-Bridge "
-                            "saves it (--megatron_bridge)")
+    if legacy:
+        raise BadInputError(f"a {family.name} model is written in megatron-core's multimodal layout "
+                            "(--megatron_format mcore), not in the legacy GPT model's")
     if source.kind == "megatron" and source.family.towers == family.towers:
         return  # read through them already
     read_through(source, family)

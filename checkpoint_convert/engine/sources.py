@@ -102,7 +102,7 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
             raise BadInputError(f"a {family.name} model is read from Megatron-Bridge checkpoints only, not from "
                                 f"{tree.ckpt_format} rank files", tree.iter_dir)
         tree.within(family.megatron_prefix)
-        if tree.ckpt_format == "torch" and family.mcore_vlm is not None:  # megatron-core's multimodal rank files
+        if tree.producer != "megatron-bridge" and family.mcore_vlm is not None:  # megatron-core's multimodal model
             family = mcore_vlm_family(family)
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 

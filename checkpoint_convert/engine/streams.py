@@ -8,6 +8,7 @@ and validates shapes before anything is read or written.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Container, Hashable, Iterable, Iterator
@@ -373,8 +374,8 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        if item.tower:  # another tower's tensor: one key of its own
-            return [(DistKey(megatron_name(item), (0,) * full.dim(), tuple(full.shape)), full)]
+        if item.tower:  # another tower's tensor: one key of its own, its layers stacked as megatron-core's blocks
+            return self._tower_chunk(item, full)
         layer = None if item.group == MTP else item.layer  # an MTP layer's keys are global
         fqn = self.prefix + schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
                                                   self.layer_weights.get(item.layer, ()), self.transformer_engine,
@@ -385,6 +386,18 @@ class TorchDistTarget:
             return [entry for name, piece in zip(names, pieces) for entry in self._chunk(f"{fqn}.{name}", layer, piece)]
         return self._chunk(fqn, layer, full)
 
+    def _tower_chunk(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        """A tower tensor: whole, or on the layer axis of its stacked key when the tower's layers are megatron-core's
+        (``vision_model.decoder.layers.<rel>``; norms named as the spec names them: Transformer Engine's fused, or
+        the local spec's, which maps no names for a vision model)."""
+        name = tower_stored_name(item, self.transformer_engine)
+        stacked = TOWER_LAYER.match(name) if item.layer is not None else None
+        if not stacked:
+            return [(DistKey(name, (0,) * full.dim(), tuple(full.shape)), full)]
+        key = DistKey(stacked.group(1) + stacked.group(2), (item.layer,) + (0,) * full.dim(),
+                      (item.tower.num_layers(self.arch), *full.shape))
+        return [(key, full.unsqueeze(0))]
+
     def _chunk(self, fqn: str, layer: int | None, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         """One key for ``full``: on the layer axis of a stacked key, unless it has no layer (an MTP layer's keys
         are global)."""
@@ -392,6 +405,9 @@ class TorchDistTarget:
             return [(DistKey(fqn, (0,) * full.dim(), tuple(full.shape)), full)]
         key = DistKey(fqn, (layer,) + (0,) * full.dim(), (self.arch.num_layers, *full.shape))
         return [(key, full.unsqueeze(0))]
+
+
+TOWER_LAYER = re.compile(r"^(.+\.decoder\.layers\.)\d+\.(.+)$")  # a tower's megatron-core layer key
 
 
 def prefixed(path: tuple[str, ...], prefix: str) -> tuple[str, ...]:

@@ -525,7 +525,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
                                                               layout.tp)
     target_schema = _target_schema(options, source, ckpt_format)
     if family.towers and not bridge:  # megatron-core's multimodal model in rank files, or refused in one line
-        read_as_mcore_vlm(source, ckpt_format, target_schema == schema.LEGACY)
+        read_as_mcore_vlm(source, target_schema == schema.LEGACY)
         family, vlm_args = source.family, layout_args(source.family, arch, layout.tp)
     if ckpt_format == "torch_dist":
         target = TorchDistTarget(family, arch, padded, target_schema == schema.MCORE_TE)
