@@ -21,11 +21,14 @@ TEXT = {"llama": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_
 
 
 def tiny_llava(path: Path, vision: str = "clip_vision_model", text: str = "llama", tie: bool = False,
-               feature_layer: int = -2, strategy: str = "default") -> Path:
+               feature_layer: int = -2, strategy: str = "default", vision_sizes: dict | None = None,
+               text_sizes: dict | None = None) -> Path:
+    """``vision_sizes`` / ``text_sizes``: config values over the defaults."""
     import transformers
     torch.manual_seed(0)
     config = transformers.LlavaConfig(
-        vision_config={"model_type": vision, **VISION[vision]}, text_config={"model_type": text, **TEXT[text]},
+        vision_config={"model_type": vision, **VISION[vision], **(vision_sizes or {})},
+        text_config={"model_type": text, **TEXT[text], **(text_sizes or {})},
         image_token_id=IMAGE, vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
         tie_word_embeddings=tie)
     model = transformers.LlavaForConditionalGeneration(config)

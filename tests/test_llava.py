@@ -52,7 +52,8 @@ def megatron_logits(ckpt: Path, tp: int, pp: int, work: Path) -> torch.Tensor:
     return torch.load(work / "out.pt")
 
 
-@pytest.mark.parametrize("text, tp, pp", [("llama", 1, 1), ("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 2)])
+@pytest.mark.parametrize("text, tp, pp", [("llama", 1, 1), ("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 2),
+                                         ("mistral", 2, 1)])
 def test_megatron_core_llava_loads_our_rank_files_and_gives_the_logits(tmp_path, models, text, tp, pp):
     source, original = models(text)
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron", "--transformer_impl",
@@ -158,3 +159,14 @@ def test_a_list_of_feature_layers_is_refused_in_one_line(tmp_path, capsys):
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") != 0
     err = capsys.readouterr().err
     assert "vision_feature_layer [-2, -1]" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_vision_heads_is_refused(tmp_path, capsys):
+    source = tiny_llava(tmp_path / "hf", vision_sizes={"num_attention_heads": 2},
+                        text_sizes={"num_key_value_heads": 4})
+    capsys.readouterr()
+    assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
+                   "--target_tensor_model_parallel_size", "4") != 0
+    err = capsys.readouterr().err
+    assert "does not divide the 2 vision attention heads" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
