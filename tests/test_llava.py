@@ -151,6 +151,11 @@ def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf",
                    "--hf_config_dir", source) == 0
     assert_logits_close(llava_logits(tmp_path / "back"), original)
+    siglip = tiny_llava(tmp_path / "siglip", vision="siglip_vision_model", feature_layer=-1, strategy="full")
+    capsys.readouterr()  # a SigLIP LLaVA trained by Megatron-LM applies ln_post, which transformers' never does
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "no", "--to", "hf",
+                   "--hf_config_dir", siglip) != 0
+    assert "ln_post" in capsys.readouterr().err
 
 
 def test_a_list_of_feature_layers_is_refused_in_one_line(tmp_path, capsys):

@@ -19,8 +19,12 @@ from ..model.family import FamilySpec, in_layout
 from .relayout import read_through
 
 
-def mcore_vlm_family(family: FamilySpec) -> FamilySpec:
-    """The family with megatron-core's multimodal towers and names; refused in one line when it declares none."""
+def mcore_vlm_family(family: FamilySpec, arch: ModelArch | None = None, tp: int = 1) -> FamilySpec:
+    """The family with megatron-core's multimodal towers and names; refused in one line when it declares none or,
+    given the architecture of a checkpoint read in the layout, when the layout cannot express it (its trained model
+    would compute other logits than the Hugging Face one)."""
+    if family.mcore_vlm is not None and arch is not None:
+        layout_args(family, arch, tp)
     if family.mcore_vlm is None:
         raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger) "
                             "and no megatron-core multimodal layout here: it is written as Megatron-Bridge saves it "

@@ -103,7 +103,7 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
                                 f"{tree.ckpt_format} rank files", tree.iter_dir)
         tree.within(family.megatron_prefix)
         if tree.producer != "megatron-bridge" and family.mcore_vlm is not None:  # megatron-core's multimodal model
-            family = mcore_vlm_family(family)
+            family = mcore_vlm_family(family, arch, tree.args_layout[0])
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 
     def reread(values: dict[str, Any]) -> ModelArch:
@@ -151,7 +151,7 @@ def _open_trained_vlm(tree: MegatronTree, hf_config_dir: Path | None, model: str
     family, arch, values, config_file = _hf_config_of(
         hf_config_dir, model, f"the args name vision model type '{tree.args.vision_model_type}' but not the Hugging "
         "Face vision config and image token", tree.iter_dir)
-    family = mcore_vlm_family(family)
+    family = mcore_vlm_family(family, arch, tree.tp)
     tree.within(family.megatron_prefix)
 
     def reread(changed: dict[str, Any]) -> ModelArch:
