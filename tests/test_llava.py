@@ -175,3 +175,13 @@ def test_a_tensor_parallel_size_that_does_not_divide_the_vision_heads_is_refused
     err = capsys.readouterr().err
     assert "does not divide the 2 vision attention heads" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m").exists()
+
+
+def test_torchrun_splits_the_conversion_across_processes(tmp_path, models):
+    from tests.test_torchrun import torchrun
+    source, original = models("llama")
+    result = torchrun(2, "--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
+                      "--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf") == 0
+    assert_logits_close(llava_logits(tmp_path / "back"), original)
