@@ -286,9 +286,33 @@ def _hf_config_dir(source: Path) -> tuple[str, ...]:
     return ("--hf_config_dir", str(source))
 
 
+def _qwen_vl(family: str, tie: bool = False) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        from tests.test_qwen2_vl import tiny_vl
+        return tiny_vl(family, path, tie=tie)
+    return build
+
+
+def _llava(text: str, tie: bool = False) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        from tests.llava_helpers import tiny_llava
+        return tiny_llava(path, text=text, tie=tie, feature_layer=-1)  # -2 drops a layer: tests/test_llava.py
+    return build
+
+
+# megatron-core's LLaVA layout in rank files at TP2 x PP2 (the towers on the first stage)
+MCORE_LLAVA = ("--target_tensor_model_parallel_size", "2", "--target_pipeline_model_parallel_size", "2")
+MEGATRON_BRIDGE = ("--megatron_bridge",)
+
 TOWER_VARIANTS = (
     TowerVariant("internvl_qwen2_tied", "internvl", lambda path: tiny_internvl(path, "qwen2", tie=True), MINDSPEED_MM,
                  _hf_config_dir),
     TowerVariant("internvl_llama_qk_norm", "internvl", lambda path: tiny_internvl(path, "llama"), MINDSPEED_MM,
                  _hf_config_dir),
+    TowerVariant("qwen2_5_vl_mindspeed_mm", "qwen2_5_vl", _qwen_vl("qwen2_5_vl"), MINDSPEED_MM, _hf_config_dir),
+    TowerVariant("qwen2_5_vl_bridge_tied", "qwen2_5_vl", _qwen_vl("qwen2_5_vl", tie=True), MEGATRON_BRIDGE),
+    TowerVariant("qwen2_vl_mindspeed_mm_tied", "qwen2_vl", _qwen_vl("qwen2_vl", tie=True), MINDSPEED_MM,
+                 _hf_config_dir),
+    TowerVariant("llava_llama", "llava", _llava("llama"), MCORE_LLAVA),
+    TowerVariant("llava_qwen2_tied", "llava", _llava("qwen2", tie=True), MCORE_LLAVA),
 )

@@ -82,7 +82,8 @@ def _source_flags(group: argparse._ArgumentGroup, families: Sequence[str]) -> No
              help="leave multi-token prediction layers (DeepSeek-V3's) out of the output instead of refusing them")
     add_flag(group, "hf_config_dir", default=None, metavar="DIR",
              help="reading MindSpeed-MM rank files: the Hugging Face model directory whose config.json describes the "
-                  "model (they record no architecture)")
+                  "model (they record no architecture); Megatron-LM's own LLaVA rank files: its vision config and "
+                  "image token")
 
 
 def _layout_flags(group: argparse._ArgumentGroup) -> None:

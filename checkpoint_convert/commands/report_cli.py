@@ -27,7 +27,8 @@ def _reading_flags(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "vocab_size", type=int, default=None, metavar="N",
              help="true vocab size when the Megatron args lack it")
     add_flag(group, "hf_config_dir", default=None, metavar="DIR",
-             help="MindSpeed-MM rank files: the Hugging Face model directory whose config.json describes the model")
+             help="MindSpeed-MM rank files, Megatron-LM's own LLaVA rank files: the Hugging Face model directory "
+                  "whose config.json describes the model")
 
 
 def _safety_and_run_groups(parser: SettingsParser) -> None:

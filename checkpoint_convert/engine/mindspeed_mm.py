@@ -20,8 +20,8 @@ from ..formats.mindspeed_mm import LANGUAGE_LAYER, MindSpeedTree
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, Tower, family_named, in_layout
 from ..model.parallel import Style, merge_from_tp, split_for_tp, stage_offsets
-from .relayout import read_in_layout
-from .streams import FIRST, LAST, LAYER, HFSource, Item, _ReleasesReadPages, param_parts
+from .relayout import read_in_layout, read_through
+from .streams import FIRST, LAST, LAYER, Item, _ReleasesReadPages, param_parts
 
 Splits = dict[str | None, tuple[int, ...]]  # tower name (None: the language model) -> layers per pipeline rank
 OUTPUT_LAYER = "output_layer.weight"
@@ -183,13 +183,7 @@ def read_as_mindspeed_mm(source: Any) -> None:
     (Megatron-Bridge's) through the Hugging Face tensors both tables name (``relayout``)."""
     if is_mindspeed_mm(source):
         return  # read through them already
-    family = mindspeed_mm_family(source.family)
-    if source.kind == "megatron":
-        read_in_layout(source, family)
-        return
-    tensors = HFSource(source.reader, family, source.arch)
-    tensors.left_out = source.tensors.left_out
-    source.family, source.tensors = family, tensors
+    read_through(source, mindspeed_mm_family(source.family))
 
 
 def read_as_registered(source: Any) -> None:

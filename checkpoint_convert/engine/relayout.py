@@ -67,3 +67,14 @@ def read_in_layout(source: Any, family: FamilySpec) -> None:
     tensors = ThroughHFNames(view, family, source.arch)
     tensors.left_out = source.tensors.left_out
     source.family, source.tensors = family, tensors
+
+
+def read_through(source: Any, family: FamilySpec) -> None:
+    """Read ``source`` through ``family``'s tables from now on: a Hugging Face source by its names, a Megatron one
+    through the Hugging Face tensors both tables name (:func:`read_in_layout`)."""
+    if source.kind == "megatron":
+        read_in_layout(source, family)
+        return
+    tensors = HFSource(source.reader, family, source.arch)
+    tensors.left_out = source.tensors.left_out
+    source.family, source.tensors = family, tensors

@@ -22,6 +22,7 @@ from ..formats.megatron_io import MegatronTree
 from ..formats.mindspeed_mm import MindSpeedTree
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, family_for_hf_model_type, family_for_megatron, family_named, registered
+from .mcore_vlm import mcore_vlm_family, trained_vlm_without_hf_config
 from .mindspeed_mm import MindSpeedSource, mindspeed_mm_family
 from .mtp import hf_mtp_layer_count
 from .shape_check import HF_NAMES, MEGATRON_NAMES, check_against_tensors, check_config_sizes, validate_arch
@@ -92,6 +93,8 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
     if isinstance(tree, MindSpeedTree):
         return _open_mindspeed_mm(tree, hf_config_dir, model)
     arch = arch_from_args(tree.args, str(tree.args_file), vocab_size)
+    if isinstance(tree, MegatronTree) and trained_vlm_without_hf_config(tree.args):
+        return _open_trained_vlm(tree, hf_config_dir, model)
     family = _megatron_family(tree, arch, model)
     arch.family = family.name
     if family.megatron_prefix:  # a multi-tower model: the language model's keys under its prefix
@@ -99,6 +102,8 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
             raise BadInputError(f"a {family.name} model is read from Megatron-Bridge checkpoints only, not from "
                                 f"{tree.ckpt_format} rank files", tree.iter_dir)
         tree.within(family.megatron_prefix)
+        if tree.producer != "megatron-bridge" and family.mcore_vlm is not None:  # megatron-core's multimodal model
+            family = mcore_vlm_family(family, arch, tree.args_layout[0])
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 
     def reread(values: dict[str, Any]) -> ModelArch:
@@ -107,12 +112,14 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
                   dict(vars(tree.args)), tree.args_file, reread)
 
 
-def _open_mindspeed_mm(tree: MindSpeedTree, hf_config_dir: Path | None, model: str | None) -> Source:
-    """MindSpeed-MM's rank files record no architecture: it is the Hugging Face config's, as for its own mm_to_hf."""
+def _hf_config_of(hf_config_dir: Path | None, model: str | None, missing: str,
+                  where: Path) -> tuple[FamilySpec, ModelArch, dict[str, Any], Path]:
+    """(family, architecture, config values, config.json) of the Hugging Face directory ``--hf_config_dir`` names,
+    for rank files that do not record the architecture (``missing``: what they lack)."""
     if hf_config_dir is None or not (hf_config_dir / "config.json").is_file():
         given = f" ({hf_config_dir} has no config.json)" if hf_config_dir else ""
-        raise BadInputError(f"MindSpeed-MM rank files record no architecture: pass --hf_config_dir, the Hugging Face "
-                            f"model directory holding its config.json{given}", tree.iter_dir)
+        raise BadInputError(f"{missing}: pass --hf_config_dir, the Hugging Face model directory holding its "
+                            f"config.json{given}", where)
     config_file = hf_config_dir / "config.json"
     values = read_json_object(config_file, "config")
     family = family_for_hf_model_type(values.get("model_type"), str(config_file))
@@ -122,11 +129,34 @@ def _open_mindspeed_mm(tree: MindSpeedTree, hf_config_dir: Path | None, model: s
     check_config_sizes(values, config_file)
     arch = _arch_from_config_class(family, values, config_file)
     validate_arch(arch, family, config_file, values, HF_NAMES)
+    return family, arch, values, config_file
+
+
+def _open_mindspeed_mm(tree: MindSpeedTree, hf_config_dir: Path | None, model: str | None) -> Source:
+    """MindSpeed-MM's rank files record no architecture: it is the Hugging Face config's, as for its own mm_to_hf."""
+    family, arch, values, config_file = _hf_config_of(hf_config_dir, model, "MindSpeed-MM rank files record no "
+                                                      "architecture", tree.iter_dir)
     family = mindspeed_mm_family(family)
 
     def reread(changed: dict[str, Any]) -> ModelArch:
         return _arch_from_config_class(family, changed, config_file)
     return Source("megatron", family, arch, tree, MindSpeedSource(tree, family, arch), None, values, config_file,
+                  reread)
+
+
+def _open_trained_vlm(tree: MegatronTree, hf_config_dir: Path | None, model: str | None) -> Source:
+    """Rank files of megatron-core's multimodal model as Megatron-LM's training or ``saver_llava`` writes them: its
+    args name the vision model type but not the Hugging Face model's vision config or image token, which come from
+    ``--hf_config_dir`` (the tensors' shapes are checked against it before anything is written)."""
+    family, arch, values, config_file = _hf_config_of(
+        hf_config_dir, model, f"the args name vision model type '{tree.args.vision_model_type}' but not the Hugging "
+        "Face vision config and image token", tree.iter_dir)
+    family = mcore_vlm_family(family, arch, tree.tp)
+    tree.within(family.megatron_prefix)
+
+    def reread(changed: dict[str, Any]) -> ModelArch:
+        return _arch_from_config_class(family, changed, config_file)
+    return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch), None, values, config_file,
                   reread)
 
 

@@ -8,6 +8,7 @@ and validates shapes before anything is read or written.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Container, Hashable, Iterable, Iterator
@@ -248,9 +249,9 @@ class HFSource(_ReleasesReadPages):
         return tensors
 
     def unconsumed(self) -> list[str]:
-        ignored = self.family.hf_ignored_suffixes
-        return [n for n in self.checkpoint.names()
-                if n not in self.consumed and n not in self.left_out and not n.endswith(ignored)]
+        ignored, unused = self.family.hf_ignored_suffixes, self.family.hf_unused
+        return [n for n in self.checkpoint.names() if n not in self.consumed and n not in self.left_out
+                and not n.endswith(ignored) and not (unused and unused(self.arch, n))]
 
 
 class HFTarget:
@@ -303,6 +304,7 @@ class MegatronTarget:
         if item.param.shared:  # the main model's embedding or output layer, written with it
             return []
         stages = list(self.layout.stages)
+        prefix = self.family.megatron_prefix  # a multi-tower model's language model (towers name their own keys)
         stage, local = place(stages, item)
         if item.param.experts:
             out = []
@@ -315,7 +317,8 @@ class MegatronTarget:
         out = self._shards(item, full, stage, local, range(self.layout.ep), None)
         if item.param.megatron == schema.EMBEDDING and self.arch.tie_embeddings and len(stages) > 1:
             # the last stage holds a copy of each embedding shard for the tied output layer
-            copy_path = schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True)
+            copy_path = prefixed(schema.stored_path(schema.OUTPUT_LAYER, None, self.layout.schema, tied_copy=True),
+                                 prefix)
             out += [((RankKey(rank.tp, len(stages) - 1, rank.ep), copy_path), shard) for (rank, _), shard in out]
         if item.param.megatron == schema.EMBEDDING and self.arch.mtp_num_layers and len(stages) > 1:
             # megatron-core's MTP layers on the last stage embed with a copy of the embedding of their own
@@ -326,9 +329,13 @@ class MegatronTarget:
     def _shards(self, item: Item, full: torch.Tensor, stage: int, local: int | None, ep_ranks: Iterable[int],
                 expert: int | None) -> list[tuple[Hashable, torch.Tensor]]:
         """Tensor-parallel shards of one tensor, placed in the rank files of every given EP rank."""
-        name = megatron_name(item).format(expert=expert)
-        path = schema.stored_path(name, local, self.layout.schema, layer_weights=self.layer_weights.get(item.layer, ()),
-                                  grouped_experts=self.layout.grouped_gemm)
+        if item.tower:
+            path = (tower_stored_name(item, self.layout.schema == schema.MCORE_TE),)
+        else:
+            name = item.param.megatron.format(expert=expert)
+            path = prefixed(schema.stored_path(name, local, self.layout.schema, grouped_experts=self.layout.grouped_gemm,
+                                               layer_weights=self.layer_weights.get(item.layer, ())),
+                            self.family.megatron_prefix)
         shards = split_for_tp(full, style_in_schema(item.param.style, self.layout.schema == schema.MCORE_TE),
                               self.layout.tp, param_parts(item.param, self.arch))
         return [((RankKey(t, stage, ep), path), s) for ep in ep_ranks for t, s in enumerate(shards)]
@@ -367,8 +374,8 @@ class TorchDistTarget:
             return []
         if item.param.style is Style.VOCAB:
             full = pad_vocab(full, self.padded_vocab)
-        if item.tower:  # another tower's tensor: one key of its own
-            return [(DistKey(megatron_name(item), (0,) * full.dim(), tuple(full.shape)), full)]
+        if item.tower:  # another tower's tensor: one key of its own, its layers stacked as megatron-core's blocks
+            return self._tower_chunk(item, full)
         layer = None if item.group == MTP else item.layer  # an MTP layer's keys are global
         fqn = self.prefix + schema.torch_dist_key(item.param.megatron.format(expert=0), layer,
                                                   self.layer_weights.get(item.layer, ()), self.transformer_engine,
@@ -379,6 +386,18 @@ class TorchDistTarget:
             return [entry for name, piece in zip(names, pieces) for entry in self._chunk(f"{fqn}.{name}", layer, piece)]
         return self._chunk(fqn, layer, full)
 
+    def _tower_chunk(self, item: Item, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+        """A tower tensor: whole, or on the layer axis of its stacked key when the tower's layers are megatron-core's
+        (``vision_model.decoder.layers.<rel>``; norms named as the spec names them: Transformer Engine's fused, or
+        the local spec's, which maps no names for a vision model)."""
+        name = tower_stored_name(item, self.transformer_engine)
+        stacked = TOWER_LAYER.match(name) if item.layer is not None else None
+        if not stacked:
+            return [(DistKey(name, (0,) * full.dim(), tuple(full.shape)), full)]
+        key = DistKey(stacked.group(1) + stacked.group(2), (item.layer,) + (0,) * full.dim(),
+                      (item.tower.num_layers(self.arch), *full.shape))
+        return [(key, full.unsqueeze(0))]
+
     def _chunk(self, fqn: str, layer: int | None, full: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
         """One key for ``full``: on the layer axis of a stacked key, unless it has no layer (an MTP layer's keys
         are global)."""
@@ -388,7 +407,28 @@ class TorchDistTarget:
         return [(key, full.unsqueeze(0))]
 
 
+TOWER_LAYER = re.compile(r"^(.+\.decoder\.layers\.)\d+\.(.+)$")  # a tower's megatron-core layer key
+
+
+def prefixed(path: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """A megatron-core key under a multi-tower model's language-model prefix (none for a text model)."""
+    return (prefix + path[0], *path[1:]) if prefix else path
+
+
+def tower_stored_name(item: Item, transformer_engine: bool) -> str:
+    """A tower tensor's key; a tower whose layers are megatron-core's (``decoder.layers.N.``) names its norms as
+    the schema does (Transformer Engine fuses them into the next linear layer)."""
+    tower = item.tower
+    if item.layer is None or tower.megatron_layer_prefix != schema.LAYER_PREFIX + "{layer}." or not transformer_engine:
+        return megatron_name(item)
+    weights = frozenset(p.megatron for p in tower.layer)
+    return tower.megatron_prefix + schema.stored_path(item.param.megatron, item.layer, schema.MCORE_TE,
+                                                      layer_weights=weights)[0]
+
+
 def _require_zero(tensor: torch.Tensor, item: Item) -> None:
+    if item.param.unused:  # never run by the Hugging Face model: left out whatever it holds
+        return
     if tensor.device.type != "meta" and bool(tensor.any()):
         where = f"layer {item.layer} " if item.layer is not None else ""
         raise BadInputError(f"{where}'{item.param.hf[0]}' is not zero, and Megatron's architecture has no such tensor")

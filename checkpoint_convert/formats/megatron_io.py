@@ -181,6 +181,14 @@ class MegatronTree:
         # live as long as its registration (``memory.read_only_file_mappings``)
         self._index_chunks(first, header)
         self.schema = schema.detect_schema(list(self._flat(RankKey(0, 0, 0))))
+        self.prefix = ""  # a multi-tower model's language-model prefix (``within``)
+
+    def within(self, prefix: str) -> None:
+        """Read the language model under ``prefix`` (``FamilySpec.megatron_prefix``): its keys lose the prefix, the
+        other towers' keys stay whole (their layers' norms in local-spec names)."""
+        self.prefix, self._names = prefix, {}
+        self.schema = schema.detect_schema([key[len(prefix):] for key in self._flat(RankKey(0, 0, 0))
+                                            if key.startswith(prefix)])
 
     def _load(self, file: Path) -> dict:
         state = safe_torch_load(file, trust=self.trust)
@@ -240,13 +248,21 @@ class MegatronTree:
             for stored, value in list(flat.items()):
                 if schema.is_ignored(stored) or not isinstance(value, torch.Tensor):
                     continue
-                layer, canonical = schema.canonical_name(stored, self.schema)
+                layer, canonical = self._canonical(stored)
                 if canonical in GROUPED_MLP:
                     table.update(self._split_grouped_mlp(flat, stored, layer, canonical))
                 else:
                     table[(layer, canonical)] = stored
             self._names[rank] = table
         return self._names[rank]
+
+    def _canonical(self, stored: str) -> tuple[int | None, str]:
+        """(local layer, canonical name); with a language-model prefix, another tower's key whole."""
+        if not self.prefix:
+            return schema.canonical_name(stored, self.schema)
+        if stored.startswith(self.prefix):
+            return schema.canonical_name(stored[len(self.prefix):], self.schema)
+        return None, schema.tower_canonical_name(stored)
 
     def _split_grouped_mlp(self, flat: dict[str, Any], stored: str, layer: int | None,
                            canonical: str) -> dict[tuple[int | None, str], str]:

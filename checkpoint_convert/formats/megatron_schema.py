@@ -153,6 +153,16 @@ def canonical_name(stored: str, schema: str) -> tuple[int | None, str]:
     return None, stored
 
 
+_TOWER_LAYER_KEY = re.compile(r"^(.+\.decoder\.layers\.\d+\.)(.+)$")
+
+
+def tower_canonical_name(stored: str) -> str:
+    """A tower's whole key (megatron-core's vision model, ``vision_model.decoder.layers.N.``) with its layers'
+    norms in local-spec names."""
+    match = _TOWER_LAYER_KEY.match(stored)
+    return match.group(1) + _te_to_canonical(match.group(2)) if match else stored
+
+
 def te_name(rel: str, layer_weights: Collection[str]) -> str:
     """A layer tensor's Transformer Engine name: a norm fused into the linear layer after it, if the layer has it."""
     for local_name, fused in _TE_NORMS:

@@ -262,8 +262,8 @@ class TorchDistTree:
         table: dict[tuple[int | None, str], _Stored] = {}
         parts: dict[tuple[int | None, str], dict[str, _Stored]] = {}
         for name, fqn, entry in self._model_keys():
-            if name is None:  # another tower's key: itself
-                table[(None, fqn)] = _Stored(fqn, ())
+            if name is None:  # another tower's key: itself, or one entry a layer of its stacked layers
+                table.update(_tower_entries(fqn, entry, self.schema))
                 continue
             if not name.startswith(schema.LAYER_PREFIX):
                 table.update(_global_entries(name, fqn, entry, self.schema))
@@ -501,3 +501,16 @@ def _enclosing_chunk(entry: dcp_metadata.TensorStorageMetadata,
         if leading and trailing:
             return chunk
     return None
+
+
+_TOWER_STACKED = re.compile(r"^(.+\.decoder\.layers\.)(?!\d+\.)(.+)$")  # vision_model.decoder.layers.<rel> [L, ...]
+
+
+def _tower_entries(fqn: str, entry: Any, schema_name: str) -> dict[tuple[int | None, str], "_Stored"]:
+    """A tower's key (``model.family.Tower``): itself, or, stacked as megatron-core's blocks stack their layers, one
+    whole key a layer (``vision_model.decoder.layers.N.<rel>``, norms in local-spec names)."""
+    stacked = _TOWER_STACKED.match(fqn)
+    if not stacked:
+        return {(None, fqn): _Stored(fqn, ())}
+    rel = schema.canonical_name(f"{schema.LAYER_PREFIX}0.{stacked.group(2)}", schema_name)[1]
+    return {(None, f"{stacked.group(1)}{layer}.{rel}"): _Stored(fqn, (layer,)) for layer in range(entry.size[0])}

@@ -69,7 +69,9 @@ def _extra_state_objects(shapes: Iterable[tuple[str, tuple[int, ...]]], transfor
         last = module.rsplit(".", 1)[-1]
         linear = (last.startswith("linear_") or (mtp and last == "eh_proj")
                   or (hybrid and module.endswith(schema.MAMBA_LINEARS)))
-        if (local.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
+        if param == "weight" and linear and not (local.startswith(schema.LAYER_PREFIX) or mtp):
+            modules[module] = (1,)  # a multi-tower model's projector (``vision_projection.encoder.linear_fc1``)
+        elif (local.startswith(schema.LAYER_PREFIX) or mtp) and param == "weight" and linear:
             layer_axes = 0 if mtp or schema.PER_LAYER_KEY.match(local) else 1
             modules[module] = tuple(shape[:layer_axes + (".experts.experts." in fqn)]) or (1,)
             if transformer_engine and module.endswith("self_attention.linear_proj"):  # every attention has one

@@ -78,6 +78,9 @@ class Param:
     layers: Layers = Layers.EVERY
     float32: bool = False
     shared: bool = False
+    # ``unused`` (with ``zero_in_megatron``): the Hugging Face model holds the tensor but never runs it (LLaVA's CLIP
+    # post-norm): left out going to Megatron whatever its values, zeros coming back.
+    unused: bool = False
 
     # ``shared``: a multi-token prediction layer's Hugging Face copy of the main model's tensor ``megatron``
     # (its embedding or output layer, which megatron-core shares): written from it, checked equal to it on read.
@@ -219,6 +222,11 @@ class FamilySpec:
     mindspeed_mm: "TowerLayout | None" = None
     # why ``bridge`` is None when the user should hear it (said in the refusal of Megatron-Bridge output)
     bridge_missing: str = ""
+    # ---- megatron-core's multimodal model (``LLaVAModel``: ``vision_model.``, ``vision_projection.``,
+    # ``language_model.``) in Megatron-LM rank files (``checkpoint_convert/engine/mcore_vlm.py``); None: refused
+    mcore_vlm: "TowerLayout | None" = None
+    # Hugging Face tensors the model never runs (vision layers after the feature layer): left out of every output
+    hf_unused: Callable[[ModelArch, str], bool] | None = None
 
     def params_for(self, group: str, arch: ModelArch, layer: int | None = None) -> list[Param]:
         """The entries of ``group`` the architecture has: with ``layer``, those of that layer (its kind,
@@ -248,6 +256,9 @@ class TowerLayout:
     # the word embeddings and output layer split in unequal row blocks when TP does not divide the vocabulary (the
     # first vocab % TP ranks one row more: MindSpeed-MM's UnalignedEmbeddingSplit); False: TP must divide it
     uneven_vocab: bool = False
+    # the Megatron-LM args the layout's trainer reads beyond the language model's (megatron-core's LLaVA: vision model
+    # type, image size, ...) at a tensor-parallel size; raises BadInputError for a model the layout cannot express
+    megatron_args: Callable[[ModelArch, int], dict[str, Any]] | None = None
 
 
 def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
@@ -258,7 +269,8 @@ def in_layout(family: FamilySpec, layout: TowerLayout) -> FamilySpec:
 def layout_flags(family: FamilySpec) -> str:
     """The flags that write the Megatron layouts a multi-tower family has, for a refusal's advice."""
     flags = [flag for flag, table in (("--megatron_bridge", family.bridge),
-                                      ("--megatron_format mindspeed_mm", family.mindspeed_mm)) if table is not None]
+                                      ("--megatron_format mindspeed_mm", family.mindspeed_mm),
+                                      ("--megatron_format mcore", family.mcore_vlm)) if table is not None]
     return " or ".join(flags) or "none of them here"
 
 

@@ -14,6 +14,7 @@ import torch
 from ..base.errors import BadInputError, reason
 from ..base.memory import read_only_file_mappings, shares_storage
 from ..base.runtime import collector_paused, transformers_attr
+from ..engine.mcore_vlm import layout_args, read_as_mcore_vlm
 from ..engine.sources import Source, leave_out_mtp_layers, misread, open_checkpoint
 from ..engine.streams import (
     HFTarget,
@@ -44,7 +45,7 @@ from ..formats.megatron_args import (
 from ..formats.mindspeed_mm import MINDSPEED_MM
 from ..formats.sinks import DISK, DiskSink
 from ..model.arch import ModelArch
-from ..model.family import FamilySpec, layout_flags
+from ..model.family import FamilySpec
 from ..model.parallel import layers_per_stage, padded_vocab_size
 from .claim import claimed
 from .distributed import Solo, Team, processes_of_this_run
@@ -523,18 +524,20 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     padded = arch.vocab_size if bridge else padded_vocab_size(arch.vocab_size, options.make_vocab_size_divisible_by,
                                                               layout.tp)
     target_schema = _target_schema(options, source, ckpt_format)
+    if family.towers and not bridge:  # megatron-core's multimodal model in rank files, or refused in one line
+        read_as_mcore_vlm(source, target_schema == schema.LEGACY)
+        family, vlm_args = source.family, layout_args(source.family, arch, layout.tp)
     if ckpt_format == "torch_dist":
         target = TorchDistTarget(family, arch, padded, target_schema == schema.MCORE_TE)
     else:
         target = MegatronTarget(family, arch, MegatronLayoutSpec(layout.tp, layout.stages, padded, target_schema,
                                                                  layout.ep, options.moe_grouped_gemm))
-    if family.towers and not bridge:
-        raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger); "
-                            f"it is written in a layout that holds them: {layout_flags(family)}")
     items = walk(family, arch)
     by_item = plan_with_items(items, source.tensors, target, dtype)
     planned = [entry[1:] for entry in by_item]
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
+    if family.towers and not bridge:
+        vars(args).update(vlm_args)
     return Plan(options, source, dtype, items, target, by_item, arch, layout, ckpt_format, target_schema, bridge, args)
 
 

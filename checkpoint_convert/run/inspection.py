@@ -15,9 +15,10 @@ import torch
 
 from ..base.memory import Arena
 from ..engine.blockwise import max_abs_diff
-from ..engine.mindspeed_mm import MindSpeedSource, is_mindspeed_mm, place
+from ..engine.mindspeed_mm import MindSpeedSource, is_mindspeed_mm
+from ..engine.mindspeed_mm import place as mindspeed_place
 from ..engine.sources import Source
-from ..engine.streams import LAYER, Item, all_finite, locate, release_all, walk
+from ..engine.streams import LAYER, Item, all_finite, megatron_name, place, release_all, walk
 from ..formats import megatron_schema as schema
 from ..formats.hf_io import tensor_nbytes
 from ..formats.megatron_io import RankKey
@@ -133,13 +134,13 @@ def _replicas_differ(source: Source, item: Item) -> list[str]:
     if tree.tp == 1 or not replicated or param.experts or param.zero_in_megatron:
         return []
     if is_mindspeed_mm(source):  # flat keys, every tower its own split
-        (stage, key), local = place(source.tensors.splits, source.family, item), None
-    else:
-        (stage, local), key = locate(source.tensors.stages, item.group, item.layer), param.megatron
-    reference = tree.tensor(RankKey(0, stage, 0), key, local)
+        (stage, name), local = mindspeed_place(source.tensors.splits, source.family, item), None
+    else:  # a multi-tower model's towers: whole keys on the first stage
+        (stage, local), name = place(source.tensors.stages, item), megatron_name(item)
+    reference = tree.tensor(RankKey(0, stage, 0), name, local)
     problems = []
     for tp in range(1, tree.tp):
-        other = tree.tensor(RankKey(tp, stage, 0), key, local)
+        other = tree.tensor(RankKey(tp, stage, 0), name, local)
         delta = max_abs_diff(reference, other)
         if delta != 0:
             problems.append(f"{item_name(item, source.family.megatron_prefix)}: replicated tensor differs between TP ranks 0 and {tp} "

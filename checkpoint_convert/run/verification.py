@@ -33,10 +33,11 @@ def hf_tensors(source: Source) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def named_items(source: Source) -> dict[str, Item]:
-    """Every Hugging Face name, in the family table's order, with the entry that produces it (planned on meta)."""
+    """Every Hugging Face name, in the family table's order, with the entry that produces it (planned on meta); a
+    tensor the Hugging Face model never runs (``Param.unused``) has no Megatron counterpart to compare."""
     items = walk(source.family, source.arch)
     planned = plan_with_items(items, source.tensors, HFTarget(source.family, source.arch), None)
-    return {name: item for item, name, _, _ in planned}
+    return {name: item for item, name, _, _ in planned if not item.param.unused}
 
 
 def item_tensors(source: Source, item: Item) -> dict[str, torch.Tensor]:
