@@ -250,6 +250,19 @@ LLAVA = register(FamilySpec(
 # ---- megatron-core's LLaVA layout: the args Megatron-LM's multimodal training reads (examples/multimodal's
 # ``model.py`` and ``multimodal_args.py``, ``saver_llava``'s ``_maybe_parse_additional_megatron_args``)
 
+# Megatron-LM's multimodal example (``examples/multimodal/config.py``, tag core_v0.17.1) knows a language model by name
+# and fixes its MLP and projector by it. transformers' projector is vision -> hidden -> hidden with gelu and no norm;
+# of its names only "mistral_7b" has no projector norm (its projector and MLP widths are 14336), so a transformers LLaVA
+# fits it only at hidden size 14336 (qwen2.5_7B's projector is 3584 wide but RMS-normed; the rest are normed or wider).
+# Other models get ``hf_<type>``: megatron-core's LLaVAModel holds them, Megatron-LM's example code does not.
+MEGATRON_LM_LANGUAGE = {("mistral", 14336, 14336): "mistral_7b", ("llama", 14336, 14336): "mistral_7b"}
+
+
+def language_model_type(arch: ModelArch) -> str:
+    text = arch.extra[TEXT_TYPE]
+    return MEGATRON_LM_LANGUAGE.get((text, arch.hidden_size, arch.ffn_hidden_size), f"hf_{text}")
+
+
 def megatron_args(arch: ModelArch, tp: int) -> dict[str, Any]:
     """Vision model type, image and patch size, class token, projector; refused where megatron-core differs."""
     vision = _vision(arch)
@@ -265,14 +278,15 @@ def megatron_args(arch: ModelArch, tp: int) -> dict[str, Any]:
         if count % tp:
             raise BadInputError(f"tensor parallel size {tp} does not divide the {count} {what}")
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
-    return dict(vision_model_type="clip", language_model_type=f"hf_{arch.extra[TEXT_TYPE]}", img_h=size, img_w=size,
+    return dict(vision_model_type="clip", language_model_type=language_model_type(arch), img_h=size, img_w=size,
                 patch_dim=patch, class_token_len=1, vision_projection_type="mlp",
                 disable_vision_class_token=arch.extra["vision_feature_select_strategy"] == "default",
                 image_token_index=arch.extra["image_token_id"], vision_num_layers=_used_layers(arch),
                 vision_hidden_size=int(vision["hidden_size"]), vision_num_attention_heads=heads,
                 vision_ffn_hidden_size=int(vision["intermediate_size"]),
                 vision_layernorm_epsilon=float(vision["layer_norm_eps"]), vision_activation=vision["hidden_act"],
-                max_num_tiles=1, use_tiling=False, pixel_shuffle=False, use_tile_tags=False)
+                max_num_tiles=1, use_tiling=False, pixel_shuffle=False, use_tile_tags=False, num_frames=1,
+                use_thumbnail=False)
 
 
 LLAVA = register(dataclasses.replace(LLAVA, mcore_vlm=TowerLayout(TOWERS, "language_model.",

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_logits_close, convert
+from checkpoint_convert.engine.mcore_vlm import LOADER_LLAVA_DEFAULTS
 from tests.llava_helpers import IMAGE, llava_inputs, llava_logits, tiny_llava
 
 ORACLE = Path(__file__).with_name("llava_oracle.py")
@@ -61,6 +62,11 @@ def test_megatron_core_llava_loads_our_rank_files_and_gives_the_logits(tmp_path,
     first = "mp_rank_00" + ("_000" if pp > 1 else "")
     args = torch.load(tmp_path / "m" / "release" / first / "model_optim_rng.pt", weights_only=False)["args"]
     assert (args.vision_model_type, args.img_h, args.patch_dim, args.disable_vision_class_token) == ("clip", 28, 7, True)
+    # what Megatron-LM's loader_llava and examples/multimodal/model.py read from the checkpoint's args (checked by hand
+    # against tag core_v0.17.1: its model provider builds LLaVAModel from them and loads our rank files strictly)
+    assert LOADER_LLAVA_DEFAULTS.keys() <= vars(args).keys()
+    assert (args.decoder_seq_length, args.use_te, args.num_frames, args.language_model_type) == (
+        args.seq_length, False, 1, f"hf_{text}")
     logits = megatron_logits(tmp_path / "m", tp, pp, tmp_path)
     print(f"max logit difference at TP{tp} PP{pp}: {(logits - original).abs().max().item():.2e}")
     assert_logits_close(logits, original, atol=2e-5)
@@ -155,6 +161,21 @@ def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config
     assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "no", "--to", "hf",
                    "--hf_config_dir", siglip) != 0
     assert "ln_post" in capsys.readouterr().err
+
+
+def test_megatron_lms_language_model_name_only_where_its_projector_is_transformers():
+    """Megatron-LM's examples/multimodal fixes a language model's MLP and projector by name: "mistral_7b" (projector
+    14336 wide, no norm) holds a transformers LLaVA at hidden size 14336 only; anything else keeps an hf_ name."""
+    import transformers
+    from llava.family import LLAVA, language_model_type
+
+    def arch(text: str, hidden: int, ffn: int):
+        config = transformers.LlavaConfig(text_config=dict(model_type=text, hidden_size=hidden, intermediate_size=ffn,
+                                                           num_attention_heads=8, num_key_value_heads=8))
+        return LLAVA.arch_from_hf_config(config)
+    assert language_model_type(arch("mistral", 14336, 14336)) == "mistral_7b"
+    assert language_model_type(arch("mistral", 4096, 14336)) == "hf_mistral"  # Mistral-7B: projector 4096 wide
+    assert language_model_type(arch("qwen2", 3584, 18944)) == "hf_qwen2"  # Megatron-LM's qwen2.5_7B normalises
 
 
 def test_a_list_of_feature_layers_is_refused_in_one_line(tmp_path, capsys):

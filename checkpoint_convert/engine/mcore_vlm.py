@@ -43,10 +43,35 @@ def read_as_mcore_vlm(source: Any, legacy: bool) -> None:
     read_through(source, family)
 
 
+# Megatron-LM's ``loader_llava`` builds its configs with ``core_transformer_config_from_args`` on the checkpoint's own
+# args namespace (not a freshly parsed one, as ``loader_core`` does), so the fields that function reads by name must be
+# there; Megatron-LM itself saves every argument. These are its parser's defaults (tag core_v0.17.1,
+# ``megatron/training/arguments.py``) for the fields our args do not otherwise carry.
+LOADER_LLAVA_DEFAULTS: dict[str, Any] = {
+    "bias_swiglu_fusion": False, "config_logger_dir": "", "cp_comm_type": ["p2p"], "fp4_param_gather": False,
+    "fp8_param_gather": False, "heterogeneous_layers_config_path": None, "hybrid_layer_pattern": None,
+    "init_method_xavier_uniform": False, "kitchen_config_file": None, "kitchen_recipe_number": None,
+    "moe_latent_size": None, "no_persist_layer_norm": False, "overlap_p2p_comm": False, "rope_type": None,
+    "seed": 1234, "te_precision_config_file": None, "use_kitchen_attention": False,
+}
+
+
 def layout_args(family: FamilySpec, arch: ModelArch, tp: int) -> dict[str, Any]:
     """The args the layout's trainer reads beyond the language model's (the family's ``megatron_args``)."""
     layout = family.mcore_vlm
     return layout.megatron_args(arch, tp) if layout and layout.megatron_args else {}
+
+
+def add_layout_args(args: Any, layout: dict[str, Any]) -> None:
+    """The layout's args set on ``args``, and Megatron-LM's defaults where ``args`` lacks a field ``loader_llava``
+    reads. Its multimodal trainer takes the language model's sequence length from ``decoder_seq_length`` (and sets
+    ``seq_length`` to the image's)."""
+    vars(args).update(layout)
+    if getattr(args, "decoder_seq_length", None) is None:
+        args.decoder_seq_length = args.seq_length
+    args.use_te = getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine"  # its layer specs
+    for key, value in LOADER_LLAVA_DEFAULTS.items():
+        vars(args).setdefault(key, value)
 
 
 def trained_vlm_without_hf_config(args: Any) -> bool:

@@ -14,7 +14,7 @@ import torch
 from ..base.errors import BadInputError, reason
 from ..base.memory import read_only_file_mappings, shares_storage
 from ..base.runtime import collector_paused, transformers_attr
-from ..engine.mcore_vlm import layout_args, read_as_mcore_vlm
+from ..engine.mcore_vlm import add_layout_args, layout_args, read_as_mcore_vlm
 from ..engine.sources import Source, leave_out_mtp_layers, misread, open_checkpoint
 from ..engine.streams import (
     HFTarget,
@@ -537,7 +537,7 @@ def _plan_megatron(options: Options, source: Source, dtype: torch.dtype | None) 
     planned = [entry[1:] for entry in by_item]
     args = _megatron_args(options, source, layout, padded, target_schema, planned, dtype, ckpt_format)
     if family.towers and not bridge:
-        vars(args).update(vlm_args)
+        add_layout_args(args, vlm_args)
     return Plan(options, source, dtype, items, target, by_item, arch, layout, ckpt_format, target_schema, bridge, args)
 
 
