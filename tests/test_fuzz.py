@@ -1,10 +1,10 @@
 """Seeded mutation fuzzing: damaged sources of every input format, through every command that reads them.
 
 Valid tiny sources of every format (Hugging Face single file and sharded, DeepSeek-V3 FP8 with block
-scales, gpt-oss MXFP4, Qwen2.5-VL and InternVL vision-language models; Megatron ``torch`` in the legacy schema with PP,
-megatron-core with TP x PP, with EP, a hybrid Mamba model at TP 2 and a multi-token prediction model at PP 2;
-``torch_dist``; Megatron-Bridge checkpoints, a copy of ``../shared/fixtures/megatron_bridge_llama`` and a
-vision-language one) are copied and damaged:
+scales, gpt-oss MXFP4, Qwen2.5-VL, InternVL and LLaVA vision-language models; Megatron ``torch`` in the
+legacy schema with PP, megatron-core with TP x PP, with EP, a hybrid Mamba model at TP 2, a multi-token
+prediction model at PP 2 and megatron-core's LLaVA at TP 2; ``torch_dist``; Megatron-Bridge checkpoints, a
+copy of ``../shared/fixtures/megatron_bridge_llama`` and a vision-language one) are copied and damaged:
 
 - file mutations (a seeded loop): truncate a file at a random offset; flip bytes in a safetensors
   header, a pickle, a zip directory, a JSON file or anywhere; delete, duplicate or swap files;
@@ -124,7 +124,8 @@ def _build_sources(root: Path) -> Sources:
             ("torch_dist", "llama_single", ("--megatron_ckpt_format", "torch_dist")),
             ("megatron_hybrid_tp2", "nemotron_h", ("--target_tensor_model_parallel_size", "2")),
             ("megatron_mtp_pp2", "deepseek_v3_mtp", ("--target_pipeline_model_parallel_size", "2")),
-            ("megatron_bridge_vl", "hf_qwen2_5_vl", ("--megatron_bridge",))):
+            ("megatron_bridge_vl", "hf_qwen2_5_vl", ("--megatron_bridge",)),
+            ("megatron_llava_tp2", "hf_llava", ("--target_tensor_model_parallel_size", "2"))):
         assert convert("--load_path", root / hf, "--save_path", root / name, "--to", "megatron", *flags) == 0
         built[name] = root / name
     return Sources(built)
@@ -136,16 +137,18 @@ def _build_newer_kinds(root: Path) -> tuple[str, ...]:
     from tests.family_kit import GPT_OSS, VARIANTS, hf_model, tiny_internvl
     from tests.test_gpt_oss import mxfp4_copy
     from tests.test_mtp import MODELS, _with_mtp_layer
+    from tests.llava_helpers import tiny_llava
     from tests.test_qwen2_vl import tiny_vl
 
     hf_model("GptOssConfig", "GptOssForCausalLM", 13, **{**GPT_OSS, "intermediate_size": 64})(root / "gpt_oss")
     mxfp4_copy(root / "gpt_oss", root / "hf_gpt_oss_mxfp4")
     tiny_vl("qwen2_5_vl", root / "hf_qwen2_5_vl")
     tiny_internvl(root / "hf_internvl", "llama")
+    tiny_llava(root / "hf_llava")
     next(v for v in VARIANTS if v.name == "nemotron_h_hybrid_mha").build(root / "nemotron_h")
     MODELS["deepseek_v3"][0](root / "deepseek_v3_mtp")
     _with_mtp_layer(root / "deepseek_v3_mtp", 3)
-    return "hf_gpt_oss_mxfp4", "hf_qwen2_5_vl", "hf_internvl"
+    return "hf_gpt_oss_mxfp4", "hf_qwen2_5_vl", "hf_internvl", "hf_llava"
 
 
 def _files(root: Path) -> list[Path]:
