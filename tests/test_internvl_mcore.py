@@ -48,16 +48,20 @@ def megatron_logits(source: Path, ckpt: Path, tp: int, work: Path) -> torch.Tens
     return torch.load(work / "out.pt")
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_core_llava_with_internvit_loads_our_rank_files_and_gives_the_logits(tmp_path, internvit, tp):
+@pytest.mark.parametrize("tp, ckpt_format", [(1, "torch"), (2, "torch"), (2, "torch_dist")])
+def test_megatron_core_llava_with_internvit_loads_our_checkpoints_and_gives_the_logits(tmp_path, internvit, tp,
+                                                                                       ckpt_format):
+    """Rank files loaded with ``load_state_dict(strict=True)``; ``torch_dist`` through megatron-core's
+    ``dist_checkpointing.load`` (strict: every key asked for, none left over)."""
     source, original = internvit
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron", "--transformer_impl",
-                   "local", "--target_tensor_model_parallel_size", str(tp)) == 0
-    args = torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
-    assert (args.vision_model_type, args.img_h, args.patch_dim, args.disable_vision_class_token, args.pixel_shuffle) \
-        == ("internvit300M", 16, 4, True, True)
+                   "local", "--target_tensor_model_parallel_size", str(tp), "--megatron_ckpt_format", ckpt_format) == 0
+    if ckpt_format == "torch":
+        args = torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
+        assert (args.vision_model_type, args.img_h, args.patch_dim, args.disable_vision_class_token,
+                args.pixel_shuffle) == ("internvit300M", 16, 4, True, True)
     logits = megatron_logits(source, tmp_path / "m", tp, tmp_path)
-    print(f"max logit difference, megatron-core at TP{tp}: {(logits - original).abs().max().item():.2e}")
+    print(f"max logit difference, megatron-core at TP{tp} ({ckpt_format}): {(logits - original).abs().max().item():.2e}")
     assert_logits_close(logits, original, atol=2e-5)
 
 
