@@ -8,7 +8,6 @@ gives the original's; what megatron-core's model cannot express is refused in on
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 from internvl.family import INTERNVL, image_and_text
 from tests.family_kit import tiny_internvl
 from tests.helpers import assert_logits_close, convert
+from tests.llava_helpers import as_megatron_lms_args, read_back_with_hf_config
 from tests.test_internvl import internvl_logits
 
 ORACLE = Path(__file__).with_name("llava_oracle.py")
@@ -92,16 +92,8 @@ def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config
     with ``--hf_config_dir``."""
     source, original = internvit
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron") == 0
-    file = tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(file, weights_only=False)
-    state["args"] = argparse.Namespace(**{key: value for key, value in vars(state["args"]).items()
-                                          if key not in ("hf_extra_config", "hf_family", "image_token_index")})
-    torch.save(state, file)
-    capsys.readouterr()
-    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "refused", "--to", "hf") != 0
-    assert "--hf_config_dir" in capsys.readouterr().err
-    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf",
-                   "--hf_config_dir", source) == 0
+    as_megatron_lms_args(tmp_path / "m")
+    read_back_with_hf_config(tmp_path / "m", tmp_path / "back", source, capsys)
     assert_logits_close(internvl_logits(tmp_path / "back"), original)
 
 
