@@ -23,7 +23,6 @@ from tests.llava_helpers import as_megatron_lms_args, read_back_with_hf_config
 from tests.test_internvl import internvl_logits
 
 ORACLE = Path(__file__).with_name("llava_oracle.py")
-INTERNVL_IMAGE = 100  # the kit's image_token_id (tests/family_kit.py)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,9 @@ def megatron_logits(source: Path, ckpt: Path, tp: int, work: Path) -> torch.Tens
     """megatron-core's logits on the family's input, whose image tokens become one: LLaVAModel expands it into the
     image's features."""
     import transformers
-    given = image_and_text(INTERNVL.arch_from_hf_config(transformers.AutoConfig.from_pretrained(source)))
-    ids, image = given["input_ids"][0].tolist(), INTERNVL_IMAGE
+    arch = INTERNVL.arch_from_hf_config(transformers.AutoConfig.from_pretrained(source))
+    given, image = image_and_text(arch), int(arch.extra["image_token_id"])
+    ids = given["input_ids"][0].tolist()
     first = ids.index(image)
     torch.save({"ids": torch.tensor([ids[:first + 1] + [t for t in ids[first:] if t != image]]),
                 "pixels": given["pixel_values"]}, work / "inputs.pt")
