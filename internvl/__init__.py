@@ -2,3 +2,4 @@
 and OpenGVLab's own (``internvl_chat``)."""
 from .family import INTERNVL  # noqa: F401  (registers the family)
 from .original import INTERNVL_CHAT  # noqa: F401
+from .megatron_core import INTERNVL_MCORE  # noqa: F401  (adds megatron-core's LLaVA layout)

@@ -272,21 +272,29 @@ def megatron_args(arch: ModelArch, tp: int) -> dict[str, Any]:
     if arch.extra["projector_hidden_act"] != "gelu":
         raise BadInputError(f"projector_hidden_act '{arch.extra['projector_hidden_act']}': megatron-core's LLaVA "
                             "projector here is Megatron-LM's MLP with gelu")
+    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    return dict(vision_tower_args(arch, tp, _used_layers(arch), (size, size), patch), vision_model_type="clip",
+                language_model_type=language_model_type(arch),
+                disable_vision_class_token=arch.extra["vision_feature_select_strategy"] == "default",
+                pixel_shuffle=False)
+
+
+def vision_tower_args(arch: ModelArch, tp: int, layers: int, image: tuple[int, int], patch: int) -> dict[str, Any]:
+    """The args of a single-tile image through one of megatron-core's ViTs (its sizes as our own ``vision_*`` args:
+    Megatron-LM's training fixes them per vision model type), an MLP projector and a language model of our
+    ``hf_<model_type>``; refused when tensor parallelism does not divide what it splits."""
+    vision = _vision(arch)
     heads = int(vision["num_attention_heads"])
     for what, count in (("vision attention heads", heads), ("vision MLP width", int(vision["intermediate_size"])),
                         ("projector width", arch.hidden_size)):
         if count % tp:
             raise BadInputError(f"tensor parallel size {tp} does not divide the {count} {what}")
-    size, patch = int(vision["image_size"]), int(vision["patch_size"])
-    return dict(vision_model_type="clip", language_model_type=language_model_type(arch), img_h=size, img_w=size,
-                patch_dim=patch, class_token_len=1, vision_projection_type="mlp",
-                disable_vision_class_token=arch.extra["vision_feature_select_strategy"] == "default",
-                image_token_index=arch.extra["image_token_id"], vision_num_layers=_used_layers(arch),
-                vision_hidden_size=int(vision["hidden_size"]), vision_num_attention_heads=heads,
-                vision_ffn_hidden_size=int(vision["intermediate_size"]),
+    return dict(language_model_type=f"hf_{arch.extra[TEXT_TYPE]}", img_h=image[0], img_w=image[1], patch_dim=patch,
+                class_token_len=1, vision_projection_type="mlp", image_token_index=arch.extra["image_token_id"],
+                vision_num_layers=layers, vision_hidden_size=int(vision["hidden_size"]),
+                vision_num_attention_heads=heads, vision_ffn_hidden_size=int(vision["intermediate_size"]),
                 vision_layernorm_epsilon=float(vision["layer_norm_eps"]), vision_activation=vision["hidden_act"],
-                max_num_tiles=1, use_tiling=False, pixel_shuffle=False, use_tile_tags=False, num_frames=1,
-                use_thumbnail=False)
+                max_num_tiles=1, use_tiling=False, use_tile_tags=False, num_frames=1, use_thumbnail=False)
 
 
 LLAVA = register(dataclasses.replace(LLAVA, mcore_vlm=TowerLayout(TOWERS, "language_model.",

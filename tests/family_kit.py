@@ -315,4 +315,6 @@ TOWER_VARIANTS = (
                  _hf_config_dir),
     TowerVariant("llava_llama", "llava", _llava("llama"), MCORE_LLAVA),
     TowerVariant("llava_qwen2_tied", "llava", _llava("qwen2", tie=True), MCORE_LLAVA),
+    # InternViT-300M-shaped (LayerNorm, biased qkv, layer scale) as megatron-core's internvit300M: tests/test_internvl_mcore.py
+    TowerVariant("internvl_qwen2_mcore_llava", "internvl", lambda path: tiny_internvl(path, "qwen2"), MCORE_LLAVA),
 )

@@ -55,3 +55,27 @@ def llava_logits(path: Path, strategy: str = "default", vision: str = "clip_visi
     model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(**llava_inputs(strategy, vision)).logits.float()
+
+
+def as_megatron_lms_args(tree: Path) -> None:
+    """Our rank files' args as Megatron-LM's multimodal training writes them: naming ``vision_model_type`` but no
+    Hugging Face config, image token id or vision sizes (its examples fix those per vision model type)."""
+    import argparse
+    files = sorted((tree / "release").glob("mp_rank_*/model_optim_rng.pt"))
+    ours = {"hf_extra_config", "hf_family", "image_token_index"} | {
+        name for name in vars(torch.load(files[0], weights_only=False)["args"]) if name.startswith("vision_") and
+        name not in ("vision_model_type", "vision_projection_type")}
+    for file in files:
+        state = torch.load(file, weights_only=False)
+        state["args"] = argparse.Namespace(**{k: v for k, v in vars(state["args"]).items() if k not in ours})
+        torch.save(state, file)
+
+
+def read_back_with_hf_config(tree: Path, out: Path, source: Path, capsys) -> Path:
+    """Such rank files to Hugging Face: refused without ``--hf_config_dir``, converted with it."""
+    from tests.helpers import convert
+    capsys.readouterr()
+    assert convert("--load_path", tree, "--save_path", out.with_name("refused"), "--to", "hf") != 0
+    assert "--hf_config_dir" in capsys.readouterr().err
+    assert convert("--load_path", tree, "--save_path", out, "--to", "hf", "--hf_config_dir", source) == 0
+    return out

@@ -2,7 +2,8 @@
 
 TP x PP gloo ranks each build LLaVAModel (local spec, no Transformer Engine) from the args of their own rank file, as
 Megatron-LM's ``examples/multimodal/model.py`` builds it (language model from the GPT args, vision model of
-``vision_model_type`` clip with the sizes our args record, MLP projector with gelu), load the file with
+``vision_model_type`` clip or internvit300M with the sizes our args record, MLP projector with gelu, normed for
+InternViT), load the file with
 ``load_state_dict(strict=True)`` and run the fixed image and text (INPUTS: ``ids`` with one image token, ``pixels``);
 the first rank saves the logits [b, combined sequence, vocab].
 """
@@ -44,7 +45,8 @@ def _projection_config(args):
         num_attention_heads=args.num_attention_heads,
         add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu, bias_activation_fusion=False,
         use_cpu_initialization=True, gradient_accumulation_fusion=False, params_dtype=torch.float32,
-        tensor_model_parallel_size=args.tensor_model_parallel_size)
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        layernorm_epsilon=getattr(args, "vision_projection_layernorm_epsilon", 1e-5))
 
 
 def _torch_norms_for_the_vision_model() -> None:
@@ -69,20 +71,83 @@ def _vit_local_spec():
     return spec
 
 
+# ---- InternViT-300M (``vision_model_type`` internvit300M): Megatron-LM builds it from modules megatron-core does not
+# have (``examples/multimodal/nvlm/internvit.py``, ``layer_scaling.py``, and a projector of Transformer Engine's
+# ``LayerNormColumnParallelLinear``); the two stand-ins below compute what those do, with their parameter names
+
+
+def _layer_scaled_bda(scale, training: bool, fused: bool):
+    """Megatron-LM's ``get_bias_dropout_add_layer_scaling``: residual + dropout(x + bias) * scale."""
+    def add(x_with_bias, residual, prob):
+        x, bias = x_with_bias
+        x = x if bias is None else x + bias
+        return residual + F.dropout(x, p=prob, training=training) * scale
+    return add
+
+
+def _layer_scaled_vit_spec():
+    """Megatron-LM's ``get_internvit300M_layer_spec`` on megatron-core's local modules: the ViT layer (LayerNorms,
+    biased fused qkv, no qk norm, unmasked attention) as its ``LayerScalingTransformerLayer``, which scales the
+    attention and MLP branches by the learned ``ls1`` / ``ls2`` before each residual add."""
+    from functools import partial
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    class LayerScalingTransformerLayer(TransformerLayer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ls1 = torch.nn.Parameter(torch.ones(self.config.hidden_size))
+            self.ls2 = torch.nn.Parameter(torch.ones(self.config.hidden_size))
+            self.self_attn_bda = partial(_layer_scaled_bda, self.ls1)
+            self.mlp_bda = partial(_layer_scaled_bda, self.ls2)
+
+    spec = _vit_local_spec()
+    spec.module = LayerScalingTransformerLayer
+    return spec
+
+
+def _normed_column_linear():
+    """Transformer Engine's ``LayerNormColumnParallelLinear`` (LayerNorm, then the column-parallel linear) as
+    megatron-core's local ``ColumnParallelLinear`` with the norm's ``layer_norm_weight`` / ``layer_norm_bias``."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    class LayerNormColumnParallelLinear(ColumnParallelLinear):
+        def __init__(self, input_size, output_size, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size))
+            self.layer_norm_bias = torch.nn.Parameter(torch.zeros(input_size))
+            self.eps = config.layernorm_epsilon
+
+        def forward(self, input_, *args, **kwargs):
+            normed = F.layer_norm(input_, input_.shape[-1:], self.layer_norm_weight, self.layer_norm_bias, self.eps)
+            return super().forward(normed, *args, **kwargs)
+    return LayerNormColumnParallelLinear
+
+
+def _vision_specs(args):
+    """(vision layer spec, projector's fc1) for the vision model type the args name."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    if args.vision_model_type == "internvit300M":
+        return _layer_scaled_vit_spec(), _normed_column_linear()
+    return _vit_local_spec(), ColumnParallelLinear
+
+
 def build_llava(args, **stage: bool):
     from megatron.core.models.multimodal.llava_model import LLaVAModel
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
 
     _torch_norms_for_the_vision_model()
     language = build_model(args).config
+    vision_layer, projector_fc1 = _vision_specs(args)
     return LLaVAModel(
         language_transformer_config=language, language_transformer_layer_spec=_layer_spec(args, language, None),
         language_vocab_size=args.padded_vocab_size, language_max_sequence_length=args.max_position_embeddings,
-        vision_transformer_config=_vision_config(args), vision_transformer_layer_spec=_vit_local_spec(),
+        vision_transformer_config=_vision_config(args), vision_transformer_layer_spec=vision_layer,
         drop_vision_class_token=args.disable_vision_class_token, vision_projection_config=_projection_config(args),
-        vision_projection_layer_spec=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        vision_projection_type=args.vision_projection_type, parallel_output=False,
+        vision_projection_layer_spec=MLPSubmodules(linear_fc1=projector_fc1, linear_fc2=RowParallelLinear),
+        vision_projection_type=args.vision_projection_type, parallel_output=False, pixel_shuffle=args.pixel_shuffle,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         language_position_embedding_type=args.position_embedding_type, language_rotary_base=int(args.rotary_base),
         img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim, image_token_index=args.image_token_index, **stage,

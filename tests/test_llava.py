@@ -6,7 +6,6 @@ gives the original's logits; what megatron-core's LLaVA cannot express is refuse
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import torch
 
 from tests.helpers import assert_logits_close, convert
 from checkpoint_convert.engine.mcore_vlm import LOADER_LLAVA_DEFAULTS
-from tests.llava_helpers import IMAGE, llava_inputs, llava_logits, tiny_llava
+from tests.llava_helpers import (IMAGE, as_megatron_lms_args, llava_inputs, llava_logits, read_back_with_hf_config,
+                                 tiny_llava)
 
 ORACLE = Path(__file__).with_name("llava_oracle.py")
 
@@ -141,20 +141,8 @@ def test_rank_files_with_megatron_lms_own_args_read_with_the_hugging_face_config
     original = llava_logits(source)
     assert convert("--load_path", source, "--save_path", tmp_path / "m", "--to", "megatron",
                    "--target_tensor_model_parallel_size", "2") == 0
-    ours = {"hf_extra_config", "hf_family", "image_token_index"} | {
-        name for name in vars(torch.load(tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt",
-                                         weights_only=False)["args"]) if name.startswith("vision_") and
-        name not in ("vision_model_type", "vision_projection_type")}
-    for rank in ("mp_rank_00", "mp_rank_01"):
-        file = tmp_path / "m" / "release" / rank / "model_optim_rng.pt"
-        state = torch.load(file, weights_only=False)
-        state["args"] = argparse.Namespace(**{k: v for k, v in vars(state["args"]).items() if k not in ours})
-        torch.save(state, file)
-    capsys.readouterr()
-    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "refused", "--to", "hf") != 0
-    assert "--hf_config_dir" in capsys.readouterr().err
-    assert convert("--load_path", tmp_path / "m", "--save_path", tmp_path / "back", "--to", "hf",
-                   "--hf_config_dir", source) == 0
+    as_megatron_lms_args(tmp_path / "m")
+    read_back_with_hf_config(tmp_path / "m", tmp_path / "back", source, capsys)
     assert_logits_close(llava_logits(tmp_path / "back"), original)
     siglip = tiny_llava(tmp_path / "siglip", vision="siglip_vision_model", feature_layer=-1, strategy="full")
     capsys.readouterr()  # a SigLIP LLaVA trained by Megatron-LM applies ln_post, which transformers' never does

@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from checkpoint_convert.model.arch import ModelArch
 from checkpoint_convert.model.family import sparse_step_kwargs

@@ -62,8 +62,10 @@ class ThroughHFNames(HFSource):
 
 
 def read_in_layout(source: Any, family: FamilySpec) -> None:
-    """Read ``source`` (a Megatron source) through ``family``'s tables from now on; its tensors stay where they are."""
-    view = HFNamesView(source.tensors, source.family, source.arch)
+    """Read ``source`` (a Megatron source) through ``family``'s tables from now on; its tensors stay where they are
+    (one read through a third layout's tables already is read from its stored tensors, not through both)."""
+    through = isinstance(source.tensors, ThroughHFNames)
+    view = source.tensors.view if through else HFNamesView(source.tensors, source.family, source.arch)
     tensors = ThroughHFNames(view, family, source.arch)
     tensors.left_out = source.tensors.left_out
     source.family, source.tensors = family, tensors

@@ -101,9 +101,9 @@ def _open_megatron(path: Path, iteration: str | None, trust: bool, model: str | 
         if not hasattr(tree, "within"):
             raise BadInputError(f"a {family.name} model is read from Megatron-Bridge checkpoints only, not from "
                                 f"{tree.ckpt_format} rank files", tree.iter_dir)
-        tree.within(family.megatron_prefix)
         if tree.producer != "megatron-bridge" and family.mcore_vlm is not None:  # megatron-core's multimodal model
             family = mcore_vlm_family(family, arch, tree.args_layout[0])
+        tree.within(family.megatron_prefix)
     validate_arch(arch, family, tree.args_file, vars(tree.args), MEGATRON_NAMES)
 
     def reread(values: dict[str, Any]) -> ModelArch:

@@ -419,7 +419,8 @@ def tower_stored_name(item: Item, transformer_engine: bool) -> str:
     """A tower tensor's key; a tower whose layers are megatron-core's (``decoder.layers.N.``) names its norms as
     the schema does (Transformer Engine fuses them into the next linear layer)."""
     tower = item.tower
-    if item.layer is None or tower.megatron_layer_prefix != schema.LAYER_PREFIX + "{layer}." or not transformer_engine:
+    if item.layer is None or tower.megatron_layer_prefix != schema.LAYER_PREFIX + "{layer}." or not transformer_engine \
+            or not tower.te_fused_norms:
         return megatron_name(item)
     weights = frozenset(p.megatron for p in tower.layer)
     return tower.megatron_prefix + schema.stored_path(item.param.megatron, item.layer, schema.MCORE_TE,

@@ -167,6 +167,9 @@ class Tower:
     num_layers: Callable[[ModelArch], int] = no_layers
     hf_layer_prefix: str = ""  # format string with {layer}
     megatron_layer_prefix: str = ""  # format string with {layer}
+    # its layers' norms fused into the next linear layer's names under Transformer Engine (megatron-core's TE spec);
+    # False: norm modules of their own in either spec (Megatron-LM's InternViT layer spec)
+    te_fused_norms: bool = True
 
     def params_for(self, group: str, arch: ModelArch) -> list[Param]:
         table = {"first": self.first, "layer": self.layer, "last": self.last}[group]
