@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from checkpoint_convert.model import BadInputError, ModelArch, Param, Style, Tower, TowerLayout, register
-from llava.family import PROJECTOR, VISION_LAYER, vision_tower_args
+from llava.family import PROJECTOR, VISION_LAYER
+from llava.megatron_core import vision_tower_args
 from .family import INTERNVL, _vision
 
 # transformers' InternViT layer names for those of CLIP's layer (``llava.family.VISION_LAYER``)

@@ -155,7 +155,7 @@ def test_megatron_lms_language_model_name_only_where_its_projector_is_transforme
     """Megatron-LM's examples/multimodal fixes a language model's MLP and projector by name: "mistral_7b" (projector
     14336 wide, no norm) holds a transformers LLaVA at hidden size 14336 only; anything else keeps an hf_ name."""
     import transformers
-    from llava.family import LLAVA, language_model_type
+    from llava.megatron_core import LLAVA_MCORE as LLAVA, language_model_type
 
     def arch(text: str, hidden: int, ffn: int):
         config = transformers.LlavaConfig(text_config=dict(model_type=text, hidden_size=hidden, intermediate_size=ffn,
