@@ -1,0 +1,115 @@
+"""Megatron-Bridge checkpoints of Nemotron-H models (HybridModelProvider): the kit's hybrid model written as
+Megatron-Bridge 0.6.2 saves it reads back from run_config.yaml alone to its original's logits, megatron-core's
+MambaModel loads the tree strictly and computes those logits from the model run_config.yaml describes, an earlier
+release's NemotronHModelProvider (hybrid_override_pattern, mamba_stack_spec) is read, and a run_config.yaml whose
+Mamba sizes or pattern lie is refused with one line."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+
+from tests.family_kit import VARIANTS
+from tests.helpers import TOKENS, assert_logits_close, convert, logits_of
+from tests.test_errors import snapshot
+from tests.test_family_kit import MEGATRON_CORE_ATOL, ORACLE
+
+HYBRID_PROVIDER = "megatron.bridge.models.hybrid.hybrid_provider."
+VARIANT = next(variant for variant in VARIANTS if variant.name == "nemotron_h_hybrid_mha")  # pattern *MM-
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """The kit's hybrid model's Megatron-Bridge tree (Transformer Engine's spec) and the model's logits."""
+    root = tmp_path_factory.mktemp("bridge_nemotron_h")
+    logits = logits_of(VARIANT.build(root / "hf"))
+    assert convert("--load_path", root / "hf", "--save_path", root / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    return root / "bridge", logits
+
+
+def _model(tree: Path) -> dict:
+    return yaml.safe_load((tree / "iter_0000000" / "run_config.yaml").read_text())["model"]
+
+
+def test_nemotron_h_bridge_checkpoint_reads_back_from_run_config(bridge, tmp_path):
+    tree, logits = bridge
+    model, hf = _model(tree), json.loads((tree.parent / "hf" / "config.json").read_text())
+    assert model["_target_"] == HYBRID_PROVIDER + "HybridModelProvider"
+    assert model["hybrid_layer_pattern"] == "*MM-" and "hybrid_override_pattern" not in model
+    assert (model["mamba_state_dim"], model["mamba_head_dim"], model["mamba_num_groups"], model["mamba_num_heads"],
+            model["mamba_chunk_size"]) == (hf["ssm_state_size"], hf["mamba_head_dim"], hf["n_groups"],
+                                           hf["mamba_num_heads"], hf["chunk_size"])
+    assert model["activation_func"]["_target_"] == "megatron.core.activations.squared_relu"
+    assert model["hybrid_stack_spec"]["_target_"] == HYBRID_PROVIDER + "transformer_engine_hybrid_stack_spec"
+    assert "transformer_layer_spec" not in model and model["position_embedding_type"] == "none"
+    keys = set(FileSystemReader(str(tree / "iter_0000000")).read_metadata().state_dict_metadata)
+    # NemotronHBridge's names (models/nemotronh/nemotron_h_bridge.py): Transformer Engine's fused norms; the
+    # mixer's in_proj and conv1d in megatron-core's torch_dist parts (MambaMixer.sharded_state_dict)
+    assert {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.1.mixer.A_log",
+            "decoder.layers.1.mixer.in_proj.layer_norm_weight", "decoder.layers.2.mixer.conv1d.weight.x",
+            "decoder.layers.2.mixer.in_proj.weight.z",
+            "decoder.layers.3.mlp.linear_fc1.layer_norm_weight", "decoder.final_norm.weight"} <= keys
+    assert convert("--load_path", tree, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layers_block_type"] == hf["layers_block_type"]
+    assert_logits_close(logits_of(tmp_path / "out"), logits)
+
+
+def test_megatron_core_computes_the_model_run_config_describes(bridge, tmp_path):
+    """megatron-core's MambaModel (tests/mamba_oracle.py), built from run_config.yaml as this tool reads it, loads
+    every tensor it asks for from the tree and gives the Hugging Face model's logits."""
+    tree, logits = bridge
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    job = dict(kind="dist-logits", name=VARIANT.name, ckpt=str(tree), tokens=str(tmp_path / "tokens.pt"),
+               out=str(tmp_path / "l.pt"), tp=1)
+    (tmp_path / "jobs.json").write_text(json.dumps([job]))
+    result = subprocess.run([sys.executable, str(ORACLE), "batch", tmp_path / "jobs.json", "1"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_logits_close(torch.load(tmp_path / "l.pt"), logits, atol=MEGATRON_CORE_ATOL)
+
+
+def _copy_with(tree: Path, tmp_path: Path, drop: tuple[str, ...] = (), **fields) -> Path:
+    source = tmp_path / "src"
+    shutil.copytree(tree, source)
+    file = source / "iter_0000000" / "run_config.yaml"
+    config = yaml.safe_load(file.read_text())
+    config["model"].update(fields)
+    for name in drop:
+        del config["model"][name]
+    file.write_text(yaml.safe_dump(config))
+    return source
+
+
+def test_an_earlier_releases_nemotron_h_provider_is_read(bridge, tmp_path):
+    """Megatron-Bridge's NemotronHModelProvider (models/nemotronh/nemotron_h_provider.py, a MambaModelProvider):
+    the pattern as hybrid_override_pattern, the stack spec as mamba_stack_spec."""
+    tree, logits = bridge
+    source = _copy_with(tree, tmp_path, drop=("hybrid_layer_pattern", "hybrid_stack_spec"),
+                        _target_="megatron.bridge.models.nemotronh.nemotron_h_provider.NemotronHModelProvider",
+                        hybrid_override_pattern="*MM-", mamba_stack_spec={
+                            "_call_": False, "_target_": "megatron.bridge.models.mamba.mamba_provider."
+                                                        "get_default_mamba_stack_spec"})
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "out"), logits)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(mamba_num_heads=4), "does not fit the tensors: layer 1 'mixer.in_proj.weight' is [200, 64], not [132, 64]"),
+    (dict(hybrid_override_pattern="*MM-"), "model.hybrid_layer_pattern and model.hybrid_override_pattern are both"),
+    (dict(hybrid_layer_pattern="*M--"), "layer 2 tensor 'pre_mlp_layernorm.weight' is missing"),
+])
+def test_a_run_config_that_lies_is_refused(bridge, tmp_path, capsys, fields, message):
+    source = _copy_with(bridge[0], tmp_path, **fields)
+    before = snapshot(source)
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "run_config.yaml" in err and "\n" not in err, err
+    assert snapshot(source) == before and not (tmp_path / "out").exists()
