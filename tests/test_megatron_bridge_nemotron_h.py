@@ -113,3 +113,15 @@ def test_a_run_config_that_lies_is_refused(bridge, tmp_path, capsys, fields, mes
     err = capsys.readouterr().err.strip()
     assert message in err and "run_config.yaml" in err and "\n" not in err, err
     assert snapshot(source) == before and not (tmp_path / "out").exists()
+
+
+def test_local_norms_are_written_as_modelopts_hybrid_spec(bridge, tmp_path):
+    """``--transformer_impl local``: Megatron-Bridge's ModelOpt hybrid spec (torch norms, saved under Transformer
+    Engine's names as ``remap_te_layernorm`` asks), read back to the original's logits."""
+    tree, logits = bridge
+    assert convert("--load_path", tree, "--save_path", tmp_path / "local", "--to", "megatron", "--megatron_bridge",
+                   "--transformer_impl", "local") == 0
+    spec = _model(tmp_path / "local")["hybrid_stack_spec"]
+    assert spec == {"_call_": False, "_target_": HYBRID_PROVIDER + "modelopt_hybrid_stack_spec"}
+    assert convert("--load_path", tmp_path / "local", "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "out"), logits)
