@@ -125,3 +125,20 @@ def test_local_norms_are_written_as_modelopts_hybrid_spec(bridge, tmp_path):
     assert spec == {"_call_": False, "_target_": HYBRID_PROVIDER + "modelopt_hybrid_stack_spec"}
     assert convert("--load_path", tmp_path / "local", "--save_path", tmp_path / "out", "--to", "hf") == 0
     assert_logits_close(logits_of(tmp_path / "out"), logits)
+
+
+def test_run_config_as_bridge_writes_nemotron_h_is_read(bridge, tmp_path):
+    """Megatron-Bridge 0.6.2's own import of the kit model (NemotronHBridge.provider_bridge,
+    models/nemotronh/nemotron_h_bridge.py) writes these values: no stack spec (its default, Transformer Engine's),
+    the deprecated pattern field null, and the router and expert sizes of the Hugging Face config's defaults
+    although the pattern has no expert layer."""
+    tree, logits = bridge
+    source = _copy_with(
+        tree, tmp_path, hybrid_stack_spec=None, hybrid_override_pattern=None, mtp_hybrid_override_pattern=None,
+        mtp_num_layers=0, num_moe_experts=8, moe_ffn_hidden_size=7688, moe_shared_expert_intermediate_size=7688,
+        moe_router_topk=2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.0001, moe_router_num_groups=1,
+        moe_router_group_topk=1, moe_router_topk_scaling_factor=1.0, moe_router_dtype="fp32",
+        first_last_layers_bf16=True, fp32_residual_connection=False, make_vocab_size_divisible_by=8)
+    assert convert("--load_path", source, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "out"), logits)
