@@ -17,7 +17,9 @@ parallelism splits each part on its own (``Style.PARTS_COLUMN``). The router is 
 float32 ``e_score_correction_bias`` for choosing, groups, renormalised top-k, scaled): ``deepseek_v3.moe``
 translates it. transformers' ``NemotronHForCausalLM`` never ties ``lm_head`` to the embeddings (whatever
 ``tie_word_embeddings`` says, kept as the source wrote it), so the Megatron model is untied and a tied one refused. Published checkpoints name the model ``backbone`` and store experts one by one
-(``backbone.layers.N.mixer.experts.J.up_proj.weight``): read through aliases.
+(``backbone.layers.N.mixer.experts.J.up_proj.weight``): read through aliases. Megatron-Bridge records the model as
+its hybrid provider, whose pattern, Mamba and stack spec fields the core writes and reads (``formats/hybrid.py``);
+the family adds the scan's chunk size.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, LAYER_KINDS, Layers, MambaSizes, ModelArch, Param,
-                                      Style, qkv_to_hf, qkv_to_megatron, register, stack, transformers_attr)
+from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, LAYER_KINDS, Layers, MambaSizes,
+                                      ModelArch, Param, Style, qkv_to_hf, qkv_to_megatron, register, stack,
+                                      transformers_attr)
 from deepseek_v3.moe import moe_config_kwargs, moe_fields
 
 COLUMN, ROW, REPLICATED, VOCAB, PARTS = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB, Style.PARTS_COLUMN
