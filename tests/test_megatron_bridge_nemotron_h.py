@@ -22,17 +22,27 @@ from tests.test_errors import snapshot
 from tests.test_family_kit import MEGATRON_CORE_ATOL, ORACLE
 
 HYBRID_PROVIDER = "megatron.bridge.models.hybrid.hybrid_provider."
-VARIANT = next(variant for variant in VARIANTS if variant.name == "nemotron_h_hybrid_mha")  # pattern *MM-
+# pattern *MM- (attention, Mamba, MLP), and ME*E (experts: DeepSeek-V3's router, a shared expert)
+KIT = {variant.name: variant for variant in VARIANTS if variant.name in ("nemotron_h_hybrid_mha", "nemotron_h_moe")}
+
+
+def _made(root: Path, name: str) -> tuple[Path, torch.Tensor]:
+    logits = logits_of(KIT[name].build(root / name / "hf"))
+    assert convert("--load_path", root / name / "hf", "--save_path", root / name / "bridge", "--to", "megatron",
+                   "--megatron_bridge") == 0
+    return root / name / "bridge", logits
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    """The kit's hybrid model's Megatron-Bridge tree (Transformer Engine's spec) and the model's logits."""
+def trees(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Each kit model's Megatron-Bridge tree (Transformer Engine's spec) and the model's logits."""
     root = tmp_path_factory.mktemp("bridge_nemotron_h")
-    logits = logits_of(VARIANT.build(root / "hf"))
-    assert convert("--load_path", root / "hf", "--save_path", root / "bridge", "--to", "megatron",
-                   "--megatron_bridge") == 0
-    return root / "bridge", logits
+    return {name: _made(root, name) for name in KIT}
+
+
+@pytest.fixture(scope="module")
+def bridge(trees) -> tuple[Path, torch.Tensor]:
+    return trees["nemotron_h_hybrid_mha"]
 
 
 def _model(tree: Path) -> dict:
@@ -62,18 +72,34 @@ def test_nemotron_h_bridge_checkpoint_reads_back_from_run_config(bridge, tmp_pat
     assert_logits_close(logits_of(tmp_path / "out"), logits)
 
 
-def test_megatron_core_computes_the_model_run_config_describes(bridge, tmp_path):
-    """megatron-core's MambaModel (tests/mamba_oracle.py), built from run_config.yaml as this tool reads it, loads
-    every tensor it asks for from the tree and gives the Hugging Face model's logits."""
-    tree, logits = bridge
-    torch.save(TOKENS, tmp_path / "tokens.pt")
-    job = dict(kind="dist-logits", name=VARIANT.name, ckpt=str(tree), tokens=str(tmp_path / "tokens.pt"),
-               out=str(tmp_path / "l.pt"), tp=1)
-    (tmp_path / "jobs.json").write_text(json.dumps([job]))
-    result = subprocess.run([sys.executable, str(ORACLE), "batch", tmp_path / "jobs.json", "1"], capture_output=True,
+@pytest.fixture(scope="module")
+def megatron_core(trees, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """megatron-core's logits of every kit model's tree, its MambaModel built from run_config.yaml (one process)."""
+    root = tmp_path_factory.mktemp("bridge_nemotron_h_oracle")
+    torch.save(TOKENS, root / "tokens.pt")
+    jobs = [dict(kind="dist-logits", name=name, ckpt=str(tree), tokens=str(root / "tokens.pt"),
+                 out=str(root / f"{name}.pt"), tp=1) for name, (tree, _) in trees.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, str(ORACLE), "batch", root / "jobs.json", "1"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert_logits_close(torch.load(tmp_path / "l.pt"), logits, atol=MEGATRON_CORE_ATOL)
+    return {name: torch.load(root / f"{name}.pt") for name in trees}
+
+
+@pytest.mark.parametrize("name", list(KIT))
+def test_megatron_core_computes_the_model_run_config_describes(trees, megatron_core, name):
+    """megatron-core's MambaModel (tests/mamba_oracle.py), built from run_config.yaml as this tool reads it, loads
+    every tensor it asks for from the tree (strictly) and gives the Hugging Face model's logits."""
+    assert_logits_close(megatron_core[name], trees[name][1], atol=MEGATRON_CORE_ATOL)
+
+
+def test_experts_read_back_from_run_config(trees, tmp_path):
+    tree, logits = trees["nemotron_h_moe"]
+    model = _model(tree)
+    assert (model["hybrid_layer_pattern"], model["num_moe_experts"], model["moe_router_score_function"],
+            model["moe_router_enable_expert_bias"]) == ("ME*E", 8, "sigmoid", True)
+    assert convert("--load_path", tree, "--save_path", tmp_path / "out", "--to", "hf") == 0
+    assert_logits_close(logits_of(tmp_path / "out"), logits)
 
 
 def _copy_with(tree: Path, tmp_path: Path, drop: tuple[str, ...] = (), **fields) -> Path:
