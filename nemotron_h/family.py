@@ -17,7 +17,9 @@ parallelism splits each part on its own (``Style.PARTS_COLUMN``). The router is 
 float32 ``e_score_correction_bias`` for choosing, groups, renormalised top-k, scaled): ``deepseek_v3.moe``
 translates it. transformers' ``NemotronHForCausalLM`` never ties ``lm_head`` to the embeddings (whatever
 ``tie_word_embeddings`` says, kept as the source wrote it), so the Megatron model is untied and a tied one refused. Published checkpoints name the model ``backbone`` and store experts one by one
-(``backbone.layers.N.mixer.experts.J.up_proj.weight``): read through aliases.
+(``backbone.layers.N.mixer.experts.J.up_proj.weight``): read through aliases. Megatron-Bridge records the model as
+its hybrid provider, whose pattern, Mamba and stack spec fields the core writes and reads (``formats/hybrid.py``);
+the family adds the scan's chunk size.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from checkpoint_convert.model import (BadInputError, FamilySpec, LAYER_KINDS, Layers, MambaSizes, ModelArch, Param,
-                                      Style, qkv_to_hf, qkv_to_megatron, register, stack, transformers_attr)
+from checkpoint_convert.model import (BadInputError, BridgeProvider, FamilySpec, LAYER_KINDS, Layers, MambaSizes,
+                                      ModelArch, Param, Style, qkv_to_hf, qkv_to_megatron, register, stack,
+                                      transformers_attr)
 from deepseek_v3.moe import moe_config_kwargs, moe_fields
 
 COLUMN, ROW, REPLICATED, VOCAB, PARTS = Style.COLUMN, Style.ROW, Style.REPLICATED, Style.VOCAB, Style.PARTS_COLUMN
@@ -232,10 +235,34 @@ def _first(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0]
 
 
+# Megatron-Bridge 0.6's NemotronHBridge writes HybridModelProvider (models/hybrid/hybrid_provider.py); earlier
+# releases wrote NemotronHModelProvider (models/nemotronh/nemotron_h_provider.py, a MambaModelProvider) or a sized
+# subclass of it, the same fields with the sizes as defaults
+_OLD_PROVIDERS = tuple(f"megatron.bridge.models.nemotronh.nemotron_h_provider.{name}" for name in (
+    "NemotronHModelProvider", "NemotronHModelProvider4B", "NemotronHModelProvider8B", "NemotronHModelProvider47B",
+    "NemotronHModelProvider56B", "NemotronNanoModelProvider9Bv2", "NemotronNanoModelProvider12Bv2",
+    "Nemotron3NanoProvider", "Nemotron3SuperProvider", "NemotronHModel4BProvider", "NemotronHModel8BProvider",
+    "NemotronHModel47BProvider", "NemotronHModel56BProvider", "NemotronNano9Bv2Provider",
+    "NemotronNano12Bv2Provider"))
+
+
+def _chunk_to_provider(arch: ModelArch) -> dict[str, Any]:
+    """The scan's chunk size (NemotronHBridge's CONFIG_MAPPING: chunk_size <-> mamba_chunk_size)."""
+    chunk = arch.extra.get("chunk_size")
+    return {} if chunk is None else {"mamba_chunk_size": chunk}
+
+
+def _chunk_from_provider(model: dict[str, Any]) -> dict[str, Any]:
+    return {"chunk_size": model.get("mamba_chunk_size")}
+
+
 NEMOTRON_H = register(FamilySpec(
     name="nemotron_h", hf_model_types=("nemotron_h",), hf_layer_prefix="model.layers.{layer}.",
     first_stage=FIRST, layer=MAMBA_LAYER + ATTENTION_LAYER + MLP_LAYER + MOE_LAYER, last_stage=LAST,
     hf_config_class="NemotronHConfig", arch_from_hf_config=arch_from_hf_config, hf_config_from_arch=hf_config_from_arch,
     matches_megatron=matches_megatron, hf_aliases=published_aliases,
+    bridge=BridgeProvider(writes="megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider",
+                          reads=("megatron.bridge.models.mamba.mamba_provider.MambaModelProvider", *_OLD_PROVIDERS),
+                          to_provider=_chunk_to_provider, from_provider=_chunk_from_provider),
 ))
 assert set(KIND_NAMES) == set(LAYER_KINDS)

@@ -93,6 +93,9 @@ FAMILIES = {  # family -> (builder, the provider Megatron-Bridge writes for it)
     "qwen2_moe": (KIT["qwen2_moe_sparse_step"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
     "qwen3_moe": (KIT["qwen3_moe_window"].build, "megatron.bridge.models.gpt_provider.GPTModelProvider"),
     "gpt_oss": (KIT["gpt_oss_window_yarn"].build, "megatron.bridge.models.gpt_oss.gpt_oss_provider.GPTOSSProvider"),
+    # hybrid Mamba: tests/test_megatron_bridge_nemotron_h.py
+    "nemotron_h": (KIT["nemotron_h_hybrid_mha"].build,
+                   "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider"),
 }
 
 

@@ -182,7 +182,6 @@ def test_inspect_shows_the_layer_pattern_by_stage(model, tmp_path, capsys):
      "no virtual pipeline"),
     (["--target_tensor_model_parallel_size", "4"], "does not divide the 2 query groups"),
     (["--target_pipeline_layers", "0,4"], "none empty"),
-    (["--megatron_bridge"], "declares no Megatron-Bridge provider"),
 ])
 def test_layouts_megatron_core_cannot_build_are_refused(model, tmp_path, capsys, flags, message):
     path, _ = model

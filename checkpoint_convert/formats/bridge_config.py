@@ -30,6 +30,7 @@ from ..base.errors import BadInputError
 from ..model.arch import ModelArch
 from ..model.family import FamilySpec, layout_flags, registered
 from .hf_io import copy_tokenizer
+from .hybrid import hybrid_args_of_provider, hybrid_provider_fields, local_stack_spec
 from .megatron_io import iteration_dir_name
 from .sinks import DISK, DiskSink
 from .torch_dist_layout import RUN_CONFIG_FILE, TOKENIZER_DIR, TRAIN_STATE_FILE, TRAIN_STATE_TRACKER
@@ -87,7 +88,8 @@ NEUTRAL = {
 _ACTIVATION_FUNCS = {"torch.nn.functional.silu": "silu", "torch.nn.functional.gelu": "gelu",
                      "torch._C._nn.gelu": "gelu", "megatron.core.activations.fast_gelu": "fast_gelu",
                      "megatron.core.fusions.fused_bias_geglu.quick_gelu": "quick_gelu",
-                     "megatron.core.activations.quick_gelu": "quick_gelu"}
+                     "megatron.core.activations.quick_gelu": "quick_gelu",
+                     "megatron.core.activations.squared_relu": "squared_relu"}
 # ModelArch.activation -> (activation_func, gated_linear_unit, bias_activation_fusion). megatron-core's MLP
 # fuses a biased gelu as the tanh approximation (bias_gelu_impl), Megatron-LM's --bias-gelu-fusion.
 _ACTIVATION_PROVIDER = {
@@ -96,6 +98,7 @@ _ACTIVATION_PROVIDER = {
     "gelu_new": ("megatron.core.activations.fast_gelu", False, False),
     # Megatron-Bridge's GPTOSSProvider: megatron-core fuses the experts' biased, clamped quick GLU
     "quick_geglu": ("megatron.core.fusions.fused_bias_geglu.quick_gelu", True, True),
+    "squared_relu": ("megatron.core.activations.squared_relu", False, False),  # hybrid models' MLPs
 }
 _DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
 # Hugging Face yarn rope parameters -> GPTModelProvider fields (model_bridge.YARN_ROPE_SCALING_MAPPING)
@@ -191,6 +194,8 @@ def _activation(model: dict[str, Any], file: Path) -> str:
         return "gelu_fast" if fused_bias else "gelu"
     if not gated and kind == "fast_gelu":
         return "gelu_new"
+    if not gated and kind == "squared_relu":
+        return "squared_relu"
     raise BadInputError(f"model.activation_func {function} with gated_linear_unit={gated} has no conversion here", file)
 
 
@@ -276,17 +281,20 @@ def args_from_run_config(config: dict[str, Any], file: Path) -> argparse.Namespa
     heads = int(model["num_attention_heads"])
     groups = int(model.get("num_query_groups") or heads)
     activation = _activation(model, file)
-    local = _local_spec(model.get("transformer_layer_spec")) or model.get("transformer_impl") == "local"
+    local = (_local_spec(model.get("transformer_layer_spec")) or local_stack_spec(model)
+             or model.get("transformer_impl") == "local")
     fields = {name: model[name] for name in SAME_AS_ARGS if model.get(name) is not None}
     fields.update(
         num_query_groups=groups, group_query_attention=groups != heads, num_experts=model.get("num_moe_experts"),
         max_position_embeddings=model.get("seq_length", 1024), orig_vocab_size=model["vocab_size"],
         untie_embeddings_and_output_weights=not model["share_embeddings_and_output_weights"],
         swiglu=activation == "swiglu", quick_geglu=activation == "quick_geglu", bias_gelu_fusion=activation == "gelu_fast", openai_gelu=activation == "gelu_new",
+        squared_relu=activation == "squared_relu",
         params_dtype=_dtype(model, file), transformer_impl="local" if local else "transformer_engine",
         ckpt_format="torch_dist", hf_family=family.name if family else None,
         hf_extra_config=family.bridge.from_provider(model) if family else {}, **_rope_args(model))
     fields.update(_latent_attention_args(model, file))
+    fields.update(hybrid_args_of_provider(model, file))
     return argparse.Namespace(**fields)
 
 
@@ -369,7 +377,7 @@ def _provider_fields(args: argparse.Namespace) -> dict[str, Any]:
         masked_softmax_fusion=True, gradient_accumulation_fusion=False,
         mtp_num_layers=getattr(args, "mtp_num_layers", None) or None)
     fields.update(_latent_attention_fields(args) if getattr(args, "multi_latent_attention", False) else _rope_fields(args))
-    return fields
+    return hybrid_provider_fields(fields, args)
 
 
 def _layer_spec(args: argparse.Namespace) -> Any:
@@ -383,6 +391,8 @@ def _layer_spec(args: argparse.Namespace) -> Any:
 
 
 def _activation_of_args(args: argparse.Namespace) -> str:
+    if getattr(args, "squared_relu", False):
+        return "squared_relu"
     if getattr(args, "quick_geglu", False):
         return "quick_geglu"
     if args.swiglu:

@@ -12,6 +12,7 @@ no virtual pipeline.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 from ..base.errors import BadInputError
@@ -117,3 +118,55 @@ def require_hybrid_layout(arch: ModelArch, stages: Sequence[int], vpp: int, tp: 
     if mamba is not None and (mamba.num_heads % tp or mamba.num_groups % tp):
         raise BadInputError(f"tensor parallel size {tp} does not divide the {mamba.num_heads} Mamba heads and "
                             f"{mamba.num_groups} groups")
+
+
+# ---- Megatron-Bridge's hybrid providers (run_config.yaml) -----------------------------------------
+
+_BRIDGE_HYBRID = "megatron.bridge.models.hybrid.hybrid_provider."
+# GPTModelProvider fields a hybrid provider (HybridModelProvider, MambaModelProvider) does not have: its layers come
+# from hybrid_stack_spec, and it has no rope scaling of its own
+GPT_ONLY_FIELDS = ("transformer_layer_spec", "rope_scaling", "rope_scaling_factor", "yarn_rotary_scaling_factor",
+                   "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+                   "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
+MAMBA_SIZE_FIELDS = ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads")
+# the stack specs that build local (torch) norms; both save Transformer Engine's norm names (remap_te_layernorm)
+_LOCAL_STACK_SPECS = ("modelopt_hybrid_stack_spec", "modelopt_mamba_stack_spec")
+
+
+def hybrid_provider_fields(fields: dict[str, Any], args: Any) -> dict[str, Any]:
+    """A hybrid model's provider fields, as Megatron-Bridge 0.6's ``HybridModelProvider`` takes them: the GPT
+    provider's ``fields`` without the ones it lacks, the pattern as ``hybrid_layer_pattern`` alone (its ``finalize``
+    refuses both spellings at once and turns the older one into this one), the Mamba sizes and the stack spec as
+    the named function Megatron-Bridge writes (Transformer Engine's, or ModelOpt's with torch norms)."""
+    if not _get(args, "is_hybrid_model", False):
+        return fields
+    local = args.transformer_impl == "local"
+    spec = _BRIDGE_HYBRID + ("modelopt_hybrid_stack_spec" if local else "transformer_engine_hybrid_stack_spec")
+    hybrid = {name: value for name, value in fields.items() if name not in GPT_ONLY_FIELDS}
+    hybrid.update({name: getattr(args, name) for name in MAMBA_SIZE_FIELDS}, is_hybrid_model=True,
+                  hybrid_layer_pattern=args.hybrid_override_pattern, moe_latent_size=_get(args, "moe_latent_size"),
+                  hybrid_stack_spec={"_call_": False, "_target_": spec})
+    return hybrid
+
+
+def hybrid_args_of_provider(model: dict[str, Any], source: Any) -> dict[str, Any]:
+    """Megatron-LM's hybrid args of a provider's ``model:`` mapping (none for a GPT provider): the pattern of
+    ``hybrid_layer_pattern`` (stage marks dropped) or ``hybrid_override_pattern``, never both, and the Mamba sizes."""
+    layered, override = model.get("hybrid_layer_pattern"), model.get("hybrid_override_pattern")
+    if layered is None and override is None:
+        return {}
+    if layered is not None and override is not None:
+        raise BadInputError("model.hybrid_layer_pattern and model.hybrid_override_pattern are both set, which "
+                            "Megatron-Bridge's hybrid provider refuses", source)
+    spelled = {"hybrid_layer_pattern": layered, "hybrid_override_pattern": override}
+    pattern = pattern_from_args(SimpleNamespace(**spelled), model.get("num_layers"), source)
+    return dict(is_hybrid_model=True, hybrid_override_pattern=pattern, hybrid_attention_ratio=0.0,
+                hybrid_mlp_ratio=0.0, moe_latent_size=model.get("moe_latent_size"),
+                **{name: model[name] for name in MAMBA_SIZE_FIELDS if model.get(name) is not None})
+
+
+def local_stack_spec(model: dict[str, Any]) -> bool:
+    """Whether a hybrid provider's stack spec builds torch norms (ModelOpt's spec)."""
+    spec = model.get("hybrid_stack_spec") or model.get("mamba_stack_spec")
+    target = spec.get("_target_") if isinstance(spec, dict) else spec
+    return str(target or "").endswith(_LOCAL_STACK_SPECS)
