@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL: three towers (``checkpoint_convert/towers.py``).
+"""Qwen2-VL and Qwen2.5-VL: three towers (``Tower`` in ``checkpoint_convert/model/family.py``).
 
 - the language model is Qwen2's table (``qwen2.family.LAYER``, Llama's embeddings and head) under
   ``model.language_model.`` in transformers 5 (older checkpoints: ``model.``), with megatron-core's multimodal

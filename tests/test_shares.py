@@ -1,4 +1,4 @@
-"""How a conversion's output files are divided among processes (``checkpoint_convert/shares.py``), from plans alone."""
+"""How a conversion's output files are divided among processes (``checkpoint_convert/run/shares.py``), from plans alone."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""One conversion split across the processes ``torchrun --standalone`` starts (see checkpoint_convert/distributed.py).
+"""One conversion split across the processes ``torchrun --standalone`` starts (see checkpoint_convert/run/distributed.py).
 
 Every output is compared with the one process's output of the same command: rank files and Hugging Face
 shards byte for byte (each file, the safetensors headers' order and the torch zip records' order with it),

@@ -209,7 +209,7 @@ class FamilySpec:
     # Hugging Face tensors of multi-token prediction layers: a conversion leaves them out with --drop_mtp_layers,
     # converts them when the family has ``mtp_head`` and refuses the source otherwise
     hf_mtp_tensor: Callable[[ModelArch, str], bool] | None = None
-    # Multi-token prediction layers (see ``checkpoint_convert/mtp.py``): the entries of an MTP layer beside its
+    # Multi-token prediction layers (see ``checkpoint_convert/engine/mtp.py``): the entries of an MTP layer beside its
     # transformer layer, Megatron names relative to ``mtp.layers.i.`` (``shared`` ones global), Hugging Face names
     # relative to the layer prefix of layer ``num_layers + i``; empty: the family converts no MTP layers
     mtp_head: tuple[Param, ...] = ()
