@@ -23,11 +23,11 @@ def mcore_vlm_family(family: FamilySpec, arch: ModelArch | None = None, tp: int 
     """The family with megatron-core's multimodal towers and names; refused in one line when it declares none or,
     given the architecture of a checkpoint read in the layout, when the layout cannot express it (its trained model
     would compute other logits than the Hugging Face one)."""
-    if family.mcore_vlm is not None and arch is not None:
-        layout_args(family, arch, tp)
     if family.mcore_vlm is None:
         raise BadInputError(f"a {family.name} model has towers beside its language model (vision encoder, merger); "
                             f"it is written in a layout that holds them: {layout_flags(family)}")
+    if arch is not None:
+        layout_args(family, arch, tp)  # raises for what the layout cannot express
     return in_layout(family, family.mcore_vlm)
 
 

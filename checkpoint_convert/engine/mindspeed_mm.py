@@ -67,8 +67,9 @@ def place(splits: Splits, family: FamilySpec, item: Item) -> tuple[int, str]:
     elif item.group == LAST:
         stage, local = holding[-1], None
     else:
-        stage = next(rank for rank, start in enumerate(stage_offsets(stages)) if item.layer < start + stages[rank])
-        local = item.layer - stage_offsets(stages)[stage]
+        offsets = stage_offsets(stages)
+        stage = next(rank for rank, start in enumerate(offsets) if item.layer < start + stages[rank])
+        local = item.layer - offsets[stage]
     if item.tower:
         return stage, item.tower.megatron_name(item.param, local)
     within = LANGUAGE_LAYER.format(layer=local) if item.group == LAYER else ""

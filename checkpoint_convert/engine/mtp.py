@@ -42,6 +42,12 @@ def mtp_layer_params(family: FamilySpec, arch: ModelArch, index: int) -> list[Pa
     return head + layer
 
 
+def not_in_transformers_model(family: FamilySpec, arch: ModelArch, hf_name: str) -> bool:
+    """A Hugging Face tensor of a multi-token prediction layer: transformers' models have no such layer (they skip
+    its tensors on load), so neither their configs' checks nor their logits involve it."""
+    return bool(arch.mtp_num_layers) and family.hf_mtp_tensor is not None and family.hf_mtp_tensor(arch, hf_name)
+
+
 def main_hf_name(family: FamilySpec, arch: ModelArch, megatron: str) -> str:
     """The Hugging Face name of the main model's tensor a shared MTP entry copies."""
     for group in ("first", "last"):

@@ -137,11 +137,7 @@ def _open_mindspeed_mm(tree: MindSpeedTree, hf_config_dir: Path | None, model: s
     family, arch, values, config_file = _hf_config_of(hf_config_dir, model, "MindSpeed-MM rank files record no "
                                                       "architecture", tree.iter_dir)
     family = mindspeed_mm_family(family)
-
-    def reread(changed: dict[str, Any]) -> ModelArch:
-        return _arch_from_config_class(family, changed, config_file)
-    return Source("megatron", family, arch, tree, MindSpeedSource(tree, family, arch), None, values, config_file,
-                  reread)
+    return _configured_by_hf(tree, family, arch, MindSpeedSource(tree, family, arch), values, config_file)
 
 
 def _open_trained_vlm(tree: MegatronTree, hf_config_dir: Path | None, model: str | None) -> Source:
@@ -153,11 +149,16 @@ def _open_trained_vlm(tree: MegatronTree, hf_config_dir: Path | None, model: str
         "Face vision config and image token", tree.iter_dir)
     family = mcore_vlm_family(family, arch, tree.tp)
     tree.within(family.megatron_prefix)
+    return _configured_by_hf(tree, family, arch, MegatronSource(tree, family, arch), values, config_file)
 
+
+def _configured_by_hf(tree: Any, family: FamilySpec, arch: ModelArch, tensors: Any, values: dict[str, Any],
+                      config_file: Path) -> Source:
+    """A Megatron source whose architecture is the Hugging Face config's: its numbers, and their re-reading, are
+    config.json's."""
     def reread(changed: dict[str, Any]) -> ModelArch:
         return _arch_from_config_class(family, changed, config_file)
-    return Source("megatron", family, arch, tree, MegatronSource(tree, family, arch), None, values, config_file,
-                  reread)
+    return Source("megatron", family, arch, tree, tensors, None, values, config_file, reread)
 
 
 def _open_hf(path: Path, trust: bool, model: str | None, speculate: ThreadPoolExecutor | None) -> Source:

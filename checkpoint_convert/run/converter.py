@@ -15,6 +15,7 @@ from ..base.errors import BadInputError, reason
 from ..base.memory import read_only_file_mappings, shares_storage
 from ..base.runtime import collector_paused, transformers_attr
 from ..engine.mcore_vlm import add_layout_args, layout_args, read_as_mcore_vlm
+from ..engine.mtp import not_in_transformers_model
 from ..engine.sources import Source, leave_out_mtp_layers, misread, open_checkpoint
 from ..engine.streams import (
     HFTarget,
@@ -429,8 +430,8 @@ def _refuse_megatron_only_options(options: Options) -> None:
 def _checked_hf_config(planned: list, family: FamilySpec, arch: ModelArch, source_file: Path | None = None) -> Any:
     """The transformers config of ``arch``, once the planned tensors are checked to fit its model."""
     config = hf_config_of(family, arch, source_file)
-    mtp = family.hf_mtp_tensor if arch.mtp_num_layers else None  # transformers' models have no MTP layers
-    _validate_hf_plan([entry for entry in planned if not (mtp and mtp(arch, entry[0]))], family, config, source_file)
+    _validate_hf_plan([entry for entry in planned if not not_in_transformers_model(family, arch, entry[0])], family,
+                      config, source_file)
     return config
 
 

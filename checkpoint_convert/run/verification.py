@@ -19,6 +19,7 @@ import torch
 from ..base.errors import BadInputError, reason
 from ..base.memory import Arena, release_file_pages
 from ..engine.blockwise import max_abs_diff
+from ..engine.mtp import not_in_transformers_model
 from ..engine.sources import Source, misread
 from ..engine.streams import HFTarget, Item, plan_with_items, run, walk
 from .converter import hf_config_of, hf_model_from_config
@@ -165,7 +166,7 @@ def hf_model(source: Source) -> torch.nn.Module:
     config = hf_config_of(source.family, source.arch.replace(params_dtype=torch.float32), source.numbers_file)
     model = hf_model_from_config(config, source.numbers_file, dtype=torch.float32)
     state = {name: tensor.to(torch.float32, copy=True) for name, tensor in hf_tensors(source)
-             if not _mtp_tensor(source, name)}
+             if not not_in_transformers_model(source.family, source.arch, name)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a tensor of another shape than the model's (a tower's are not checked before)
@@ -177,12 +178,6 @@ def hf_model(source: Source) -> torch.nn.Module:
     if untied_missing or unexpected:
         raise RuntimeError(f"weights do not fit the model: missing {untied_missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
-
-
-def _mtp_tensor(source: Source, name: str) -> bool:
-    """A multi-token prediction layer's tensor: transformers' model has no such layer (it skips them on load), so
-    the logits compared are the main model's."""
-    return source.family.hf_mtp_tensor is not None and source.family.hf_mtp_tensor(source.arch, name)
 
 
 def fixed_tokens(vocab_size: int, count: int = 32, seed: int = 0) -> torch.Tensor:
