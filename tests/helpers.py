@@ -58,6 +58,19 @@ def convert(*argv: str) -> int:
 
 
 
+def assert_reports_read(source: Path, tree: Path, family: str, capsys: Any) -> None:
+    """The commands that write nothing read a converted multi-tower tree: inspect --check names the family,
+    verify --logits finds the original's logits, a dry run back to Hugging Face creates nothing."""
+    from checkpoint_convert.commands.report_cli import run_inspect_cli, run_verify_cli
+    capsys.readouterr()
+    assert run_inspect_cli([str(tree), "--check"]) == 0
+    assert family in capsys.readouterr().out
+    assert run_verify_cli([str(source), str(tree), "--logits"]) == 0
+    assert "logits: max |diff| 0" in capsys.readouterr().out
+    assert convert("--load_path", tree, "--save_path", tree.parent / "dry", "--to", "hf", "--dry_run") == 0
+    assert not (tree.parent / "dry").exists()
+
+
 def per_expert_layout(source: Path, out: Path, rename: dict[str, str], gate: str, up: str, down: str) -> Path:
     """A copy of a Hugging Face model whose fused expert tensors (``mlp.experts.gate_up_proj`` [experts, 2*ffn,
     hidden], ``mlp.experts.down_proj``) are written per expert as older transformers versions did:
